@@ -1,0 +1,18 @@
+use testkit::TestDatabase;
+
+#[tokio::test]
+async fn migrations_create_shared_and_own_tables() {
+    let db = TestDatabase::create().await;
+    customer_service::migrate(db.pool()).await.unwrap();
+    customer_service::migrate(db.pool()).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' ORDER BY 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let mut expected = vec!["customers", "outbox", "processed_messages", "saga_state"];
+    expected.sort_unstable();
+    assert_eq!(tables, expected);
+}

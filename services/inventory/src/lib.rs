@@ -1,0 +1,13 @@
+//! Inventory service: goods and stock reservations.
+
+use sqlx::migrate::Migrator;
+
+/// This service's own tables (`sql/inventory`); the shared tables come from
+/// [`saga_core::schema`].
+pub static MIGRATIONS: Migrator = sqlx::migrate!("../../sql/inventory");
+
+/// Brings the service database to the current schema: shared tables, then this
+/// service's.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), saga_core::schema::MigrateError> {
+    saga_core::schema::migrate(pool, &MIGRATIONS).await
+}
