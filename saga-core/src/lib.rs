@@ -4,5 +4,7 @@
 //!   migrations a service embeds beside its own.
 //! - [`status`]: the lifecycle states a saga and its steps go through.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod schema;
 pub mod status;

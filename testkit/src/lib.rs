@@ -13,6 +13,8 @@
 //! together with its replication slots when the value goes out of scope) and topics
 //! named by [`unique_name`], so tests run in parallel without seeing each other.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod database;
 mod kafka;
 mod settings;

@@ -1,5 +1,7 @@
 //! Customer service: credit limits and credit reservations.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use sqlx::migrate::Migrator;
 
 /// This service's own tables (`sql/customer`); the shared tables come from

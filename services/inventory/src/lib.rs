@@ -1,5 +1,7 @@
 //! Inventory service: goods and stock reservations.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use sqlx::migrate::Migrator;
 
 /// This service's own tables (`sql/inventory`); the shared tables come from

@@ -1,5 +1,7 @@
 //! Order service: the order-placement saga orchestrator with a REST API.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use sqlx::migrate::Migrator;
 
 /// This service's own tables (`sql/order`); the shared tables come from

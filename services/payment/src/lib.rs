@@ -1,5 +1,7 @@
 //! Payment service: charges and refunds.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use sqlx::migrate::Migrator;
 
 /// This service's own tables (`sql/payment`); the shared tables come from
