@@ -12,17 +12,23 @@ use crate::settings::settings;
 /// How long topic creation may take before a test fails.
 const TOPIC_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A client configuration with `bootstrap.servers` set to the test broker.
-fn base_config() -> ClientConfig {
+/// A client configuration for `brokers`, or the test broker when `None`.
+fn base_config(brokers: Option<&str>) -> ClientConfig {
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &settings().kafka_brokers);
+    let brokers = brokers.unwrap_or_else(|| &settings().kafka_brokers);
+    config.set("bootstrap.servers", brokers);
     config
 }
 
 /// A producer configuration that keeps the project's delivery contract: idempotent,
 /// acknowledged by all in-sync replicas, Java-compatible key partitioning.
 pub fn producer_config() -> ClientConfig {
-    let mut config = base_config();
+    producer_config_on(None)
+}
+
+/// [`producer_config`] for the brokers `brokers` (e.g. a [`crate::PrivateBroker`]).
+pub fn producer_config_on(brokers: Option<&str>) -> ClientConfig {
+    let mut config = base_config(brokers);
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -34,7 +40,12 @@ pub fn producer_config() -> ClientConfig {
 /// A consumer configuration for `group`: reads from the beginning, commits only
 /// when told to.
 pub fn consumer_config(group: &str) -> ClientConfig {
-    let mut config = base_config();
+    consumer_config_on(None, group)
+}
+
+/// [`consumer_config`] for the brokers `brokers` (e.g. a [`crate::PrivateBroker`]).
+pub fn consumer_config_on(brokers: Option<&str>, group: &str) -> ClientConfig {
+    let mut config = base_config(brokers);
     config
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
@@ -49,7 +60,12 @@ pub fn consumer_config(group: &str) -> ClientConfig {
 /// # Panics
 /// When the broker refuses or the topic does not appear in time.
 pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = base_config()
+    create_topic_on(None, topic, partitions).await;
+}
+
+/// [`create_topic`] on the brokers `brokers`.
+pub async fn create_topic_on(brokers: Option<&str>, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers)
         .create()
         .expect("admin client configuration is valid");
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -63,7 +79,7 @@ pub async fn create_topic(topic: &str, partitions: i32) {
             panic!("the broker refused to create topic {name}: {code}");
         }
     }
-    wait_for_topic(topic, partitions).await;
+    wait_for_topic_on(brokers, topic, partitions).await;
 }
 
 /// Waits until the broker's metadata lists `topic` with `partitions` partitions.
@@ -71,9 +87,15 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 /// # Panics
 /// When that does not happen within the topic timeout.
 pub async fn wait_for_topic(topic: &str, partitions: i32) {
+    wait_for_topic_on(None, topic, partitions).await;
+}
+
+/// [`wait_for_topic`] on the brokers `brokers`.
+pub async fn wait_for_topic_on(brokers: Option<&str>, topic: &str, partitions: i32) {
     let topic = topic.to_owned();
+    let config = base_config(brokers);
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = base_config()
+        let consumer: BaseConsumer = config
             .create()
             .expect("metadata client configuration is valid");
         let deadline = std::time::Instant::now() + TOPIC_TIMEOUT;

@@ -15,12 +15,17 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod broker;
 mod database;
 mod kafka;
 mod settings;
 
+pub use broker::{free_port, PrivateBroker};
 pub use database::TestDatabase;
-pub use kafka::{consumer_config, create_topic, producer_config, wait_for_topic};
+pub use kafka::{
+    consumer_config, consumer_config_on, create_topic, create_topic_on, producer_config,
+    producer_config_on, wait_for_topic, wait_for_topic_on,
+};
 pub use settings::{settings, Settings, SettingsError, ENV_UP_COMMAND};
 
 /// A name nobody else uses: `prefix` followed by `_` and 16 random hex digits.

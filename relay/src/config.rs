@@ -1,0 +1,870 @@
+//! Relay configuration.
+//!
+//! Every option can come from a TOML file (`--config`), an environment variable
+//! (`OUTBOX_RELAY_*`) or a flag; a flag beats the environment, which beats the file,
+//! which beats the default. [`Args`] is the command line, [`RelayConfig`] the
+//! validated result that [`crate::run`] takes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Topic of a record, Debezium's outbox event router default.
+pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.{aggregatetype}";
+/// The outbox table.
+pub const DEFAULT_TABLE: &str = "public.outbox";
+/// The publication the relay reads.
+pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
+/// Prefix of the default slot name; the database name follows.
+pub const DEFAULT_SLOT_PREFIX: &str = "outbox_relay_";
+/// How often the relay reports its position to the server, in milliseconds.
+pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
+/// How long a slot held by another (perhaps dying) process is retried, in milliseconds.
+pub const DEFAULT_SLOT_BUSY_TIMEOUT_MS: u64 = 30_000;
+/// Records handed to the producer and not yet acknowledged, at most.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+/// Partitions of a topic the relay creates.
+pub const DEFAULT_TOPIC_PARTITIONS: i32 = 1;
+/// Replication factor of a topic the relay creates; -1 takes the broker's default.
+pub const DEFAULT_TOPIC_REPLICATION_FACTOR: i32 = -1;
+/// The outbox columns, named as in Debezium's outbox event router.
+pub const DEFAULT_COLUMNS: Columns = Columns {
+    id: Ident::Static("id"),
+    aggregate_type: Ident::Static("aggregatetype"),
+    aggregate_id: Ident::Static("aggregateid"),
+    event_type: Ident::Static("type"),
+    payload: Ident::Static("payload"),
+    headers: Ident::Static("headers"),
+};
+
+/// The command line of `outbox-relay` (the `run` options; subcommands wrap it).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Args {
+    /// TOML file with any of the options below; flags and environment variables
+    /// override it.
+    #[arg(long, short = 'c', env = "OUTBOX_RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// PostgreSQL connection URL of the service database
+    /// (postgres://user:password@host:port/database).
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_POSTGRES_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub postgres_url: Option<String>,
+
+    /// Logical replication slot [default: outbox_relay_<database>].
+    #[arg(long, env = "OUTBOX_RELAY_SLOT", value_name = "NAME")]
+    pub slot: Option<String>,
+
+    /// Publication to stream [default: outbox_relay].
+    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", value_name = "NAME")]
+    pub publication: Option<String>,
+
+    /// Create the publication (FOR TABLE the outbox table) when it is missing
+    /// [default: true].
+    #[arg(long, env = "OUTBOX_RELAY_CREATE_PUBLICATION", value_name = "BOOL")]
+    pub create_publication: Option<bool>,
+
+    /// Outbox table, optionally schema-qualified [default: public.outbox].
+    #[arg(long, env = "OUTBOX_RELAY_TABLE", value_name = "TABLE")]
+    pub table: Option<String>,
+
+    /// Milliseconds between standby status updates to the server [default: 10000].
+    #[arg(long, env = "OUTBOX_RELAY_STATUS_INTERVAL_MS", value_name = "MS")]
+    pub status_interval_ms: Option<u64>,
+
+    /// Milliseconds to keep retrying a slot that another process still holds (a
+    /// killed relay's server process lingers) [default: 30000].
+    #[arg(long, env = "OUTBOX_RELAY_SLOT_BUSY_TIMEOUT_MS", value_name = "MS")]
+    pub slot_busy_timeout_ms: Option<u64>,
+
+    /// Topic of a record; `{aggregatetype}` (or Debezium's `${routedByValue}`) is
+    /// replaced by the row's aggregate type [default: outbox.event.{aggregatetype}].
+    #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", value_name = "TEMPLATE")]
+    pub topic_template: Option<String>,
+
+    /// Column holding the event id (Kafka header `id`) [default: id].
+    #[arg(long, env = "OUTBOX_RELAY_COLUMN_ID", value_name = "COLUMN")]
+    pub column_id: Option<String>,
+
+    /// Column that routes the topic [default: aggregatetype].
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_COLUMN_AGGREGATE_TYPE",
+        value_name = "COLUMN"
+    )]
+    pub column_aggregate_type: Option<String>,
+
+    /// Column holding the Kafka key [default: aggregateid].
+    #[arg(long, env = "OUTBOX_RELAY_COLUMN_AGGREGATE_ID", value_name = "COLUMN")]
+    pub column_aggregate_id: Option<String>,
+
+    /// Column holding the event type (Kafka header `type`) [default: type].
+    #[arg(long, env = "OUTBOX_RELAY_COLUMN_EVENT_TYPE", value_name = "COLUMN")]
+    pub column_event_type: Option<String>,
+
+    /// Column holding the Kafka value [default: payload].
+    #[arg(long, env = "OUTBOX_RELAY_COLUMN_PAYLOAD", value_name = "COLUMN")]
+    pub column_payload: Option<String>,
+
+    /// Optional jsonb column whose entries become Kafka headers; ignored when the
+    /// table has no such column [default: headers].
+    #[arg(long, env = "OUTBOX_RELAY_COLUMN_HEADERS", value_name = "COLUMN")]
+    pub column_headers: Option<String>,
+
+    /// Kafka bootstrap servers (host:port,...).
+    #[arg(long, env = "OUTBOX_RELAY_KAFKA_BROKERS", value_name = "LIST")]
+    pub kafka_brokers: Option<String>,
+
+    /// A librdkafka producer option, KEY=VALUE; repeatable (security.protocol,
+    /// sasl.*, ssl.*, linger.ms, ...). The delivery guarantees
+    /// (enable.idempotence, acks, message.timeout.ms, partitioner) cannot be
+    /// overridden.
+    #[arg(
+        long = "kafka-option",
+        env = "OUTBOX_RELAY_KAFKA_OPTIONS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ','
+    )]
+    pub kafka_options: Vec<String>,
+
+    /// Records sent to the broker and not yet acknowledged, at most; the relay stops
+    /// reading WAL at this bound [default: 10000].
+    #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", value_name = "N")]
+    pub max_in_flight: Option<usize>,
+
+    /// Create missing topics through the admin API [default: true].
+    #[arg(long, env = "OUTBOX_RELAY_CREATE_TOPICS", value_name = "BOOL")]
+    pub create_topics: Option<bool>,
+
+    /// Partitions of a created topic [default: 1].
+    #[arg(long, env = "OUTBOX_RELAY_TOPIC_PARTITIONS", value_name = "N")]
+    pub topic_partitions: Option<i32>,
+
+    /// Replication factor of a created topic; -1 takes the broker's default
+    /// [default: -1].
+    #[arg(long, env = "OUTBOX_RELAY_TOPIC_REPLICATION_FACTOR", value_name = "N")]
+    pub topic_replication_factor: Option<i32>,
+}
+
+/// The TOML file. Sections mirror the flags: `[postgres]`, `[outbox]`,
+/// `[outbox.columns]`, `[kafka]`, `[kafka.options]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    postgres: FilePostgres,
+    outbox: FileOutbox,
+    kafka: FileKafka,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FilePostgres {
+    url: Option<String>,
+    slot: Option<String>,
+    publication: Option<String>,
+    create_publication: Option<bool>,
+    table: Option<String>,
+    status_interval_ms: Option<u64>,
+    slot_busy_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileOutbox {
+    topic_template: Option<String>,
+    columns: FileColumns,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileColumns {
+    id: Option<String>,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    event_type: Option<String>,
+    payload: Option<String>,
+    headers: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileKafka {
+    brokers: Option<String>,
+    options: BTreeMap<String, String>,
+    max_in_flight: Option<usize>,
+    create_topics: Option<bool>,
+    topic_partitions: Option<i32>,
+    topic_replication_factor: Option<i32>,
+}
+
+/// A column or table name, from a constant or from configuration.
+#[derive(Clone, Eq)]
+pub enum Ident {
+    Static(&'static str),
+    Owned(String),
+}
+
+impl Ident {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Ident::Static(s) => s,
+            Ident::Owned(s) => s,
+        }
+    }
+}
+
+impl PartialEq for Ident {
+    fn eq(&self, other: &Ident) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl fmt::Debug for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outbox columns the relay reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    pub id: Ident,
+    pub aggregate_type: Ident,
+    pub aggregate_id: Ident,
+    pub event_type: Ident,
+    pub payload: Ident,
+    /// Optional: a table without it routes records without extra headers.
+    pub headers: Ident,
+}
+
+/// A schema-qualified table name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `name` or `schema.name` (unquoted identifiers).
+    pub fn parse(text: &str) -> Result<TableName, ConfigError> {
+        let bad = || ConfigError::Invalid {
+            option: "table",
+            reason: format!("{text:?} is not a table name (expected name or schema.name)"),
+        };
+        let (schema, name) = match text.split_once('.') {
+            Some((schema, name)) => (schema, name),
+            None => ("public", text),
+        };
+        if schema.is_empty() || name.is_empty() || name.contains('.') {
+            return Err(bad());
+        }
+        Ok(TableName {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The name quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// A topic template: literal text around `{aggregatetype}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    text: String,
+}
+
+impl TopicTemplate {
+    const PLACEHOLDERS: [&'static str; 2] = ["{aggregatetype}", "${routedByValue}"];
+
+    pub fn parse(text: &str) -> Result<TopicTemplate, ConfigError> {
+        let mut rest = text.to_owned();
+        for p in Self::PLACEHOLDERS {
+            rest = rest.replace(p, "");
+        }
+        let bad = |reason: String| ConfigError::Invalid {
+            option: "topic_template",
+            reason,
+        };
+        if text.is_empty() {
+            return Err(bad("the template is empty".to_owned()));
+        }
+        if let Some(c) = rest
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(bad(format!(
+                "{text:?} contains {c:?}, which is neither a placeholder ({}) nor valid in a topic name",
+                Self::PLACEHOLDERS.join(", ")
+            )));
+        }
+        Ok(TopicTemplate {
+            text: text.to_owned(),
+        })
+    }
+
+    /// The topic for a row whose aggregate type is `aggregate_type`.
+    pub fn render(&self, aggregate_type: &str) -> String {
+        let mut topic = self.text.clone();
+        for p in Self::PLACEHOLDERS {
+            topic = topic.replace(p, aggregate_type);
+        }
+        topic
+    }
+}
+
+impl fmt::Display for TopicTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A value that must not appear in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Where the relay reads from.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The connection URL; it holds the password.
+    pub url: Secret,
+    /// `None`: `outbox_relay_<database>`.
+    pub slot: Option<String>,
+    pub publication: String,
+    pub create_publication: bool,
+    pub table: TableName,
+    pub status_interval: Duration,
+    pub slot_busy_timeout: Duration,
+}
+
+/// How rows become records.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    pub topic_template: TopicTemplate,
+    pub columns: Columns,
+}
+
+/// Where the relay writes to.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// librdkafka options passed through.
+    pub options: BTreeMap<String, String>,
+    pub max_in_flight: usize,
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication_factor: i32,
+}
+
+/// The validated configuration of one relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub postgres: PostgresConfig,
+    pub outbox: OutboxConfig,
+    pub kafka: KafkaConfig,
+}
+
+/// librdkafka options the relay sets itself because its guarantees rest on them.
+pub const PROTECTED_KAFKA_OPTIONS: &[&str] = &[
+    "bootstrap.servers",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "partitioner",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+];
+
+/// The configuration is incomplete or wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}", path = .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the configuration file {path} is not valid", path = .path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{option} is required: set it in the configuration file, as --{flag} or as {env}")]
+    Missing {
+        option: &'static str,
+        flag: &'static str,
+        env: &'static str,
+    },
+    #[error("invalid {option}: {reason}")]
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
+}
+
+impl RelayConfig {
+    /// A configuration with every default, for `url` and `brokers`.
+    pub fn new(url: impl Into<String>, brokers: impl Into<String>) -> RelayConfig {
+        RelayConfig {
+            postgres: PostgresConfig {
+                url: Secret::new(url),
+                slot: None,
+                publication: DEFAULT_PUBLICATION.to_owned(),
+                create_publication: true,
+                table: TableName {
+                    schema: "public".to_owned(),
+                    name: "outbox".to_owned(),
+                },
+                status_interval: Duration::from_millis(DEFAULT_STATUS_INTERVAL_MS),
+                slot_busy_timeout: Duration::from_millis(DEFAULT_SLOT_BUSY_TIMEOUT_MS),
+            },
+            outbox: OutboxConfig {
+                topic_template: TopicTemplate {
+                    text: DEFAULT_TOPIC_TEMPLATE.to_owned(),
+                },
+                columns: DEFAULT_COLUMNS,
+            },
+            kafka: KafkaConfig {
+                brokers: brokers.into(),
+                options: BTreeMap::new(),
+                max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+                create_topics: true,
+                topic_partitions: DEFAULT_TOPIC_PARTITIONS,
+                topic_replication_factor: DEFAULT_TOPIC_REPLICATION_FACTOR,
+            },
+        }
+    }
+
+    /// Resolves flags and environment (already merged by clap) over the file over
+    /// the defaults, then validates.
+    pub fn from_args(args: &Args) -> Result<RelayConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let url = args
+            .postgres_url
+            .clone()
+            .or(file.postgres.url)
+            .ok_or(ConfigError::Missing {
+                option: "postgres.url",
+                flag: "postgres-url",
+                env: "OUTBOX_RELAY_POSTGRES_URL",
+            })?;
+        let brokers =
+            args.kafka_brokers
+                .clone()
+                .or(file.kafka.brokers)
+                .ok_or(ConfigError::Missing {
+                    option: "kafka.brokers",
+                    flag: "kafka-brokers",
+                    env: "OUTBOX_RELAY_KAFKA_BROKERS",
+                })?;
+        let mut config = RelayConfig::new(url, brokers);
+
+        let pg = &mut config.postgres;
+        pg.slot = args.slot.clone().or(file.postgres.slot);
+        if let Some(v) = args.publication.clone().or(file.postgres.publication) {
+            pg.publication = v;
+        }
+        if let Some(v) = args.create_publication.or(file.postgres.create_publication) {
+            pg.create_publication = v;
+        }
+        if let Some(v) = args.table.clone().or(file.postgres.table) {
+            pg.table = TableName::parse(&v)?;
+        }
+        if let Some(v) = args.status_interval_ms.or(file.postgres.status_interval_ms) {
+            pg.status_interval = Duration::from_millis(v);
+        }
+        if let Some(v) = args
+            .slot_busy_timeout_ms
+            .or(file.postgres.slot_busy_timeout_ms)
+        {
+            pg.slot_busy_timeout = Duration::from_millis(v);
+        }
+
+        let outbox = &mut config.outbox;
+        if let Some(v) = args.topic_template.clone().or(file.outbox.topic_template) {
+            outbox.topic_template = TopicTemplate::parse(&v)?;
+        }
+        let fc = file.outbox.columns;
+        let cols = &mut outbox.columns;
+        for (slot, flag, from_file) in [
+            (&mut cols.id, &args.column_id, fc.id),
+            (
+                &mut cols.aggregate_type,
+                &args.column_aggregate_type,
+                fc.aggregate_type,
+            ),
+            (
+                &mut cols.aggregate_id,
+                &args.column_aggregate_id,
+                fc.aggregate_id,
+            ),
+            (&mut cols.event_type, &args.column_event_type, fc.event_type),
+            (&mut cols.payload, &args.column_payload, fc.payload),
+            (&mut cols.headers, &args.column_headers, fc.headers),
+        ] {
+            if let Some(v) = flag.clone().or(from_file) {
+                *slot = Ident::Owned(v);
+            }
+        }
+
+        let kafka = &mut config.kafka;
+        kafka.options = file.kafka.options;
+        for option in &args.kafka_options {
+            let (key, value) = option.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                option: "kafka-option",
+                reason: format!("{option:?} is not KEY=VALUE"),
+            })?;
+            kafka
+                .options
+                .insert(key.trim().to_owned(), value.trim().to_owned());
+        }
+        if let Some(v) = args.max_in_flight.or(file.kafka.max_in_flight) {
+            kafka.max_in_flight = v;
+        }
+        if let Some(v) = args.create_topics.or(file.kafka.create_topics) {
+            kafka.create_topics = v;
+        }
+        if let Some(v) = args.topic_partitions.or(file.kafka.topic_partitions) {
+            kafka.topic_partitions = v;
+        }
+        if let Some(v) = args
+            .topic_replication_factor
+            .or(file.kafka.topic_replication_factor)
+        {
+            kafka.topic_replication_factor = v;
+        }
+
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that types alone do not rule out.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |option, reason: String| Err(ConfigError::Invalid { option, reason });
+        if let Some(slot) = &self.postgres.slot {
+            if let Err(reason) = check_slot_name(slot) {
+                return invalid("slot", reason);
+            }
+        }
+        if self.postgres.publication.is_empty() {
+            return invalid("publication", "the name is empty".to_owned());
+        }
+        if self.postgres.status_interval.is_zero() {
+            return invalid("status_interval_ms", "must be above 0".to_owned());
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers", "the list is empty".to_owned());
+        }
+        if self.kafka.max_in_flight == 0 {
+            return invalid("max_in_flight", "must be above 0".to_owned());
+        }
+        if self.kafka.topic_partitions < 1 {
+            return invalid("topic_partitions", "must be 1 or more".to_owned());
+        }
+        if self.kafka.topic_replication_factor == 0 || self.kafka.topic_replication_factor < -1 {
+            return invalid(
+                "topic_replication_factor",
+                "must be 1 or more, or -1 for the broker's default".to_owned(),
+            );
+        }
+        if let Some(key) = self
+            .kafka
+            .options
+            .keys()
+            .find(|k| PROTECTED_KAFKA_OPTIONS.contains(&k.as_str()))
+        {
+            return invalid(
+                "kafka option",
+                format!(
+                    "{key} is set by the relay because its delivery guarantees rest on it \
+                     (set the brokers with kafka.brokers)"
+                ),
+            );
+        }
+        let cols = &self.outbox.columns;
+        let names = [
+            &cols.id,
+            &cols.aggregate_type,
+            &cols.aggregate_id,
+            &cols.event_type,
+            &cols.payload,
+            &cols.headers,
+        ];
+        for (i, a) in names.iter().enumerate() {
+            if a.as_str().is_empty() {
+                return invalid("columns", "a column name is empty".to_owned());
+            }
+            if names[i + 1..].contains(a) {
+                return invalid("columns", format!("column {a} is configured twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The slot name: configured, or `outbox_relay_<database>`.
+    pub fn slot_name(&self, database: &str) -> String {
+        if let Some(slot) = &self.postgres.slot {
+            return slot.clone();
+        }
+        let mut name = String::from(DEFAULT_SLOT_PREFIX);
+        name.extend(database.chars().map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        }));
+        name.truncate(63);
+        name
+    }
+}
+
+/// Slot names are lower-case letters, digits and underscores, at most 63 bytes.
+fn check_slot_name(slot: &str) -> Result<(), String> {
+    if slot.is_empty() || slot.len() > 63 {
+        return Err(format!("{slot:?} must be 1 to 63 characters"));
+    }
+    if !slot
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "{slot:?} may contain only lower-case letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(flags: &[&str]) -> Args {
+        let mut argv = vec!["outbox-relay"];
+        argv.extend_from_slice(flags);
+        Cli::try_parse_from(argv).expect("valid flags").args
+    }
+
+    const REQUIRED: [&str; 4] = [
+        "--postgres-url",
+        "postgres://u:p@h/db",
+        "--kafka-brokers",
+        "k:9092",
+    ];
+
+    #[test]
+    fn defaults_apply_without_a_file() {
+        let config = RelayConfig::from_args(&args(&REQUIRED)).unwrap();
+        assert_eq!(config.postgres.publication, DEFAULT_PUBLICATION);
+        assert_eq!(config.postgres.table.to_string(), DEFAULT_TABLE);
+        assert_eq!(
+            config.outbox.topic_template.to_string(),
+            DEFAULT_TOPIC_TEMPLATE
+        );
+        assert_eq!(config.outbox.columns, DEFAULT_COLUMNS);
+        assert_eq!(config.kafka.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(config.slot_name("Orders-DB"), "outbox_relay_orders_db");
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("relay-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("relay.toml");
+        std::fs::write(
+            &file,
+            r#"
+[postgres]
+url = "postgres://file/db"
+slot = "from_file"
+table = "app.events"
+
+[outbox]
+topic_template = "events.${routedByValue}"
+[outbox.columns]
+payload = "body"
+
+[kafka]
+brokers = "file:9092"
+max_in_flight = 5
+[kafka.options]
+"linger.ms" = "20"
+"#,
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let config = RelayConfig::from_args(&args(&[
+            "--config",
+            path,
+            "--slot",
+            "from_flag",
+            "--kafka-option",
+            "linger.ms=1",
+            "--kafka-option",
+            "compression.type=lz4",
+        ]))
+        .unwrap();
+        assert_eq!(config.postgres.url.expose(), "postgres://file/db");
+        assert_eq!(config.postgres.slot.as_deref(), Some("from_flag"));
+        assert_eq!(config.postgres.table.quoted(), "\"app\".\"events\"");
+        assert_eq!(config.outbox.topic_template.render("order"), "events.order");
+        assert_eq!(config.outbox.columns.payload.as_str(), "body");
+        assert_eq!(config.outbox.columns.id.as_str(), "id");
+        assert_eq!(config.kafka.brokers, "file:9092");
+        assert_eq!(config.kafka.max_in_flight, 5);
+        assert_eq!(config.kafka.options["linger.ms"], "1");
+        assert_eq!(config.kafka.options["compression.type"], "lz4");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("relay-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("relay.toml");
+        std::fs::write(&file, "[postgres]\nslott = \"x\"\n").unwrap();
+        let err = RelayConfig::from_args(&args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.contains("slott"), "{chain}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_and_invalid_values_are_named() {
+        let err = RelayConfig::from_args(&args(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("postgres.url") && err.contains("OUTBOX_RELAY_POSTGRES_URL"),
+            "{err}"
+        );
+
+        for (flags, expect) in [
+            (&["--slot", "Bad-Slot"][..], "slot"),
+            (
+                &["--topic-template", "a/{aggregatetype}"][..],
+                "topic_template",
+            ),
+            (&["--kafka-option", "acks=1"][..], "acks"),
+            (&["--kafka-option", "novalue"][..], "KEY=VALUE"),
+            (&["--column-payload", "id"][..], "configured twice"),
+            (&["--max-in-flight", "0"][..], "max_in_flight"),
+            (
+                &["--topic-replication-factor", "0"][..],
+                "topic_replication_factor",
+            ),
+            (&["--table", "a.b.c"][..], "table"),
+        ] {
+            let mut all = REQUIRED.to_vec();
+            all.extend_from_slice(flags);
+            let err = RelayConfig::from_args(&args(&all)).unwrap_err().to_string();
+            assert!(err.contains(expect), "{flags:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let config = RelayConfig::new("postgres://u:hunter2@h/db", "k:1");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn help_states_every_default() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for default in [
+            DEFAULT_TOPIC_TEMPLATE.to_owned(),
+            DEFAULT_TABLE.to_owned(),
+            DEFAULT_PUBLICATION.to_owned(),
+            format!("{DEFAULT_SLOT_PREFIX}<database>"),
+            DEFAULT_STATUS_INTERVAL_MS.to_string(),
+            DEFAULT_SLOT_BUSY_TIMEOUT_MS.to_string(),
+            DEFAULT_MAX_IN_FLIGHT.to_string(),
+            DEFAULT_TOPIC_PARTITIONS.to_string(),
+            DEFAULT_TOPIC_REPLICATION_FACTOR.to_string(),
+        ] {
+            assert!(
+                help.contains(&format!("[default: {default}]")),
+                "--help lacks {default}"
+            );
+        }
+        let cols = DEFAULT_COLUMNS;
+        for col in [
+            cols.id,
+            cols.aggregate_type,
+            cols.aggregate_id,
+            cols.event_type,
+            cols.payload,
+            cols.headers,
+        ] {
+            assert!(
+                help.contains(&format!("[default: {col}]")),
+                "--help lacks {col}"
+            );
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! From an outbox row to a Kafka record, the way Debezium's outbox event router does it.
+//!
+//! | record part | from |
+//! |---|---|
+//! | topic | the topic template, `{aggregatetype}` replaced by the row's aggregate type |
+//! | key | `aggregateid` |
+//! | value | `payload` (jsonb text as PostgreSQL renders it; NULL gives a record without value) |
+//! | header `id` | `id` |
+//! | header `type` | `type` |
+//! | other headers | each entry of the `headers` jsonb object (strings as they are, other values as JSON) |
+//! | headers `outbox-commit-lsn`, `outbox-index` | the position: the transaction's commit LSN and the row's index among the transaction's routed rows |
+//!
+//! A row that cannot become a record (a NULL where a value is needed, headers that
+//! are not a JSON object) is a [`BadRow`]: definite, tied to that row. A table that
+//! lacks a configured column is a [`SchemaError`]: no row of it can be routed.
+
+use bytes::Bytes;
+
+use crate::config::{Columns, TopicTemplate};
+use crate::Lsn;
+
+/// Header carrying the commit LSN of the row's transaction.
+pub const HEADER_COMMIT_LSN: &str = "outbox-commit-lsn";
+/// Header carrying the row's index among the routed rows of its transaction.
+pub const HEADER_INDEX: &str = "outbox-index";
+/// Header carrying the event id.
+pub const HEADER_ID: &str = "id";
+/// Header carrying the event type.
+pub const HEADER_TYPE: &str = "type";
+
+/// Where a row came from: its transaction's commit LSN and its index among the
+/// routed rows of that transaction. Unique per event and stable across re-sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub index: u32,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.commit_lsn, self.index)
+    }
+}
+
+/// A Kafka record made from one outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    pub topic: String,
+    pub key: Bytes,
+    pub payload: Option<Bytes>,
+    /// In this order: `id`, `type`, the `headers` column's entries, the position.
+    pub headers: Vec<(String, Bytes)>,
+    pub id: String,
+    pub position: Position,
+}
+
+/// The outbox table lacks a configured column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the outbox table {table} has no column {column:?} (configured as the {role} column); \
+     its columns are: {present}"
+)]
+pub struct SchemaError {
+    pub table: String,
+    pub column: String,
+    pub role: &'static str,
+    pub present: String,
+}
+
+/// One row that cannot become a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRow {
+    #[error("column {column:?} ({role}) is NULL")]
+    Null { column: String, role: &'static str },
+    #[error("column {column:?} ({role}) is not valid UTF-8 text")]
+    NotText { column: String, role: &'static str },
+    #[error("column {column:?} ({role}) was not sent by the server (unchanged TOAST value)")]
+    Unchanged { column: String, role: &'static str },
+    #[error("the headers column {column:?} is not a JSON object: {reason}")]
+    BadHeaders { column: String, reason: String },
+    #[error("the row has {got} columns, the relation announced {expected}")]
+    ColumnCount { expected: usize, got: usize },
+}
+
+/// A column value as pgoutput sends it in text format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnValue<'a> {
+    Null,
+    /// An unchanged TOAST value, not sent (cannot occur in an INSERT).
+    Unchanged,
+    Text(&'a [u8]),
+}
+
+/// Where the configured columns sit in the outbox relation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxLayout {
+    id: (usize, String),
+    aggregate_type: (usize, String),
+    aggregate_id: (usize, String),
+    event_type: (usize, String),
+    payload: (usize, String),
+    headers: Option<(usize, String)>,
+    column_count: usize,
+}
+
+impl OutboxLayout {
+    /// Finds the configured columns among the relation's column names. The headers
+    /// column is optional; every other one is required.
+    pub fn resolve(
+        columns: &Columns,
+        table: &str,
+        relation_columns: &[&str],
+    ) -> Result<OutboxLayout, SchemaError> {
+        let find = |name: &str| relation_columns.iter().position(|c| *c == name);
+        let require = |name: &str, role: &'static str| {
+            find(name)
+                .map(|i| (i, name.to_owned()))
+                .ok_or_else(|| SchemaError {
+                    table: table.to_owned(),
+                    column: name.to_owned(),
+                    role,
+                    present: relation_columns.join(", "),
+                })
+        };
+        Ok(OutboxLayout {
+            id: require(columns.id.as_str(), "id")?,
+            aggregate_type: require(columns.aggregate_type.as_str(), "aggregate type")?,
+            aggregate_id: require(columns.aggregate_id.as_str(), "aggregate id")?,
+            event_type: require(columns.event_type.as_str(), "event type")?,
+            payload: require(columns.payload.as_str(), "payload")?,
+            headers: find(columns.headers.as_str()).map(|i| (i, columns.headers.to_string())),
+            column_count: relation_columns.len(),
+        })
+    }
+
+    /// Whether the table has the optional headers column.
+    pub fn has_headers(&self) -> bool {
+        self.headers.is_some()
+    }
+
+    /// Makes the record for one inserted row.
+    pub fn route(
+        &self,
+        template: &TopicTemplate,
+        values: &[ColumnValue<'_>],
+        position: Position,
+    ) -> Result<OutboxRecord, BadRow> {
+        if values.len() != self.column_count {
+            return Err(BadRow::ColumnCount {
+                expected: self.column_count,
+                got: values.len(),
+            });
+        }
+        let text = |(index, column): &(usize, String), role: &'static str| match values
+            .get(*index)
+            .copied()
+            .unwrap_or(ColumnValue::Null)
+        {
+            ColumnValue::Null => Err(BadRow::Null {
+                column: column.clone(),
+                role,
+            }),
+            ColumnValue::Unchanged => Err(BadRow::Unchanged {
+                column: column.clone(),
+                role,
+            }),
+            ColumnValue::Text(bytes) => {
+                std::str::from_utf8(bytes)
+                    .map(Some)
+                    .map_err(|_| BadRow::NotText {
+                        column: column.clone(),
+                        role,
+                    })
+            }
+        };
+        let id = text(&self.id, "id")?.unwrap_or_default().to_owned();
+        let aggregate_type = text(&self.aggregate_type, "aggregate type")?.unwrap_or_default();
+        let key = text(&self.aggregate_id, "aggregate id")?.unwrap_or_default();
+        let event_type = text(&self.event_type, "event type")?.unwrap_or_default();
+        let payload = match text(&self.payload, "payload") {
+            Ok(p) => p.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+            Err(BadRow::Null { .. }) => None,
+            Err(other) => return Err(other),
+        };
+
+        let mut headers = vec![
+            (HEADER_ID.to_owned(), Bytes::copy_from_slice(id.as_bytes())),
+            (
+                HEADER_TYPE.to_owned(),
+                Bytes::copy_from_slice(event_type.as_bytes()),
+            ),
+        ];
+        if let Some(column) = &self.headers {
+            match text(column, "headers") {
+                Ok(Some(json)) => headers.extend(header_entries(&column.1, json)?),
+                Err(BadRow::Null { .. }) | Ok(None) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        headers.push((
+            HEADER_COMMIT_LSN.to_owned(),
+            Bytes::from(position.commit_lsn.to_string()),
+        ));
+        headers.push((
+            HEADER_INDEX.to_owned(),
+            Bytes::from(position.index.to_string()),
+        ));
+
+        Ok(OutboxRecord {
+            topic: template.render(aggregate_type),
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            payload,
+            headers,
+            id,
+            position,
+        })
+    }
+}
+
+/// The entries of a jsonb headers object, in the object's order.
+fn header_entries(column: &str, json: &str) -> Result<Vec<(String, Bytes)>, BadRow> {
+    let bad = |reason: String| BadRow::BadHeaders {
+        column: column.to_owned(),
+        reason,
+    };
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(bad(format!("found {}", json_kind(&value))));
+    };
+    Ok(map
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| {
+            let bytes = match v {
+                serde_json::Value::String(s) => Bytes::from(s),
+                other => Bytes::from(other.to_string()),
+            };
+            (k, bytes)
+        })
+        .collect())
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TopicTemplate, DEFAULT_COLUMNS, DEFAULT_TOPIC_TEMPLATE};
+
+    const TABLE: [&str; 7] = [
+        "id",
+        "aggregatetype",
+        "aggregateid",
+        "type",
+        "payload",
+        "headers",
+        "created_at",
+    ];
+
+    fn layout() -> OutboxLayout {
+        OutboxLayout::resolve(&DEFAULT_COLUMNS, "public.outbox", &TABLE).unwrap()
+    }
+
+    fn template() -> TopicTemplate {
+        TopicTemplate::parse(DEFAULT_TOPIC_TEMPLATE).unwrap()
+    }
+
+    fn row<'a>(headers: ColumnValue<'a>, payload: ColumnValue<'a>) -> Vec<ColumnValue<'a>> {
+        vec![
+            ColumnValue::Text(b"0190a5c2-6c1e-7b8e-9d3f-1a2b3c4d5e6f"),
+            ColumnValue::Text(b"order"),
+            ColumnValue::Text(b"42"),
+            ColumnValue::Text(b"OrderCreated"),
+            payload,
+            headers,
+            ColumnValue::Text(b"2026-11-25 10:00:00+00"),
+        ]
+    }
+
+    const POSITION: Position = Position {
+        commit_lsn: Lsn::new(0x16_B374_D848),
+        index: 3,
+    };
+
+    fn header<'r>(record: &'r OutboxRecord, name: &str) -> Option<&'r [u8]> {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    #[test]
+    fn routes_like_debeziums_outbox_event_router() {
+        let values = row(
+            ColumnValue::Text(br#"{"traceparent": "00-abc-def-01", "attempt": 2, "skip": null}"#),
+            ColumnValue::Text(br#"{"total": 10.5}"#),
+        );
+        let record = layout().route(&template(), &values, POSITION).unwrap();
+        assert_eq!(record.topic, "outbox.event.order");
+        assert_eq!(record.key.as_ref(), b"42");
+        assert_eq!(record.payload.as_deref(), Some(&br#"{"total": 10.5}"#[..]));
+        assert_eq!(record.id, "0190a5c2-6c1e-7b8e-9d3f-1a2b3c4d5e6f");
+        let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "type",
+                "attempt",
+                "traceparent",
+                HEADER_COMMIT_LSN,
+                HEADER_INDEX
+            ]
+        );
+        assert_eq!(header(&record, "type"), Some(&b"OrderCreated"[..]));
+        assert_eq!(header(&record, "traceparent"), Some(&b"00-abc-def-01"[..]));
+        assert_eq!(header(&record, "attempt"), Some(&b"2"[..]));
+        assert_eq!(
+            header(&record, HEADER_COMMIT_LSN),
+            Some(&b"16/B374D848"[..])
+        );
+        assert_eq!(header(&record, HEADER_INDEX), Some(&b"3"[..]));
+    }
+
+    #[test]
+    fn null_payload_and_null_headers_are_allowed() {
+        let values = row(ColumnValue::Null, ColumnValue::Null);
+        let record = layout().route(&template(), &values, POSITION).unwrap();
+        assert_eq!(record.payload, None);
+        assert_eq!(record.headers.len(), 4);
+    }
+
+    #[test]
+    fn a_table_without_headers_column_routes_without_extra_headers() {
+        let layout = OutboxLayout::resolve(&DEFAULT_COLUMNS, "public.outbox", &TABLE[..5]).unwrap();
+        assert!(!layout.has_headers());
+        let values = &row(ColumnValue::Null, ColumnValue::Text(b"{}"))[..5];
+        let record = layout.route(&template(), values, POSITION).unwrap();
+        assert_eq!(record.headers.len(), 4);
+    }
+
+    #[test]
+    fn a_missing_column_is_a_schema_error_naming_it() {
+        let err = OutboxLayout::resolve(
+            &DEFAULT_COLUMNS,
+            "public.outbox",
+            &["id", "aggregatetype", "type", "payload"],
+        )
+        .unwrap_err();
+        assert_eq!(err.column, "aggregateid");
+        let message = err.to_string();
+        assert!(
+            message.contains("public.outbox") && message.contains("aggregate id"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn bad_rows_say_what_is_wrong() {
+        let layout = layout();
+        let mut values = row(ColumnValue::Null, ColumnValue::Null);
+        values[2] = ColumnValue::Null;
+        assert_eq!(
+            layout.route(&template(), &values, POSITION),
+            Err(BadRow::Null {
+                column: "aggregateid".to_owned(),
+                role: "aggregate id"
+            })
+        );
+
+        let values = row(ColumnValue::Text(b"[1, 2]"), ColumnValue::Null);
+        let err = layout.route(&template(), &values, POSITION).unwrap_err();
+        assert!(err.to_string().contains("an array"), "{err}");
+
+        let mut values = row(ColumnValue::Null, ColumnValue::Null);
+        values[1] = ColumnValue::Text(&[0xff, 0xfe]);
+        assert!(matches!(
+            layout.route(&template(), &values, POSITION),
+            Err(BadRow::NotText { .. })
+        ));
+
+        let values = &row(ColumnValue::Null, ColumnValue::Null)[..3];
+        assert!(matches!(
+            layout.route(&template(), values, POSITION),
+            Err(BadRow::ColumnCount {
+                expected: 7,
+                got: 3
+            })
+        ));
+    }
+}
