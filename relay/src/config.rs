@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::replication::Secret;
+
 /// Topic of a record, Debezium's outbox event router default.
 pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.{aggregatetype}";
 /// The outbox table.
@@ -342,26 +344,6 @@ impl TopicTemplate {
 impl fmt::Display for TopicTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
-    }
-}
-
-/// A value that must not appear in logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(..)")
     }
 }
 
@@ -781,6 +763,35 @@ max_in_flight = 5
         assert_eq!(config.kafka.options["linger.ms"], "1");
         assert_eq!(config.kafka.options["compression.type"], "lz4");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_states_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/relay.example.toml");
+        let config = RelayConfig::from_args(&args(&["--config", path])).unwrap();
+        let defaults = RelayConfig::new("", "");
+        assert_eq!(config.postgres.publication, defaults.postgres.publication);
+        assert_eq!(config.postgres.table, defaults.postgres.table);
+        assert_eq!(
+            config.postgres.status_interval,
+            defaults.postgres.status_interval
+        );
+        assert_eq!(
+            config.postgres.slot_busy_timeout,
+            defaults.postgres.slot_busy_timeout
+        );
+        assert_eq!(config.outbox.topic_template, defaults.outbox.topic_template);
+        assert_eq!(config.outbox.columns, defaults.outbox.columns);
+        assert_eq!(config.kafka.max_in_flight, defaults.kafka.max_in_flight);
+        assert_eq!(
+            config.kafka.topic_partitions,
+            defaults.kafka.topic_partitions
+        );
+        assert_eq!(
+            config.kafka.topic_replication_factor,
+            defaults.kafka.topic_replication_factor
+        );
+        assert_eq!(config.slot_name("orders"), "outbox_relay_orders");
     }
 
     #[test]

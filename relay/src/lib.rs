@@ -16,7 +16,13 @@ pub mod ack;
 pub mod config;
 pub mod kafka;
 pub mod lsn;
+pub mod pgoutput;
+pub mod pipeline;
+pub mod replication;
 pub mod routing;
+pub mod runner;
+pub mod setup;
 
 pub use config::RelayConfig;
 pub use lsn::Lsn;
+pub use runner::run;

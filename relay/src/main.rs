@@ -1,0 +1,74 @@
+//! `outbox-relay`: the sidecar binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outbox_relay::config::{Args, RelayConfig};
+use outbox_relay::runner::{error_chain, run};
+use tracing_subscriber::EnvFilter;
+
+/// Relays committed outbox rows from PostgreSQL logical replication (pgoutput) to
+/// Kafka, confirming the replication slot only after the broker acknowledged.
+///
+/// Every option can also be set in the TOML file given with --config and as an
+/// environment variable; flags win over the environment, which wins over the file.
+/// Logging is configured with OUTBOX_RELAY_LOG (e.g. "info", "outbox_relay=debug").
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("OUTBOX_RELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = match RelayConfig::from_args(&cli.args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("outbox-relay: {}", error_chain(&error));
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("outbox-relay: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error_chain(&error), "stopped");
+            eprintln!("outbox-relay: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+}

@@ -1,0 +1,448 @@
+//! The replication loop: WAL in, Kafka records out, confirmed positions back.
+//!
+//! ```text
+//!   PostgreSQL walsender                         outbox-relay                        Kafka
+//!   ───────────────────            ──────────────────────────────────────          ─────────
+//!   XLogData(Begin)        ──▶  tracker.begin()
+//!   XLogData(Relation)     ──▶  relation cache (this session only)
+//!   XLogData(Insert outbox)──▶  route ──▶ sink.send ──────────────────────────────▶ produce
+//!                               tracker.record_sent()          ack ◀──────────────── acks=all
+//!   XLogData(Commit end=E) ──▶  tracker.commit(E)          tracker.acknowledged()
+//!   Keepalive(P)           ──▶  tracker.idle_position(P)
+//!   ◀── standby status update (flush = tracker.confirmable()) every status interval
+//! ```
+//!
+//! Why nothing is lost: the only position ever sent as `flush` is
+//! [`AckTracker::confirmable`], which by construction lies at or before the end of
+//! the last transaction whose records were all acknowledged, with every earlier
+//! transaction also acknowledged (see [`crate::ack`]). Whatever was not confirmed
+//! is sent again by the server after a restart: at-least-once, with duplicates
+//! bounded by what was in flight.
+//!
+//! Why memory stays bounded: the loop reads from the server only while fewer than
+//! `max_in_flight` records await acknowledgement. While the broker is away,
+//! deliveries stop resolving (records never expire: `message.timeout.ms=0`), the
+//! bound is reached and reading stops; the server's send buffer fills and it waits.
+//!
+//! Why the connection survives a broker outage: status updates are sent on a timer
+//! in every state of the loop, reading or not, so `wal_sender_timeout` never fires.
+//!
+//! Order per key: records are handed to one idempotent producer in commit order, and
+//! a record that cannot be handed over stops the loop before any later record is
+//! sent; the producer keeps per-partition order.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use rdkafka::error::KafkaError;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+use crate::ack::{AckError, AckTracker, TxnId};
+use crate::config::RelayConfig;
+use crate::kafka::{KafkaSink, SendError, TopicError};
+use crate::pgoutput::{self, LogicalMessage};
+use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
+use crate::routing::{BadRow, ColumnValue, OutboxLayout, OutboxRecord, Position, SchemaError};
+use crate::Lsn;
+
+/// How long a graceful stop waits for in-flight records before giving up on them
+/// (they are not confirmed, so the next start sends them again).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long ending the stream may take after the final status update.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Backoff between attempts to create a topic while the broker is unreachable.
+const TOPIC_RETRY: Duration = Duration::from_secs(1);
+
+/// Why the loop stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("replication stream failed")]
+    Replication(#[from] ReplicationError),
+    #[error("the server ended the replication stream")]
+    Ended,
+    #[error("cannot decode the message at WAL {wal_start}")]
+    Decode {
+        wal_start: Lsn,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("outbox row at {position} cannot be routed")]
+    BadRow {
+        position: Position,
+        #[source]
+        source: BadRow,
+    },
+    #[error(transparent)]
+    Delivery(Box<DeliveryFailure>),
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error("the replication stream broke transaction order")]
+    Order(#[from] AckError),
+}
+
+impl StreamError {
+    /// Whether reconnecting and resuming from the slot may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StreamError::Replication(e) => e.is_transient(),
+            StreamError::Ended => true,
+            _ => false,
+        }
+    }
+}
+
+/// The broker refused a record for good.
+#[derive(Debug, thiserror::Error)]
+#[error("record {position} (id {id}, topic {topic}) was not delivered")]
+pub struct DeliveryFailure {
+    pub position: Position,
+    pub id: String,
+    pub topic: String,
+    #[source]
+    pub source: KafkaError,
+}
+
+type DeliveryResult = (TxnId, RecordMeta, Result<(), KafkaError>);
+type PendingDelivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
+
+/// What is kept of a record while it is in flight, for error messages.
+#[derive(Debug, Clone)]
+struct RecordMeta {
+    position: Position,
+    id: String,
+    topic: String,
+}
+
+/// The relay's view of the open transaction.
+#[derive(Debug)]
+struct OpenTxn {
+    commit_lsn: Lsn,
+    next_index: u32,
+}
+
+/// The outbox relation as announced in this session.
+#[derive(Debug)]
+struct OutboxRelation {
+    oid: u32,
+    layout: OutboxLayout,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// The last position confirmed to the server.
+    pub confirmed: Lsn,
+    /// Records still unacknowledged when the drain gave up (0 on a clean stop).
+    pub abandoned: usize,
+}
+
+/// One replication session: from START_REPLICATION until shutdown or error.
+pub struct Session<'a> {
+    config: &'a RelayConfig,
+    stream: ReplicationStream,
+    sink: &'a mut KafkaSink,
+    tracker: AckTracker,
+    deliveries: FuturesUnordered<PendingDelivery>,
+    status_timer: Interval,
+    received: Lsn,
+    sent_flush: Lsn,
+    open: Option<OpenTxn>,
+    outbox: Option<OutboxRelation>,
+    /// Relation ids of other tables seen in this session (never cached across sessions).
+    others: HashMap<u32, String>,
+}
+
+impl std::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("received", &self.received)
+            .field("confirmable", &self.tracker.confirmable())
+            .field("in_flight", &self.tracker.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Session<'a> {
+    /// A session on a started stream whose slot had confirmed `confirmed`.
+    pub fn new(
+        config: &'a RelayConfig,
+        stream: ReplicationStream,
+        sink: &'a mut KafkaSink,
+        confirmed: Lsn,
+    ) -> Session<'a> {
+        let mut status_timer = tokio::time::interval(config.postgres.status_interval);
+        status_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Session {
+            config,
+            stream,
+            sink,
+            tracker: AckTracker::new(confirmed),
+            deliveries: FuturesUnordered::new(),
+            status_timer,
+            received: confirmed,
+            sent_flush: confirmed,
+            open: None,
+            outbox: None,
+            others: HashMap::new(),
+        }
+    }
+
+    /// Streams until `shutdown` resolves (then drains, confirms and ends the stream)
+    /// or an error stops it. On error nothing more is confirmed.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Drained, StreamError> {
+        tokio::pin!(shutdown);
+        loop {
+            let can_read = self.tracker.in_flight() < self.config.kafka.max_in_flight;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(done) = self.deliveries.next(), if !self.deliveries.is_empty() => {
+                    self.delivered(done)?;
+                }
+                _ = self.status_timer.tick() => self.send_status().await?,
+                message = self.stream.next(), if can_read => {
+                    match message? {
+                        Some(message) => self.handle(message).await?,
+                        None => return Err(StreamError::Ended),
+                    }
+                }
+            }
+        }
+        self.drain().await
+    }
+
+    /// Waits for in-flight records (bounded by [`DRAIN_TIMEOUT`]), confirms what is
+    /// complete and ends the stream.
+    async fn drain(mut self) -> Result<Drained, StreamError> {
+        tracing::info!(in_flight = self.tracker.in_flight(), "draining");
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !self.deliveries.is_empty() {
+            tokio::select! {
+                Some(done) = self.deliveries.next() => self.delivered(done)?,
+                _ = self.status_timer.tick() => self.send_status().await?,
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        in_flight = self.tracker.in_flight(),
+                        "records still unacknowledged at the end of the drain; they will be sent again"
+                    );
+                    break;
+                }
+            }
+        }
+        self.send_status().await?;
+        let drained = Drained {
+            confirmed: self.sent_flush,
+            abandoned: self.tracker.in_flight(),
+        };
+        // The server may still be sending the rest of a transaction; do not wait on
+        // it forever.
+        match tokio::time::timeout(FINISH_TIMEOUT, self.stream.finish()).await {
+            Ok(result) => result?,
+            Err(_) => tracing::warn!("the server did not end the stream in time; closing"),
+        }
+        Ok(drained)
+    }
+
+    async fn handle(&mut self, message: ReplicationMessage) -> Result<(), StreamError> {
+        match message {
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                self.handle_logical(wal_start, data).await
+            }
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                self.tracker.idle_position(wal_end);
+                if reply_requested {
+                    self.send_status().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn handle_logical(&mut self, wal_start: Lsn, data: Bytes) -> Result<(), StreamError> {
+        let message =
+            pgoutput::decode(&data).map_err(|source| StreamError::Decode { wal_start, source })?;
+        match message {
+            LogicalMessage::Begin(begin) => {
+                self.tracker.begin()?;
+                self.open = Some(OpenTxn {
+                    commit_lsn: begin.final_lsn,
+                    next_index: 0,
+                });
+            }
+            LogicalMessage::Commit(commit) => {
+                self.tracker.commit(commit.end_lsn)?;
+                self.open = None;
+            }
+            LogicalMessage::Relation(relation) => self.relation(relation)?,
+            LogicalMessage::Insert(insert) => {
+                let is_outbox = self
+                    .outbox
+                    .as_ref()
+                    .is_some_and(|o| o.oid == insert.relation_id);
+                if is_outbox {
+                    self.route(&insert.tuple).await?;
+                }
+            }
+            // Updates, deletes and truncates of the outbox (pruning) and every other
+            // table are not events; nor are types, origins or logical messages here.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn relation(&mut self, relation: pgoutput::Relation) -> Result<(), StreamError> {
+        let table = &self.config.postgres.table;
+        if relation.namespace == table.schema && relation.name == table.name {
+            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+            let layout =
+                OutboxLayout::resolve(&self.config.outbox.columns, &table.to_string(), &names)?;
+            if !layout.has_headers() {
+                tracing::debug!(table = %table, "the outbox table has no headers column");
+            }
+            self.outbox = Some(OutboxRelation {
+                oid: relation.id,
+                layout,
+            });
+        } else {
+            self.others.insert(
+                relation.id,
+                format!("{}.{}", relation.namespace, relation.name),
+            );
+        }
+        Ok(())
+    }
+
+    async fn route(&mut self, tuple: &[pgoutput::Column]) -> Result<(), StreamError> {
+        let (Some(open), Some(outbox)) = (self.open.as_mut(), self.outbox.as_ref()) else {
+            return Err(AckError::NoneOpen.into());
+        };
+        let position = Position {
+            commit_lsn: open.commit_lsn,
+            index: open.next_index,
+        };
+        open.next_index += 1;
+        let values: Vec<ColumnValue<'_>> = tuple.iter().map(column_value).collect();
+        let record = outbox
+            .layout
+            .route(&self.config.outbox.topic_template, &values, position)
+            .map_err(|source| StreamError::BadRow { position, source })?;
+        self.ensure_topic(&record.topic).await?;
+        self.send(record).await
+    }
+
+    /// Creates the record's topic when needed, retrying while the broker is away
+    /// and keeping the replication connection alive meanwhile.
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), StreamError> {
+        loop {
+            let attempt = self.sink.ensure_topic(topic).await;
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(topic, error = %e, "cannot create topic yet; retrying");
+                    let retry_at = Instant::now() + TOPIC_RETRY;
+                    loop {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(retry_at) => break,
+                            _ = self.status_timer.tick() => self.send_status().await?,
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn send(&mut self, mut record: OutboxRecord) -> Result<(), StreamError> {
+        loop {
+            let meta = RecordMeta {
+                position: record.position,
+                id: record.id.clone(),
+                topic: record.topic.clone(),
+            };
+            match self.sink.send(record) {
+                Ok(future) => {
+                    let txn = self.tracker.record_sent()?;
+                    self.deliveries.push(Box::pin(async move {
+                        let result = match future.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((error, _))) => Err(error),
+                            Err(_canceled) => Err(KafkaError::Canceled),
+                        };
+                        (txn, meta, result)
+                    }));
+                    return Ok(());
+                }
+                Err(SendError::QueueFull(back)) => {
+                    // Backpressure: let one delivery finish, keep the server informed.
+                    record = *back;
+                    tokio::select! {
+                        Some(done) = self.deliveries.next(), if !self.deliveries.is_empty() => self.delivered(done)?,
+                        _ = self.status_timer.tick() => self.send_status().await?,
+                    }
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+
+    fn delivered(&mut self, (txn, meta, result): DeliveryResult) -> Result<(), StreamError> {
+        match result {
+            Ok(()) => Ok(self.tracker.acknowledged(txn)?),
+            Err(source) => Err(StreamError::Delivery(Box::new(DeliveryFailure {
+                position: meta.position,
+                id: meta.id,
+                topic: meta.topic,
+                source,
+            }))),
+        }
+    }
+
+    async fn send_status(&mut self) -> Result<(), StreamError> {
+        let flush = self.tracker.confirmable().max(self.sent_flush);
+        self.stream
+            .send_status(StandbyStatus {
+                write: self.received.max(flush),
+                flush,
+                apply: flush,
+                reply_requested: false,
+            })
+            .await?;
+        if flush > self.sent_flush {
+            tracing::debug!(lsn = %flush, "confirmed");
+        }
+        self.sent_flush = flush;
+        Ok(())
+    }
+}
+
+fn column_value(column: &pgoutput::Column) -> ColumnValue<'_> {
+    match column {
+        pgoutput::Column::Null => ColumnValue::Null,
+        pgoutput::Column::UnchangedToast => ColumnValue::Unchanged,
+        pgoutput::Column::Text(bytes) | pgoutput::Column::Binary(bytes) => {
+            ColumnValue::Text(bytes.as_ref())
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Errors of the replication client, and whether retrying can help.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use super::protocol::ProtocolError;
+
+/// An ErrorResponse from the server, with the fields worth keeping.
+///
+/// Boxed inside, so that results carrying a [`ReplicationError`] stay small.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError(Box<Fields>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fields {
+    severity: String,
+    code: String,
+    message: String,
+    detail: Option<String>,
+    hint: Option<String>,
+}
+
+impl ServerError {
+    /// Builds a server error from its fields.
+    pub fn new(
+        severity: String,
+        code: String,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    ) -> ServerError {
+        ServerError(Box::new(Fields {
+            severity,
+            code,
+            message,
+            detail,
+            hint,
+        }))
+    }
+
+    /// `ERROR`, `FATAL`, `PANIC` (or `WARNING`, `NOTICE`, ... for a notice).
+    pub fn severity(&self) -> &str {
+        &self.0.severity
+    }
+
+    /// The SQLSTATE code, such as `55006`.
+    pub fn code(&self) -> &str {
+        &self.0.code
+    }
+
+    /// The primary message.
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
+
+    /// The optional detail message.
+    pub fn detail(&self) -> Option<&str> {
+        self.0.detail.as_deref()
+    }
+
+    /// The optional hint.
+    pub fn hint(&self) -> Option<&str> {
+        self.0.hint.as_deref()
+    }
+
+    /// Whether retrying (on a new connection, after a pause) can succeed.
+    ///
+    /// Transient: connection exceptions (class 08), too many connections (53300),
+    /// administrator shutdown, crash shutdown and "cannot connect now" (57P01 to
+    /// 57P03). Everything else, including a slot that is active elsewhere (55006,
+    /// which callers retry for a bounded time themselves), a missing slot (42704) and
+    /// authentication failures (class 28), is definite.
+    pub fn is_transient(&self) -> bool {
+        let code = self.code();
+        code.starts_with("08") || matches!(code, "53300" | "57P01" | "57P02" | "57P03")
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity(), self.code(), self.message())?;
+        if let Some(detail) = self.detail() {
+            write!(f, "; detail: {detail}")?;
+        }
+        if let Some(hint) = self.hint() {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// A replication connection could not do what was asked.
+///
+/// [`is_transient`](ReplicationError::is_transient) tells whether reconnecting and
+/// trying again can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicationError {
+    /// The TCP connection could not be opened.
+    #[error("cannot connect to PostgreSQL at {host}:{port}")]
+    Connect {
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// TCP connect, startup and authentication together took longer than allowed.
+    #[error("connecting to PostgreSQL at {host}:{port} timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// The configured connect timeout.
+        timeout: Duration,
+    },
+    /// The server rejected the credentials (SQLSTATE class 28).
+    #[error("authentication of user {user:?} was rejected by PostgreSQL at {host}:{port}")]
+    AuthenticationFailed {
+        /// The role that tried to log in.
+        user: String,
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// The server's error.
+        #[source]
+        source: ServerError,
+    },
+    /// The client cannot authenticate the way the server asks, or the server's
+    /// SCRAM proof did not verify.
+    #[error("cannot authenticate user {user:?} at {host}:{port}: {reason}")]
+    Authentication {
+        /// The role that tried to log in.
+        user: String,
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// What went wrong.
+        reason: String,
+        /// The underlying failure, where there is one.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// The server answered a command with an ErrorResponse.
+    #[error("{operation} failed on PostgreSQL at {peer}")]
+    Server {
+        /// What the client asked for.
+        operation: String,
+        /// `host:port` of the server.
+        peer: String,
+        /// The server's error.
+        #[source]
+        source: ServerError,
+    },
+    /// Reading from or writing to the connection failed.
+    #[error("{action} PostgreSQL at {peer} failed")]
+    Io {
+        /// `reading from` or `writing to`.
+        action: &'static str,
+        /// `host:port` of the server.
+        peer: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The server closed the connection.
+    #[error("connection to PostgreSQL at {peer} was closed while {during}")]
+    ConnectionClosed {
+        /// `host:port` of the server.
+        peer: String,
+        /// What the client was doing.
+        during: &'static str,
+    },
+    /// The server sent something the protocol does not allow here.
+    #[error("protocol violation by PostgreSQL at {peer}")]
+    Protocol {
+        /// `host:port` of the server.
+        peer: String,
+        /// What was wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// An argument cannot be sent to the server (for example a NUL byte in a name).
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// Which argument.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ReplicationError {
+    /// Whether reconnecting and trying again can help.
+    ///
+    /// I/O errors, a closed connection, timeouts and the transient server errors of
+    /// [`ServerError::is_transient`] are transient. Authentication failures, errors
+    /// about the slot (missing: 42704; active elsewhere: 55006), missing privileges
+    /// (42501), protocol violations and invalid arguments are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Connect { .. }
+            | ReplicationError::ConnectTimeout { .. }
+            | ReplicationError::Io { .. }
+            | ReplicationError::ConnectionClosed { .. } => true,
+            ReplicationError::Server { source, .. } => source.is_transient(),
+            ReplicationError::AuthenticationFailed { .. }
+            | ReplicationError::Authentication { .. }
+            | ReplicationError::Protocol { .. }
+            | ReplicationError::InvalidArgument { .. } => false,
+        }
+    }
+
+    /// The SQLSTATE code when the server reported the error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.server_error().map(ServerError::code)
+    }
+
+    /// The server's error, when the server reported one.
+    pub fn server_error(&self) -> Option<&ServerError> {
+        match self {
+            ReplicationError::AuthenticationFailed { source, .. }
+            | ReplicationError::Server { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str) -> ServerError {
+        ServerError::new(
+            "ERROR".to_owned(),
+            code.to_owned(),
+            "something".to_owned(),
+            None,
+            None,
+        )
+    }
+
+    fn failed(code: &str) -> ReplicationError {
+        ReplicationError::Server {
+            operation: "START_REPLICATION".to_owned(),
+            peer: "127.0.0.1:5432".to_owned(),
+            source: server(code),
+        }
+    }
+
+    #[test]
+    fn classifies_server_errors() {
+        for code in [
+            "08006", "08P01", "08001", "53300", "57P01", "57P02", "57P03",
+        ] {
+            assert!(failed(code).is_transient(), "{code} should be transient");
+        }
+        for code in [
+            "28P01", "28000", "42704", "55006", "42501", "3D000", "22012", "XX000",
+        ] {
+            assert!(!failed(code).is_transient(), "{code} should be definite");
+        }
+        assert_eq!(failed("55006").sqlstate(), Some("55006"));
+    }
+
+    #[test]
+    fn classifies_client_side_errors() {
+        let io = || io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+        let peer = "h:1".to_owned();
+        assert!(ReplicationError::Connect {
+            host: "h".into(),
+            port: 1,
+            source: io()
+        }
+        .is_transient());
+        assert!(ReplicationError::ConnectTimeout {
+            host: "h".into(),
+            port: 1,
+            timeout: Duration::from_secs(1)
+        }
+        .is_transient());
+        assert!(ReplicationError::Io {
+            action: "reading from",
+            peer: peer.clone(),
+            source: io()
+        }
+        .is_transient());
+        assert!(ReplicationError::ConnectionClosed {
+            peer: peer.clone(),
+            during: "streaming"
+        }
+        .is_transient());
+        let protocol = ReplicationError::Protocol {
+            peer,
+            source: ProtocolError::UnknownCopyData { kind: 'q' },
+        };
+        assert!(!protocol.is_transient());
+        assert_eq!(protocol.sqlstate(), None);
+        let auth = ReplicationError::AuthenticationFailed {
+            user: "relay".into(),
+            host: "h".into(),
+            port: 1,
+            source: server("28P01"),
+        };
+        assert!(!auth.is_transient());
+        assert_eq!(auth.sqlstate(), Some("28P01"));
+        assert!(auth.to_string().contains("\"relay\""), "{auth}");
+    }
+
+    #[test]
+    fn displays_detail_and_hint_only_when_present() {
+        assert_eq!(server("42704").to_string(), "ERROR 42704: something");
+        let full = ServerError::new(
+            "FATAL".into(),
+            "57P01".into(),
+            "terminating".into(),
+            Some("d".into()),
+            Some("h".into()),
+        );
+        assert_eq!(
+            full.to_string(),
+            "FATAL 57P01: terminating; detail: d; hint: h"
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! The relay's life: connect, prepare, stream; on a transient failure reconnect and
+//! resume from the slot; on shutdown drain and confirm.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::time::Instant;
+
+use crate::config::{ConfigError, RelayConfig};
+use crate::kafka::KafkaSink;
+use crate::pipeline::{Session, StreamError};
+use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError, ReplicationStream};
+use crate::setup::{self, SetupError, SlotState};
+
+/// SQLSTATE of "replication slot is active for PID ...".
+const OBJECT_IN_USE: &str = "55006";
+/// First delay before reconnecting; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pause between attempts on a busy slot.
+const SLOT_BUSY_RETRY: Duration = Duration::from_millis(500);
+
+/// Why the relay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid PostgreSQL URL")]
+    Url(#[source] crate::replication::ConfigError),
+    #[error("cannot connect to PostgreSQL")]
+    Connect(#[source] ReplicationError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(
+        "slot {slot} is still in use by another process after {waited:?} (another relay on \
+         the same slot?)"
+    )]
+    SlotBusy {
+        slot: String,
+        waited: Duration,
+        #[source]
+        source: ReplicationError,
+    },
+    #[error("cannot start streaming from slot {slot}")]
+    Start {
+        slot: String,
+        #[source]
+        source: ReplicationError,
+    },
+    #[error("cannot create the Kafka producer")]
+    Kafka(#[source] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+impl RelayError {
+    /// Whether reconnecting may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Connect(e) | RelayError::Start { source: e, .. } => e.is_transient(),
+            RelayError::Setup(e) => e.is_transient(),
+            RelayError::Stream(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// Runs the relay until `shutdown` resolves (then drains, confirms and returns
+/// `Ok`) or a definite error stops it. Transient failures of PostgreSQL are retried
+/// with backoff, resuming from the slot.
+pub async fn run(
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RelayError> {
+    config.validate()?;
+    let connect = ConnectConfig::from_url(config.postgres.url.expose()).map_err(RelayError::Url)?;
+    let mut sink = KafkaSink::new(&config.kafka).map_err(RelayError::Kafka)?;
+    let shutdown = shutdown.boxed().shared();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let attempt = session(&config, &connect, &mut sink, shutdown.clone(), &mut backoff).await;
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_transient() => {
+                tracing::warn!(error = %error_chain(&error), retry_in = ?backoff, "PostgreSQL unavailable; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.clone() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn session(
+    config: &RelayConfig,
+    connect: &ConnectConfig,
+    sink: &mut KafkaSink,
+    shutdown: impl Future<Output = ()>,
+    backoff: &mut Duration,
+) -> Result<(), RelayError> {
+    let mut client = ReplicationClient::connect(connect)
+        .await
+        .map_err(RelayError::Connect)?;
+    let database = connect.dbname().to_owned();
+    let slot = setup::prepare(&mut client, config, &database).await?;
+    let stream = start(client, connect, config, &slot).await?;
+    *backoff = FIRST_BACKOFF;
+    tracing::info!(slot = %slot.name, from = %slot.confirmed, publication = %config.postgres.publication, "streaming");
+    let drained = Session::new(config, stream, sink, slot.confirmed)
+        .run(shutdown)
+        .await?;
+    tracing::info!(confirmed = %drained.confirmed, abandoned = drained.abandoned, "stopped");
+    Ok(())
+}
+
+/// START_REPLICATION, retrying for a bounded time while the slot is held by another
+/// process: after a crash the old walsender lingers until the server notices.
+async fn start(
+    mut client: ReplicationClient,
+    connect: &ConnectConfig,
+    config: &RelayConfig,
+    slot: &SlotState,
+) -> Result<ReplicationStream, RelayError> {
+    // publication_names is a list of identifiers: quoted, any name survives.
+    let publication = crate::config::quote_ident(&config.postgres.publication);
+    let mut options: Vec<(&str, &str)> =
+        vec![("proto_version", "1"), ("publication_names", &publication)];
+    if server_major(&client) >= Some(14) {
+        options.push(("messages", "true"));
+    }
+    let started = Instant::now();
+    loop {
+        match client
+            .start_logical_replication(&slot.name, slot.confirmed, &options)
+            .await
+        {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.sqlstate() == Some(OBJECT_IN_USE) => {
+                let waited = started.elapsed();
+                if waited >= config.postgres.slot_busy_timeout {
+                    return Err(RelayError::SlotBusy {
+                        slot: slot.name.clone(),
+                        waited,
+                        source: e,
+                    });
+                }
+                tracing::info!(slot = %slot.name, error = %e, "slot busy; retrying");
+                tokio::time::sleep(SLOT_BUSY_RETRY).await;
+                client = ReplicationClient::connect(connect)
+                    .await
+                    .map_err(RelayError::Connect)?;
+            }
+            Err(source) => {
+                return Err(RelayError::Start {
+                    slot: slot.name.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn server_major(client: &ReplicationClient) -> Option<u32> {
+    client
+        .server_version()?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// An error with its causes, `outer: inner: innermost`, for logs and exit messages.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

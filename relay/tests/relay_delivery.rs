@@ -1,0 +1,360 @@
+//! The relay end to end on the real PostgreSQL and broker: what arrives, in which
+//! order, and what survives SIGKILL, SIGTERM and a paused broker.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use support::{scale, seed, Collector, OutboxDb, Received, Relay, RelaySettings, Rng, Row};
+use testkit::{settings, PrivateBroker};
+
+const KEYS: usize = 50;
+const NO_PROGRESS: Duration = Duration::from_secs(60);
+
+/// Writes `transactions` transactions of 1 to 100 rows over [`KEYS`] keys, each key's
+/// events numbered in commit order; every seventh transaction deletes its rows again
+/// before committing.
+async fn write_workload(
+    pool: &sqlx::PgPool,
+    rng: &mut Rng,
+    transactions: usize,
+    seqs: &mut [usize],
+) -> Vec<Row> {
+    let mut written = Vec::new();
+    for t in 0..transactions {
+        let size = rng.range(1, 100) as usize;
+        let rows: Vec<Row> = (0..size)
+            .map(|_| {
+                let key = rng.range(0, KEYS as u64 - 1) as usize;
+                seqs[key] += 1;
+                Row::event(key, seqs[key])
+            })
+            .collect();
+        support::write_rows(pool, &rows, t % 7 == 3).await;
+        written.extend(rows);
+    }
+    written
+}
+
+/// Checks every record against the row it came from, and order per key.
+fn check_records(
+    settings: &RelaySettings,
+    written: &[Row],
+    received: &[Received],
+    exactly_once: bool,
+) {
+    let rows: HashMap<String, &Row> = written.iter().map(|r| (r.id.to_string(), r)).collect();
+    let mut first: HashMap<&str, &Received> = HashMap::new();
+    for record in received {
+        let row = rows
+            .get(record.id())
+            .unwrap_or_else(|| panic!("a record with an unknown id: {record:?}"));
+        assert_eq!(record.topic, settings.topic(&row.aggregate_type));
+        assert_eq!(record.key, row.aggregate_id);
+        assert_eq!(
+            record.headers.get("type").map(String::as_str),
+            Some("Changed")
+        );
+        assert_eq!(
+            record.headers.get("traceparent"),
+            row.headers
+                .as_ref()
+                .and_then(|h| h["traceparent"].as_str())
+                .map(str::to_owned)
+                .as_ref()
+        );
+        if let Some(payload) = &record.payload {
+            assert_eq!(payload, &row.payload);
+        }
+        match first.get(record.id()) {
+            None => {
+                first.insert(record.id(), record);
+            }
+            Some(original) => {
+                assert!(!exactly_once, "{} delivered twice", record.id());
+                assert_eq!(
+                    original.position(),
+                    record.position(),
+                    "a duplicate of {} carries another position",
+                    record.id()
+                );
+                assert_eq!(original.payload, record.payload);
+            }
+        }
+    }
+    let missing: Vec<&String> = rows
+        .keys()
+        .filter(|id| !first.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} events never arrived, e.g. {:?}",
+        missing.len(),
+        rows.len(),
+        missing.first()
+    );
+
+    // Order per key: in partition order, the first deliveries of a key's events come
+    // in the order the events were committed.
+    let mut by_partition: BTreeMap<(String, i32), Vec<&Received>> = BTreeMap::new();
+    for record in received {
+        by_partition
+            .entry((record.topic.clone(), record.partition))
+            .or_default()
+            .push(record);
+    }
+    let mut key_partition: HashMap<&str, (String, i32)> = HashMap::new();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (place, mut records) in by_partition {
+        records.sort_by_key(|r| r.offset);
+        for record in records {
+            let other = key_partition
+                .entry(&record.key)
+                .or_insert_with(|| place.clone());
+            assert_eq!(*other, place, "key {} in two partitions", record.key);
+            if !seen.insert(record.id()) {
+                continue;
+            }
+            let seq = rows[record.id()].payload["seq"].as_u64().expect("seq");
+            let last = last_seq.entry(record.key.clone()).or_default();
+            assert!(
+                seq > *last,
+                "key {}: event {seq} arrived after {last}",
+                record.key
+            );
+            *last = seq;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_row_arrives_in_order_per_key() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let settings = RelaySettings::new(&db, &brokers);
+    let _relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+
+    let mut rng = Rng::new(seed());
+    let mut seqs = vec![0; KEYS];
+    let written = write_workload(db.pool(), &mut rng, 30 * scale(), &mut seqs).await;
+
+    let topics = [settings.topic("order"), settings.topic("customer")];
+    let mut collector = Collector::new(&brokers, &topics, 3).await;
+    let expected = written.len();
+    collector.until(NO_PROGRESS, |r| r.len() >= expected).await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    check_records(&settings, &written, &collector.received, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_tables_updates_and_deletes_are_not_published() {
+    let db = OutboxDb::new().await;
+    sqlx::raw_sql(
+        "CREATE TABLE other (id int PRIMARY KEY, note text);
+         CREATE PUBLICATION outbox_relay FOR TABLE outbox, other;",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let brokers = settings().kafka_brokers.clone();
+    let settings =
+        RelaySettings::new(&db, &brokers).with("OUTBOX_RELAY_CREATE_PUBLICATION", "false");
+    let _relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+
+    let (a, b) = (Row::event(0, 1), Row::event(0, 2));
+    sqlx::query("INSERT INTO other VALUES (1, 'x')")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    db.write(&[a.clone(), b.clone()], false).await;
+    sqlx::raw_sql(&format!(
+        "UPDATE outbox SET payload = '{{\"changed\": true}}' WHERE id = '{}';
+         DELETE FROM outbox WHERE id = '{}';
+         UPDATE other SET note = 'y';
+         TRUNCATE other;",
+        a.id, b.id
+    ))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let marker = Row::event(0, 3);
+    db.write(std::slice::from_ref(&marker), false).await;
+
+    let mut collector = Collector::new(&brokers, &[settings.topic("order")], 3).await;
+    let marker_id = marker.id.to_string();
+    collector
+        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
+        .await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
+    assert_eq!(ids, [a.id.to_string(), b.id.to_string(), marker_id]);
+    assert_eq!(collector.received[0].payload, Some(a.payload));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_confirms_and_a_restart_resends_nothing() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    // A long status interval: only the drain on SIGTERM confirms.
+    let settings =
+        RelaySettings::new(&db, &brokers).with("OUTBOX_RELAY_STATUS_INTERVAL_MS", "600000");
+    let mut relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+    let before = db.confirmed_flush().await;
+
+    let mut rng = Rng::new(seed());
+    let mut seqs = vec![0; KEYS];
+    let written = write_workload(db.pool(), &mut rng, 8, &mut seqs).await;
+    let topics = [settings.topic("order"), settings.topic("customer")];
+    let mut collector = Collector::new(&brokers, &topics, 3).await;
+    collector
+        .until(NO_PROGRESS, |r| r.len() >= written.len())
+        .await;
+
+    let status = relay.terminate(Duration::from_secs(40));
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        relay.log_text()
+    );
+    let after = db.confirmed_flush().await;
+    assert_ne!(before, after, "the drain did not confirm");
+
+    let _relay = Relay::start(&settings);
+    db.wait_for_streaming().await;
+    let marker = Row::event(0, 10_000);
+    db.write(std::slice::from_ref(&marker), false).await;
+    let marker_id = marker.id.to_string();
+    collector
+        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
+        .await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    let mut all = written;
+    all.push(marker);
+    check_records(&settings, &all, &collector.received, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_nothing() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let settings = RelaySettings::new(&db, &brokers);
+    let mut relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+
+    let seed = seed();
+    let mut rng = Rng::new(seed);
+    // The writer runs on its own while the relay is killed and restarted.
+    let writer = {
+        let pool = db.pool().clone();
+        let transactions = 60 * scale();
+        tokio::spawn(async move {
+            let mut rng = Rng::new(seed ^ 0x5eed);
+            let mut seqs = vec![0; KEYS];
+            let mut written = Vec::new();
+            for _ in 0..transactions {
+                written.extend(write_workload(&pool, &mut rng, 1, &mut seqs).await);
+                tokio::time::sleep(Duration::from_millis(rng.range(0, 40))).await;
+            }
+            written
+        })
+    };
+    let kills = 3 * scale();
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.range(200, 1500))).await;
+        relay.kill();
+        relay = Relay::start(&settings);
+    }
+    let written = writer.await.expect("the writer finished");
+
+    let topics = [settings.topic("order"), settings.topic("customer")];
+    let mut collector = Collector::new(&brokers, &topics, 3).await;
+    let ids: HashSet<String> = written.iter().map(|r| r.id.to_string()).collect();
+    collector
+        .until(NO_PROGRESS, |r| {
+            let got: HashSet<&str> = r.iter().map(Received::id).collect();
+            ids.iter().all(|id| got.contains(id.as_str()))
+        })
+        .await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    check_records(&settings, &written, &collector.received, false);
+    eprintln!(
+        "{} events, {} records delivered after {kills} kills",
+        written.len(),
+        collector.received.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_broker_stops_reading_keeps_the_connection_and_loses_nothing() {
+    let broker = PrivateBroker::start();
+    let db = OutboxDb::new().await;
+    // The server drops a replication connection silent for this long; the pause
+    // below lasts several times as long.
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {} SET wal_sender_timeout = '3s'",
+        db.db.name()
+    ))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let brokers = broker.bootstrap();
+    let settings = RelaySettings::new(&db, &brokers)
+        .with("OUTBOX_RELAY_MAX_IN_FLIGHT", 500)
+        .with("OUTBOX_RELAY_STATUS_INTERVAL_MS", 500);
+    let mut relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+
+    let mut rng = Rng::new(seed());
+    let mut seqs = vec![0; KEYS];
+    let mut written = write_workload(db.pool(), &mut rng, 5, &mut seqs).await;
+    let topics = [settings.topic("order"), settings.topic("customer")];
+    let mut collector = Collector::new(&brokers, &topics, 3).await;
+    collector
+        .until(NO_PROGRESS, |r| r.len() >= written.len())
+        .await;
+    let walsender = db.wait_for_streaming().await;
+    let rss_before = relay.rss_kib();
+
+    broker.pause();
+    let mut rss_peak = rss_before;
+    for _ in 0..5 {
+        written.extend(write_workload(db.pool(), &mut rng, 20, &mut seqs).await);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        rss_peak = rss_peak.max(relay.rss_kib());
+        assert!(
+            relay.is_running(),
+            "the relay died while the broker was paused:\n{}",
+            relay.log_text()
+        );
+    }
+    assert_eq!(
+        db.slot_pid().await,
+        Some(Some(walsender)),
+        "the replication connection did not survive the pause"
+    );
+    broker.resume();
+
+    collector
+        .until(NO_PROGRESS, |r| {
+            let got: HashSet<&str> = r.iter().map(Received::id).collect();
+            written
+                .iter()
+                .all(|w| got.contains(w.id.to_string().as_str()))
+        })
+        .await;
+    check_records(&settings, &written, &collector.received, false);
+    let growth_kib = rss_peak.saturating_sub(rss_before);
+    eprintln!(
+        "{} events; relay RSS {rss_before} KiB before the pause, peak {rss_peak} KiB during it",
+        written.len()
+    );
+    assert!(
+        growth_kib < 32 * 1024,
+        "relay memory grew by {growth_kib} KiB while the broker was paused"
+    );
+}

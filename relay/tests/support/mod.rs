@@ -1,0 +1,447 @@
+//! Shared pieces of the relay's integration tests: an outbox database, the relay
+//! as a child process, and a consumer that collects what arrived.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use testkit::{consumer_config_on, unique_name, wait_for_topic_on, TestDatabase};
+use uuid::Uuid;
+
+/// The outbox table, as services create it.
+const OUTBOX_DDL: &str = include_str!("../../../sql/shared/0001_outbox.sql");
+
+/// How much bigger the long form of a test is; `OUTBOX_TEST_SCALE=10` for a soak.
+pub fn scale() -> usize {
+    std::env::var("OUTBOX_TEST_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
+}
+
+/// A seed from `OUTBOX_TEST_SEED`, or a fresh one; printed so a failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("OUTBOX_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+                | 1
+        });
+    eprintln!("OUTBOX_TEST_SEED={seed}");
+    seed
+}
+
+/// A small deterministic generator (xorshift64*), enough for test choices.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `low..=high`.
+    pub fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next() % (high - low + 1)
+    }
+}
+
+/// One outbox row as a test writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: Value,
+    pub headers: Option<Value>,
+}
+
+impl Row {
+    /// The `seq`-th event of `key`; the aggregate type follows from the key.
+    pub fn event(key: usize, seq: usize) -> Row {
+        let aggregate_type = if key % 2 == 0 { "order" } else { "customer" };
+        Row {
+            id: Uuid::now_v7(),
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: format!("key-{key}"),
+            event_type: "Changed".to_owned(),
+            payload: json!({ "key": key, "seq": seq, "note": "x".repeat(key % 7 * 10) }),
+            headers: Some(json!({ "traceparent": format!("00-{key:032x}-{seq:016x}-01") })),
+        }
+    }
+}
+
+/// A fresh database with the outbox table.
+#[derive(Debug)]
+pub struct OutboxDb {
+    pub db: TestDatabase,
+}
+
+impl OutboxDb {
+    pub async fn new() -> OutboxDb {
+        let db = TestDatabase::create().await;
+        sqlx::raw_sql(OUTBOX_DDL)
+            .execute(db.pool())
+            .await
+            .expect("create the outbox table");
+        OutboxDb { db }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        self.db.pool()
+    }
+
+    /// The slot the relay uses by default for this database.
+    pub fn slot(&self) -> String {
+        format!("outbox_relay_{}", self.db.name())
+    }
+
+    /// Writes `rows` in one transaction; with `delete_after`, deletes them again in
+    /// the same transaction (the insert is still in the WAL).
+    pub async fn write(&self, rows: &[Row], delete_after: bool) {
+        write_rows(self.pool(), rows, delete_after).await;
+    }
+
+    /// Waits until the relay's slot exists (rows written before it are not streamed).
+    pub async fn wait_for_slot(&self) {
+        self.wait_slot(|active| active.is_some(), "exist").await;
+    }
+
+    /// Waits until a walsender streams from the slot, returning its pid.
+    pub async fn wait_for_streaming(&self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(Some(pid)) = self.slot_pid().await {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nobody streams from slot {}",
+                self.slot()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `None`: no slot; `Some(None)`: the slot is inactive; `Some(Some(pid))`: active.
+    pub async fn slot_pid(&self) -> Option<Option<i32>> {
+        sqlx::query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(self.slot())
+            .fetch_optional(self.pool())
+            .await
+            .expect("read pg_replication_slots")
+    }
+
+    async fn wait_slot(&self, done: impl Fn(Option<Option<i32>>) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(self.slot_pid().await) {
+            assert!(
+                Instant::now() < deadline,
+                "slot {} did not {what}",
+                self.slot()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The slot's `confirmed_flush_lsn` as text.
+    pub async fn confirmed_flush(&self) -> Option<String> {
+        sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(self.slot())
+        .fetch_optional(self.pool())
+        .await
+        .expect("read pg_replication_slots")
+        .flatten()
+    }
+}
+
+/// The relay binary as a child process.
+#[derive(Debug)]
+pub struct Relay {
+    child: Child,
+    pub log: PathBuf,
+}
+
+/// How a test's relay is configured.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub postgres_url: String,
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub extra: Vec<(String, String)>,
+}
+
+impl RelaySettings {
+    pub fn new(db: &OutboxDb, brokers: &str) -> RelaySettings {
+        RelaySettings {
+            postgres_url: db.db.url(),
+            brokers: brokers.to_owned(),
+            topic_prefix: unique_name("relay"),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn with(mut self, name: &str, value: impl ToString) -> RelaySettings {
+        self.extra.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        format!("{}.{aggregate_type}", self.topic_prefix)
+    }
+}
+
+impl Relay {
+    pub fn start(settings: &RelaySettings) -> Relay {
+        let log = std::env::temp_dir().join(format!("{}.log", unique_name("relay")));
+        let file = std::fs::File::create(&log).expect("create the relay log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("OUTBOX_RELAY_LOG", "info,outbox_relay=debug")
+            .env("OUTBOX_RELAY_POSTGRES_URL", &settings.postgres_url)
+            .env("OUTBOX_RELAY_KAFKA_BROKERS", &settings.brokers)
+            .env(
+                "OUTBOX_RELAY_TOPIC_TEMPLATE",
+                format!("{}.{{aggregatetype}}", settings.topic_prefix),
+            )
+            .env("OUTBOX_RELAY_TOPIC_PARTITIONS", "3")
+            .env("OUTBOX_RELAY_TOPIC_REPLICATION_FACTOR", "1")
+            .env("OUTBOX_RELAY_STATUS_INTERVAL_MS", "200")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (name, value) in &settings.extra {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("start outbox-relay");
+        Relay { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and reap the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the relay") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- relay log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+/// A record as a test sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub payload: Option<Value>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Received {
+    pub fn id(&self) -> &str {
+        self.headers.get("id").map(String::as_str).unwrap_or("")
+    }
+
+    /// (commit LSN, index): the position headers.
+    pub fn position(&self) -> (String, String) {
+        (
+            self.headers
+                .get("outbox-commit-lsn")
+                .cloned()
+                .unwrap_or_default(),
+            self.headers
+                .get("outbox-index")
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// A consumer of the given topics, reading from the beginning.
+pub struct Collector {
+    consumer: StreamConsumer,
+    pub received: Vec<Received>,
+}
+
+impl Collector {
+    /// Waits until every topic exists with `partitions` partitions, then subscribes.
+    pub async fn new(brokers: &str, topics: &[String], partitions: i32) -> Collector {
+        for topic in topics {
+            wait_for_topic_on(Some(brokers), topic, partitions).await;
+        }
+        let consumer: StreamConsumer = consumer_config_on(Some(brokers), &unique_name("group"))
+            .create()
+            .expect("create the consumer");
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).expect("subscribe");
+        Collector {
+            consumer,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads until `done(received)` holds, failing after `timeout` without progress.
+    pub async fn until(&mut self, timeout: Duration, done: impl Fn(&[Received]) -> bool) {
+        let mut stream = self.consumer.stream();
+        while !done(&self.received) {
+            let next = tokio::time::timeout(timeout, stream.next()).await;
+            let message = match next {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(e))) => panic!("consumer error: {e}"),
+                Ok(None) => panic!("the consumer stream ended"),
+                Err(_) => panic!(
+                    "no record for {timeout:?}; {} received so far",
+                    self.received.len()
+                ),
+            };
+            self.received.push(received(&message));
+        }
+    }
+
+    /// Reads whatever arrives within `quiet`, for checks that nothing more comes.
+    pub async fn drain_for(&mut self, quiet: Duration) {
+        let deadline = Instant::now() + quiet;
+        let mut stream = self.consumer.stream();
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout_at(deadline.into(), stream.next()).await
+        {
+            self.received.push(received(&message));
+        }
+    }
+}
+
+fn received(message: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+    let mut headers = BTreeMap::new();
+    if let Some(h) = message.headers() {
+        for header in h.iter() {
+            let value = header
+                .value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            headers.insert(header.key.to_owned(), value);
+        }
+    }
+    Received {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+        payload: message
+            .payload()
+            .map(|p| serde_json::from_slice(p).expect("payload is JSON")),
+        headers,
+    }
+}
+
+/// Writes `rows` in one transaction; with `delete_after`, deletes them again in the
+/// same transaction (the insert is still in the WAL).
+pub async fn write_rows(pool: &PgPool, rows: &[Row], delete_after: bool) {
+    let mut tx = pool.begin().await.expect("begin");
+    for row in rows {
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, headers) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(row.id)
+        .bind(&row.aggregate_type)
+        .bind(&row.aggregate_id)
+        .bind(&row.event_type)
+        .bind(&row.payload)
+        .bind(&row.headers)
+        .execute(&mut *tx)
+        .await
+        .expect("insert an outbox row");
+    }
+    if delete_after {
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .expect("delete the outbox rows");
+    }
+    tx.commit().await.expect("commit");
+}
