@@ -199,14 +199,32 @@ impl<'a> Session<'a> {
     }
 
     /// Streams until `shutdown` resolves (then drains, confirms and ends the stream)
-    /// or an error stops it. On error nothing more is confirmed.
+    /// or an error stops it. After an error that is not the connection's, the records
+    /// already handed to the producer are still awaited and what completed is
+    /// confirmed, so a restart re-sends as little as possible; nothing at or after
+    /// the failing record is confirmed.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Drained, StreamError> {
+        match self.stream_until(shutdown).await {
+            Ok(()) => self.drain().await,
+            Err(error) => {
+                if !matches!(error, StreamError::Replication(_) | StreamError::Ended) {
+                    self.settle().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn stream_until(
+        &mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StreamError> {
         tokio::pin!(shutdown);
         loop {
             let can_read = self.tracker.in_flight() < self.config.kafka.max_in_flight;
             tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                () = &mut shutdown => return Ok(()),
                 Some(done) = self.deliveries.next(), if !self.deliveries.is_empty() => {
                     self.delivered(done)?;
                 }
@@ -219,7 +237,36 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        self.drain().await
+    }
+
+    /// After an error: waits (bounded) for the records in flight and confirms what
+    /// completed. Failures here are logged, not returned: the first error wins.
+    async fn settle(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !self.deliveries.is_empty() {
+            tokio::select! {
+                Some((txn, meta, result)) = self.deliveries.next() => {
+                    match result {
+                        Ok(()) => {
+                            if let Err(e) = self.tracker.acknowledged(txn) {
+                                tracing::warn!(error = %e, "acknowledgement out of order");
+                            }
+                        }
+                        Err(e) => tracing::warn!(position = %meta.position, error = %e, "record not delivered"),
+                    }
+                }
+                _ = self.status_timer.tick() => {
+                    if let Err(e) = self.send_status().await {
+                        tracing::warn!(error = %e, "cannot confirm");
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if let Err(e) = self.send_status().await {
+            tracing::warn!(error = %e, "cannot confirm");
+        }
     }
 
     /// Waits for in-flight records (bounded by [`DRAIN_TIMEOUT`]), confirms what is

@@ -358,3 +358,117 @@ async fn a_paused_broker_stops_reading_keeps_the_connection_and_loses_nothing() 
         "relay memory grew by {growth_kib} KiB while the broker was paused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrelated_writes_do_not_hold_wal() {
+    let db = OutboxDb::new().await;
+    sqlx::query("CREATE TABLE busy (id serial PRIMARY KEY, note text)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let brokers = settings().kafka_brokers.clone();
+    let settings = RelaySettings::new(&db, &brokers);
+    let _relay = Relay::start(&settings);
+    db.wait_for_streaming().await;
+    let start = db.confirmed_flush().await;
+
+    // Only the unpublished table changes: no record is ever in flight, so the
+    // server's keepalive positions may be confirmed.
+    for _ in 0..20 {
+        sqlx::query("INSERT INTO busy (note) SELECT repeat('x', 200) FROM generate_series(1, 500)")
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    let reached = |confirmed: &str| {
+        confirmed.parse::<outbox_relay::Lsn>().unwrap() >= target.parse().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed = db.confirmed_flush().await.expect("the slot exists");
+        if reached(&confirmed) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot stayed at {confirmed} (started at {start:?}), behind {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts a relay, writes `row` after a good one, and expects the relay to stop with
+/// an error that names the bad row's position, having delivered the good one.
+async fn a_bad_row_stops_the_relay(row: Row, expect_in_log: &str) {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let settings = RelaySettings::new(&db, &brokers);
+    let mut relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+    let good = Row::event(0, 1);
+    db.write(std::slice::from_ref(&good), false).await;
+    db.write(std::slice::from_ref(&row), false).await;
+
+    let mut collector = Collector::new(&brokers, &[settings.topic("order")], 3).await;
+    let good_id = good.id.to_string();
+    collector
+        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == good_id))
+        .await;
+    let deadline = std::time::Instant::now() + NO_PROGRESS;
+    while relay.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = relay.log_text();
+    assert!(
+        log.contains(expect_in_log),
+        "log lacks {expect_in_log:?}:\n{log}"
+    );
+    assert!(
+        log.contains("outbox-relay: ") || log.contains("stopped"),
+        "{log}"
+    );
+    collector.drain_for(Duration::from_secs(1)).await;
+    assert!(
+        collector
+            .received
+            .iter()
+            .all(|r| r.id() != row.id.to_string()),
+        "the bad row was delivered"
+    );
+    // Nothing past the bad row was confirmed: a restart meets it again.
+    let _again = Relay::start(&settings);
+    let deadline = std::time::Instant::now() + NO_PROGRESS;
+    loop {
+        let log = _again.log_text();
+        if log.contains(expect_in_log) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a restart did not meet the bad row:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_the_producer_stops_the_relay_naming_it() {
+    let mut row = Row::event(0, 2);
+    row.payload = serde_json::json!({ "blob": "x".repeat(2 * 1024 * 1024) });
+    a_bad_row_stops_the_relay(row, "cannot be produced").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_are_not_an_object_stop_the_relay_naming_the_row() {
+    let mut row = Row::event(0, 2);
+    row.headers = Some(serde_json::json!(["not", "an", "object"]));
+    a_bad_row_stops_the_relay(row, "is not a JSON object").await;
+}
