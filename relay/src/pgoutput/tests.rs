@@ -163,6 +163,30 @@ fn text(value: &str) -> Column {
     Column::Text(Bytes::copy_from_slice(value.as_bytes()))
 }
 
+/// The Relation message of the outbox table: its name and its columns' names,
+/// types, key flags and modifiers.
+fn assert_outbox_relation(relation: &Relation) {
+    assert_eq!(relation.namespace, "public");
+    assert_eq!(relation.name, "outbox");
+    assert_eq!(relation.replica_identity, ReplicaIdentity::Default);
+    let columns: Vec<(&str, u32, bool, i32)> = relation
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_oid, c.is_key(), c.type_modifier))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("id", UUID, true, -1),
+            ("aggregatetype", TEXT, false, -1),
+            ("aggregateid", TEXT, false, -1),
+            ("type", TEXT, false, -1),
+            ("payload", JSONB, false, -1),
+            ("headers", JSONB, false, -1),
+        ]
+    );
+}
+
 fn decode_ok(bytes: &Bytes) -> LogicalMessage {
     match decode(bytes) {
         Ok(message) => message,
@@ -259,25 +283,7 @@ fn outbox_transaction_begin_relation_insert_commit() {
         panic!("not a Relation")
     };
     assert_eq!(relation.id, OUTBOX_OID);
-    assert_eq!(relation.namespace, "public");
-    assert_eq!(relation.name, "outbox");
-    assert_eq!(relation.replica_identity, ReplicaIdentity::Default);
-    let columns: Vec<(&str, u32, bool, i32)> = relation
-        .columns
-        .iter()
-        .map(|c| (c.name.as_str(), c.type_oid, c.is_key(), c.type_modifier))
-        .collect();
-    assert_eq!(
-        columns,
-        [
-            ("id", UUID, true, -1),
-            ("aggregatetype", TEXT, false, -1),
-            ("aggregateid", TEXT, false, -1),
-            ("type", TEXT, false, -1),
-            ("payload", JSONB, false, -1),
-            ("headers", JSONB, false, -1),
-        ]
-    );
+    assert_outbox_relation(&relation);
 
     let insert_bytes = outbox_insert();
     let LogicalMessage::Insert(insert) = decode_ok(&insert_bytes) else {

@@ -166,25 +166,7 @@ fn captured_outbox_insert_transaction_pg15() {
         panic!("not a Relation")
     };
     assert_eq!(relation.id, 16_384);
-    assert_eq!(relation.namespace, "public");
-    assert_eq!(relation.name, "outbox");
-    assert_eq!(relation.replica_identity, ReplicaIdentity::Default);
-    let columns: Vec<(&str, u32, bool, i32)> = relation
-        .columns
-        .iter()
-        .map(|c| (c.name.as_str(), c.type_oid, c.is_key(), c.type_modifier))
-        .collect();
-    assert_eq!(
-        columns,
-        [
-            ("id", UUID, true, -1),
-            ("aggregatetype", TEXT, false, -1),
-            ("aggregateid", TEXT, false, -1),
-            ("type", TEXT, false, -1),
-            ("payload", JSONB, false, -1),
-            ("headers", JSONB, false, -1),
-        ]
-    );
+    assert_outbox_relation(&relation);
 
     let LogicalMessage::Insert(insert) = captured(OUTBOX_INSERT) else {
         panic!("not an Insert")
