@@ -26,6 +26,8 @@ pub const DEFAULT_SLOT_PREFIX: &str = "outbox_relay_";
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
 /// How long a slot held by another (perhaps dying) process is retried, in milliseconds.
 pub const DEFAULT_SLOT_BUSY_TIMEOUT_MS: u64 = 30_000;
+/// Where records the relay cannot deliver go.
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = crate::deadletter::DEFAULT_DEAD_LETTER_TOPIC;
 /// Records handed to the producer and not yet acknowledged, at most.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// Partitions of a topic the relay creates.
@@ -120,6 +122,12 @@ pub struct Args {
     #[arg(long, env = "OUTBOX_RELAY_COLUMN_HEADERS", value_name = "COLUMN")]
     pub column_headers: Option<String>,
 
+    /// Topic for rows and records that cannot be delivered as they are, with the
+    /// reason and source position in headers; an empty value stops the relay on such
+    /// a row instead [default: outbox.dlq].
+    #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
+    pub dead_letter_topic: Option<String>,
+
     /// Kafka bootstrap servers (host:port,...).
     #[arg(long, env = "OUTBOX_RELAY_KAFKA_BROKERS", value_name = "LIST")]
     pub kafka_brokers: Option<String>,
@@ -181,6 +189,7 @@ struct FilePostgres {
 #[serde(deny_unknown_fields, default)]
 struct FileOutbox {
     topic_template: Option<String>,
+    dead_letter_topic: Option<String>,
     columns: FileColumns,
 }
 
@@ -365,6 +374,8 @@ pub struct PostgresConfig {
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     pub topic_template: TopicTemplate,
+    /// `None`: stop on a row that cannot be delivered.
+    pub dead_letter_topic: Option<String>,
     pub columns: Columns,
 }
 
@@ -449,6 +460,7 @@ impl RelayConfig {
                 topic_template: TopicTemplate {
                     text: DEFAULT_TOPIC_TEMPLATE.to_owned(),
                 },
+                dead_letter_topic: Some(DEFAULT_DEAD_LETTER_TOPIC.to_owned()),
                 columns: DEFAULT_COLUMNS,
             },
             kafka: KafkaConfig {
@@ -513,6 +525,13 @@ impl RelayConfig {
         let outbox = &mut config.outbox;
         if let Some(v) = args.topic_template.clone().or(file.outbox.topic_template) {
             outbox.topic_template = TopicTemplate::parse(&v)?;
+        }
+        if let Some(v) = args
+            .dead_letter_topic
+            .clone()
+            .or(file.outbox.dead_letter_topic)
+        {
+            outbox.dead_letter_topic = Some(v).filter(|t| !t.trim().is_empty());
         }
         let fc = file.outbox.columns;
         let cols = &mut outbox.columns;
@@ -581,6 +600,17 @@ impl RelayConfig {
         }
         if self.postgres.status_interval.is_zero() {
             return invalid("status_interval_ms", "must be above 0".to_owned());
+        }
+        if let Some(topic) = &self.outbox.dead_letter_topic {
+            if let Some(c) = topic
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            {
+                return invalid(
+                    "dead_letter_topic",
+                    format!("{topic:?} contains {c:?}, which is not valid in a topic name"),
+                );
+            }
         }
         if self.kafka.brokers.trim().is_empty() {
             return invalid("kafka.brokers", "the list is empty".to_owned());
@@ -857,6 +887,7 @@ max_in_flight = 5
             DEFAULT_MAX_IN_FLIGHT.to_string(),
             DEFAULT_TOPIC_PARTITIONS.to_string(),
             DEFAULT_TOPIC_REPLICATION_FACTOR.to_string(),
+            DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
         ] {
             assert!(
                 help.contains(&format!("[default: {default}]")),

@@ -75,11 +75,10 @@ pub enum SendError {
     /// The producer queue is full: wait for deliveries, then send again.
     #[error("the producer queue is full")]
     QueueFull(Box<OutboxRecord>),
-    /// The record can never be sent as it is (too large, invalid).
-    #[error("record {position} for topic {topic} cannot be produced")]
+    /// The record can never be sent as it is (too large, invalid); it comes back.
+    #[error("record {position} for topic {topic} cannot be produced", position = .record.position, topic = .record.topic)]
     Definite {
-        position: crate::routing::Position,
-        topic: String,
+        record: Box<OutboxRecord>,
         #[source]
         source: KafkaError,
     },
@@ -212,8 +211,7 @@ impl KafkaSink {
                 Err(SendError::QueueFull(Box::new(record)))
             }
             Err((error, _)) if is_definite(&error) => Err(SendError::Definite {
-                position: record.position,
-                topic: record.topic.clone(),
+                record: Box::new(record),
                 source: error,
             }),
             Err((error, _)) => Err(SendError::Producer(error)),
@@ -225,6 +223,16 @@ impl KafkaSink {
         use rdkafka::producer::Producer;
         self.producer.flush(timeout)
     }
+}
+
+/// Whether the error says the record is too large.
+pub fn is_too_large(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize
+        )
+    )
 }
 
 /// Errors tied to the record itself: sending it again cannot succeed.

@@ -14,6 +14,7 @@
 
 pub mod ack;
 pub mod config;
+pub mod deadletter;
 pub mod kafka;
 pub mod lsn;
 pub mod pgoutput;

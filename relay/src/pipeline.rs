@@ -31,7 +31,7 @@
 //! a record that cannot be handed over stops the loop before any later record is
 //! sent; the producer keeps per-partition order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -44,7 +44,8 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::ack::{AckError, AckTracker, TxnId};
 use crate::config::RelayConfig;
-use crate::kafka::{KafkaSink, SendError, TopicError};
+use crate::deadletter::{self, Reason, RecordSummary};
+use crate::kafka::{is_definite, is_too_large, KafkaSink, SendError, TopicError};
 use crate::pgoutput::{self, LogicalMessage};
 use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
 use crate::routing::{BadRow, ColumnValue, OutboxLayout, OutboxRecord, Position, SchemaError};
@@ -113,16 +114,8 @@ pub struct DeliveryFailure {
     pub source: KafkaError,
 }
 
-type DeliveryResult = (TxnId, RecordMeta, Result<(), KafkaError>);
+type DeliveryResult = (TxnId, RecordSummary, Result<(), KafkaError>);
 type PendingDelivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
-
-/// What is kept of a record while it is in flight, for error messages.
-#[derive(Debug, Clone)]
-struct RecordMeta {
-    position: Position,
-    id: String,
-    topic: String,
-}
 
 /// The relay's view of the open transaction.
 #[derive(Debug)]
@@ -161,6 +154,9 @@ pub struct Session<'a> {
     outbox: Option<OutboxRelation>,
     /// Relation ids of other tables seen in this session (never cached across sessions).
     others: HashMap<u32, String>,
+    /// Dead letters waiting to be produced in place of refused records, with the
+    /// transaction they count for.
+    letters: VecDeque<(TxnId, OutboxRecord)>,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -195,6 +191,7 @@ impl<'a> Session<'a> {
             open: None,
             outbox: None,
             others: HashMap::new(),
+            letters: VecDeque::new(),
         }
     }
 
@@ -236,6 +233,7 @@ impl<'a> Session<'a> {
                     }
                 }
             }
+            self.send_letters().await?;
         }
     }
 
@@ -276,7 +274,10 @@ impl<'a> Session<'a> {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while !self.deliveries.is_empty() {
             tokio::select! {
-                Some(done) = self.deliveries.next() => self.delivered(done)?,
+                Some(done) = self.deliveries.next() => {
+                    self.delivered(done)?;
+                    self.send_letters().await?;
+                }
                 _ = self.status_timer.tick() => self.send_status().await?,
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(
@@ -391,12 +392,30 @@ impl<'a> Session<'a> {
         };
         open.next_index += 1;
         let values: Vec<ColumnValue<'_>> = tuple.iter().map(column_value).collect();
-        let record = outbox
-            .layout
-            .route(&self.config.outbox.topic_template, &values, position)
-            .map_err(|source| StreamError::BadRow { position, source })?;
-        self.ensure_topic(&record.topic).await?;
-        self.send(record).await
+        let (record, dead_letter) = match outbox.layout.route(
+            &self.config.outbox.topic_template,
+            &values,
+            position,
+        ) {
+            Ok(record) => (record, false),
+            Err(source) => match &self.config.outbox.dead_letter_topic {
+                Some(dlq) => {
+                    tracing::warn!(%position, error = %source, topic = %dlq, "dead-lettering an outbox row");
+                    let letter = deadletter::bad_row(
+                        dlq,
+                        outbox.layout.column_names(),
+                        &values,
+                        outbox.layout.aggregate_id(&values),
+                        position,
+                        &source,
+                    );
+                    (letter, true)
+                }
+                None => return Err(StreamError::BadRow { position, source }),
+            },
+        };
+        let txn = self.tracker.record_sent()?;
+        self.produce(txn, record, dead_letter).await
     }
 
     /// Creates the record's topic when needed, retrying while the broker is away
@@ -421,23 +440,27 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn send(&mut self, mut record: OutboxRecord) -> Result<(), StreamError> {
+    /// Hands `record`, counted for transaction `txn`, to the producer. A record the
+    /// producer refuses for good is replaced by its dead letter (when a dead-letter
+    /// topic is configured), which then counts for the transaction instead.
+    async fn produce(
+        &mut self,
+        txn: TxnId,
+        mut record: OutboxRecord,
+        mut dead_letter: bool,
+    ) -> Result<(), StreamError> {
+        self.ensure_topic(&record.topic).await?;
         loop {
-            let meta = RecordMeta {
-                position: record.position,
-                id: record.id.clone(),
-                topic: record.topic.clone(),
-            };
+            let summary = RecordSummary::of(&record, dead_letter);
             match self.sink.send(record) {
                 Ok(future) => {
-                    let txn = self.tracker.record_sent()?;
                     self.deliveries.push(Box::pin(async move {
                         let result = match future.await {
                             Ok(Ok(_)) => Ok(()),
                             Ok(Err((error, _))) => Err(error),
                             Err(_canceled) => Err(KafkaError::Canceled),
                         };
-                        (txn, meta, result)
+                        (txn, summary, result)
                     }));
                     return Ok(());
                 }
@@ -449,21 +472,75 @@ impl<'a> Session<'a> {
                         _ = self.status_timer.tick() => self.send_status().await?,
                     }
                 }
+                Err(SendError::Definite {
+                    record: refused,
+                    source,
+                }) => match self.letter_for(&RecordSummary::of(&refused, dead_letter), &source) {
+                    Some(letter) => {
+                        record = letter;
+                        dead_letter = true;
+                        self.ensure_topic(&record.topic).await?;
+                    }
+                    None => {
+                        return Err(SendError::Definite {
+                            record: refused,
+                            source,
+                        }
+                        .into())
+                    }
+                },
                 Err(other) => return Err(other.into()),
             }
         }
     }
 
-    fn delivered(&mut self, (txn, meta, result): DeliveryResult) -> Result<(), StreamError> {
+    /// The dead letter replacing a refused record, or `None` when the record must
+    /// stop the relay (no dead-letter topic, a transient error, or the record is
+    /// itself a dead letter).
+    fn letter_for(&self, summary: &RecordSummary, error: &KafkaError) -> Option<OutboxRecord> {
+        let dlq = self.config.outbox.dead_letter_topic.as_ref()?;
+        if summary.dead_letter || !is_definite(error) {
+            return None;
+        }
+        let reason = if is_too_large(error) {
+            Reason::TooLarge
+        } else {
+            Reason::Undeliverable
+        };
+        tracing::warn!(position = %summary.position, topic = %summary.topic, %error, dlq = %dlq, "dead-lettering a refused record");
+        Some(deadletter::refused(
+            dlq,
+            summary,
+            reason,
+            &error.to_string(),
+        ))
+    }
+
+    fn delivered(&mut self, (txn, summary, result): DeliveryResult) -> Result<(), StreamError> {
         match result {
             Ok(()) => Ok(self.tracker.acknowledged(txn)?),
-            Err(source) => Err(StreamError::Delivery(Box::new(DeliveryFailure {
-                position: meta.position,
-                id: meta.id,
-                topic: meta.topic,
-                source,
-            }))),
+            Err(source) => match self.letter_for(&summary, &source) {
+                // Still outstanding for `txn`: its dead letter takes its place.
+                Some(letter) => {
+                    self.letters.push_back((txn, letter));
+                    Ok(())
+                }
+                None => Err(StreamError::Delivery(Box::new(DeliveryFailure {
+                    position: summary.position,
+                    id: summary.id,
+                    topic: summary.topic,
+                    source,
+                }))),
+            },
         }
+    }
+
+    /// Produces the dead letters of records the broker refused.
+    async fn send_letters(&mut self) -> Result<(), StreamError> {
+        while let Some((txn, letter)) = self.letters.pop_front() {
+            self.produce(txn, letter, true).await?;
+        }
+        Ok(())
     }
 
     async fn send_status(&mut self) -> Result<(), StreamError> {

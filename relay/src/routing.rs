@@ -100,7 +100,8 @@ pub struct OutboxLayout {
     event_type: (usize, String),
     payload: (usize, String),
     headers: Option<(usize, String)>,
-    column_count: usize,
+    /// Every column of the relation, in tuple order (for dead letters of bad rows).
+    column_names: Vec<String>,
 }
 
 impl OutboxLayout {
@@ -129,8 +130,21 @@ impl OutboxLayout {
             event_type: require(columns.event_type.as_str(), "event type")?,
             payload: require(columns.payload.as_str(), "payload")?,
             headers: find(columns.headers.as_str()).map(|i| (i, columns.headers.to_string())),
-            column_count: relation_columns.len(),
+            column_names: relation_columns.iter().map(|c| (*c).to_owned()).collect(),
         })
+    }
+
+    /// The relation's column names, in tuple order.
+    pub fn column_names(&self) -> &[String] {
+        &self.column_names
+    }
+
+    /// The aggregate id of a row, when it is readable text: the key of its dead letter.
+    pub fn aggregate_id<'v>(&self, values: &[ColumnValue<'v>]) -> Option<&'v str> {
+        match values.get(self.aggregate_id.0) {
+            Some(ColumnValue::Text(bytes)) => std::str::from_utf8(bytes).ok(),
+            _ => None,
+        }
     }
 
     /// Whether the table has the optional headers column.
@@ -145,9 +159,9 @@ impl OutboxLayout {
         values: &[ColumnValue<'_>],
         position: Position,
     ) -> Result<OutboxRecord, BadRow> {
-        if values.len() != self.column_count {
+        if values.len() != self.column_names.len() {
             return Err(BadRow::ColumnCount {
-                expected: self.column_count,
+                expected: self.column_names.len(),
                 got: values.len(),
             });
         }

@@ -401,12 +401,14 @@ async fn unrelated_writes_do_not_hold_wal() {
     }
 }
 
-/// Starts a relay, writes `row` after a good one, and expects the relay to stop with
-/// an error that names the bad row's position, having delivered the good one.
+/// Starts a relay without a dead-letter topic, writes `row` after a good one, and
+/// expects the relay to stop with an error that names the bad row's position, having
+/// delivered the good one.
 async fn a_bad_row_stops_the_relay(row: Row, expect_in_log: &str) {
     let db = OutboxDb::new().await;
     let brokers = settings().kafka_brokers.clone();
-    let settings = RelaySettings::new(&db, &brokers);
+    // Without a dead-letter topic.
+    let settings = RelaySettings::new(&db, &brokers).arg("--dead-letter-topic=");
     let mut relay = Relay::start(&settings);
     db.wait_for_slot().await;
     let good = Row::event(0, 1);
@@ -471,4 +473,74 @@ async fn headers_that_are_not_an_object_stop_the_relay_naming_the_row() {
     let mut row = Row::event(0, 2);
     row.headers = Some(serde_json::json!(["not", "an", "object"]));
     a_bad_row_stops_the_relay(row, "is not a JSON object").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_cannot_be_delivered_are_dead_lettered_and_the_stream_goes_on() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let base = RelaySettings::new(&db, &brokers);
+    let dlq = format!("{}.dlq", base.topic_prefix);
+    let settings = base.with("OUTBOX_RELAY_DEAD_LETTER_TOPIC", &dlq);
+    let _relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+
+    let first = Row::event(0, 1);
+    let mut bad_headers = Row::event(0, 2);
+    bad_headers.headers = Some(serde_json::json!("not an object"));
+    let mut too_large = Row::event(0, 3);
+    too_large.payload = serde_json::json!({ "blob": "x".repeat(2 * 1024 * 1024) });
+    let last = Row::event(0, 4);
+    db.write(std::slice::from_ref(&first), false).await;
+    db.write(&[bad_headers.clone(), too_large.clone()], false)
+        .await;
+    db.write(std::slice::from_ref(&last), false).await;
+
+    let mut collector = Collector::new(&brokers, &[settings.topic("order")], 3).await;
+    let last_id = last.id.to_string();
+    collector
+        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == last_id))
+        .await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
+    assert_eq!(ids, [first.id.to_string(), last_id.clone()]);
+
+    let mut letters = Collector::new(&brokers, std::slice::from_ref(&dlq), 3).await;
+    letters.until(NO_PROGRESS, |r| r.len() >= 2).await;
+    letters.drain_for(Duration::from_secs(1)).await;
+    assert_eq!(letters.received.len(), 2, "{:?}", letters.received);
+    let code = |r: &Received| {
+        r.headers
+            .get("dlq-reason-code")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let bad = &letters.received[0];
+    assert_eq!(code(bad), "bad_row");
+    assert_eq!(bad.key, "key-0");
+    let body = bad.payload.as_ref().expect("a dead letter has a body");
+    assert_eq!(body["row"]["id"], bad_headers.id.to_string());
+    assert!(body["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("not a JSON object"));
+    let large = &letters.received[1];
+    assert_eq!(code(large), "too_large");
+    assert_eq!(large.id(), too_large.id.to_string());
+    assert_eq!(
+        large.headers.get("dlq-original-topic"),
+        Some(&settings.topic("order"))
+    );
+    // Both came from the same transaction, in order.
+    assert_eq!(
+        bad.headers.get("dlq-source-lsn"),
+        large.headers.get("dlq-source-lsn")
+    );
+    assert_eq!(
+        (
+            bad.headers.get("dlq-source-index").map(String::as_str),
+            large.headers.get("dlq-source-index").map(String::as_str)
+        ),
+        (Some("0"), Some("1"))
+    );
 }

@@ -193,6 +193,7 @@ pub struct RelaySettings {
     pub brokers: String,
     pub topic_prefix: String,
     pub extra: Vec<(String, String)>,
+    pub args: Vec<String>,
 }
 
 impl RelaySettings {
@@ -202,7 +203,14 @@ impl RelaySettings {
             brokers: brokers.to_owned(),
             topic_prefix: unique_name("relay"),
             extra: Vec::new(),
+            args: Vec::new(),
         }
+    }
+
+    /// A command-line argument for the relay.
+    pub fn arg(mut self, arg: impl Into<String>) -> RelaySettings {
+        self.args.push(arg.into());
+        self
     }
 
     pub fn with(mut self, name: &str, value: impl ToString) -> RelaySettings {
@@ -239,6 +247,7 @@ impl Relay {
         for (name, value) in &settings.extra {
             command.env(name, value);
         }
+        command.args(&settings.args);
         let child = command.spawn().expect("start outbox-relay");
         Relay { child, log }
     }
