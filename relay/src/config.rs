@@ -24,6 +24,8 @@ pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
 pub const DEFAULT_SLOT_PREFIX: &str = "outbox_relay_";
 /// How often the relay reports its position to the server, in milliseconds.
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
+/// How often the relay emits a heartbeat message into its database, in milliseconds.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
 /// How long a slot held by another (perhaps dying) process is retried, in milliseconds.
 pub const DEFAULT_SLOT_BUSY_TIMEOUT_MS: u64 = 30_000;
 /// Where records the relay cannot deliver go.
@@ -82,6 +84,12 @@ pub struct Args {
     /// Milliseconds between standby status updates to the server [default: 10000].
     #[arg(long, env = "OUTBOX_RELAY_STATUS_INTERVAL_MS", value_name = "MS")]
     pub status_interval_ms: Option<u64>,
+
+    /// Milliseconds between heartbeats: a transactional pg_logical_emit_message that
+    /// keeps the slot moving on an idle database and proves the stream alive; 0 turns
+    /// them off [default: 10000].
+    #[arg(long, env = "OUTBOX_RELAY_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
+    pub heartbeat_interval_ms: Option<u64>,
 
     /// Milliseconds to keep retrying a slot that another process still holds (a
     /// killed relay's server process lingers) [default: 30000].
@@ -182,6 +190,7 @@ struct FilePostgres {
     create_publication: Option<bool>,
     table: Option<String>,
     status_interval_ms: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
     slot_busy_timeout_ms: Option<u64>,
 }
 
@@ -367,6 +376,8 @@ pub struct PostgresConfig {
     pub create_publication: bool,
     pub table: TableName,
     pub status_interval: Duration,
+    /// `None`: no heartbeats.
+    pub heartbeat_interval: Option<Duration>,
     pub slot_busy_timeout: Duration,
 }
 
@@ -454,6 +465,7 @@ impl RelayConfig {
                     name: "outbox".to_owned(),
                 },
                 status_interval: Duration::from_millis(DEFAULT_STATUS_INTERVAL_MS),
+                heartbeat_interval: Some(Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS)),
                 slot_busy_timeout: Duration::from_millis(DEFAULT_SLOT_BUSY_TIMEOUT_MS),
             },
             outbox: OutboxConfig {
@@ -514,6 +526,12 @@ impl RelayConfig {
         }
         if let Some(v) = args.status_interval_ms.or(file.postgres.status_interval_ms) {
             pg.status_interval = Duration::from_millis(v);
+        }
+        if let Some(v) = args
+            .heartbeat_interval_ms
+            .or(file.postgres.heartbeat_interval_ms)
+        {
+            pg.heartbeat_interval = Some(Duration::from_millis(v)).filter(|d| !d.is_zero());
         }
         if let Some(v) = args
             .slot_busy_timeout_ms
@@ -884,6 +902,7 @@ max_in_flight = 5
             format!("{DEFAULT_SLOT_PREFIX}<database>"),
             DEFAULT_STATUS_INTERVAL_MS.to_string(),
             DEFAULT_SLOT_BUSY_TIMEOUT_MS.to_string(),
+            DEFAULT_HEARTBEAT_INTERVAL_MS.to_string(),
             DEFAULT_MAX_IN_FLIGHT.to_string(),
             DEFAULT_TOPIC_PARTITIONS.to_string(),
             DEFAULT_TOPIC_REPLICATION_FACTOR.to_string(),

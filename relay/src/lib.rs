@@ -15,6 +15,7 @@
 pub mod ack;
 pub mod config;
 pub mod deadletter;
+pub mod heartbeat;
 pub mod kafka;
 pub mod lsn;
 pub mod pgoutput;

@@ -45,6 +45,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use crate::ack::{AckError, AckTracker, TxnId};
 use crate::config::RelayConfig;
 use crate::deadletter::{self, Reason, RecordSummary};
+use crate::heartbeat::HEARTBEAT_PREFIX;
 use crate::kafka::{is_definite, is_too_large, KafkaSink, SendError, TopicError};
 use crate::pgoutput::{self, LogicalMessage};
 use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
@@ -353,8 +354,11 @@ impl<'a> Session<'a> {
                     self.route(&insert.tuple).await?;
                 }
             }
+            LogicalMessage::Message(message) if message.prefix == HEARTBEAT_PREFIX => {
+                tracing::debug!(lsn = %message.lsn, "heartbeat returned");
+            }
             // Updates, deletes and truncates of the outbox (pruning) and every other
-            // table are not events; nor are types, origins or logical messages here.
+            // table are not events; nor are types, origins or other logical messages.
             _ => {}
         }
         Ok(())

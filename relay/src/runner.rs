@@ -8,6 +8,7 @@ use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::config::{ConfigError, RelayConfig};
+use crate::heartbeat::Heartbeat;
 use crate::kafka::KafkaSink;
 use crate::pipeline::{Session, StreamError};
 use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError, ReplicationStream};
@@ -110,9 +111,24 @@ async fn session(
     let stream = start(client, connect, config, &slot).await?;
     *backoff = FIRST_BACKOFF;
     tracing::info!(slot = %slot.name, from = %slot.confirmed, publication = %config.postgres.publication, "streaming");
-    let drained = Session::new(config, stream, sink, slot.confirmed)
-        .run(shutdown)
-        .await?;
+    let session = Session::new(config, stream, sink, slot.confirmed).run(shutdown);
+    let drained = match config.postgres.heartbeat_interval {
+        Some(interval) => {
+            let heartbeat = Heartbeat::new(connect.clone(), slot.name.clone());
+            let beats = heartbeat.run(interval, |beat| match beat {
+                Ok(beat) => {
+                    tracing::debug!(slot_lag_bytes = ?beat.slot_lag_bytes, "heartbeat sent")
+                }
+                Err(error) => tracing::warn!(error = %error_chain(&error), "heartbeat failed"),
+            });
+            // The heartbeat loop never ends by itself; the session decides.
+            tokio::select! {
+                drained = session => drained?,
+                () = beats => return Ok(()),
+            }
+        }
+        None => session.await?,
+    };
     tracing::info!(confirmed = %drained.confirmed, abandoned = drained.abandoned, "stopped");
     Ok(())
 }

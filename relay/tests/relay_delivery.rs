@@ -544,3 +544,43 @@ async fn rows_that_cannot_be_delivered_are_dead_lettered_and_the_stream_goes_on(
         (Some("0"), Some("1"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_come_back_through_the_stream_and_are_not_published() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let settings =
+        RelaySettings::new(&db, &brokers).with("OUTBOX_RELAY_HEARTBEAT_INTERVAL_MS", 200);
+    let relay = Relay::start(&settings);
+    db.wait_for_streaming().await;
+    let start: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+
+    // Nothing is written to this database but the heartbeats, which come back as
+    // logical messages and are confirmed like any transaction.
+    let deadline = std::time::Instant::now() + NO_PROGRESS;
+    loop {
+        let returned = relay.log_text().matches("heartbeat returned").count();
+        let confirmed = db.confirmed_flush().await.unwrap_or_default();
+        let past_start = confirmed.parse::<outbox_relay::Lsn>().unwrap() > start.parse().unwrap();
+        if returned >= 3 && past_start {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{returned} heartbeats returned, slot at {confirmed}, start {start}:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An outbox row still arrives, alone: heartbeats are never routed.
+    let row = Row::event(0, 1);
+    db.write(std::slice::from_ref(&row), false).await;
+    let mut collector = Collector::new(&brokers, &[settings.topic("order")], 3).await;
+    collector.until(NO_PROGRESS, |r| !r.is_empty()).await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
+    assert_eq!(ids, [row.id.to_string()]);
+}
