@@ -25,6 +25,17 @@ pub const DEFAULT_QUEUE_KBYTES: u32 = 32 * 1024;
 /// How long an admin request may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A client configuration with the brokers and the pass-through options only (for
+/// metadata and admin clients).
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.options {
+        client.set(key, value);
+    }
+    client.set("bootstrap.servers", &config.brokers);
+    client
+}
+
 /// The producer configuration. The options the delivery contract rests on come
 /// last, so pass-through options cannot replace them (validation also rejects them).
 pub fn producer_config(config: &KafkaConfig) -> ClientConfig {

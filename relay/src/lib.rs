@@ -13,6 +13,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod ack;
+pub mod admin;
 pub mod config;
 pub mod deadletter;
 pub mod heartbeat;
@@ -24,6 +25,8 @@ pub mod replication;
 pub mod routing;
 pub mod runner;
 pub mod setup;
+pub mod metrics;
+pub mod health;
 
 pub use config::RelayConfig;
 pub use lsn::Lsn;

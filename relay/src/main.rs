@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use outbox_relay::config::{Args, RelayConfig};
 use outbox_relay::runner::{error_chain, run};
 use tracing_subscriber::EnvFilter;
@@ -10,14 +10,39 @@ use tracing_subscriber::EnvFilter;
 /// Relays committed outbox rows from PostgreSQL logical replication (pgoutput) to
 /// Kafka, confirming the replication slot only after the broker acknowledged.
 ///
-/// Every option can also be set in the TOML file given with --config and as an
-/// environment variable; flags win over the environment, which wins over the file.
-/// Logging is configured with OUTBOX_RELAY_LOG (e.g. "info", "outbox_relay=debug").
+/// Without a command it streams. Every option can also be set in the TOML file given
+/// with --config and as an environment variable; flags win over the environment,
+/// which wins over the file. Logging is configured with OUTBOX_RELAY_LOG (e.g.
+/// "info", "outbox_relay=debug").
 #[derive(Debug, Parser)]
-#[command(name = "outbox-relay", version)]
+#[command(name = "outbox-relay", version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     args: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream outbox rows to Kafka (the default).
+    Run {
+        #[command(flatten)]
+        args: Args,
+    },
+    /// Create the publication and the slot, then exit. Run it before the service
+    /// writes its first row: rows committed before the slot exists are never streamed.
+    Init {
+        #[command(flatten)]
+        args: Args,
+    },
+    /// Check the configuration, PostgreSQL (connection, privileges, wal_level, outbox
+    /// table, publication, slot) and the brokers without changing anything; exit 1 if
+    /// anything is wrong.
+    Check {
+        #[command(flatten)]
+        args: Args,
+    },
 }
 
 fn main() -> ExitCode {
@@ -29,7 +54,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let config = match RelayConfig::from_args(&cli.args) {
+    let (command, args) = match cli.command {
+        None => ("run", cli.args),
+        Some(Command::Run { args }) => ("run", args),
+        Some(Command::Init { args }) => ("init", args),
+        Some(Command::Check { args }) => ("check", args),
+    };
+    let config = match RelayConfig::from_args(&args) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("outbox-relay: {}", error_chain(&error));
@@ -47,13 +78,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = %error_chain(&error), "stopped");
-            eprintln!("outbox-relay: {}", error_chain(&error));
-            ExitCode::FAILURE
+    match command {
+        "init" => match runtime.block_on(outbox_relay::admin::init(&config)) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("outbox-relay: {}", error_chain(&error));
+                ExitCode::FAILURE
+            }
+        },
+        "check" => {
+            let report = runtime.block_on(outbox_relay::admin::check(&config));
+            print!("{report}");
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
+        _ => match runtime.block_on(run(config, shutdown_signal())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(error = %error_chain(&error), "stopped");
+                eprintln!("outbox-relay: {}", error_chain(&error));
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -107,7 +107,7 @@ async fn session(
         .await
         .map_err(RelayError::Connect)?;
     let database = connect.dbname().to_owned();
-    let slot = setup::prepare(&mut client, config, &database).await?;
+    let slot = setup::prepare(&mut client, config, &database).await?.slot;
     let stream = start(client, connect, config, &slot).await?;
     *backoff = FIRST_BACKOFF;
     tracing::info!(slot = %slot.name, from = %slot.confirmed, publication = %config.postgres.publication, "streaming");

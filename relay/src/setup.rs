@@ -1,9 +1,14 @@
 //! What must exist before the relay streams: `wal_level=logical`, the outbox table
 //! with the configured columns, a publication that covers it, and the slot.
+//!
+//! Each part is first *inspected* (read-only, used by `outbox-relay check`), then
+//! created when missing and allowed (`outbox-relay init` and every start).
 
 use crate::config::{quote_ident, RelayConfig};
 use crate::replication::{ReplicationClient, ReplicationError, SnapshotMode};
 use crate::Lsn;
+
+pub use crate::replication::protocol::quote_literal;
 
 /// The output plugin the relay decodes.
 pub const PLUGIN: &str = "pgoutput";
@@ -28,8 +33,8 @@ pub enum SetupError {
     #[error("publication {publication} does not publish the outbox table {table}")]
     PublicationLacksTable { publication: String, table: String },
     #[error(
-        "slot {slot} exists but belongs to {found}; the relay needs a logical slot with \
-         plugin pgoutput in database {database} (choose another slot name or drop it)"
+        "slot {slot} exists but is {found}; the relay needs a logical slot with plugin \
+         pgoutput in database {database} (choose another slot name or drop it)"
     )]
     SlotMismatch {
         slot: String,
@@ -39,7 +44,7 @@ pub enum SetupError {
     #[error(
         "slot {0} was invalidated (its WAL was removed, wal_status=lost); events after its last \
          confirmed position may be gone, so the relay does not recreate it by itself: drop the \
-         slot, then run `outbox-relay init` and decide how to recover the missed rows"
+         slot, run `outbox-relay init`, and recover the missed rows from the outbox table"
     )]
     SlotInvalidated(String),
     #[error("unexpected answer to {query}: {answer}")]
@@ -69,17 +74,55 @@ pub struct SlotState {
     pub created: bool,
 }
 
+/// What the database holds of the publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicationState {
+    /// It exists and publishes the outbox table.
+    Covers,
+    /// It exists without the outbox table.
+    LacksTable,
+    Missing,
+}
+
+/// What the database holds of the slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotInspection {
+    Missing,
+    Ready {
+        confirmed: Lsn,
+        /// The process streaming from it now, if any.
+        active_pid: Option<u32>,
+        /// `pg_replication_slots.wal_status` (`reserved`, `extended`, `unreserved`).
+        wal_status: String,
+    },
+    Invalidated,
+    Mismatch {
+        found: String,
+    },
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub slot: SlotState,
+    pub created_publication: bool,
+}
+
 /// Checks the server and the outbox table, creates the publication (when allowed and
 /// missing) and the slot (when missing).
 pub async fn prepare(
     client: &mut ReplicationClient,
     config: &RelayConfig,
     database: &str,
-) -> Result<SlotState, SetupError> {
+) -> Result<Prepared, SetupError> {
     check_wal_level(client).await?;
     check_table(client, config, database).await?;
-    ensure_publication(client, config).await?;
-    ensure_slot(client, config, database).await
+    let created_publication = ensure_publication(client, config).await?;
+    let slot = ensure_slot(client, config, database).await?;
+    Ok(Prepared {
+        slot,
+        created_publication,
+    })
 }
 
 async fn query(
@@ -93,12 +136,8 @@ async fn query(
         .map_err(|source| SetupError::Server { doing, source })
 }
 
-/// Quotes an SQL string literal (standard_conforming_strings is on since 9.1).
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-async fn check_wal_level(client: &mut ReplicationClient) -> Result<(), SetupError> {
+/// The server's `wal_level` must be `logical`.
+pub async fn check_wal_level(client: &mut ReplicationClient) -> Result<(), SetupError> {
     let rows = query(client, "reading wal_level", "SHOW wal_level").await?;
     let level = single(&rows, "SHOW wal_level")?;
     if level != "logical" {
@@ -107,11 +146,12 @@ async fn check_wal_level(client: &mut ReplicationClient) -> Result<(), SetupErro
     Ok(())
 }
 
-async fn check_table(
+/// The outbox table must exist with every configured column; returns its columns.
+pub async fn check_table(
     client: &mut ReplicationClient,
     config: &RelayConfig,
     database: &str,
-) -> Result<(), SetupError> {
+) -> Result<Vec<String>, SetupError> {
     let table = &config.postgres.table;
     let sql = format!(
         "SELECT a.attname FROM pg_attribute a \
@@ -134,36 +174,48 @@ async fn check_table(
     }
     let names: Vec<&str> = present.iter().map(String::as_str).collect();
     crate::routing::OutboxLayout::resolve(&config.outbox.columns, &table.to_string(), &names)?;
-    Ok(())
+    Ok(present)
 }
 
-async fn ensure_publication(
+/// Whether the publication exists and covers the outbox table.
+pub async fn inspect_publication(
     client: &mut ReplicationClient,
     config: &RelayConfig,
-) -> Result<(), SetupError> {
-    let publication = &config.postgres.publication;
+) -> Result<PublicationState, SetupError> {
     let table = &config.postgres.table;
     let sql = format!(
-        "SELECT p.puballtables, EXISTS (SELECT 1 FROM pg_publication_tables t \
+        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables t \
          WHERE t.pubname = p.pubname AND t.schemaname = {} AND t.tablename = {}) \
          FROM pg_publication p WHERE p.pubname = {}",
         quote_literal(&table.schema),
         quote_literal(&table.name),
-        quote_literal(publication)
+        quote_literal(&config.postgres.publication)
     );
     let rows = query(client, "reading the publication", &sql).await?;
-    match rows.first() {
-        Some(row) => {
-            let covers = row.get(1).cloned().flatten().as_deref() == Some("t");
-            if !covers {
-                return Err(SetupError::PublicationLacksTable {
-                    publication: publication.clone(),
-                    table: table.to_string(),
-                });
-            }
-            Ok(())
+    Ok(match rows.first() {
+        None => PublicationState::Missing,
+        Some(row) if row.first().cloned().flatten().as_deref() == Some("t") => {
+            PublicationState::Covers
         }
-        None if config.postgres.create_publication => {
+        Some(_) => PublicationState::LacksTable,
+    })
+}
+
+/// Makes sure the publication exists and covers the outbox table; returns whether
+/// it was created.
+async fn ensure_publication(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+) -> Result<bool, SetupError> {
+    let publication = &config.postgres.publication;
+    let table = &config.postgres.table;
+    match inspect_publication(client, config).await? {
+        PublicationState::Covers => Ok(false),
+        PublicationState::LacksTable => Err(SetupError::PublicationLacksTable {
+            publication: publication.clone(),
+            table: table.to_string(),
+        }),
+        PublicationState::Missing if config.postgres.create_publication => {
             let sql = format!(
                 "CREATE PUBLICATION {} FOR TABLE {}",
                 quote_ident(publication),
@@ -171,13 +223,50 @@ async fn ensure_publication(
             );
             query(client, "creating the publication", &sql).await?;
             tracing::info!(publication = %publication, table = %table, "created publication");
-            Ok(())
+            Ok(true)
         }
-        None => Err(SetupError::PublicationMissing(
+        PublicationState::Missing => Err(SetupError::PublicationMissing(
             publication.clone(),
             table.to_string(),
         )),
     }
+}
+
+/// The slot's state, read-only.
+pub async fn inspect_slot(
+    client: &mut ReplicationClient,
+    slot: &str,
+    database: &str,
+) -> Result<SlotInspection, SetupError> {
+    let sql = format!(
+        "SELECT plugin, database, slot_type, confirmed_flush_lsn, wal_status, active_pid \
+         FROM pg_replication_slots WHERE slot_name = {}",
+        quote_literal(slot)
+    );
+    let rows = query(client, "reading the slot", &sql).await?;
+    let Some(row) = rows.first() else {
+        return Ok(SlotInspection::Missing);
+    };
+    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let (plugin, slot_db, kind, confirmed, wal_status, pid) =
+        (field(0), field(1), field(2), field(3), field(4), field(5));
+    if kind != "logical" || plugin != PLUGIN || slot_db != database {
+        return Ok(SlotInspection::Mismatch {
+            found: format!("a {kind} slot with plugin {plugin:?} in database {slot_db:?}"),
+        });
+    }
+    if wal_status == "lost" {
+        return Ok(SlotInspection::Invalidated);
+    }
+    let confirmed = confirmed.parse().map_err(|_| SetupError::Unexpected {
+        query: "confirmed_flush_lsn",
+        answer: confirmed.clone(),
+    })?;
+    Ok(SlotInspection::Ready {
+        confirmed,
+        active_pid: pid.parse().ok(),
+        wal_status,
+    })
 }
 
 async fn ensure_slot(
@@ -186,49 +275,34 @@ async fn ensure_slot(
     database: &str,
 ) -> Result<SlotState, SetupError> {
     let slot = config.slot_name(database);
-    let sql = format!(
-        "SELECT plugin, database, slot_type, confirmed_flush_lsn, wal_status \
-         FROM pg_replication_slots WHERE slot_name = {}",
-        quote_literal(&slot)
-    );
-    let rows = query(client, "reading the slot", &sql).await?;
-    let Some(row) = rows.first() else {
-        let created = client
-            .create_logical_slot(&slot, PLUGIN, SnapshotMode::NoExport, false)
-            .await
-            .map_err(|source| SetupError::Server {
-                doing: "creating the slot",
-                source,
-            })?;
-        tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created slot");
-        return Ok(SlotState {
+    match inspect_slot(client, &slot, database).await? {
+        SlotInspection::Ready { confirmed, .. } => Ok(SlotState {
             name: slot,
-            confirmed: created.consistent_point,
-            created: true,
-        });
-    };
-    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-    let (plugin, slot_db, kind, confirmed, wal_status) =
-        (field(0), field(1), field(2), field(3), field(4));
-    if kind != "logical" || plugin != PLUGIN || slot_db != database {
-        return Err(SetupError::SlotMismatch {
+            confirmed,
+            created: false,
+        }),
+        SlotInspection::Invalidated => Err(SetupError::SlotInvalidated(slot)),
+        SlotInspection::Mismatch { found } => Err(SetupError::SlotMismatch {
             slot,
-            found: format!("a {kind} slot with plugin {plugin:?} in database {slot_db:?}"),
+            found,
             database: database.to_owned(),
-        });
+        }),
+        SlotInspection::Missing => {
+            let created = client
+                .create_logical_slot(&slot, PLUGIN, SnapshotMode::NoExport, false)
+                .await
+                .map_err(|source| SetupError::Server {
+                    doing: "creating the slot",
+                    source,
+                })?;
+            tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created slot");
+            Ok(SlotState {
+                name: slot,
+                confirmed: created.consistent_point,
+                created: true,
+            })
+        }
     }
-    if wal_status == "lost" {
-        return Err(SetupError::SlotInvalidated(slot));
-    }
-    let confirmed = confirmed.parse().map_err(|_| SetupError::Unexpected {
-        query: "confirmed_flush_lsn",
-        answer: confirmed.clone(),
-    })?;
-    Ok(SlotState {
-        name: slot,
-        confirmed,
-        created: false,
-    })
 }
 
 fn single(rows: &[Vec<Option<String>>], query: &'static str) -> Result<String, SetupError> {

@@ -223,31 +223,52 @@ impl RelaySettings {
     }
 }
 
+/// The relay binary configured by `settings` (environment and arguments).
+fn relay_command(settings: &RelaySettings) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("OUTBOX_RELAY_LOG", "info,outbox_relay=debug")
+        .env("OUTBOX_RELAY_POSTGRES_URL", &settings.postgres_url)
+        .env("OUTBOX_RELAY_KAFKA_BROKERS", &settings.brokers)
+        .env(
+            "OUTBOX_RELAY_TOPIC_TEMPLATE",
+            format!("{}.{{aggregatetype}}", settings.topic_prefix),
+        )
+        .env("OUTBOX_RELAY_TOPIC_PARTITIONS", "3")
+        .env("OUTBOX_RELAY_TOPIC_REPLICATION_FACTOR", "1")
+        .env("OUTBOX_RELAY_STATUS_INTERVAL_MS", "200")
+        .stdin(Stdio::null());
+    for (name, value) in &settings.extra {
+        command.env(name, value);
+    }
+    command
+}
+
+/// Runs `outbox-relay <subcommand>` to its end: (exit code, stdout, stderr).
+pub fn relay_subcommand(settings: &RelaySettings, subcommand: &str) -> (i32, String, String) {
+    let output = relay_command(settings)
+        .arg(subcommand)
+        .args(&settings.args)
+        .output()
+        .expect("run outbox-relay");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 impl Relay {
     pub fn start(settings: &RelaySettings) -> Relay {
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("relay")));
         let file = std::fs::File::create(&log).expect("create the relay log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        let mut command = relay_command(settings);
         command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("OUTBOX_RELAY_LOG", "info,outbox_relay=debug")
-            .env("OUTBOX_RELAY_POSTGRES_URL", &settings.postgres_url)
-            .env("OUTBOX_RELAY_KAFKA_BROKERS", &settings.brokers)
-            .env(
-                "OUTBOX_RELAY_TOPIC_TEMPLATE",
-                format!("{}.{{aggregatetype}}", settings.topic_prefix),
-            )
-            .env("OUTBOX_RELAY_TOPIC_PARTITIONS", "3")
-            .env("OUTBOX_RELAY_TOPIC_REPLICATION_FACTOR", "1")
-            .env("OUTBOX_RELAY_STATUS_INTERVAL_MS", "200")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(file);
-        for (name, value) in &settings.extra {
-            command.env(name, value);
-        }
-        command.args(&settings.args);
+            .stderr(file)
+            .args(&settings.args);
         let child = command.spawn().expect("start outbox-relay");
         Relay { child, log }
     }

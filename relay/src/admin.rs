@@ -1,0 +1,245 @@
+//! `outbox-relay init` and `outbox-relay check`: the setup a deployment runs before
+//! the service writes its first row, and a diagnosis that says what is wrong.
+
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::RelayConfig;
+use crate::kafka::client_config;
+use crate::replication::{ConnectConfig, ReplicationClient};
+use crate::runner::{error_chain, RelayError};
+use crate::setup::{self, PublicationState, SlotInspection};
+
+/// How long `check` waits for the brokers' metadata.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates the publication and the slot when missing, so that every row the service
+/// writes from now on is streamed. Returns a summary for the operator.
+pub async fn init(config: &RelayConfig) -> Result<String, RelayError> {
+    let connect = ConnectConfig::from_url(config.postgres.url.expose()).map_err(RelayError::Url)?;
+    let mut client = ReplicationClient::connect(&connect)
+        .await
+        .map_err(RelayError::Connect)?;
+    let prepared = setup::prepare(&mut client, config, connect.dbname()).await?;
+    client.close().await;
+    let publication = if prepared.created_publication {
+        "created"
+    } else {
+        "exists"
+    };
+    let slot = if prepared.slot.created {
+        "created"
+    } else {
+        "exists"
+    };
+    Ok(format!(
+        "publication {} {publication} (table {})\nslot {} {slot}, confirmed position {}",
+        config.postgres.publication,
+        config.postgres.table,
+        prepared.slot.name,
+        prepared.slot.confirmed
+    ))
+}
+
+/// One line of a check report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub subject: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Everything `check` looked at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub checks: Vec<Check>,
+}
+
+impl CheckReport {
+    /// Whether every check passed.
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+
+    fn pass(&mut self, subject: &'static str, detail: impl Into<String>) {
+        self.checks.push(Check {
+            subject,
+            ok: true,
+            detail: detail.into(),
+        });
+    }
+
+    fn fail(&mut self, subject: &'static str, detail: impl Into<String>) {
+        self.checks.push(Check {
+            subject,
+            ok: false,
+            detail: detail.into(),
+        });
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            let mark = if check.ok { "ok  " } else { "FAIL" };
+            writeln!(f, "{mark} {:<12} {}", check.subject, check.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks configuration, PostgreSQL (connection, privileges, `wal_level`, table,
+/// publication, slot) and the brokers without changing anything.
+pub async fn check(config: &RelayConfig) -> CheckReport {
+    let mut report = CheckReport::default();
+    match config.validate() {
+        Ok(()) => report.pass("config", "valid"),
+        Err(e) => report.fail("config", error_chain(&e)),
+    }
+    check_postgres(config, &mut report).await;
+    check_brokers(config, &mut report).await;
+    report
+}
+
+async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
+    let connect = match ConnectConfig::from_url(config.postgres.url.expose()) {
+        Ok(c) => c,
+        Err(e) => return report.fail("postgres", error_chain(&e)),
+    };
+    let mut client = match ReplicationClient::connect(&connect).await {
+        Ok(c) => c,
+        Err(e) => return report.fail("postgres", error_chain(&e)),
+    };
+    report.pass(
+        "postgres",
+        format!(
+            "connected to {}:{} database {} as {} (PostgreSQL {})",
+            connect.host(),
+            connect.port(),
+            connect.dbname(),
+            connect.user(),
+            client.server_version().unwrap_or("of unknown version")
+        ),
+    );
+    let database = connect.dbname().to_owned();
+
+    match setup::check_wal_level(&mut client).await {
+        Ok(()) => report.pass("wal_level", "logical"),
+        Err(e) => report.fail("wal_level", error_chain(&e)),
+    }
+    match client
+        .simple_query(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+        )
+        .await
+    {
+        Ok(rows)
+            if rows
+                .first()
+                .and_then(|r| r.first())
+                .cloned()
+                .flatten()
+                .as_deref()
+                == Some("t") =>
+        {
+            report.pass("role", format!("{} may replicate", connect.user()));
+        }
+        Ok(_) => report.fail(
+            "role",
+            format!(
+                "{} lacks the REPLICATION attribute: ALTER ROLE {} REPLICATION",
+                connect.user(),
+                connect.user()
+            ),
+        ),
+        Err(e) => report.fail("role", error_chain(&e)),
+    }
+    match setup::check_table(&mut client, config, &database).await {
+        Ok(columns) => report.pass(
+            "table",
+            format!("{} ({})", config.postgres.table, columns.join(", ")),
+        ),
+        Err(e) => report.fail("table", error_chain(&e)),
+    }
+    let publication = &config.postgres.publication;
+    match setup::inspect_publication(&mut client, config).await {
+        Ok(PublicationState::Covers) => report.pass(
+            "publication",
+            format!("{publication} publishes {}", config.postgres.table),
+        ),
+        Ok(PublicationState::LacksTable) => report.fail(
+            "publication",
+            format!(
+                "{publication} does not publish {}: ALTER PUBLICATION {publication} ADD TABLE {}",
+                config.postgres.table, config.postgres.table
+            ),
+        ),
+        Ok(PublicationState::Missing) if config.postgres.create_publication => report.pass(
+            "publication",
+            format!("{publication} is missing; `outbox-relay init` or the first start creates it"),
+        ),
+        Ok(PublicationState::Missing) => report.fail(
+            "publication",
+            format!(
+                "{publication} is missing and create_publication is off: CREATE PUBLICATION \
+                 {publication} FOR TABLE {}",
+                config.postgres.table
+            ),
+        ),
+        Err(e) => report.fail("publication", error_chain(&e)),
+    }
+    let slot = config.slot_name(&database);
+    match setup::inspect_slot(&mut client, &slot, &database).await {
+        Ok(SlotInspection::Ready {
+            confirmed,
+            active_pid,
+            wal_status,
+        }) => {
+            let active = active_pid.map_or_else(
+                || "not in use".to_owned(),
+                |pid| format!("in use by server process {pid}"),
+            );
+            report.pass(
+                "slot",
+                format!("{slot} confirmed {confirmed}, {active}, wal_status {wal_status}"),
+            );
+        }
+        Ok(SlotInspection::Missing) => report.fail(
+            "slot",
+            format!(
+                "{slot} does not exist: rows written before it exists are not streamed; run \
+                 `outbox-relay init` before the service writes"
+            ),
+        ),
+        Ok(SlotInspection::Invalidated) => report.fail(
+            "slot",
+            error_chain(&setup::SetupError::SlotInvalidated(slot.clone())),
+        ),
+        Ok(SlotInspection::Mismatch { found }) => {
+            report.fail("slot", format!("{slot} exists but is {found}"));
+        }
+        Err(e) => report.fail("slot", error_chain(&e)),
+    }
+    client.close().await;
+}
+
+async fn check_brokers(config: &RelayConfig, report: &mut CheckReport) {
+    let client_config = client_config(&config.kafka);
+    let brokers = config.kafka.brokers.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config.create()?;
+        let metadata = consumer.fetch_metadata(None, BROKER_TIMEOUT)?;
+        Ok::<_, rdkafka::error::KafkaError>((metadata.brokers().len(), metadata.topics().len()))
+    })
+    .await;
+    match outcome {
+        Ok(Ok((brokers_seen, topics))) => report.pass(
+            "kafka",
+            format!("{brokers}: {brokers_seen} broker(s), {topics} topic(s) visible"),
+        ),
+        Ok(Err(e)) => report.fail("kafka", format!("{brokers}: {}", error_chain(&e))),
+        Err(e) => report.fail("kafka", format!("{brokers}: the check did not finish: {e}")),
+    }
+}
