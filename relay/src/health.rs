@@ -1,0 +1,667 @@
+//! Whether the relay is doing its job, for `/health` and the `outbox_relay_healthy`
+//! gauge.
+//!
+//! The relay's job is to move committed outbox rows from the replication stream to
+//! the broker. It can stop doing that in three ways, and each is a rule here. Once
+//! it has started streaming, the relay is **unhealthy** exactly when one of them
+//! holds:
+//!
+//! 1. **Definite failure.** [`Health::failed`] was called (the outbox table lacks a
+//!    column, the slot was dropped, the configuration is refused): retrying will not
+//!    help, a person must act. The relay stays unhealthy with that reason until the
+//!    next [`Health::streaming`], whatever else is reported in between.
+//! 2. **Stalled stream.** The relay is not paused for backpressure and nothing came
+//!    from the server for [`HealthThresholds::stream_stall`]. Status `stalled` while
+//!    a session is believed open, `reconnecting` (with the last connection error as
+//!    the reason) while the runner is reconnecting. A TCP connection that died
+//!    without a reset, a walsender stuck behind a lock, or a reconnect loop that never
+//!    gets through all look like this: no message arrives, yet no error is raised
+//!    either, or errors are raised and retried forever. A reconnect that succeeds
+//!    within the threshold is not unhealthy: the grace counts from the last progress,
+//!    not from the last reconnect attempt, so a relay that keeps failing to reconnect
+//!    becomes unhealthy after one threshold however often it retries.
+//! 3. **Unreachable broker.** Records are in flight and the broker acknowledged none
+//!    of them for [`HealthThresholds::broker_stall`]. The producer retries
+//!    internally and raises no error while the broker is down or partitioned away, so
+//!    without this rule a relay that routes nothing would look busy. This rule also
+//!    catches a pause that never ends: the relay pauses reading only because too
+//!    many records are in flight, and those records drain only through
+//!    acknowledgements.
+//!
+//! Before the first session has started ([`Health::starting`] until
+//! [`Health::streaming`]) the relay reports `starting` and is not healthy, also while
+//! it retries a failed first connection (the last error is the reason): it is not
+//! ready, in the Kubernetes readiness sense. Give a liveness probe on `/health` an
+//! initial delay or a startup probe, so that a slow first connection is not mistaken
+//! for a dead process.
+//!
+//! **An idle database is not unhealthy.** When no transaction touches the outbox,
+//! the stream still progresses: the relay periodically writes a heartbeat
+//! (`pg_logical_emit_message`), which travels through the WAL and comes back through
+//! its own slot as a logical decoding message; the server's keepalives, when it
+//! sends them, arrive too. Each counts as [`Health::stream_progress`], so an idle
+//! relay with a working connection keeps progressing, while a relay whose heartbeats
+//! stop coming back is exactly the stuck relay rule 2 is for. Likewise nothing in
+//! flight counts as broker progress: an idle broker is not an unreachable one.
+//!
+//! All times come from a [`Clock`], so tests drive the transitions with a
+//! [`ManualClock`] instead of sleeping. [`serve`] answers `/health` and `/metrics`
+//! over HTTP.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+mod http;
+
+pub use http::serve;
+
+/// The default for both stall thresholds.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
+
+/// How long the relay may go without progress before it is unhealthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthThresholds {
+    /// How long the stream may stay silent while the relay is reading (not paused).
+    /// Must exceed the heartbeat interval and the server's
+    /// `wal_sender_timeout / 2` keepalive interval, or an idle relay looks stalled.
+    pub stream_stall: Duration,
+    /// How long records may stay in flight without any acknowledgement.
+    pub broker_stall: Duration,
+}
+
+impl Default for HealthThresholds {
+    fn default() -> HealthThresholds {
+        HealthThresholds {
+            stream_stall: DEFAULT_STALL,
+            broker_stall: DEFAULT_STALL,
+        }
+    }
+}
+
+/// Where health reads the time.
+pub trait Clock: fmt::Debug + Send + Sync + 'static {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// The monotonic system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that moves only when told to; clones share the same time.
+#[derive(Clone, Debug)]
+pub struct ManualClock {
+    now: Arc<Mutex<Instant>>,
+}
+
+impl ManualClock {
+    /// A clock standing at the current instant.
+    pub fn new() -> ManualClock {
+        ManualClock {
+            now: Arc::new(Mutex::new(Instant::now())),
+        }
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.now.lock().unwrap_or_else(PoisonError::into_inner);
+        *now += by;
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> ManualClock {
+        ManualClock::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        *self.now.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The state `/health` reports. Serialized in `snake_case`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Status {
+    /// No session has started yet (the reason, if any, is the last connection
+    /// error). Unhealthy.
+    Starting,
+    /// A session is open and progressing (or paused for backpressure). Healthy.
+    Streaming,
+    /// A session is believed open but nothing arrived for the stream threshold.
+    /// Unhealthy.
+    Stalled,
+    /// Records are in flight and none was acknowledged for the broker threshold.
+    /// Unhealthy.
+    BrokerUnreachable,
+    /// Between sessions; healthy until the stream threshold has passed since the last
+    /// progress.
+    Reconnecting,
+    /// Stopped on a definite error until the next session starts. Unhealthy.
+    Failed,
+}
+
+impl Status {
+    /// The name `/health` reports.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Status::Starting => "starting",
+            Status::Streaming => "streaming",
+            Status::Stalled => "stalled",
+            Status::BrokerUnreachable => "broker_unreachable",
+            Status::Reconnecting => "reconnecting",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What `/health` answers, as JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthReport {
+    /// Whether the relay is doing its job; `/health` answers 200 if so, 503 if not.
+    pub healthy: bool,
+    /// The state the relay is in.
+    pub status: Status,
+    /// Why the relay is unhealthy or reconnecting; `None` when there is nothing to
+    /// explain.
+    pub reason: Option<String>,
+    /// Whole seconds the relay has waited for the stream: since the last message from
+    /// the server, or since reading resumed. 0 while reading is paused, when no
+    /// progress is expected.
+    pub seconds_since_stream_progress: u64,
+    /// Whole seconds the relay has waited for the broker: since the last
+    /// acknowledgement, or since records went in flight. 0 while nothing is in
+    /// flight, when no acknowledgement is expected.
+    pub seconds_since_broker_progress: u64,
+    /// Records handed to the producer and not yet acknowledged.
+    pub in_flight: usize,
+    /// Whether reading is paused for backpressure.
+    pub reading_paused: bool,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Before the first session; with the last connection error, if any.
+    Starting(Option<String>),
+    Streaming,
+    Reconnecting(String),
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    /// Since when the stream has been expected to progress without doing so.
+    stream_waiting_since: Instant,
+    /// Since when the broker has been expected to acknowledge without doing so.
+    broker_waiting_since: Instant,
+    in_flight: usize,
+    paused: bool,
+}
+
+/// The relay's health, shared through an `Arc` between the replication loop (which
+/// reports) and the HTTP server (which reads). Every method holds a lock only for a
+/// few assignments.
+#[derive(Debug)]
+pub struct Health {
+    thresholds: HealthThresholds,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+impl Health {
+    /// Health on the system clock, in the `starting` state.
+    pub fn new(thresholds: HealthThresholds) -> Health {
+        Health::with_clock(thresholds, Arc::new(SystemClock))
+    }
+
+    /// Health reading the time from `clock`, in the `starting` state.
+    pub fn with_clock(thresholds: HealthThresholds, clock: Arc<dyn Clock>) -> Health {
+        let now = clock.now();
+        Health {
+            thresholds,
+            clock,
+            state: Mutex::new(State {
+                phase: Phase::Starting(None),
+                stream_waiting_since: now,
+                broker_waiting_since: now,
+                in_flight: 0,
+                paused: false,
+            }),
+        }
+    }
+
+    /// The thresholds this health judges by.
+    pub fn thresholds(&self) -> HealthThresholds {
+        self.thresholds
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every update is a handful of plain assignments, so a panic elsewhere while
+        // the lock was held cannot have left the state half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The relay is preparing its first session. Unhealthy (`starting`) until
+    /// [`Health::streaming`]. Does not clear a definite failure; between sessions
+    /// report [`Health::reconnecting`] instead.
+    pub fn starting(&self) {
+        let mut state = self.state();
+        if !matches!(state.phase, Phase::Failed(_)) {
+            state.phase = Phase::Starting(None);
+        }
+    }
+
+    /// A replication session has started. Clears `starting`, `reconnecting` and
+    /// `failed`, and counts as stream progress.
+    pub fn streaming(&self) {
+        let now = self.clock.now();
+        let mut state = self.state();
+        state.phase = Phase::Streaming;
+        state.stream_waiting_since = now;
+    }
+
+    /// A message arrived from the server: data, a keepalive, or the relay's own
+    /// heartbeat coming back.
+    pub fn stream_progress(&self) {
+        let now = self.clock.now();
+        self.state().stream_waiting_since = now;
+    }
+
+    /// The broker acknowledged a delivery (success or a definite failure: either way
+    /// it answered).
+    pub fn broker_progress(&self) {
+        let now = self.clock.now();
+        self.state().broker_waiting_since = now;
+    }
+
+    /// `n` records are in flight. Going from none to some starts the wait for an
+    /// acknowledgement; none in flight is progress.
+    pub fn records_in_flight(&self, n: usize) {
+        let now = self.clock.now();
+        let mut state = self.state();
+        if n == 0 || state.in_flight == 0 {
+            state.broker_waiting_since = now;
+        }
+        state.in_flight = n;
+    }
+
+    /// Reading from the server is paused for backpressure (`true`) or resumed
+    /// (`false`). While paused the stream is not expected to progress; on resume the
+    /// wait starts anew.
+    pub fn reading_paused(&self, paused: bool) {
+        let now = self.clock.now();
+        let mut state = self.state();
+        if state.paused != paused {
+            state.stream_waiting_since = now;
+        }
+        state.paused = paused;
+    }
+
+    /// The relay stopped on a definite error that retrying will not fix. Unhealthy
+    /// with `reason` until the next [`Health::streaming`].
+    pub fn failed(&self, reason: String) {
+        self.state().phase = Phase::Failed(reason);
+    }
+
+    /// The session ended, or could not start, on a transient error and the relay is
+    /// reconnecting. Healthy until the stream threshold has passed since the last
+    /// progress, then unhealthy with `reason`. Before the first session the relay
+    /// stays `starting` (unhealthy) and only reports `reason`. Does not clear a
+    /// definite failure; ends the pause, as a new session starts reading.
+    pub fn reconnecting(&self, reason: String) {
+        let now = self.clock.now();
+        let mut state = self.state();
+        if state.paused {
+            state.paused = false;
+            state.stream_waiting_since = now;
+        }
+        match state.phase {
+            Phase::Failed(_) => {}
+            Phase::Starting(_) => state.phase = Phase::Starting(Some(reason)),
+            Phase::Streaming | Phase::Reconnecting(_) => {
+                state.phase = Phase::Reconnecting(reason);
+            }
+        }
+    }
+
+    /// The relay's health now.
+    pub fn report(&self) -> HealthReport {
+        let now = self.clock.now();
+        let state = self.state();
+        let stream_wait = if state.paused {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(state.stream_waiting_since)
+        };
+        let broker_wait = if state.in_flight == 0 {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(state.broker_waiting_since)
+        };
+        let stream_stalled = stream_wait >= self.thresholds.stream_stall;
+        let broker_stalled = state.in_flight > 0 && broker_wait >= self.thresholds.broker_stall;
+
+        let (healthy, status, reason) = match &state.phase {
+            Phase::Failed(reason) => (false, Status::Failed, Some(reason.clone())),
+            Phase::Starting(reason) => (false, Status::Starting, reason.clone()),
+            Phase::Reconnecting(reason) if stream_stalled => {
+                (false, Status::Reconnecting, Some(reason.clone()))
+            }
+            _ if broker_stalled => (
+                false,
+                Status::BrokerUnreachable,
+                Some(format!(
+                    "{} records in flight and none acknowledged for {} s",
+                    state.in_flight,
+                    broker_wait.as_secs()
+                )),
+            ),
+            Phase::Reconnecting(reason) => (true, Status::Reconnecting, Some(reason.clone())),
+            Phase::Streaming if stream_stalled => (
+                false,
+                Status::Stalled,
+                Some(format!(
+                    "no message from the server for {} s",
+                    stream_wait.as_secs()
+                )),
+            ),
+            Phase::Streaming => (true, Status::Streaming, None),
+        };
+        HealthReport {
+            healthy,
+            status,
+            reason,
+            seconds_since_stream_progress: stream_wait.as_secs(),
+            seconds_since_broker_progress: broker_wait.as_secs(),
+            in_flight: state.in_flight,
+            reading_paused: state.paused,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: Duration = Duration::from_secs(60);
+    const BROKER: Duration = Duration::from_secs(30);
+    const JUST_UNDER: Duration = Duration::from_millis(999);
+
+    fn health() -> (Health, ManualClock) {
+        let clock = ManualClock::new();
+        let thresholds = HealthThresholds {
+            stream_stall: STREAM,
+            broker_stall: BROKER,
+        };
+        (
+            Health::with_clock(thresholds, Arc::new(clock.clone())),
+            clock,
+        )
+    }
+
+    fn streaming() -> (Health, ManualClock) {
+        let (health, clock) = health();
+        health.starting();
+        health.streaming();
+        (health, clock)
+    }
+
+    fn assert_status(health: &Health, healthy: bool, status: Status) -> HealthReport {
+        let report = health.report();
+        assert_eq!(
+            (report.healthy, report.status),
+            (healthy, status),
+            "{report:?}"
+        );
+        report
+    }
+
+    #[test]
+    fn default_thresholds_are_sixty_seconds() {
+        let thresholds = HealthThresholds::default();
+        assert_eq!(thresholds.stream_stall, Duration::from_secs(60));
+        assert_eq!(thresholds.broker_stall, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn starting_is_unhealthy_until_streaming() {
+        let (health, clock) = health();
+        assert_status(&health, false, Status::Starting);
+        health.starting();
+        clock.advance(STREAM * 10);
+        let report = assert_status(&health, false, Status::Starting);
+        assert_eq!(report.reason, None);
+        health.streaming();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.reason, None);
+        assert_eq!(report.seconds_since_stream_progress, 0);
+    }
+
+    #[test]
+    fn reconnecting_before_the_first_session_stays_starting() {
+        let (health, clock) = health();
+        health.starting();
+        health.reconnecting("connection refused".to_owned());
+        let report = assert_status(&health, false, Status::Starting);
+        assert_eq!(report.reason.as_deref(), Some("connection refused"));
+        clock.advance(STREAM * 2);
+        assert_status(&health, false, Status::Starting);
+        health.streaming();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.reason, None);
+    }
+
+    #[test]
+    fn stream_stalls_after_the_threshold_and_recovers_on_progress() {
+        let (health, clock) = streaming();
+        clock.advance(STREAM - JUST_UNDER);
+        assert_status(&health, true, Status::Streaming);
+        clock.advance(JUST_UNDER);
+        let report = assert_status(&health, false, Status::Stalled);
+        assert_eq!(report.seconds_since_stream_progress, 60);
+        assert!(report.reason.expect("a reason").contains("60 s"));
+        health.stream_progress();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.seconds_since_stream_progress, 0);
+    }
+
+    #[test]
+    fn regular_progress_keeps_the_stream_healthy() {
+        let (health, clock) = streaming();
+        for _ in 0..10 {
+            clock.advance(STREAM / 2);
+            health.stream_progress();
+            assert_status(&health, true, Status::Streaming);
+        }
+    }
+
+    #[test]
+    fn paused_reading_does_not_count_as_stalled() {
+        let (health, clock) = streaming();
+        clock.advance(STREAM / 2);
+        health.reading_paused(true);
+        clock.advance(STREAM * 5);
+        let report = assert_status(&health, true, Status::Streaming);
+        assert!(report.reading_paused);
+        assert_eq!(report.seconds_since_stream_progress, 0);
+        // The wait starts anew on resume, not from the last message before the pause.
+        health.reading_paused(false);
+        clock.advance(STREAM - JUST_UNDER);
+        assert_status(&health, true, Status::Streaming);
+        clock.advance(JUST_UNDER);
+        assert_status(&health, false, Status::Stalled);
+    }
+
+    #[test]
+    fn records_in_flight_without_acks_make_the_broker_unreachable() {
+        let (health, clock) = streaming();
+        health.records_in_flight(3);
+        clock.advance(BROKER - JUST_UNDER);
+        health.stream_progress();
+        assert_status(&health, true, Status::Streaming);
+        clock.advance(JUST_UNDER);
+        health.stream_progress();
+        let report = assert_status(&health, false, Status::BrokerUnreachable);
+        assert_eq!(report.in_flight, 3);
+        assert_eq!(report.seconds_since_broker_progress, 30);
+        assert!(report.reason.expect("a reason").contains("3 records"));
+        health.broker_progress();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.seconds_since_broker_progress, 0);
+    }
+
+    #[test]
+    fn acks_keep_the_broker_healthy_while_records_stay_in_flight() {
+        let (health, clock) = streaming();
+        health.records_in_flight(100);
+        for _ in 0..10 {
+            clock.advance(BROKER / 2);
+            health.stream_progress();
+            health.broker_progress();
+            health.records_in_flight(100);
+            assert_status(&health, true, Status::Streaming);
+        }
+    }
+
+    #[test]
+    fn nothing_in_flight_is_broker_progress() {
+        let (health, clock) = streaming();
+        health.broker_progress();
+        // A long idle time without acks, then records go in flight: the wait starts
+        // when they do, not at the last ack.
+        clock.advance(BROKER * 10);
+        health.stream_progress();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.seconds_since_broker_progress, 0);
+        health.records_in_flight(1);
+        assert_status(&health, true, Status::Streaming);
+        clock.advance(BROKER - JUST_UNDER);
+        health.stream_progress();
+        health.records_in_flight(2);
+        assert_status(&health, true, Status::Streaming);
+        clock.advance(JUST_UNDER);
+        health.stream_progress();
+        assert_status(&health, false, Status::BrokerUnreachable);
+        health.records_in_flight(0);
+        assert_status(&health, true, Status::Streaming);
+    }
+
+    #[test]
+    fn a_stuck_pause_is_caught_by_the_broker_rule() {
+        let (health, clock) = streaming();
+        health.records_in_flight(1000);
+        health.reading_paused(true);
+        clock.advance(BROKER);
+        let report = assert_status(&health, false, Status::BrokerUnreachable);
+        assert!(report.reading_paused);
+    }
+
+    #[test]
+    fn failed_sticks_until_streaming() {
+        let (health, clock) = streaming();
+        health.failed("the outbox table lacks column aggregateid".to_owned());
+        let report = assert_status(&health, false, Status::Failed);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("the outbox table lacks column aggregateid")
+        );
+        health.stream_progress();
+        health.broker_progress();
+        health.records_in_flight(0);
+        health.reading_paused(true);
+        health.reading_paused(false);
+        health.starting();
+        health.reconnecting("connection refused".to_owned());
+        clock.advance(STREAM * 10);
+        let report = assert_status(&health, false, Status::Failed);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("the outbox table lacks column aggregateid")
+        );
+        health.streaming();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.reason, None);
+    }
+
+    #[test]
+    fn reconnecting_is_healthy_within_the_threshold_since_last_progress() {
+        let (health, clock) = streaming();
+        clock.advance(STREAM / 2);
+        health.reconnecting("connection reset".to_owned());
+        let report = assert_status(&health, true, Status::Reconnecting);
+        assert_eq!(report.reason.as_deref(), Some("connection reset"));
+        // Retrying does not extend the grace: it counts from the last progress.
+        clock.advance(STREAM / 2 - JUST_UNDER);
+        health.reconnecting("connection refused".to_owned());
+        assert_status(&health, true, Status::Reconnecting);
+        clock.advance(JUST_UNDER);
+        let report = assert_status(&health, false, Status::Reconnecting);
+        assert_eq!(report.reason.as_deref(), Some("connection refused"));
+        health.streaming();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.reason, None);
+    }
+
+    #[test]
+    fn reconnecting_ends_a_pause() {
+        let (health, clock) = streaming();
+        health.reading_paused(true);
+        clock.advance(STREAM * 3);
+        health.reconnecting("connection reset".to_owned());
+        let report = assert_status(&health, true, Status::Reconnecting);
+        assert!(!report.reading_paused);
+        clock.advance(STREAM);
+        assert_status(&health, false, Status::Reconnecting);
+    }
+
+    #[test]
+    fn report_serializes_with_snake_case_status() {
+        let (health, _clock) = streaming();
+        health.failed("slot dropped".to_owned());
+        let json = serde_json::to_value(health.report()).expect("serializable");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "healthy": false,
+                "status": "failed",
+                "reason": "slot dropped",
+                "seconds_since_stream_progress": 0,
+                "seconds_since_broker_progress": 0,
+                "in_flight": 0,
+                "reading_paused": false,
+            })
+        );
+        for status in [
+            Status::Starting,
+            Status::Streaming,
+            Status::Stalled,
+            Status::BrokerUnreachable,
+            Status::Reconnecting,
+            Status::Failed,
+        ] {
+            assert_eq!(
+                serde_json::to_value(status).expect("serializable"),
+                status.as_str()
+            );
+        }
+    }
+}

@@ -1,0 +1,569 @@
+//! The relay's metrics, rendered as Prometheus text exposition format 0.0.4.
+//!
+//! Every metric is declared once: a name constant below and a [`Family`] that carries
+//! its type and help text. [`Metrics::render`] walks [`Family::ALL`] and matches on
+//! each family exhaustively, so a family cannot be declared without being rendered.
+//! Values are plain atomics, updated without locks from the replication loop and
+//! read by the HTTP server; each value is read on its own, so one scrape is not a
+//! snapshot across metrics. The only label is the dead-letter reason, a fixed enum of
+//! three values, every one of which is rendered even at 0 so that `rate()` and
+//! alerts see the series from the first scrape.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::health::Health;
+use crate::Lsn;
+
+/// Counter: outbox events delivered to their topic and acknowledged by the broker.
+pub const EVENTS_ROUTED: &str = "outbox_relay_events_routed_total";
+/// Counter: outbox events sent to the dead-letter topic, by [`DeadLetterReason`].
+pub const EVENTS_DEAD_LETTERED: &str = "outbox_relay_events_dead_lettered_total";
+/// Counter: bytes of routed records (key + value + headers).
+pub const BYTES_ROUTED: &str = "outbox_relay_bytes_routed_total";
+/// Gauge: records handed to the producer and not yet acknowledged.
+pub const RECORDS_IN_FLIGHT: &str = "outbox_relay_records_in_flight";
+/// Gauge: bytes of WAL the slot holds back: the server's WAL end minus the confirmed
+/// position.
+pub const SLOT_LAG_BYTES: &str = "outbox_relay_slot_lag_bytes";
+/// Gauge: milliseconds between now and the commit time of the last acknowledged
+/// transaction; 0 when idle and caught up.
+pub const BEHIND_SOURCE_MS: &str = "outbox_relay_milliseconds_behind_source";
+/// Gauge: the WAL position last confirmed to the server, as an integer.
+pub const CONFIRMED_LSN: &str = "outbox_relay_confirmed_lsn";
+/// Counter: heartbeats (`pg_logical_emit_message`) written to the source database.
+pub const HEARTBEATS_SENT: &str = "outbox_relay_heartbeats_total";
+/// Counter: replication sessions started again after a transient error.
+pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
+/// Gauge: 1 when `/health` reports healthy, 0 when not.
+pub const UP: &str = "outbox_relay_healthy";
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Why an event went to the dead-letter topic; the `reason` label of
+/// [`EVENTS_DEAD_LETTERED`], the same codes as [`crate::deadletter::Reason::code`]
+/// (convert with `From`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    /// The broker refused the record as too large.
+    TooLarge,
+    /// The outbox row could not be turned into a record (missing or malformed
+    /// column).
+    BadRow,
+    /// The broker refused the record with another definite error.
+    Undeliverable,
+}
+
+impl DeadLetterReason {
+    /// Every reason, in the order they are rendered.
+    pub const ALL: [DeadLetterReason; 3] = [
+        DeadLetterReason::TooLarge,
+        DeadLetterReason::BadRow,
+        DeadLetterReason::Undeliverable,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::TooLarge => "too_large",
+            DeadLetterReason::BadRow => "bad_row",
+            DeadLetterReason::Undeliverable => "undeliverable",
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            DeadLetterReason::TooLarge => 0,
+            DeadLetterReason::BadRow => 1,
+            DeadLetterReason::Undeliverable => 2,
+        }
+    }
+}
+
+impl From<crate::deadletter::Reason> for DeadLetterReason {
+    fn from(reason: crate::deadletter::Reason) -> DeadLetterReason {
+        match reason {
+            crate::deadletter::Reason::TooLarge => DeadLetterReason::TooLarge,
+            crate::deadletter::Reason::BadRow => DeadLetterReason::BadRow,
+            crate::deadletter::Reason::Undeliverable => DeadLetterReason::Undeliverable,
+        }
+    }
+}
+
+/// A Prometheus metric type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up; the name ends in `_total`.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+impl Kind {
+    /// The word on the `# TYPE` line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// One metric family: its name, type and help text, declared once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// [`EVENTS_ROUTED`]
+    EventsRouted,
+    /// [`EVENTS_DEAD_LETTERED`]
+    EventsDeadLettered,
+    /// [`BYTES_ROUTED`]
+    BytesRouted,
+    /// [`RECORDS_IN_FLIGHT`]
+    RecordsInFlight,
+    /// [`SLOT_LAG_BYTES`]
+    SlotLagBytes,
+    /// [`BEHIND_SOURCE_MS`]
+    BehindSourceMs,
+    /// [`CONFIRMED_LSN`]
+    ConfirmedLsn,
+    /// [`HEARTBEATS_SENT`]
+    HeartbeatsSent,
+    /// [`RECONNECTS`]
+    Reconnects,
+    /// [`UP`]
+    Up,
+}
+
+impl Family {
+    /// Every family, in the order they are rendered.
+    pub const ALL: [Family; 10] = [
+        Family::EventsRouted,
+        Family::EventsDeadLettered,
+        Family::BytesRouted,
+        Family::RecordsInFlight,
+        Family::SlotLagBytes,
+        Family::BehindSourceMs,
+        Family::ConfirmedLsn,
+        Family::HeartbeatsSent,
+        Family::Reconnects,
+        Family::Up,
+    ];
+
+    /// The metric name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Family::EventsRouted => EVENTS_ROUTED,
+            Family::EventsDeadLettered => EVENTS_DEAD_LETTERED,
+            Family::BytesRouted => BYTES_ROUTED,
+            Family::RecordsInFlight => RECORDS_IN_FLIGHT,
+            Family::SlotLagBytes => SLOT_LAG_BYTES,
+            Family::BehindSourceMs => BEHIND_SOURCE_MS,
+            Family::ConfirmedLsn => CONFIRMED_LSN,
+            Family::HeartbeatsSent => HEARTBEATS_SENT,
+            Family::Reconnects => RECONNECTS,
+            Family::Up => UP,
+        }
+    }
+
+    /// The metric type.
+    pub const fn kind(self) -> Kind {
+        match self {
+            Family::EventsRouted
+            | Family::EventsDeadLettered
+            | Family::BytesRouted
+            | Family::HeartbeatsSent
+            | Family::Reconnects => Kind::Counter,
+            Family::RecordsInFlight
+            | Family::SlotLagBytes
+            | Family::BehindSourceMs
+            | Family::ConfirmedLsn
+            | Family::Up => Kind::Gauge,
+        }
+    }
+
+    /// The `# HELP` text: one line, no backslashes.
+    pub const fn help(self) -> &'static str {
+        match self {
+            Family::EventsRouted => "Outbox events delivered and acknowledged by the broker.",
+            Family::EventsDeadLettered => "Outbox events sent to the dead-letter topic, by reason.",
+            Family::BytesRouted => "Bytes of routed records: key, value and headers.",
+            Family::RecordsInFlight => "Records handed to the producer, not yet acknowledged.",
+            Family::SlotLagBytes => {
+                "Bytes of WAL between the slot's confirmed position and the server's end of WAL."
+            }
+            Family::BehindSourceMs => {
+                "Milliseconds since the commit of the last acknowledged transaction; \
+                 0 when idle and caught up."
+            }
+            Family::ConfirmedLsn => "WAL position last confirmed to the server, as an integer.",
+            Family::HeartbeatsSent => "Heartbeats written with pg_logical_emit_message.",
+            Family::Reconnects => "Replication sessions started again after a transient error.",
+            Family::Up => "1 when /health reports healthy, 0 when not.",
+        }
+    }
+}
+
+/// The relay's counters and gauges, shared through an `Arc`. Every update is one
+/// relaxed atomic operation.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    events_routed: AtomicU64,
+    dead_lettered: [AtomicU64; DeadLetterReason::ALL.len()],
+    bytes_routed: AtomicU64,
+    in_flight: AtomicU64,
+    slot_lag_bytes: AtomicU64,
+    behind_source_ms: AtomicU64,
+    confirmed_lsn: AtomicU64,
+    heartbeats: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl Metrics {
+    /// All values at 0.
+    pub fn new() -> Metrics {
+        Metrics::default()
+    }
+
+    /// `n` more events were routed and acknowledged.
+    pub fn events_routed(&self, n: u64) {
+        self.events_routed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` more bytes (key + value + headers) were routed.
+    pub fn bytes_routed(&self, n: u64) {
+        self.bytes_routed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One event went to the dead-letter topic for `reason`.
+    pub fn dead_lettered(&self, reason: DeadLetterReason) {
+        self.dead_lettered[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` records are in flight now.
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    /// The slot holds back `n` bytes of WAL now.
+    pub fn set_slot_lag_bytes(&self, n: u64) {
+        self.slot_lag_bytes.store(n, Ordering::Relaxed);
+    }
+
+    /// The relay is `ms` milliseconds behind the source now.
+    pub fn set_behind_source_ms(&self, ms: u64) {
+        self.behind_source_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// `lsn` was confirmed to the server.
+    pub fn set_confirmed_lsn(&self, lsn: Lsn) {
+        self.confirmed_lsn.store(lsn.get(), Ordering::Relaxed);
+    }
+
+    /// One heartbeat was written.
+    pub fn heartbeat_sent(&self) {
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A replication session started again after a transient error.
+    pub fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every metric in Prometheus text format 0.0.4: `# HELP` and `# TYPE` for each
+    /// family, then its samples, every dead-letter reason included even at 0.
+    /// [`UP`] is taken from `health`'s report at this moment.
+    pub fn render(&self, health: &Health) -> String {
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(2048);
+        for family in Family::ALL {
+            let name = family.name();
+            line(
+                &mut out,
+                format_args!("# HELP {name} {help}", help = family.help()),
+            );
+            line(
+                &mut out,
+                format_args!("# TYPE {name} {kind}", kind = family.kind().as_str()),
+            );
+            let value = match family {
+                Family::EventsDeadLettered => {
+                    for reason in DeadLetterReason::ALL {
+                        line(
+                            &mut out,
+                            format_args!(
+                                "{name}{{reason=\"{label}\"}} {value}",
+                                label = reason.as_str(),
+                                value = load(&self.dead_lettered[reason.index()]),
+                            ),
+                        );
+                    }
+                    continue;
+                }
+                Family::EventsRouted => load(&self.events_routed),
+                Family::BytesRouted => load(&self.bytes_routed),
+                Family::RecordsInFlight => load(&self.in_flight),
+                Family::SlotLagBytes => load(&self.slot_lag_bytes),
+                Family::BehindSourceMs => load(&self.behind_source_ms),
+                Family::ConfirmedLsn => load(&self.confirmed_lsn),
+                Family::HeartbeatsSent => load(&self.heartbeats),
+                Family::Reconnects => load(&self.reconnects),
+                Family::Up => u64::from(health.report().healthy),
+            };
+            line(&mut out, format_args!("{name} {value}"));
+        }
+        out
+    }
+}
+
+fn line(out: &mut String, args: std::fmt::Arguments<'_>) {
+    // Writing to a String cannot fail.
+    let _ = out.write_fmt(args);
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::health::{HealthThresholds, ManualClock};
+
+    /// One parsed sample: name, labels in text form (empty without labels), value.
+    type Samples = BTreeMap<(String, String), String>;
+
+    fn is_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    fn is_labels(s: &str) -> bool {
+        s.split(',').all(|pair| {
+            pair.split_once('=').is_some_and(|(key, value)| {
+                is_name(key)
+                    && value.len() >= 2
+                    && value.starts_with('"')
+                    && value.ends_with('"')
+                    && !value[1..value.len() - 1].contains(['"', '\\', '\n'])
+            })
+        })
+    }
+
+    /// A small checker of the text format: every line is `# HELP`, `# TYPE` or a
+    /// sample `name{labels} value`; every sample's family has HELP and TYPE before
+    /// it, once each; counters end in `_total`; the output ends with a newline.
+    fn parse(text: &str) -> Samples {
+        assert!(text.ends_with('\n'), "no final newline");
+        let mut help = BTreeSet::new();
+        let mut types: HashMap<String, String> = HashMap::new();
+        let mut samples = Samples::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, doc) = rest.split_once(' ').expect("HELP has a name and text");
+                assert!(is_name(name), "bad name in {line:?}");
+                assert!(!doc.is_empty() && !doc.contains('\\'), "bad help {line:?}");
+                assert!(help.insert(name.to_owned()), "second HELP for {name}");
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE has a name and type");
+                assert!(is_name(name), "bad name in {line:?}");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                    "bad type {line:?}"
+                );
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "counter {name} lacks _total");
+                }
+                assert!(help.contains(name), "TYPE before HELP for {name}");
+                assert!(
+                    types.insert(name.to_owned(), kind.to_owned()).is_none(),
+                    "second TYPE for {name}"
+                );
+                continue;
+            }
+            assert!(!line.starts_with('#'), "unexpected comment {line:?}");
+            let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let labels = rest.strip_suffix('}').expect("labels close");
+                    assert!(is_labels(labels), "bad labels in {line:?}");
+                    (name, labels)
+                }
+                None => (series, ""),
+            };
+            assert!(is_name(name), "bad name in {line:?}");
+            assert!(types.contains_key(name), "sample before TYPE: {line:?}");
+            assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+            let key = (name.to_owned(), labels.to_owned());
+            assert!(
+                samples.insert(key, value.to_owned()).is_none(),
+                "{line:?} twice"
+            );
+        }
+        for name in &help {
+            assert!(types.contains_key(name), "HELP without TYPE for {name}");
+        }
+        samples
+    }
+
+    fn value(samples: &Samples, name: &str, labels: &str) -> String {
+        samples
+            .get(&(name.to_owned(), labels.to_owned()))
+            .unwrap_or_else(|| panic!("no sample {name}{{{labels}}}"))
+            .clone()
+    }
+
+    fn health() -> (Health, ManualClock) {
+        let clock = ManualClock::new();
+        let health = Health::with_clock(HealthThresholds::default(), Arc::new(clock.clone()));
+        (health, clock)
+    }
+
+    #[test]
+    fn every_family_is_rendered_with_zero_values() {
+        let (health, _clock) = health();
+        let samples = parse(&Metrics::new().render(&health));
+        let names: BTreeSet<&str> = samples.keys().map(|(name, _)| name.as_str()).collect();
+        let expected: BTreeSet<&str> = [
+            EVENTS_ROUTED,
+            EVENTS_DEAD_LETTERED,
+            BYTES_ROUTED,
+            RECORDS_IN_FLIGHT,
+            SLOT_LAG_BYTES,
+            BEHIND_SOURCE_MS,
+            CONFIRMED_LSN,
+            HEARTBEATS_SENT,
+            RECONNECTS,
+            UP,
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(names, expected);
+        assert_eq!(
+            samples.len(),
+            Family::ALL.len() - 1 + DeadLetterReason::ALL.len()
+        );
+        for reason in ["too_large", "bad_row", "undeliverable"] {
+            let labels = format!("reason=\"{reason}\"");
+            assert_eq!(value(&samples, EVENTS_DEAD_LETTERED, &labels), "0");
+        }
+        assert!(samples.values().all(|v| v == "0"), "{samples:?}");
+    }
+
+    #[test]
+    fn dead_letter_labels_match_the_dead_letter_codes() {
+        use crate::deadletter::Reason;
+        for reason in [Reason::BadRow, Reason::TooLarge, Reason::Undeliverable] {
+            assert_eq!(DeadLetterReason::from(reason).as_str(), reason.code());
+        }
+    }
+
+    #[test]
+    fn families_are_consistent() {
+        let names: BTreeSet<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+        assert_eq!(names.len(), Family::ALL.len(), "duplicate names");
+        for family in Family::ALL {
+            let name = family.name();
+            assert!(name.starts_with("outbox_relay_"), "{name}");
+            assert_eq!(
+                family.kind() == Kind::Counter,
+                name.ends_with("_total"),
+                "{name}"
+            );
+            assert!(!family.help().contains(['\n', '\\']), "{name}");
+        }
+    }
+
+    #[test]
+    fn values_reflect_calls() {
+        let (health, _clock) = health();
+        let metrics = Metrics::new();
+        metrics.events_routed(3);
+        metrics.events_routed(4);
+        metrics.bytes_routed(1000);
+        metrics.bytes_routed(24);
+        metrics.dead_lettered(DeadLetterReason::TooLarge);
+        metrics.dead_lettered(DeadLetterReason::BadRow);
+        metrics.dead_lettered(DeadLetterReason::BadRow);
+        metrics.set_in_flight(9);
+        metrics.set_in_flight(5);
+        metrics.set_slot_lag_bytes(4096);
+        metrics.set_behind_source_ms(250);
+        metrics.heartbeat_sent();
+        metrics.heartbeat_sent();
+        metrics.reconnected();
+        let samples = parse(&metrics.render(&health));
+        assert_eq!(value(&samples, EVENTS_ROUTED, ""), "7");
+        assert_eq!(value(&samples, BYTES_ROUTED, ""), "1024");
+        let dead = |reason: &str| {
+            value(
+                &samples,
+                EVENTS_DEAD_LETTERED,
+                &format!("reason=\"{reason}\""),
+            )
+        };
+        assert_eq!(dead("too_large"), "1");
+        assert_eq!(dead("bad_row"), "2");
+        assert_eq!(dead("undeliverable"), "0");
+        assert_eq!(value(&samples, RECORDS_IN_FLIGHT, ""), "5");
+        assert_eq!(value(&samples, SLOT_LAG_BYTES, ""), "4096");
+        assert_eq!(value(&samples, BEHIND_SOURCE_MS, ""), "250");
+        assert_eq!(value(&samples, HEARTBEATS_SENT, ""), "2");
+        assert_eq!(value(&samples, RECONNECTS, ""), "1");
+        metrics.set_behind_source_ms(0);
+        let samples = parse(&metrics.render(&health));
+        assert_eq!(value(&samples, BEHIND_SOURCE_MS, ""), "0");
+    }
+
+    #[test]
+    fn lsn_is_rendered_as_an_exact_integer() {
+        let (health, _clock) = health();
+        let metrics = Metrics::new();
+        // Above 2^53, where a float would round.
+        let lsn: Lsn = "FFFFFFFF/FFFFFFFF".parse().expect("valid LSN");
+        metrics.set_confirmed_lsn(lsn);
+        let text = metrics.render(&health);
+        assert!(
+            text.contains(&format!("\n{CONFIRMED_LSN} 18446744073709551615\n")),
+            "{text}"
+        );
+        let raw = (1u64 << 53) + 1;
+        metrics.set_confirmed_lsn(Lsn::new(raw));
+        let samples = parse(&metrics.render(&health));
+        assert_eq!(value(&samples, CONFIRMED_LSN, ""), raw.to_string());
+    }
+
+    #[test]
+    fn up_follows_health() {
+        let (health, clock) = health();
+        let metrics = Metrics::new();
+        assert_eq!(value(&parse(&metrics.render(&health)), UP, ""), "0");
+        health.streaming();
+        assert_eq!(value(&parse(&metrics.render(&health)), UP, ""), "1");
+        clock.advance(HealthThresholds::default().stream_stall);
+        assert_eq!(value(&parse(&metrics.render(&health)), UP, ""), "0");
+        health.stream_progress();
+        assert_eq!(value(&parse(&metrics.render(&health)), UP, ""), "1");
+        health.failed("the outbox table lacks column payload".to_owned());
+        assert_eq!(value(&parse(&metrics.render(&health)), UP, ""), "0");
+    }
+
+    #[test]
+    fn checker_rejects_malformed_text() {
+        let bad = [
+            "no_help 1\n",
+            "# HELP a_total x\n# TYPE a_total counter\na_total\n",
+            "# HELP a x\n# TYPE a counter\na 1\n",
+            "# HELP a x\n# TYPE a gauge\na{b=c} 1\n",
+            "# HELP a x\n# TYPE a gauge\na one\n",
+            "# HELP a x\n# TYPE a gauge\na 1",
+        ];
+        for text in bad {
+            let result = std::panic::catch_unwind(|| parse(text));
+            assert!(result.is_err(), "accepted {text:?}");
+        }
+    }
+}
