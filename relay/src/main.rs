@@ -1,5 +1,8 @@
 //! `outbox-relay`: the sidecar binary.
 
+// A command-line tool: `init` and `check` print their reports on stdout.
+#![allow(clippy::print_stdout)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
