@@ -30,6 +30,11 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_SLOT_BUSY_TIMEOUT_MS: u64 = 30_000;
 /// Where records the relay cannot deliver go.
 pub const DEFAULT_DEAD_LETTER_TOPIC: &str = crate::deadletter::DEFAULT_DEAD_LETTER_TOPIC;
+/// Where `/metrics` and `/health` are served.
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9187";
+/// How long the stream or the broker may make no progress before the relay reports
+/// itself unhealthy, in milliseconds.
+pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 60_000;
 /// Records handed to the producer and not yet acknowledged, at most.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// Partitions of a topic the relay creates.
@@ -136,6 +141,18 @@ pub struct Args {
     #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
     pub dead_letter_topic: Option<String>,
 
+    /// Address of the HTTP endpoint serving /metrics (Prometheus) and /health; an
+    /// empty value turns it off, and the relay then exits on a definite error
+    /// instead of reporting it and retrying [default: 0.0.0.0:9187].
+    #[arg(long, env = "OUTBOX_RELAY_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<String>,
+
+    /// Milliseconds without progress (of the stream while reading, or of the broker
+    /// while records are in flight) after which /health reports the relay unhealthy;
+    /// must exceed twice the heartbeat interval [default: 60000].
+    #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT_MS", value_name = "MS")]
+    pub stall_timeout_ms: Option<u64>,
+
     /// Kafka bootstrap servers (host:port,...).
     #[arg(long, env = "OUTBOX_RELAY_KAFKA_BROKERS", value_name = "LIST")]
     pub kafka_brokers: Option<String>,
@@ -179,6 +196,14 @@ struct FileConfig {
     postgres: FilePostgres,
     outbox: FileOutbox,
     kafka: FileKafka,
+    http: FileHttp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileHttp {
+    listen: Option<String>,
+    stall_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -402,12 +427,21 @@ pub struct KafkaConfig {
     pub topic_replication_factor: i32,
 }
 
+/// The operator's view: the HTTP endpoint and the health rules.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// `None`: no endpoint (and definite errors end the process).
+    pub listen: Option<std::net::SocketAddr>,
+    pub stall_timeout: Duration,
+}
+
 /// The validated configuration of one relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub postgres: PostgresConfig,
     pub outbox: OutboxConfig,
     pub kafka: KafkaConfig,
+    pub http: HttpConfig,
 }
 
 /// librdkafka options the relay sets itself because its guarantees rest on them.
@@ -482,6 +516,10 @@ impl RelayConfig {
                 create_topics: true,
                 topic_partitions: DEFAULT_TOPIC_PARTITIONS,
                 topic_replication_factor: DEFAULT_TOPIC_REPLICATION_FACTOR,
+            },
+            http: HttpConfig {
+                listen: DEFAULT_HTTP_LISTEN.parse().ok(),
+                stall_timeout: Duration::from_millis(DEFAULT_STALL_TIMEOUT_MS),
             },
         }
     }
@@ -601,6 +639,21 @@ impl RelayConfig {
             kafka.topic_replication_factor = v;
         }
 
+        let http = &mut config.http;
+        if let Some(v) = args.http_listen.clone().or(file.http.listen) {
+            http.listen = if v.trim().is_empty() {
+                None
+            } else {
+                Some(v.trim().parse().map_err(|_| ConfigError::Invalid {
+                    option: "http_listen",
+                    reason: format!("{v:?} is not an address such as 0.0.0.0:9187"),
+                })?)
+            };
+        }
+        if let Some(v) = args.stall_timeout_ms.or(file.http.stall_timeout_ms) {
+            http.stall_timeout = Duration::from_millis(v);
+        }
+
         config.validate()?;
         Ok(config)
     }
@@ -627,6 +680,18 @@ impl RelayConfig {
                 return invalid(
                     "dead_letter_topic",
                     format!("{topic:?} contains {c:?}, which is not valid in a topic name"),
+                );
+            }
+        }
+        if let Some(heartbeat) = self.postgres.heartbeat_interval {
+            if self.http.stall_timeout < heartbeat * 2 {
+                return invalid(
+                    "stall_timeout_ms",
+                    format!(
+                        "{:?} is less than twice the heartbeat interval ({heartbeat:?}): an idle \
+                         relay would be reported as stalled",
+                        self.http.stall_timeout
+                    ),
                 );
             }
         }
@@ -907,6 +972,8 @@ max_in_flight = 5
             DEFAULT_TOPIC_PARTITIONS.to_string(),
             DEFAULT_TOPIC_REPLICATION_FACTOR.to_string(),
             DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
+            DEFAULT_HTTP_LISTEN.to_owned(),
+            DEFAULT_STALL_TIMEOUT_MS.to_string(),
         ] {
             assert!(
                 help.contains(&format!("[default: {default}]")),

@@ -66,20 +66,33 @@ pub struct RecordSummary {
     pub payload_bytes: usize,
     pub id: String,
     pub position: Position,
-    /// Whether the record is itself a dead letter (which is never dead-lettered again).
-    pub dead_letter: bool,
+    /// Why the record is itself a dead letter, if it is one (a dead letter is never
+    /// dead-lettered again).
+    pub letter: Option<Reason>,
+    /// Key, value and header bytes.
+    pub bytes: usize,
+    /// When the source transaction committed.
+    pub commit_time: Option<std::time::SystemTime>,
 }
 
 impl RecordSummary {
-    pub fn of(record: &OutboxRecord, dead_letter: bool) -> RecordSummary {
+    pub fn of(
+        record: &OutboxRecord,
+        letter: Option<Reason>,
+        commit_time: Option<std::time::SystemTime>,
+    ) -> RecordSummary {
+        let payload_bytes = record.payload.as_ref().map_or(0, Bytes::len);
+        let header_bytes: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         RecordSummary {
             topic: record.topic.clone(),
             key: record.key.clone(),
             headers: record.headers.clone(),
-            payload_bytes: record.payload.as_ref().map_or(0, Bytes::len),
+            payload_bytes,
             id: record.id.clone(),
             position: record.position,
-            dead_letter,
+            letter,
+            bytes: record.key.len() + payload_bytes + header_bytes,
+            commit_time,
         }
     }
 }
@@ -286,7 +299,7 @@ mod tests {
             id: "e1".to_owned(),
             position: POSITION,
         };
-        let summary = RecordSummary::of(&record, false);
+        let summary = RecordSummary::of(&record, None, None);
         let letter = refused("dlq", &summary, Reason::TooLarge, "too large");
         assert_eq!(letter.key.as_ref(), b"42");
         assert_eq!(header(&letter, HEADER_ID), Some("e1"));

@@ -34,7 +34,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
@@ -45,8 +46,10 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use crate::ack::{AckError, AckTracker, TxnId};
 use crate::config::RelayConfig;
 use crate::deadletter::{self, Reason, RecordSummary};
+use crate::health::Health;
 use crate::heartbeat::HEARTBEAT_PREFIX;
 use crate::kafka::{is_definite, is_too_large, KafkaSink, SendError, TopicError};
+use crate::metrics::Metrics;
 use crate::pgoutput::{self, LogicalMessage};
 use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
 use crate::routing::{BadRow, ColumnValue, OutboxLayout, OutboxRecord, Position, SchemaError};
@@ -122,6 +125,7 @@ type PendingDelivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
 #[derive(Debug)]
 struct OpenTxn {
     commit_lsn: Lsn,
+    commit_time: Option<SystemTime>,
     next_index: u32,
 }
 
@@ -144,6 +148,8 @@ pub struct Drained {
 /// One replication session: from START_REPLICATION until shutdown or error.
 pub struct Session<'a> {
     config: &'a RelayConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     stream: ReplicationStream,
     sink: &'a mut KafkaSink,
     tracker: AckTracker,
@@ -157,7 +163,7 @@ pub struct Session<'a> {
     others: HashMap<u32, String>,
     /// Dead letters waiting to be produced in place of refused records, with the
     /// transaction they count for.
-    letters: VecDeque<(TxnId, OutboxRecord)>,
+    letters: VecDeque<(TxnId, OutboxRecord, Reason, Option<SystemTime>)>,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -177,11 +183,15 @@ impl<'a> Session<'a> {
         stream: ReplicationStream,
         sink: &'a mut KafkaSink,
         confirmed: Lsn,
+        observe: (Arc<Metrics>, Arc<Health>),
     ) -> Session<'a> {
+        let (metrics, health) = observe;
         let mut status_timer = tokio::time::interval(config.postgres.status_interval);
         status_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Session {
             config,
+            metrics,
+            health,
             stream,
             sink,
             tracker: AckTracker::new(confirmed),
@@ -219,7 +229,11 @@ impl<'a> Session<'a> {
     ) -> Result<(), StreamError> {
         tokio::pin!(shutdown);
         loop {
-            let can_read = self.tracker.in_flight() < self.config.kafka.max_in_flight;
+            let in_flight = self.tracker.in_flight();
+            let can_read = in_flight < self.config.kafka.max_in_flight;
+            self.health.reading_paused(!can_read);
+            self.health.records_in_flight(in_flight);
+            self.metrics.set_in_flight(in_flight as u64);
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
@@ -229,7 +243,10 @@ impl<'a> Session<'a> {
                 _ = self.status_timer.tick() => self.send_status().await?,
                 message = self.stream.next(), if can_read => {
                     match message? {
-                        Some(message) => self.handle(message).await?,
+                        Some(message) => {
+                            self.health.stream_progress();
+                            self.handle(message).await?;
+                        }
                         None => return Err(StreamError::Ended),
                     }
                 }
@@ -321,6 +338,9 @@ impl<'a> Session<'a> {
             } => {
                 self.received = self.received.max(wal_end);
                 self.tracker.idle_position(wal_end);
+                if self.tracker.pending_transactions() == 0 {
+                    self.metrics.set_behind_source_ms(0);
+                }
                 if reply_requested {
                     self.send_status().await?;
                 }
@@ -337,6 +357,7 @@ impl<'a> Session<'a> {
                 self.tracker.begin()?;
                 self.open = Some(OpenTxn {
                     commit_lsn: begin.final_lsn,
+                    commit_time: begin.commit_time(),
                     next_index: 0,
                 });
             }
@@ -396,12 +417,13 @@ impl<'a> Session<'a> {
         };
         open.next_index += 1;
         let values: Vec<ColumnValue<'_>> = tuple.iter().map(column_value).collect();
-        let (record, dead_letter) = match outbox.layout.route(
+        let commit_time = open.commit_time;
+        let (record, letter) = match outbox.layout.route(
             &self.config.outbox.topic_template,
             &values,
             position,
         ) {
-            Ok(record) => (record, false),
+            Ok(record) => (record, None),
             Err(source) => match &self.config.outbox.dead_letter_topic {
                 Some(dlq) => {
                     tracing::warn!(%position, error = %source, topic = %dlq, "dead-lettering an outbox row");
@@ -413,13 +435,13 @@ impl<'a> Session<'a> {
                         position,
                         &source,
                     );
-                    (letter, true)
+                    (letter, Some(Reason::BadRow))
                 }
                 None => return Err(StreamError::BadRow { position, source }),
             },
         };
         let txn = self.tracker.record_sent()?;
-        self.produce(txn, record, dead_letter).await
+        self.produce(txn, record, letter, commit_time).await
     }
 
     /// Creates the record's topic when needed, retrying while the broker is away
@@ -451,11 +473,12 @@ impl<'a> Session<'a> {
         &mut self,
         txn: TxnId,
         mut record: OutboxRecord,
-        mut dead_letter: bool,
+        mut letter: Option<Reason>,
+        commit_time: Option<SystemTime>,
     ) -> Result<(), StreamError> {
         self.ensure_topic(&record.topic).await?;
         loop {
-            let summary = RecordSummary::of(&record, dead_letter);
+            let summary = RecordSummary::of(&record, letter, commit_time);
             match self.sink.send(record) {
                 Ok(future) => {
                     self.deliveries.push(Box::pin(async move {
@@ -479,10 +502,12 @@ impl<'a> Session<'a> {
                 Err(SendError::Definite {
                     record: refused,
                     source,
-                }) => match self.letter_for(&RecordSummary::of(&refused, dead_letter), &source) {
-                    Some(letter) => {
-                        record = letter;
-                        dead_letter = true;
+                }) => match self
+                    .letter_for(&RecordSummary::of(&refused, letter, commit_time), &source)
+                {
+                    Some((reason, replacement)) => {
+                        record = replacement;
+                        letter = Some(reason);
                         self.ensure_topic(&record.topic).await?;
                     }
                     None => {
@@ -501,9 +526,13 @@ impl<'a> Session<'a> {
     /// The dead letter replacing a refused record, or `None` when the record must
     /// stop the relay (no dead-letter topic, a transient error, or the record is
     /// itself a dead letter).
-    fn letter_for(&self, summary: &RecordSummary, error: &KafkaError) -> Option<OutboxRecord> {
+    fn letter_for(
+        &self,
+        summary: &RecordSummary,
+        error: &KafkaError,
+    ) -> Option<(Reason, OutboxRecord)> {
         let dlq = self.config.outbox.dead_letter_topic.as_ref()?;
-        if summary.dead_letter || !is_definite(error) {
+        if summary.letter.is_some() || !is_definite(error) {
             return None;
         }
         let reason = if is_too_large(error) {
@@ -512,21 +541,39 @@ impl<'a> Session<'a> {
             Reason::Undeliverable
         };
         tracing::warn!(position = %summary.position, topic = %summary.topic, %error, dlq = %dlq, "dead-lettering a refused record");
-        Some(deadletter::refused(
-            dlq,
-            summary,
+        Some((
             reason,
-            &error.to_string(),
+            deadletter::refused(dlq, summary, reason, &error.to_string()),
         ))
     }
 
     fn delivered(&mut self, (txn, summary, result): DeliveryResult) -> Result<(), StreamError> {
         match result {
-            Ok(()) => Ok(self.tracker.acknowledged(txn)?),
+            Ok(()) => {
+                self.tracker.acknowledged(txn)?;
+                self.health.broker_progress();
+                match summary.letter {
+                    Some(reason) => self.metrics.dead_lettered(reason.into()),
+                    None => {
+                        self.metrics.events_routed(1);
+                        self.metrics.bytes_routed(summary.bytes as u64);
+                    }
+                }
+                if let Some(elapsed) = summary
+                    .commit_time
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                {
+                    self.metrics.set_behind_source_ms(
+                        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                    );
+                }
+                Ok(())
+            }
             Err(source) => match self.letter_for(&summary, &source) {
                 // Still outstanding for `txn`: its dead letter takes its place.
-                Some(letter) => {
-                    self.letters.push_back((txn, letter));
+                Some((reason, letter)) => {
+                    self.letters
+                        .push_back((txn, letter, reason, summary.commit_time));
                     Ok(())
                 }
                 None => Err(StreamError::Delivery(Box::new(DeliveryFailure {
@@ -541,8 +588,8 @@ impl<'a> Session<'a> {
 
     /// Produces the dead letters of records the broker refused.
     async fn send_letters(&mut self) -> Result<(), StreamError> {
-        while let Some((txn, letter)) = self.letters.pop_front() {
-            self.produce(txn, letter, true).await?;
+        while let Some((txn, letter, reason, commit_time)) = self.letters.pop_front() {
+            self.produce(txn, letter, Some(reason), commit_time).await?;
         }
         Ok(())
     }
@@ -561,6 +608,7 @@ impl<'a> Session<'a> {
             tracing::debug!(lsn = %flush, "confirmed");
         }
         self.sent_flush = flush;
+        self.metrics.set_confirmed_lsn(flush);
         Ok(())
     }
 }

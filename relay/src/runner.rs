@@ -4,12 +4,18 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::config::{ConfigError, RelayConfig};
+use crate::health::{self, Health, HealthThresholds};
 use crate::heartbeat::Heartbeat;
 use crate::kafka::KafkaSink;
+use crate::metrics::Metrics;
 use crate::pipeline::{Session, StreamError};
 use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError, ReplicationStream};
 use crate::setup::{self, SetupError, SlotState};
@@ -19,6 +25,8 @@ const OBJECT_IN_USE: &str = "55006";
 /// First delay before reconnecting; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pause before starting again after a definite error (reported on `/health`).
+pub const FAILED_RETRY: Duration = Duration::from_secs(60);
 /// Pause between attempts on a busy slot.
 const SLOT_BUSY_RETRY: Duration = Duration::from_millis(500);
 
@@ -49,6 +57,12 @@ pub enum RelayError {
         #[source]
         source: ReplicationError,
     },
+    #[error("cannot serve /metrics and /health on {address}")]
+    Http {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the Kafka producer")]
     Kafka(#[source] rdkafka::error::KafkaError),
     #[error(transparent)]
@@ -69,29 +83,100 @@ impl RelayError {
 
 /// Runs the relay until `shutdown` resolves (then drains, confirms and returns
 /// `Ok`) or a definite error stops it. Transient failures of PostgreSQL are retried
-/// with backoff, resuming from the slot.
+/// with backoff, resuming from the slot. With the HTTP endpoint on, a definite error
+/// is reported on `/health` (503, with the reason) and retried every
+/// [`FAILED_RETRY`] instead of ending the process, so an operator can fix the cause
+/// (a missing column, say) without a restart.
 pub async fn run(
     config: RelayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
     config.validate()?;
     let connect = ConnectConfig::from_url(config.postgres.url.expose()).map_err(RelayError::Url)?;
-    let mut sink = KafkaSink::new(&config.kafka).map_err(RelayError::Kafka)?;
     let shutdown = shutdown.boxed().shared();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(HealthThresholds {
+        stream_stall: config.http.stall_timeout,
+        broker_stall: config.http.stall_timeout,
+    }));
+    let server = match config.http.listen {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| RelayError::Http { address, source })?;
+            let bound = listener.local_addr().unwrap_or(address);
+            tracing::info!(address = %bound, "serving /metrics and /health");
+            Some(tokio::spawn(health::serve(
+                listener,
+                metrics.clone(),
+                health.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+    let outcome = relay(
+        &config,
+        &connect,
+        shutdown,
+        &metrics,
+        &health,
+        server.is_some(),
+    )
+    .await;
+    if let Some(server) = server {
+        if outcome.is_err() {
+            server.abort();
+        }
+        let _ = server.await;
+    }
+    outcome
+}
+
+async fn relay(
+    config: &RelayConfig,
+    connect: &ConnectConfig,
+    shutdown: Shared<BoxFuture<'static, ()>>,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    report_failures: bool,
+) -> Result<(), RelayError> {
+    health.starting();
+    let mut sink = KafkaSink::new(&config.kafka).map_err(RelayError::Kafka)?;
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let attempt = session(&config, &connect, &mut sink, shutdown.clone(), &mut backoff).await;
-        match attempt {
+        let observe = (metrics.clone(), health.clone());
+        let attempt = session(
+            config,
+            connect,
+            &mut sink,
+            shutdown.clone(),
+            &mut backoff,
+            observe,
+        )
+        .await;
+        let pause = match attempt {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
-                tracing::warn!(error = %error_chain(&error), retry_in = ?backoff, "PostgreSQL unavailable; reconnecting");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.clone() => return Ok(()),
-                }
+                let reason = error_chain(&error);
+                tracing::warn!(error = %reason, retry_in = ?backoff, "PostgreSQL unavailable; reconnecting");
+                health.reconnecting(reason);
+                metrics.reconnected();
+                let pause = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
+                pause
+            }
+            Err(error) if report_failures => {
+                let reason = error_chain(&error);
+                tracing::error!(error = %reason, retry_in = ?FAILED_RETRY, "stopped; reporting unhealthy");
+                health.failed(reason);
+                FAILED_RETRY
             }
             Err(error) => return Err(error),
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.clone() => return Ok(()),
         }
     }
 }
@@ -102,6 +187,7 @@ async fn session(
     sink: &mut KafkaSink,
     shutdown: impl Future<Output = ()>,
     backoff: &mut Duration,
+    observe: (Arc<Metrics>, Arc<Health>),
 ) -> Result<(), RelayError> {
     let mut client = ReplicationClient::connect(connect)
         .await
@@ -110,14 +196,19 @@ async fn session(
     let slot = setup::prepare(&mut client, config, &database).await?.slot;
     let stream = start(client, connect, config, &slot).await?;
     *backoff = FIRST_BACKOFF;
+    observe.1.streaming();
     tracing::info!(slot = %slot.name, from = %slot.confirmed, publication = %config.postgres.publication, "streaming");
-    let session = Session::new(config, stream, sink, slot.confirmed).run(shutdown);
+    let metrics = observe.0.clone();
+    let session = Session::new(config, stream, sink, slot.confirmed, observe).run(shutdown);
     let drained = match config.postgres.heartbeat_interval {
         Some(interval) => {
             let heartbeat = Heartbeat::new(connect.clone(), slot.name.clone());
             let beats = heartbeat.run(interval, |beat| match beat {
                 Ok(beat) => {
-                    tracing::debug!(slot_lag_bytes = ?beat.slot_lag_bytes, "heartbeat sent")
+                    metrics.heartbeat_sent();
+                    if let Some(lag) = beat.slot_lag_bytes {
+                        metrics.set_slot_lag_bytes(lag);
+                    }
                 }
                 Err(error) => tracing::warn!(error = %error_chain(&error), "heartbeat failed"),
             });

@@ -134,7 +134,7 @@ async fn every_committed_row_arrives_in_order_per_key() {
     let db = OutboxDb::new().await;
     let brokers = settings().kafka_brokers.clone();
     let settings = RelaySettings::new(&db, &brokers);
-    let _relay = Relay::start(&settings);
+    let relay = Relay::start(&settings);
     db.wait_for_slot().await;
 
     let mut rng = Rng::new(seed());
@@ -147,6 +147,22 @@ async fn every_committed_row_arrives_in_order_per_key() {
     collector.until(NO_PROGRESS, |r| r.len() >= expected).await;
     collector.drain_for(Duration::from_secs(1)).await;
     check_records(&settings, &written, &collector.received, true);
+
+    // The metrics count what was delivered.
+    let deadline = std::time::Instant::now() + NO_PROGRESS;
+    while relay.metric("outbox_relay_events_routed_total").await != Some(expected as f64) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events_routed never reached {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = relay.http_get("/health").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        relay.metric("outbox_relay_records_in_flight").await,
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,23 +436,27 @@ async fn a_bad_row_stops_the_relay(row: Row, expect_in_log: &str) {
     collector
         .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == good_id))
         .await;
+    // The relay stops streaming and says why on /health (it stays up to report it).
     let deadline = std::time::Instant::now() + NO_PROGRESS;
-    while relay.is_running() {
+    loop {
+        let (status, body) = relay.http_get("/health").await;
+        if status == 503 && body.contains("\"failed\"") {
+            assert!(body.contains(expect_in_log), "{body}");
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "the relay did not stop"
+            "/health answered {status} {body}; log:\n{}",
+            relay.log_text()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = relay.log_text();
     assert!(
         log.contains(expect_in_log),
         "log lacks {expect_in_log:?}:\n{log}"
     );
-    assert!(
-        log.contains("outbox-relay: ") || log.contains("stopped"),
-        "{log}"
-    );
+    relay.kill();
     collector.drain_for(Duration::from_secs(1)).await;
     assert!(
         collector

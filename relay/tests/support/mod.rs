@@ -239,6 +239,7 @@ fn relay_command(settings: &RelaySettings) -> Command {
         .env("OUTBOX_RELAY_TOPIC_PARTITIONS", "3")
         .env("OUTBOX_RELAY_TOPIC_REPLICATION_FACTOR", "1")
         .env("OUTBOX_RELAY_STATUS_INTERVAL_MS", "200")
+        .env("OUTBOX_RELAY_HTTP_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null());
     for (name, value) in &settings.extra {
         command.env(name, value);
@@ -321,6 +322,70 @@ impl Relay {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address of the relay's HTTP endpoint, from its log (it binds port 0).
+    pub async fn http_address(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log_text();
+            let found = log
+                .lines()
+                .filter(|l| l.contains("serving /metrics and /health"))
+                .find_map(|l| l.split("address=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned);
+            if let Some(address) = found {
+                return address;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no HTTP address in the log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// GET `path` from the relay's HTTP endpoint: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self.http_address().await;
+        let mut stream = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("connect to the relay's HTTP endpoint");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send the request");
+        let mut response = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        )
+        .await
+        .expect("the response arrives")
+        .expect("read the response");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of an unlabelled metric from /metrics.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics").await;
+        body.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
     }
 }
 
