@@ -106,6 +106,12 @@ pub struct Args {
     #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", value_name = "TEMPLATE")]
     pub topic_template: Option<String>,
 
+    /// How the payload column becomes the Kafka value: `json` (the jsonb text as it
+    /// is) or `json-string` (a JSON string holding that text, as Debezium's outbox
+    /// event router emits it by default) [default: json].
+    #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_name = "FORMAT")]
+    pub payload_format: Option<PayloadFormat>,
+
     /// Column holding the event id (Kafka header `id`) [default: id].
     #[arg(long, env = "OUTBOX_RELAY_COLUMN_ID", value_name = "COLUMN")]
     pub column_id: Option<String>,
@@ -223,6 +229,7 @@ struct FilePostgres {
 #[serde(deny_unknown_fields, default)]
 struct FileOutbox {
     topic_template: Option<String>,
+    payload_format: Option<PayloadFormat>,
     dead_letter_topic: Option<String>,
     columns: FileColumns,
 }
@@ -390,6 +397,18 @@ impl fmt::Display for TopicTemplate {
     }
 }
 
+/// How the payload column becomes the Kafka value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PayloadFormat {
+    /// The jsonb (or text) value as PostgreSQL renders it.
+    #[default]
+    Json,
+    /// A JSON string holding that text, as Debezium's outbox event router emits it
+    /// by default (`"{\"total\": 10}"`).
+    JsonString,
+}
+
 /// Where the relay reads from.
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
@@ -410,6 +429,7 @@ pub struct PostgresConfig {
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     pub topic_template: TopicTemplate,
+    pub payload_format: PayloadFormat,
     /// `None`: stop on a row that cannot be delivered.
     pub dead_letter_topic: Option<String>,
     pub columns: Columns,
@@ -507,6 +527,7 @@ impl RelayConfig {
                     text: DEFAULT_TOPIC_TEMPLATE.to_owned(),
                 },
                 dead_letter_topic: Some(DEFAULT_DEAD_LETTER_TOPIC.to_owned()),
+                payload_format: PayloadFormat::Json,
                 columns: DEFAULT_COLUMNS,
             },
             kafka: KafkaConfig {
@@ -581,6 +602,9 @@ impl RelayConfig {
         let outbox = &mut config.outbox;
         if let Some(v) = args.topic_template.clone().or(file.outbox.topic_template) {
             outbox.topic_template = TopicTemplate::parse(&v)?;
+        }
+        if let Some(v) = args.payload_format.or(file.outbox.payload_format) {
+            outbox.payload_format = v;
         }
         if let Some(v) = args
             .dead_letter_topic

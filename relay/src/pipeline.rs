@@ -418,11 +418,7 @@ impl<'a> Session<'a> {
         open.next_index += 1;
         let values: Vec<ColumnValue<'_>> = tuple.iter().map(column_value).collect();
         let commit_time = open.commit_time;
-        let (record, letter) = match outbox.layout.route(
-            &self.config.outbox.topic_template,
-            &values,
-            position,
-        ) {
+        let (record, letter) = match outbox.layout.route(&self.config.outbox, &values, position) {
             Ok(record) => (record, None),
             Err(source) => match &self.config.outbox.dead_letter_topic {
                 Some(dlq) => {

@@ -16,7 +16,7 @@
 
 use bytes::Bytes;
 
-use crate::config::{Columns, TopicTemplate};
+use crate::config::{Columns, OutboxConfig, PayloadFormat};
 use crate::Lsn;
 
 /// Header carrying the commit LSN of the row's transaction.
@@ -155,7 +155,7 @@ impl OutboxLayout {
     /// Makes the record for one inserted row.
     pub fn route(
         &self,
-        template: &TopicTemplate,
+        outbox: &OutboxConfig,
         values: &[ColumnValue<'_>],
         position: Position,
     ) -> Result<OutboxRecord, BadRow> {
@@ -192,7 +192,10 @@ impl OutboxLayout {
         let key = text(&self.aggregate_id, "aggregate id")?.unwrap_or_default();
         let event_type = text(&self.event_type, "event type")?.unwrap_or_default();
         let payload = match text(&self.payload, "payload") {
-            Ok(p) => p.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+            Ok(p) => p.map(|p| match outbox.payload_format {
+                PayloadFormat::Json => Bytes::copy_from_slice(p.as_bytes()),
+                PayloadFormat::JsonString => Bytes::from(serde_json::Value::from(p).to_string()),
+            }),
             Err(BadRow::Null { .. }) => None,
             Err(other) => return Err(other),
         };
@@ -221,7 +224,7 @@ impl OutboxLayout {
         ));
 
         Ok(OutboxRecord {
-            topic: template.render(aggregate_type),
+            topic: outbox.topic_template.render(aggregate_type),
             key: Bytes::copy_from_slice(key.as_bytes()),
             payload,
             headers,
@@ -268,7 +271,7 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{TopicTemplate, DEFAULT_COLUMNS, DEFAULT_TOPIC_TEMPLATE};
+    use crate::config::{RelayConfig, DEFAULT_COLUMNS};
 
     const TABLE: [&str; 7] = [
         "id",
@@ -284,8 +287,8 @@ mod tests {
         OutboxLayout::resolve(&DEFAULT_COLUMNS, "public.outbox", &TABLE).unwrap()
     }
 
-    fn template() -> TopicTemplate {
-        TopicTemplate::parse(DEFAULT_TOPIC_TEMPLATE).unwrap()
+    fn template() -> OutboxConfig {
+        RelayConfig::new("postgres://h/db", "k:1").outbox
     }
 
     fn row<'a>(headers: ColumnValue<'a>, payload: ColumnValue<'a>) -> Vec<ColumnValue<'a>> {
@@ -344,6 +347,18 @@ mod tests {
             Some(&b"16/B374D848"[..])
         );
         assert_eq!(header(&record, HEADER_INDEX), Some(&b"3"[..]));
+    }
+
+    #[test]
+    fn the_debezium_payload_format_is_a_json_string() {
+        let mut outbox = template();
+        outbox.payload_format = PayloadFormat::JsonString;
+        let values = row(ColumnValue::Null, ColumnValue::Text(br#"{"total": 10.5}"#));
+        let record = layout().route(&outbox, &values, POSITION).unwrap();
+        assert_eq!(
+            record.payload.as_deref(),
+            Some(&br#""{\"total\": 10.5}""#[..])
+        );
     }
 
     #[test]
