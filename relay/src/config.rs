@@ -112,6 +112,23 @@ pub struct Args {
     #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_name = "FORMAT")]
     pub payload_format: Option<PayloadFormat>,
 
+    /// Also route transactional pg_logical_emit_message messages with this prefix,
+    /// whose content is a JSON object with the outbox column names as keys (a
+    /// table-less outbox; PostgreSQL 14 or newer). Off unless set, because any role
+    /// can emit such messages: see --message-topics.
+    #[arg(long, env = "OUTBOX_RELAY_MESSAGE_PREFIX", value_name = "PREFIX")]
+    pub message_prefix: Option<String>,
+
+    /// The only topics logical messages may be routed to (comma-separated); a message
+    /// for another topic is dead-lettered. Required with --message-prefix.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_MESSAGE_TOPICS",
+        value_name = "TOPICS",
+        value_delimiter = ','
+    )]
+    pub message_topics: Vec<String>,
+
     /// Column holding the event id (Kafka header `id`) [default: id].
     #[arg(long, env = "OUTBOX_RELAY_COLUMN_ID", value_name = "COLUMN")]
     pub column_id: Option<String>,
@@ -229,6 +246,8 @@ struct FilePostgres {
 #[serde(deny_unknown_fields, default)]
 struct FileOutbox {
     topic_template: Option<String>,
+    message_prefix: Option<String>,
+    message_topics: Option<Vec<String>>,
     payload_format: Option<PayloadFormat>,
     dead_letter_topic: Option<String>,
     columns: FileColumns,
@@ -397,6 +416,14 @@ impl fmt::Display for TopicTemplate {
     }
 }
 
+/// Which logical messages are routed, and where they may go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRouting {
+    pub prefix: String,
+    /// The allow-list of topics.
+    pub topics: Vec<String>,
+}
+
 /// How the payload column becomes the Kafka value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -429,6 +456,8 @@ pub struct PostgresConfig {
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     pub topic_template: TopicTemplate,
+    /// Logical messages routed like outbox rows; `None`: off.
+    pub messages: Option<MessageRouting>,
     pub payload_format: PayloadFormat,
     /// `None`: stop on a row that cannot be delivered.
     pub dead_letter_topic: Option<String>,
@@ -528,6 +557,7 @@ impl RelayConfig {
                 },
                 dead_letter_topic: Some(DEFAULT_DEAD_LETTER_TOPIC.to_owned()),
                 payload_format: PayloadFormat::Json,
+                messages: None,
                 columns: DEFAULT_COLUMNS,
             },
             kafka: KafkaConfig {
@@ -605,6 +635,26 @@ impl RelayConfig {
         }
         if let Some(v) = args.payload_format.or(file.outbox.payload_format) {
             outbox.payload_format = v;
+        }
+        if let Some(prefix) = args
+            .message_prefix
+            .clone()
+            .or(file.outbox.message_prefix)
+            .filter(|p| !p.is_empty())
+        {
+            let topics = if args.message_topics.is_empty() {
+                file.outbox.message_topics.unwrap_or_default()
+            } else {
+                args.message_topics.clone()
+            };
+            outbox.messages = Some(MessageRouting {
+                prefix,
+                topics: topics
+                    .into_iter()
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+            });
         }
         if let Some(v) = args
             .dead_letter_topic
@@ -704,6 +754,22 @@ impl RelayConfig {
                 return invalid(
                     "dead_letter_topic",
                     format!("{topic:?} contains {c:?}, which is not valid in a topic name"),
+                );
+            }
+        }
+        if let Some(messages) = &self.outbox.messages {
+            if messages.topics.is_empty() {
+                return invalid(
+                    "message_topics",
+                    "routing logical messages needs an allow-list of topics: any database \
+                     role can emit a message"
+                        .to_owned(),
+                );
+            }
+            if messages.prefix == crate::heartbeat::HEARTBEAT_PREFIX {
+                return invalid(
+                    "message_prefix",
+                    format!("{} is the relay's heartbeat prefix", messages.prefix),
                 );
             }
         }
@@ -966,6 +1032,16 @@ max_in_flight = 5
                 "topic_replication_factor",
             ),
             (&["--table", "a.b.c"][..], "table"),
+            (&["--message-prefix", "outbox"][..], "allow-list"),
+            (
+                &[
+                    "--heartbeat-interval-ms",
+                    "40000",
+                    "--stall-timeout-ms",
+                    "60000",
+                ][..],
+                "twice the heartbeat",
+            ),
         ] {
             let mut all = REQUIRED.to_vec();
             all.extend_from_slice(flags);

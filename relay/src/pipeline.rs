@@ -52,7 +52,9 @@ use crate::kafka::{is_definite, is_too_large, KafkaSink, SendError, TopicError};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, LogicalMessage};
 use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
-use crate::routing::{BadRow, ColumnValue, OutboxLayout, OutboxRecord, Position, SchemaError};
+use crate::routing::{
+    self, BadRow, ColumnValue, OutboxLayout, OutboxRecord, Position, SchemaError,
+};
 use crate::Lsn;
 
 /// How long a graceful stop waits for in-flight records before giving up on them
@@ -378,6 +380,22 @@ impl<'a> Session<'a> {
             LogicalMessage::Message(message) if message.prefix == HEARTBEAT_PREFIX => {
                 tracing::debug!(lsn = %message.lsn, "heartbeat returned");
             }
+            LogicalMessage::Message(message)
+                if self
+                    .config
+                    .outbox
+                    .messages
+                    .as_ref()
+                    .is_some_and(|m| m.prefix == message.prefix) =>
+            {
+                if message.transactional() && self.open.is_some() {
+                    self.route_message(&message.prefix, &message.content)
+                        .await?;
+                } else {
+                    // Decoded even when its transaction rolled back: never routed.
+                    tracing::warn!(lsn = %message.lsn, prefix = %message.prefix, "ignoring a non-transactional logical message");
+                }
+            }
             // Updates, deletes and truncates of the outbox (pruning) and every other
             // table are not events; nor are types, origins or other logical messages.
             _ => {}
@@ -431,6 +449,45 @@ impl<'a> Session<'a> {
                         position,
                         &source,
                     );
+                    (letter, Some(Reason::BadRow))
+                }
+                None => return Err(StreamError::BadRow { position, source }),
+            },
+        };
+        let txn = self.tracker.record_sent()?;
+        self.produce(txn, record, letter, commit_time).await
+    }
+
+    /// Routes a transactional logical message of the table-less outbox.
+    async fn route_message(&mut self, prefix: &str, content: &Bytes) -> Result<(), StreamError> {
+        let (Some(open), Some(messages)) =
+            (self.open.as_mut(), self.config.outbox.messages.as_ref())
+        else {
+            return Err(AckError::NoneOpen.into());
+        };
+        let position = Position {
+            commit_lsn: open.commit_lsn,
+            index: open.next_index,
+        };
+        open.next_index += 1;
+        let commit_time = open.commit_time;
+        let (record, letter) = match routing::route_message(
+            &self.config.outbox,
+            &messages.topics,
+            content,
+            position,
+        ) {
+            Ok(record) => (record, None),
+            Err(source) => match &self.config.outbox.dead_letter_topic {
+                Some(dlq) => {
+                    tracing::warn!(%position, error = %source, topic = %dlq, "dead-lettering a logical message");
+                    let columns = ["prefix".to_owned(), "content".to_owned()];
+                    let values = [
+                        ColumnValue::Text(prefix.as_bytes()),
+                        ColumnValue::Text(content.as_ref()),
+                    ];
+                    let letter =
+                        deadletter::bad_row(dlq, &columns, &values, None, position, &source);
                     (letter, Some(Reason::BadRow))
                 }
                 None => return Err(StreamError::BadRow { position, source }),

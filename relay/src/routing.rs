@@ -78,6 +78,8 @@ pub enum BadRow {
     Unchanged { column: String, role: &'static str },
     #[error("the headers column {column:?} is not a JSON object: {reason}")]
     BadHeaders { column: String, reason: String },
+    #[error("logical message: {reason}")]
+    BadMessage { reason: String },
     #[error("the row has {got} columns, the relation announced {expected}")]
     ColumnCount { expected: usize, got: usize },
 }
@@ -234,6 +236,80 @@ impl OutboxLayout {
     }
 }
 
+/// Makes the record for a logical message whose content is a JSON object keyed by
+/// the outbox column names (a table-less outbox). The topic must be in the allow-list.
+pub fn route_message(
+    outbox: &OutboxConfig,
+    allowed_topics: &[String],
+    content: &[u8],
+    position: Position,
+) -> Result<OutboxRecord, BadRow> {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(content)
+        .map_err(|e| BadRow::BadMessage {
+            reason: format!("the content is not a JSON object: {e}"),
+        })?;
+    let columns = &outbox.columns;
+    let text = |column: &crate::config::Ident, role: &'static str| -> Result<String, BadRow> {
+        match object.get(column.as_str()) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(serde_json::Value::Null) | None => Err(BadRow::Null {
+                column: column.to_string(),
+                role,
+            }),
+            Some(other) => Err(BadRow::BadMessage {
+                reason: format!("{column:?} ({role}) is {}, not a string", json_kind(other)),
+            }),
+        }
+    };
+    let id = text(&columns.id, "id")?;
+    let aggregate_type = text(&columns.aggregate_type, "aggregate type")?;
+    let key = text(&columns.aggregate_id, "aggregate id")?;
+    let event_type = text(&columns.event_type, "event type")?;
+    let topic = outbox.topic_template.render(&aggregate_type);
+    if !allowed_topics.iter().any(|t| *t == topic) {
+        return Err(BadRow::BadMessage {
+            reason: format!("topic {topic} is not in the allow-list of logical messages"),
+        });
+    }
+    let payload = match object.get(columns.payload.as_str()) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => {
+            let text = value.to_string();
+            Some(match outbox.payload_format {
+                PayloadFormat::Json => Bytes::from(text),
+                PayloadFormat::JsonString => Bytes::from(serde_json::Value::from(text).to_string()),
+            })
+        }
+    };
+    let mut headers = vec![
+        (HEADER_ID.to_owned(), Bytes::from(id.clone())),
+        (HEADER_TYPE.to_owned(), Bytes::from(event_type)),
+    ];
+    match object.get(columns.headers.as_str()) {
+        None | Some(serde_json::Value::Null) => {}
+        Some(value) => headers.extend(header_entries(
+            columns.headers.as_str(),
+            &value.to_string(),
+        )?),
+    }
+    headers.push((
+        HEADER_COMMIT_LSN.to_owned(),
+        Bytes::from(position.commit_lsn.to_string()),
+    ));
+    headers.push((
+        HEADER_INDEX.to_owned(),
+        Bytes::from(position.index.to_string()),
+    ));
+    Ok(OutboxRecord {
+        topic,
+        key: Bytes::from(key),
+        payload,
+        headers,
+        id,
+        position,
+    })
+}
+
 /// The entries of a jsonb headers object, in the object's order.
 fn header_entries(column: &str, json: &str) -> Result<Vec<(String, Bytes)>, BadRow> {
     let bad = |reason: String| BadRow::BadHeaders {
@@ -359,6 +435,29 @@ mod tests {
             record.payload.as_deref(),
             Some(&br#""{\"total\": 10.5}""#[..])
         );
+    }
+
+    #[test]
+    fn logical_messages_route_like_rows_within_the_allow_list() {
+        let outbox = template();
+        let allowed = ["outbox.event.order".to_owned()];
+        let content = br#"{"id": "e1", "aggregatetype": "order", "aggregateid": "42",
+            "type": "Created", "payload": {"total": 1}, "headers": {"traceparent": "00-1-2-01"}}"#;
+        let record = route_message(&outbox, &allowed, content, POSITION).unwrap();
+        assert_eq!(record.topic, "outbox.event.order");
+        assert_eq!(record.key.as_ref(), b"42");
+        assert_eq!(record.payload.as_deref(), Some(&br#"{"total":1}"#[..]));
+        assert_eq!(header(&record, "traceparent"), Some(&b"00-1-2-01"[..]));
+        assert_eq!(header(&record, "type"), Some(&b"Created"[..]));
+
+        let elsewhere =
+            br#"{"id": "e2", "aggregatetype": "secret", "aggregateid": "1", "type": "T"}"#;
+        let err = route_message(&outbox, &allowed, elsewhere, POSITION).unwrap_err();
+        assert!(err.to_string().contains("allow-list"), "{err}");
+        let err = route_message(&outbox, &allowed, b"[1]", POSITION).unwrap_err();
+        assert!(err.to_string().contains("not a JSON object"), "{err}");
+        let err = route_message(&outbox, &allowed, br#"{"id": 1}"#, POSITION).unwrap_err();
+        assert!(err.to_string().contains("not a string"), "{err}");
     }
 
     #[test]

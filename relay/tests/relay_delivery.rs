@@ -604,3 +604,85 @@ async fn heartbeats_come_back_through_the_stream_and_are_not_published() {
     let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
     assert_eq!(ids, [row.id.to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_logical_messages_with_the_prefix_are_routed_within_the_allow_list() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let base = RelaySettings::new(&db, &brokers);
+    let order_topic = base.topic("order");
+    let dlq = format!("{}.dlq", base.topic_prefix);
+    let settings = base
+        .with("OUTBOX_RELAY_MESSAGE_PREFIX", "outbox")
+        .with("OUTBOX_RELAY_MESSAGE_TOPICS", &order_topic)
+        .with("OUTBOX_RELAY_DEAD_LETTER_TOPIC", &dlq);
+    let _relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+
+    let message = |id: &str, aggregate_type: &str| {
+        serde_json::json!({
+            "id": id, "aggregatetype": aggregate_type, "aggregateid": "m-1",
+            "type": "Emitted", "payload": {"n": 1}, "headers": {"traceparent": "00-a-b-01"}
+        })
+        .to_string()
+    };
+    let emit = |transactional: bool, prefix: &str, content: String| {
+        let pool = db.pool().clone();
+        let prefix = prefix.to_owned();
+        async move {
+            sqlx::query("SELECT pg_logical_emit_message($1, $2, $3)")
+                .bind(transactional)
+                .bind(prefix)
+                .bind(content)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Routed: transactional, with the prefix, to an allowed topic.
+    emit(true, "outbox", message("routed", "order")).await;
+    // Not routed: non-transactional, another prefix, a rolled-back transaction.
+    emit(false, "outbox", message("non-transactional", "order")).await;
+    emit(true, "other", message("other-prefix", "order")).await;
+    let mut tx = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', $1)")
+        .bind(message("rolled-back", "order"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    // Dead-lettered: a topic outside the allow-list.
+    emit(true, "outbox", message("not-allowed", "secret")).await;
+    // A row after them all marks the end.
+    let marker = Row::event(0, 1);
+    db.write(std::slice::from_ref(&marker), false).await;
+
+    let mut collector = Collector::new(&brokers, std::slice::from_ref(&order_topic), 3).await;
+    let marker_id = marker.id.to_string();
+    collector
+        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
+        .await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
+    assert_eq!(ids, ["routed", marker_id.as_str()]);
+    let routed = &collector.received[0];
+    assert_eq!(routed.key, "m-1");
+    assert_eq!(routed.payload, Some(serde_json::json!({"n": 1})));
+    assert_eq!(
+        routed.headers.get("traceparent").map(String::as_str),
+        Some("00-a-b-01")
+    );
+
+    let mut letters = Collector::new(&brokers, std::slice::from_ref(&dlq), 3).await;
+    letters.until(NO_PROGRESS, |r| !r.is_empty()).await;
+    letters.drain_for(Duration::from_secs(1)).await;
+    assert_eq!(letters.received.len(), 1, "{:?}", letters.received);
+    let body = letters.received[0].payload.as_ref().unwrap();
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("allow-list"),
+        "{body}"
+    );
+}
