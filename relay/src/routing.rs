@@ -266,7 +266,7 @@ pub fn route_message(
     let key = text(&columns.aggregate_id, "aggregate id")?;
     let event_type = text(&columns.event_type, "event type")?;
     let topic = outbox.topic_template.render(&aggregate_type);
-    if !allowed_topics.iter().any(|t| *t == topic) {
+    if !allowed_topics.contains(&topic) {
         return Err(BadRow::BadMessage {
             reason: format!("topic {topic} is not in the allow-list of logical messages"),
         });
