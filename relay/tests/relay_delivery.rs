@@ -321,7 +321,9 @@ async fn a_paused_broker_stops_reading_keeps_the_connection_and_loses_nothing() 
     let brokers = broker.bootstrap();
     let settings = RelaySettings::new(&db, &brokers)
         .with("OUTBOX_RELAY_MAX_IN_FLIGHT", 500)
-        .with("OUTBOX_RELAY_STATUS_INTERVAL_MS", 500);
+        .with("OUTBOX_RELAY_STATUS_INTERVAL_MS", 500)
+        .with("OUTBOX_RELAY_HEARTBEAT_INTERVAL_MS", 1000)
+        .with("OUTBOX_RELAY_STALL_TIMEOUT_MS", 3000);
     let mut relay = Relay::start(&settings);
     db.wait_for_slot().await;
 
@@ -353,6 +355,10 @@ async fn a_paused_broker_stops_reading_keeps_the_connection_and_loses_nothing() 
         Some(Some(walsender)),
         "the replication connection did not survive the pause"
     );
+    // Records have been unacknowledged for longer than the stall timeout.
+    let (status, body) = relay.http_get("/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("broker_unreachable"), "{body}");
     broker.resume();
 
     collector
@@ -364,6 +370,18 @@ async fn a_paused_broker_stops_reading_keeps_the_connection_and_loses_nothing() 
         })
         .await;
     check_records(&settings, &written, &collector.received, false);
+    let deadline = std::time::Instant::now() + NO_PROGRESS;
+    loop {
+        let (status, body) = relay.http_get("/health").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/health stayed {status} after the broker came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let growth_kib = rss_peak.saturating_sub(rss_before);
     eprintln!(
         "{} events; relay RSS {rss_before} KiB before the pause, peak {rss_peak} KiB during it",
