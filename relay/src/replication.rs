@@ -4,15 +4,19 @@
 //!
 //! # Protocol flow
 //!
-//! 1. **Startup.** [`ReplicationClient::connect`] opens TCP and sends a
-//!    StartupMessage with `user`, `database`, `replication=database`,
-//!    `application_name` and `client_encoding=UTF8`.
+//! 1. **Startup.** [`ReplicationClient::connect`] opens TCP and, unless
+//!    `sslmode=disable`, sends an SSLRequest: on `S` it runs a TLS handshake
+//!    (rustls) and goes on inside TLS, on `N` it goes on in plain text (`prefer`,
+//!    `allow`) or gives up (`require`, `verify-ca`, `verify-full`); see
+//!    [`SslMode`]. Then it sends a StartupMessage with `user`, `database`,
+//!    `replication=database`, `application_name` and `client_encoding=UTF8`.
 //! 2. **Authentication.** The server asks for nothing (trust), a cleartext
 //!    password, an MD5 hash of it (salted), or SASL with `SCRAM-SHA-256` (three
-//!    round trips; without TLS there is no channel binding, so `-PLUS` is never
-//!    used). After AuthenticationOk it reports ParameterStatus values
+//!    round trips; channel binding is not implemented, so `-PLUS` is never used,
+//!    over TLS neither). After AuthenticationOk it reports ParameterStatus values
 //!    (`server_version`, ...) and BackendKeyData, then ReadyForQuery. TCP connect,
-//!    startup and authentication share one deadline, the connect timeout.
+//!    TLS handshake, startup and authentication share one deadline, the connect
+//!    timeout.
 //! 3. **Commands.** In this mode the connection takes replication commands and
 //!    plain SQL through the simple query protocol: `IDENTIFY_SYSTEM`
 //!    ([`ReplicationClient::identify_system`]), `CREATE_REPLICATION_SLOT`
@@ -55,12 +59,15 @@
 //! again (network trouble, server shutdown, too many connections) or to give up
 //! (bad credentials, missing slot, missing privilege, protocol violation). A slot
 //! held by another process (SQLSTATE 55006) is reported as definite: the caller
-//! retries it for a bounded time itself.
+//! retries it for a bounded time itself. TLS problems other than network trouble
+//! (unusable settings, a server without TLS where TLS is required, an untrusted
+//! certificate) are definite too.
 
 mod config;
 mod connection;
 mod error;
 pub mod protocol;
+mod tls;
 mod transport;
 
 use std::time::SystemTime;
@@ -71,11 +78,12 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::{backend, frontend};
 
 pub use config::{
-    ConfigError, ConnectConfig, Secret, DEFAULT_APPLICATION_NAME, DEFAULT_CONNECT_TIMEOUT,
+    ConfigError, ConnectConfig, Secret, SslMode, DEFAULT_APPLICATION_NAME, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HOST, DEFAULT_PORT,
 };
 pub use error::{ReplicationError, ServerError};
 pub use protocol::{ProtocolError, ReplicationMessage, StandbyStatus};
+pub use tls::TlsSetupError;
 
 use crate::Lsn;
 use connection::Connection;
@@ -112,7 +120,8 @@ pub enum AuthMethod {
     Cleartext,
     /// A salted MD5 hash of password and user name (`md5`).
     Md5,
-    /// SASL with SCRAM-SHA-256, without channel binding (`scram-sha-256`).
+    /// SASL with SCRAM-SHA-256, without channel binding (`scram-sha-256`), over TLS
+    /// too.
     ScramSha256,
 }
 
@@ -227,10 +236,11 @@ pub struct ReplicationClient {
 }
 
 impl ReplicationClient {
-    /// Connects and logs in; TCP connect, startup and authentication together must
-    /// finish within the configured connect timeout.
+    /// Connects and logs in; TCP connect, TLS negotiation, startup and
+    /// authentication together must finish within the configured connect timeout.
     ///
-    /// Supports trust, cleartext password, MD5 and SCRAM-SHA-256 authentication.
+    /// Uses TLS as [`ConnectConfig::ssl_mode`] says. Supports trust, cleartext
+    /// password, MD5 and SCRAM-SHA-256 authentication.
     pub async fn connect(config: &ConnectConfig) -> Result<ReplicationClient, ReplicationError> {
         let timeout = config.connect_timeout();
         match tokio::time::timeout(timeout, Self::connect_unbounded(config)).await {
@@ -253,13 +263,7 @@ impl ReplicationClient {
         ] {
             check_no_nul(what, value)?;
         }
-        let transport = Transport::connect(config.host(), config.port())
-            .await
-            .map_err(|source| ReplicationError::Connect {
-                host: config.host().to_owned(),
-                port: config.port(),
-                source,
-            })?;
+        let transport = Transport::connect(config).await?;
         let mut conn = Connection::new(transport, format!("{}:{}", config.host(), config.port()));
         frontend::startup_message(
             [
@@ -300,6 +304,7 @@ impl ReplicationClient {
             database = config.dbname(),
             server_version = conn.parameter("server_version").unwrap_or("unknown"),
             auth = ?auth_method,
+            tls = conn.is_tls(),
             "replication connection ready"
         );
         Ok(ReplicationClient {
@@ -324,6 +329,11 @@ impl ReplicationClient {
     /// How the server had this client authenticate.
     pub fn auth_method(&self) -> AuthMethod {
         self.auth_method
+    }
+
+    /// Whether the connection is encrypted with TLS.
+    pub fn is_tls(&self) -> bool {
+        self.conn.is_tls()
     }
 
     /// Runs `IDENTIFY_SYSTEM`.
@@ -709,13 +719,14 @@ async fn authenticate(
                     return Err(auth_error(
                         format!(
                             "the server offers the SASL mechanisms {mechanisms:?}, and only \
-                             {SCRAM_SHA_256} is supported (channel binding needs TLS)"
+                             {SCRAM_SHA_256} is supported (channel binding is not implemented)"
                         ),
                         None,
                     ));
                 }
                 method = AuthMethod::ScramSha256;
-                // No TLS, so no channel binding: the client says it does not support it.
+                // No channel binding, over TLS neither: the client says it does not
+                // support it ('n'), which servers offering -PLUS accept.
                 let exchange =
                     ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                 frontend::sasl_initial_response(

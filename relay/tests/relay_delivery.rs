@@ -639,7 +639,7 @@ async fn transactional_logical_messages_with_the_prefix_are_routed_within_the_al
 
     let message = |id: &str, aggregate_type: &str| {
         serde_json::json!({
-            "id": id, "aggregatetype": aggregate_type, "aggregateid": "m-1",
+            "id": id, "aggregatetype": aggregate_type, "aggregateid": "key-0",
             "type": "Emitted", "payload": {"n": 1}, "headers": {"traceparent": "00-a-b-01"}
         })
         .to_string()
@@ -671,7 +671,7 @@ async fn transactional_logical_messages_with_the_prefix_are_routed_within_the_al
     tx.rollback().await.unwrap();
     // Dead-lettered: a topic outside the allow-list.
     emit(true, "outbox", message("not-allowed", "secret")).await;
-    // A row after them all marks the end.
+    // A row of the same key after them all marks the end (same partition: in order).
     let marker = Row::event(0, 1);
     db.write(std::slice::from_ref(&marker), false).await;
 
@@ -684,7 +684,7 @@ async fn transactional_logical_messages_with_the_prefix_are_routed_within_the_al
     let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
     assert_eq!(ids, ["routed", marker_id.as_str()]);
     let routed = &collector.received[0];
-    assert_eq!(routed.key, "m-1");
+    assert_eq!(routed.key, "key-0");
     assert_eq!(routed.payload, Some(serde_json::json!({"n": 1})));
     assert_eq!(
         routed.headers.get("traceparent").map(String::as_str),

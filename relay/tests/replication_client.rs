@@ -501,10 +501,12 @@ async fn the_server_answers_a_reply_request_with_a_keepalive() {
             .expect("the server answers a reply request at once")
             .unwrap()
             .unwrap();
+        // The answer may itself ask for a reply (the walsender's own ping timer can
+        // coincide); what matters is that it comes, stamped after the request.
         let ReplicationMessage::Keepalive {
             wal_end: answered,
             server_time_micros,
-            reply_requested,
+            ..
         } = message
         else {
             panic!("expected a keepalive, got {message:?}");
@@ -513,7 +515,6 @@ async fn the_server_answers_a_reply_request_with_a_keepalive() {
             continue;
         }
         assert!(answered >= wal_end);
-        assert!(!reply_requested, "the answer does not ask back");
         assert!(server_time_micros - requested_at < 5_000_000);
         break;
     }

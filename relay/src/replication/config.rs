@@ -1,6 +1,8 @@
 //! Where and as whom the replication client connects: parsed from a `postgres://` URL.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 /// The port PostgreSQL listens on unless told otherwise.
@@ -13,8 +15,97 @@ pub const DEFAULT_APPLICATION_NAME: &str = "outbox-relay";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The URL query parameters [`ConnectConfig::from_url`] understands.
-const SUPPORTED_PARAMETERS: &str =
-    "application_name, connect_timeout, sslmode, user, password, dbname, host, port";
+const SUPPORTED_PARAMETERS: &str = "application_name, connect_timeout, sslmode, sslrootcert, \
+     sslcert, sslkey, user, password, dbname, host, port";
+
+/// Whether and how the connection uses TLS: libpq's `sslmode`.
+///
+/// | mode | TLS | server certificate |
+/// | --- | --- | --- |
+/// | `disable` | never | - |
+/// | `allow`, `prefer` | if the server offers it, else plain | chain checked only when a root certificate is given |
+/// | `require` | always | chain checked only when a root certificate is given |
+/// | `verify-ca` | always | chain checked against the root certificate |
+/// | `verify-full` | always | chain and host name checked |
+///
+/// `prefer` is the default, as in libpq. `allow` (libpq: plain first, TLS only if the
+/// server insists) is treated like `prefer`. Without a root certificate, `prefer` and
+/// `require` encrypt but accept any certificate (the handshake signatures are still
+/// checked); `verify-ca` and `verify-full` need a root certificate (`sslrootcert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// Like [`SslMode::Prefer`].
+    Allow,
+    /// TLS when the server offers it, plain TCP when it answers that it does not.
+    #[default]
+    Prefer,
+    /// TLS or no connection.
+    Require,
+    /// TLS, with the server's certificate chain checked against the root
+    /// certificate; the host name is not checked.
+    VerifyCa,
+    /// TLS, with the chain checked and the certificate valid for the host name (or
+    /// IP address) connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The mode as written in a URL (`verify-full`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether a server that does not accept TLS is refused.
+    pub fn requires_tls(self) -> bool {
+        matches!(
+            self,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        )
+    }
+
+    /// Whether the server's certificate must chain to a root certificate, which
+    /// must therefore be configured.
+    pub fn verifies_certificate(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = ConfigError;
+
+    fn from_str(mode: &str) -> Result<SslMode, ConfigError> {
+        Ok(match mode {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => {
+                return Err(ConfigError::InvalidParameter {
+                    name: "sslmode",
+                    value: mode.to_owned(),
+                    expected: "disable, allow, prefer, require, verify-ca or verify-full",
+                })
+            }
+        })
+    }
+}
 
 /// A password: never shown by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
@@ -97,14 +188,23 @@ pub enum ConfigError {
         /// What it should be.
         expected: &'static str,
     },
-    /// An `sslmode` that requires TLS.
+    /// `verify-ca` or `verify-full` without `sslrootcert`.
     #[error(
-        "sslmode={sslmode} requires TLS, which the replication client does not support yet; \
-         use sslmode=disable (or prefer/allow, which connect without TLS)"
+        "sslmode={sslmode} checks the server's certificate and needs the certificate of the \
+         CA that signed it: add sslrootcert=/path/to/ca.crt (PEM) to the connection URL, or use \
+         sslmode=require to encrypt without checking"
     )]
-    TlsNotSupported {
+    MissingRootCert {
         /// The requested mode.
-        sslmode: String,
+        sslmode: SslMode,
+    },
+    /// Only one of `sslcert` and `sslkey`.
+    #[error("the connection URL has {given} but not {missing}: a client certificate needs both")]
+    IncompleteClientCert {
+        /// The parameter given.
+        given: &'static str,
+        /// The parameter missing.
+        missing: &'static str,
     },
 }
 
@@ -119,11 +219,22 @@ pub struct ConnectConfig {
     dbname: String,
     application_name: String,
     connect_timeout: Duration,
+    ssl_mode: SslMode,
+    ssl_root_cert: Option<PathBuf>,
+    ssl_client_cert: Option<ClientCert>,
+}
+
+/// A client certificate and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClientCert {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 impl ConnectConfig {
     /// A configuration for `user` on `dbname` at `host`, with the default port,
-    /// no password, the default application name and connect timeout.
+    /// no password, the default application name and connect timeout, and
+    /// [`SslMode::Prefer`] without root or client certificates.
     pub fn new(
         host: impl Into<String>,
         user: impl Into<String>,
@@ -137,6 +248,9 @@ impl ConnectConfig {
             dbname: dbname.into(),
             application_name: DEFAULT_APPLICATION_NAME.to_owned(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ssl_mode: SslMode::default(),
+            ssl_root_cert: None,
+            ssl_client_cert: None,
         }
     }
 
@@ -146,10 +260,13 @@ impl ConnectConfig {
     /// User, password, host, database and parameter values are percent-decoded. The
     /// port defaults to 5432, the host to `localhost`, the database to the user's
     /// name. Parameters: `application_name`, `connect_timeout` (whole seconds, at
-    /// least 1), `sslmode` (`disable`, `allow` and `prefer` connect without TLS;
-    /// `require`, `verify-ca` and `verify-full` are rejected until TLS is
-    /// supported), and `user`, `password`, `dbname`, `host`, `port`, which override
-    /// the URL's parts as in libpq.
+    /// least 1), `sslmode` (see [`SslMode`]; default `prefer`), `sslrootcert` (a PEM
+    /// file of trusted CA certificates; required by `verify-ca` and `verify-full`,
+    /// and when given, `prefer` and `require` check the chain too, as in libpq),
+    /// `sslcert` and `sslkey` (a client certificate and its key as PEM files, both or
+    /// neither), and `user`, `password`, `dbname`, `host`, `port`, which override the
+    /// URL's parts as in libpq. Empty `sslrootcert`, `sslcert` and `sslkey` values
+    /// count as not given. Files are read when connecting.
     pub fn from_url(url: &str) -> Result<ConnectConfig, ConfigError> {
         let rest = url
             .strip_prefix("postgres://")
@@ -188,6 +305,10 @@ impl ConnectConfig {
         let mut dbname = Some(percent_decode(path, "database name")?).filter(|d| !d.is_empty());
         let mut application_name = None;
         let mut connect_timeout = None;
+        let mut ssl_mode = SslMode::default();
+        let mut ssl_root_cert = None;
+        let mut ssl_cert = None;
+        let mut ssl_key = None;
 
         for pair in query.into_iter().flat_map(|q| q.split('&')) {
             if pair.is_empty() {
@@ -199,7 +320,10 @@ impl ConnectConfig {
             match name.as_str() {
                 "application_name" => application_name = Some(value),
                 "connect_timeout" => connect_timeout = Some(parse_connect_timeout(&value)?),
-                "sslmode" => check_sslmode(&value)?,
+                "sslmode" => ssl_mode = value.parse()?,
+                "sslrootcert" => ssl_root_cert = non_empty_path(value),
+                "sslcert" => ssl_cert = non_empty_path(value),
+                "sslkey" => ssl_key = non_empty_path(value),
                 "user" => user = Some(value).filter(|u| !u.is_empty()),
                 "password" => password = Some(Secret::new(value)),
                 "dbname" => dbname = Some(value).filter(|d| !d.is_empty()),
@@ -217,6 +341,25 @@ impl ConnectConfig {
             return Err(ConfigError::UnixSocket { host });
         }
         let user = user.ok_or(ConfigError::MissingUser)?;
+        if ssl_mode.verifies_certificate() && ssl_root_cert.is_none() {
+            return Err(ConfigError::MissingRootCert { sslmode: ssl_mode });
+        }
+        let ssl_client_cert = match (ssl_cert, ssl_key) {
+            (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::IncompleteClientCert {
+                    given: "sslcert",
+                    missing: "sslkey",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::IncompleteClientCert {
+                    given: "sslkey",
+                    missing: "sslcert",
+                })
+            }
+        };
         Ok(ConnectConfig {
             dbname: dbname.unwrap_or_else(|| user.clone()),
             host,
@@ -226,6 +369,9 @@ impl ConnectConfig {
             application_name: application_name
                 .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned()),
             connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            ssl_mode,
+            ssl_root_cert,
+            ssl_client_cert,
         })
     }
 
@@ -264,6 +410,23 @@ impl ConnectConfig {
         self.connect_timeout
     }
 
+    /// Whether and how TLS is used.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// The PEM file of CA certificates the server's certificate must chain to.
+    pub fn ssl_root_cert(&self) -> Option<&Path> {
+        self.ssl_root_cert.as_deref()
+    }
+
+    /// The client certificate and key PEM files, if the client presents one.
+    pub fn ssl_client_cert(&self) -> Option<(&Path, &Path)> {
+        self.ssl_client_cert
+            .as_ref()
+            .map(|c| (c.cert.as_path(), c.key.as_path()))
+    }
+
     /// Sets the port.
     pub fn with_port(mut self, port: u16) -> ConnectConfig {
         self.port = port;
@@ -285,6 +448,32 @@ impl ConnectConfig {
     /// Sets the connect timeout.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> ConnectConfig {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the TLS mode. `verify-ca` and `verify-full` also need
+    /// [`with_ssl_root_cert`](Self::with_ssl_root_cert), or connecting fails.
+    pub fn with_ssl_mode(mut self, mode: SslMode) -> ConnectConfig {
+        self.ssl_mode = mode;
+        self
+    }
+
+    /// Sets the PEM file of CA certificates the server's certificate must chain to.
+    pub fn with_ssl_root_cert(mut self, path: impl Into<PathBuf>) -> ConnectConfig {
+        self.ssl_root_cert = Some(path.into());
+        self
+    }
+
+    /// Sets a client certificate (chain) and its private key, both PEM files.
+    pub fn with_ssl_client_cert(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> ConnectConfig {
+        self.ssl_client_cert = Some(ClientCert {
+            cert: cert.into(),
+            key: key.into(),
+        });
         self
     }
 }
@@ -334,18 +523,9 @@ fn parse_connect_timeout(text: &str) -> Result<Duration, ConfigError> {
     }
 }
 
-fn check_sslmode(mode: &str) -> Result<(), ConfigError> {
-    match mode {
-        "disable" | "allow" | "prefer" => Ok(()),
-        "require" | "verify-ca" | "verify-full" => Err(ConfigError::TlsNotSupported {
-            sslmode: mode.to_owned(),
-        }),
-        _ => Err(ConfigError::InvalidParameter {
-            name: "sslmode",
-            value: mode.to_owned(),
-            expected: "disable, allow, prefer, require, verify-ca or verify-full",
-        }),
-    }
+/// A path parameter; empty means not given, as in libpq.
+fn non_empty_path(value: String) -> Option<PathBuf> {
+    Some(value).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
 /// Decodes `%XX` escapes (a `+` stays a `+`, as in libpq).
@@ -422,33 +602,137 @@ mod tests {
     }
 
     #[test]
-    fn accepts_sslmodes_that_work_without_tls() {
-        for mode in ["disable", "allow", "prefer"] {
-            ConnectConfig::from_url(&format!("postgres://u@h/d?sslmode={mode}")).unwrap();
+    fn sslmode_defaults_to_prefer_without_certificates() {
+        for config in [
+            ConnectConfig::from_url("postgres://u@h/d").unwrap(),
+            ConnectConfig::new("h", "u", "d"),
+        ] {
+            assert_eq!(config.ssl_mode(), SslMode::Prefer);
+            assert_eq!(config.ssl_root_cert(), None);
+            assert_eq!(config.ssl_client_cert(), None);
         }
     }
 
     #[test]
-    fn rejects_sslmodes_that_need_tls_with_a_clear_message() {
-        for mode in ["require", "verify-ca", "verify-full"] {
+    fn parses_every_sslmode() {
+        let modes = [
+            ("disable", SslMode::Disable),
+            ("allow", SslMode::Allow),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ];
+        for (text, mode) in modes {
+            let config = ConnectConfig::from_url(&format!(
+                "postgres://u@h/d?sslmode={text}&sslrootcert=%2Fetc%2Fca%20file.crt"
+            ))
+            .unwrap();
+            assert_eq!(config.ssl_mode(), mode);
+            assert_eq!(mode.as_str(), text);
+            assert_eq!(mode.to_string(), text);
+            assert_eq!(text.parse::<SslMode>(), Ok(mode));
+            assert_eq!(
+                config.ssl_root_cert(),
+                Some(Path::new("/etc/ca file.crt")),
+                "{text}"
+            );
+        }
+        assert!(SslMode::Require.requires_tls() && !SslMode::Prefer.requires_tls());
+        assert!(SslMode::VerifyCa.verifies_certificate());
+        assert!(!SslMode::Require.verifies_certificate());
+    }
+
+    #[test]
+    fn tls_without_verification_needs_no_root_certificate() {
+        for mode in ["disable", "allow", "prefer", "require"] {
+            let config =
+                ConnectConfig::from_url(&format!("postgres://u@h/d?sslmode={mode}")).unwrap();
+            assert_eq!(config.ssl_root_cert(), None);
+        }
+        // An empty value counts as not given.
+        let config =
+            ConnectConfig::from_url("postgres://u@h/d?sslrootcert=&sslmode=require").unwrap();
+        assert_eq!(config.ssl_root_cert(), None);
+    }
+
+    #[test]
+    fn verifying_modes_need_a_root_certificate() {
+        for (text, mode) in [
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            for url in [
+                format!("postgres://u@h/d?sslmode={text}"),
+                format!("postgres://u@h/d?sslmode={text}&sslrootcert="),
+            ] {
+                let err = ConnectConfig::from_url(&url).unwrap_err();
+                assert_eq!(err, ConfigError::MissingRootCert { sslmode: mode });
+                let message = err.to_string();
+                assert!(message.contains(&format!("sslmode={text}")), "{message}");
+                assert!(message.contains("sslrootcert="), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_sslmodes_with_a_clear_message() {
+        for bad in ["maybe", "VERIFY-FULL", "verify_full", "", "on"] {
             let err =
-                ConnectConfig::from_url(&format!("postgres://u@h/d?sslmode={mode}")).unwrap_err();
+                ConnectConfig::from_url(&format!("postgres://u@h/d?sslmode={bad}")).unwrap_err();
             assert_eq!(
                 err,
-                ConfigError::TlsNotSupported {
-                    sslmode: mode.to_owned()
+                ConfigError::InvalidParameter {
+                    name: "sslmode",
+                    value: bad.to_owned(),
+                    expected: "disable, allow, prefer, require, verify-ca or verify-full",
                 }
             );
-            assert!(err.to_string().contains("TLS"), "{err}");
-            assert!(err.to_string().contains("not support"), "{err}");
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("invalid value {bad:?} for sslmode")),
+                "{message}"
+            );
+            assert!(message.contains("verify-full"), "{message}");
         }
-        assert!(matches!(
-            ConnectConfig::from_url("postgres://u@h/d?sslmode=maybe"),
-            Err(ConfigError::InvalidParameter {
-                name: "sslmode",
-                ..
+    }
+
+    #[test]
+    fn parses_a_client_certificate_pair() {
+        let config = ConnectConfig::from_url(
+            "postgres://u@h/d?sslcert=%2Fkeys%2Fclient.crt&sslkey=%2Fkeys%2Fclient.key",
+        )
+        .unwrap();
+        assert_eq!(
+            config.ssl_client_cert(),
+            Some((Path::new("/keys/client.crt"), Path::new("/keys/client.key")))
+        );
+        assert_eq!(
+            ConnectConfig::from_url("postgres://u@h/d?sslcert=c.crt"),
+            Err(ConfigError::IncompleteClientCert {
+                given: "sslcert",
+                missing: "sslkey"
             })
-        ));
+        );
+        let err = ConnectConfig::from_url("postgres://u@h/d?sslkey=c.key").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the connection URL has sslkey but not sslcert: a client certificate needs both"
+        );
+    }
+
+    #[test]
+    fn builder_sets_tls_settings() {
+        let config = ConnectConfig::new("h", "u", "d")
+            .with_ssl_mode(SslMode::VerifyFull)
+            .with_ssl_root_cert("/ca.crt")
+            .with_ssl_client_cert("/c.crt", "/c.key");
+        assert_eq!(config.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(config.ssl_root_cert(), Some(Path::new("/ca.crt")));
+        assert_eq!(
+            config.ssl_client_cert(),
+            Some((Path::new("/c.crt"), Path::new("/c.key")))
+        );
     }
 
     #[test]
@@ -514,7 +798,8 @@ mod tests {
         let secret = config.password().unwrap();
         assert!(!format!("{secret:?}").contains("hunter2"));
         assert!(!secret.to_string().contains("hunter2"));
-        let err = ConnectConfig::from_url("postgres://u:hunter2@h/d?sslmode=require").unwrap_err();
+        let err =
+            ConnectConfig::from_url("postgres://u:hunter2@h/d?sslmode=verify-full").unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
     }
 }

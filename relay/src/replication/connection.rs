@@ -61,6 +61,11 @@ impl Connection {
         &self.peer
     }
 
+    /// Whether the connection is encrypted with TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.transport.is_tls()
+    }
+
     /// A parameter the server reported with ParameterStatus.
     pub(crate) fn parameter(&self, name: &str) -> Option<&str> {
         self.parameters.get(name).map(String::as_str)

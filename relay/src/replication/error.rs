@@ -4,7 +4,9 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
+use super::config::SslMode;
 use super::protocol::ProtocolError;
+use super::tls::TlsSetupError;
 
 /// An ErrorResponse from the server, with the fields worth keeping.
 ///
@@ -99,7 +101,7 @@ impl std::error::Error for ServerError {}
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReplicationError {
-    /// The TCP connection could not be opened.
+    /// The TCP connection could not be opened, or broke during TLS negotiation.
     #[error("cannot connect to PostgreSQL at {host}:{port}")]
     Connect {
         /// Host as configured.
@@ -109,6 +111,60 @@ pub enum ReplicationError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// The TLS settings cannot be used (a missing or unreadable certificate file,
+    /// `verify-*` without a root certificate, a host name TLS cannot check).
+    #[error("cannot set up TLS for PostgreSQL at {host}:{port}")]
+    TlsSetup {
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// What is wrong with the settings (boxed: it is large and rare).
+        #[source]
+        source: Box<TlsSetupError>,
+    },
+    /// The server answered the SSLRequest with `N` and the `sslmode` requires TLS.
+    #[error(
+        "PostgreSQL at {host}:{port} does not accept TLS connections, and sslmode={sslmode} \
+         requires TLS (turn ssl on in the server's configuration, or use sslmode=prefer)"
+    )]
+    TlsRefused {
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// The configured mode.
+        sslmode: SslMode,
+    },
+    /// The server's certificate did not pass the check `sslmode` asks for (unknown
+    /// issuer, expired, not valid for the host name, ...).
+    #[error(
+        "the TLS certificate of PostgreSQL at {host}:{port} was not trusted (sslmode={sslmode})"
+    )]
+    UntrustedCertificate {
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// The configured mode.
+        sslmode: SslMode,
+        /// rustls' verdict (boxed: it is large and rare).
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// The TLS handshake failed for another reason than the certificate (no common
+    /// protocol version or cipher suite, an alert from the server, for example
+    /// when it refuses the client certificate).
+    #[error("the TLS handshake with PostgreSQL at {host}:{port} failed")]
+    TlsHandshake {
+        /// Host as configured.
+        host: String,
+        /// Port as configured.
+        port: u16,
+        /// rustls' error (boxed: it is large and rare).
+        #[source]
+        source: Box<rustls::Error>,
     },
     /// TCP connect, startup and authentication together took longer than allowed.
     #[error("connecting to PostgreSQL at {host}:{port} timed out after {timeout:?}")]
@@ -201,10 +257,13 @@ pub enum ReplicationError {
 impl ReplicationError {
     /// Whether reconnecting and trying again can help.
     ///
-    /// I/O errors, a closed connection, timeouts and the transient server errors of
-    /// [`ServerError::is_transient`] are transient. Authentication failures, errors
-    /// about the slot (missing: 42704; active elsewhere: 55006), missing privileges
-    /// (42501), protocol violations and invalid arguments are not.
+    /// I/O errors (also during the TLS handshake), a closed connection, timeouts and
+    /// the transient server errors of [`ServerError::is_transient`] are transient.
+    /// Authentication failures, errors about the slot (missing: 42704; active
+    /// elsewhere: 55006), missing privileges (42501), protocol violations, invalid
+    /// arguments, unusable TLS settings, a server without TLS where TLS is
+    /// required, an untrusted certificate and a TLS handshake rustls rejected are
+    /// not.
     pub fn is_transient(&self) -> bool {
         match self {
             ReplicationError::Connect { .. }
@@ -215,7 +274,11 @@ impl ReplicationError {
             ReplicationError::AuthenticationFailed { .. }
             | ReplicationError::Authentication { .. }
             | ReplicationError::Protocol { .. }
-            | ReplicationError::InvalidArgument { .. } => false,
+            | ReplicationError::InvalidArgument { .. }
+            | ReplicationError::TlsSetup { .. }
+            | ReplicationError::TlsRefused { .. }
+            | ReplicationError::UntrustedCertificate { .. }
+            | ReplicationError::TlsHandshake { .. } => false,
         }
     }
 
@@ -313,6 +376,49 @@ mod tests {
         assert!(!auth.is_transient());
         assert_eq!(auth.sqlstate(), Some("28P01"));
         assert!(auth.to_string().contains("\"relay\""), "{auth}");
+    }
+
+    #[test]
+    fn tls_failures_are_definite() {
+        let refused = ReplicationError::TlsRefused {
+            host: "h".into(),
+            port: 1,
+            sslmode: SslMode::VerifyFull,
+        };
+        assert!(!refused.is_transient());
+        assert!(
+            refused
+                .to_string()
+                .contains("sslmode=verify-full requires TLS"),
+            "{refused}"
+        );
+        let untrusted = ReplicationError::UntrustedCertificate {
+            host: "h".into(),
+            port: 1,
+            sslmode: SslMode::VerifyCa,
+            source: Box::new(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+        };
+        assert!(!untrusted.is_transient());
+        assert_eq!(
+            untrusted.to_string(),
+            "the TLS certificate of PostgreSQL at h:1 was not trusted (sslmode=verify-ca)"
+        );
+        let setup = ReplicationError::TlsSetup {
+            host: "h".into(),
+            port: 1,
+            source: Box::new(TlsSetupError::MissingRootCert {
+                sslmode: SslMode::VerifyFull,
+            }),
+        };
+        assert!(!setup.is_transient());
+        let handshake = ReplicationError::TlsHandshake {
+            host: "h".into(),
+            port: 1,
+            source: Box::new(rustls::Error::HandshakeNotComplete),
+        };
+        assert!(!handshake.is_transient());
     }
 
     #[test]
