@@ -194,45 +194,77 @@ impl OutboxLayout {
         let key = text(&self.aggregate_id, "aggregate id")?.unwrap_or_default();
         let event_type = text(&self.event_type, "event type")?.unwrap_or_default();
         let payload = match text(&self.payload, "payload") {
-            Ok(p) => p.map(|p| match outbox.payload_format {
-                PayloadFormat::Json => Bytes::copy_from_slice(p.as_bytes()),
-                PayloadFormat::JsonString => Bytes::from(serde_json::Value::from(p).to_string()),
-            }),
+            Ok(p) => p,
             Err(BadRow::Null { .. }) => None,
             Err(other) => return Err(other),
         };
-
-        let mut headers = vec![
-            (HEADER_ID.to_owned(), Bytes::copy_from_slice(id.as_bytes())),
-            (
-                HEADER_TYPE.to_owned(),
-                Bytes::copy_from_slice(event_type.as_bytes()),
-            ),
-        ];
-        if let Some(column) = &self.headers {
-            match text(column, "headers") {
-                Ok(Some(json)) => headers.extend(header_entries(&column.1, json)?),
-                Err(BadRow::Null { .. }) | Ok(None) => {}
+        let extra = match &self.headers {
+            Some(column) => match text(column, "headers") {
+                Ok(Some(json)) => header_entries(&column.1, json)?,
+                Err(BadRow::Null { .. }) | Ok(None) => Vec::new(),
                 Err(other) => return Err(other),
-            }
-        }
-        headers.push((
-            HEADER_COMMIT_LSN.to_owned(),
-            Bytes::from(position.commit_lsn.to_string()),
-        ));
-        headers.push((
-            HEADER_INDEX.to_owned(),
-            Bytes::from(position.index.to_string()),
-        ));
-
-        Ok(OutboxRecord {
-            topic: outbox.topic_template.render(aggregate_type),
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            payload,
-            headers,
-            id,
+            },
+            None => Vec::new(),
+        };
+        Ok(assemble(
+            outbox,
+            outbox.topic_template.render(aggregate_type),
+            Event {
+                id,
+                key,
+                event_type,
+                payload,
+            },
+            extra,
             position,
-        })
+        ))
+    }
+}
+
+/// The parts of an event, read from a row or a logical message.
+struct Event<'a> {
+    id: String,
+    key: &'a str,
+    event_type: &'a str,
+    /// The payload's JSON text; `None` for a record without value.
+    payload: Option<&'a str>,
+}
+
+/// The record for `event`: the payload in the configured format, and the headers
+/// in their documented order (`id`, `type`, the extra entries, the position).
+fn assemble(
+    outbox: &OutboxConfig,
+    topic: String,
+    event: Event<'_>,
+    extra: Vec<(String, Bytes)>,
+    position: Position,
+) -> OutboxRecord {
+    let payload = event.payload.map(|p| match outbox.payload_format {
+        PayloadFormat::Json => Bytes::copy_from_slice(p.as_bytes()),
+        PayloadFormat::JsonString => Bytes::from(serde_json::Value::from(p).to_string()),
+    });
+    let mut headers = Vec::with_capacity(extra.len() + 4);
+    headers.push((HEADER_ID.to_owned(), Bytes::from(event.id.clone())));
+    headers.push((
+        HEADER_TYPE.to_owned(),
+        Bytes::copy_from_slice(event.event_type.as_bytes()),
+    ));
+    headers.extend(extra);
+    headers.push((
+        HEADER_COMMIT_LSN.to_owned(),
+        Bytes::from(position.commit_lsn.to_string()),
+    ));
+    headers.push((
+        HEADER_INDEX.to_owned(),
+        Bytes::from(position.index.to_string()),
+    ));
+    OutboxRecord {
+        topic,
+        key: Bytes::copy_from_slice(event.key.as_bytes()),
+        payload,
+        headers,
+        id: event.id,
+        position,
     }
 }
 
@@ -273,41 +305,24 @@ pub fn route_message(
     }
     let payload = match object.get(columns.payload.as_str()) {
         None | Some(serde_json::Value::Null) => None,
-        Some(value) => {
-            let text = value.to_string();
-            Some(match outbox.payload_format {
-                PayloadFormat::Json => Bytes::from(text),
-                PayloadFormat::JsonString => Bytes::from(serde_json::Value::from(text).to_string()),
-            })
-        }
+        Some(value) => Some(value.to_string()),
     };
-    let mut headers = vec![
-        (HEADER_ID.to_owned(), Bytes::from(id.clone())),
-        (HEADER_TYPE.to_owned(), Bytes::from(event_type)),
-    ];
-    match object.get(columns.headers.as_str()) {
-        None | Some(serde_json::Value::Null) => {}
-        Some(value) => headers.extend(header_entries(
-            columns.headers.as_str(),
-            &value.to_string(),
-        )?),
-    }
-    headers.push((
-        HEADER_COMMIT_LSN.to_owned(),
-        Bytes::from(position.commit_lsn.to_string()),
-    ));
-    headers.push((
-        HEADER_INDEX.to_owned(),
-        Bytes::from(position.index.to_string()),
-    ));
-    Ok(OutboxRecord {
+    let extra = match object.get(columns.headers.as_str()) {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(value) => header_entries(columns.headers.as_str(), &value.to_string())?,
+    };
+    Ok(assemble(
+        outbox,
         topic,
-        key: Bytes::from(key),
-        payload,
-        headers,
-        id,
+        Event {
+            id,
+            key: &key,
+            event_type: &event_type,
+            payload: payload.as_deref(),
+        },
+        extra,
         position,
-    })
+    ))
 }
 
 /// The entries of a jsonb headers object, in the object's order.
