@@ -34,13 +34,20 @@ pub async fn init(config: &RelayConfig) -> Result<String, RelayError> {
     } else {
         "exists"
     };
-    Ok(format!(
+    let mut summary = format!(
         "publication {} {publication} (table {})\nslot {} {slot}, confirmed position {}",
         config.postgres.publication,
         config.postgres.table,
         prepared.slot.name,
         prepared.slot.confirmed
-    ))
+    );
+    if prepared.slot.snapshot.is_some() {
+        summary.push_str(
+            "\ninitial snapshot pending: the first start publishes the rows already in the \
+             outbox table, then streams",
+        );
+    }
+    Ok(summary)
 }
 
 /// One line of a check report.

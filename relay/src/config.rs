@@ -90,6 +90,12 @@ pub struct Args {
     #[arg(long, env = "OUTBOX_RELAY_STATUS_INTERVAL_MS", value_name = "MS")]
     pub status_interval_ms: Option<u64>,
 
+    /// Whether a new slot starts with publishing the rows already in the outbox
+    /// table (`initial`, like Debezium's snapshot.mode=initial) or not (`never`)
+    /// [default: initial].
+    #[arg(long, env = "OUTBOX_RELAY_SNAPSHOT_MODE", value_name = "MODE")]
+    pub snapshot_mode: Option<InitialSnapshot>,
+
     /// Milliseconds between heartbeats: a transactional pg_logical_emit_message that
     /// keeps the slot moving on an idle database and proves the stream alive; 0 turns
     /// them off [default: 10000].
@@ -238,6 +244,7 @@ struct FilePostgres {
     create_publication: Option<bool>,
     table: Option<String>,
     status_interval_ms: Option<u64>,
+    snapshot_mode: Option<InitialSnapshot>,
     heartbeat_interval_ms: Option<u64>,
     slot_busy_timeout_ms: Option<u64>,
 }
@@ -424,6 +431,17 @@ pub struct MessageRouting {
     pub topics: Vec<String>,
 }
 
+/// What a new slot starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitialSnapshot {
+    /// Publish the rows already in the outbox table, then stream.
+    #[default]
+    Initial,
+    /// Only stream what commits after the slot exists.
+    Never,
+}
+
 /// How the payload column becomes the Kafka value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -449,6 +467,8 @@ pub struct PostgresConfig {
     pub status_interval: Duration,
     /// `None`: no heartbeats.
     pub heartbeat_interval: Option<Duration>,
+    /// What a new slot starts with.
+    pub snapshot: InitialSnapshot,
     pub slot_busy_timeout: Duration,
 }
 
@@ -549,6 +569,7 @@ impl RelayConfig {
                 },
                 status_interval: Duration::from_millis(DEFAULT_STATUS_INTERVAL_MS),
                 heartbeat_interval: Some(Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS)),
+                snapshot: InitialSnapshot::Initial,
                 slot_busy_timeout: Duration::from_millis(DEFAULT_SLOT_BUSY_TIMEOUT_MS),
             },
             outbox: OutboxConfig {
@@ -615,6 +636,9 @@ impl RelayConfig {
         }
         if let Some(v) = args.status_interval_ms.or(file.postgres.status_interval_ms) {
             pg.status_interval = Duration::from_millis(v);
+        }
+        if let Some(v) = args.snapshot_mode.or(file.postgres.snapshot_mode) {
+            pg.snapshot = v;
         }
         if let Some(v) = args
             .heartbeat_interval_ms

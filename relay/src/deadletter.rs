@@ -189,6 +189,27 @@ pub fn refused(
     )
 }
 
+/// The dead letter replacing a record the producer or broker refused, or `None`
+/// when the record must stop the relay instead: no dead-letter topic, an error that
+/// is not definite, or a record that is itself a dead letter.
+pub fn replacement(
+    dlq: Option<&str>,
+    summary: &RecordSummary,
+    error: &rdkafka::error::KafkaError,
+) -> Option<(Reason, OutboxRecord)> {
+    let dlq = dlq?;
+    if summary.letter.is_some() || !crate::kafka::is_definite(error) {
+        return None;
+    }
+    let reason = if crate::kafka::is_too_large(error) {
+        Reason::TooLarge
+    } else {
+        Reason::Undeliverable
+    };
+    tracing::warn!(position = %summary.position, topic = %summary.topic, %error, dlq, "dead-lettering a refused record");
+    Some((reason, refused(dlq, summary, reason, &error.to_string())))
+}
+
 fn envelope(reason: Reason, text: &str, position: Position) -> Map<String, Value> {
     let mut body = Map::new();
     body.insert("reason".to_owned(), Value::String(text.to_owned()));

@@ -27,6 +27,7 @@ pub mod replication;
 pub mod routing;
 pub mod runner;
 pub mod setup;
+pub mod snapshot;
 
 pub use config::RelayConfig;
 pub use lsn::Lsn;

@@ -48,7 +48,7 @@ use crate::config::RelayConfig;
 use crate::deadletter::{self, Reason, RecordSummary};
 use crate::health::Health;
 use crate::heartbeat::HEARTBEAT_PREFIX;
-use crate::kafka::{is_definite, is_too_large, KafkaSink, SendError, TopicError};
+use crate::kafka::{KafkaSink, SendError, TopicError};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, LogicalMessage};
 use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
@@ -584,20 +584,11 @@ impl<'a> Session<'a> {
         summary: &RecordSummary,
         error: &KafkaError,
     ) -> Option<(Reason, OutboxRecord)> {
-        let dlq = self.config.outbox.dead_letter_topic.as_ref()?;
-        if summary.letter.is_some() || !is_definite(error) {
-            return None;
-        }
-        let reason = if is_too_large(error) {
-            Reason::TooLarge
-        } else {
-            Reason::Undeliverable
-        };
-        tracing::warn!(position = %summary.position, topic = %summary.topic, %error, dlq = %dlq, "dead-lettering a refused record");
-        Some((
-            reason,
-            deadletter::refused(dlq, summary, reason, &error.to_string()),
-        ))
+        deadletter::replacement(
+            self.config.outbox.dead_letter_topic.as_deref(),
+            summary,
+            error,
+        )
     }
 
     fn delivered(&mut self, (txn, summary, result): DeliveryResult) -> Result<(), StreamError> {

@@ -194,6 +194,11 @@ async fn session(
         .map_err(RelayError::Connect)?;
     let database = connect.dbname().to_owned();
     let slot = setup::prepare(&mut client, config, &database).await?.slot;
+    if let Some(snapshot) = &slot.snapshot {
+        // `client` created the slot and stays idle meanwhile: its exported snapshot
+        // stays valid until START_REPLICATION.
+        crate::snapshot::publish(config, connect, sink, &slot.name, snapshot, &observe.0).await?;
+    }
     let stream = start(client, connect, config, &slot).await?;
     *backoff = FIRST_BACKOFF;
     observe.1.streaming();

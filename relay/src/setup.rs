@@ -4,7 +4,7 @@
 //! Each part is first *inspected* (read-only, used by `outbox-relay check`), then
 //! created when missing and allowed (`outbox-relay init` and every start).
 
-use crate::config::{quote_ident, RelayConfig};
+use crate::config::{quote_ident, InitialSnapshot, RelayConfig};
 use crate::replication::{ReplicationClient, ReplicationError, SnapshotMode};
 use crate::Lsn;
 
@@ -47,6 +47,11 @@ pub enum SetupError {
          slot, run `outbox-relay init`, and recover the missed rows from the outbox table"
     )]
     SlotInvalidated(String),
+    #[error(
+        "cannot create the snapshot record table {0}: grant CREATE on its schema, create it \
+         (sql/shared/0004_outbox_relay_snapshots.sql), or set snapshot_mode = \"never\""
+    )]
+    SnapshotTable(String, #[source] ReplicationError),
     #[error("unexpected answer to {query}: {answer}")]
     Unexpected { query: &'static str, answer: String },
     #[error("{doing} failed")]
@@ -72,7 +77,24 @@ pub struct SlotState {
     pub confirmed: Lsn,
     /// Whether this call created it.
     pub created: bool,
+    /// An initial snapshot that must be published before streaming.
+    pub snapshot: Option<PendingSnapshot>,
 }
+
+/// An initial snapshot not yet completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSnapshot {
+    /// The snapshot the slot exported when this call created it: valid while the
+    /// creating connection stays idle, and exactly consistent with the slot. `None`
+    /// after a restart: the table is then read as it is now (rows committed since
+    /// the slot's creation may be published twice, never missed).
+    pub exported: Option<String>,
+    /// The slot's consistent point, the position of snapshot records.
+    pub position: Lsn,
+}
+
+/// The table recording initial snapshots, in the outbox table's schema.
+pub const SNAPSHOT_TABLE: &str = "outbox_relay_snapshots";
 
 /// What the database holds of the publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,12 +297,27 @@ async fn ensure_slot(
     database: &str,
 ) -> Result<SlotState, SetupError> {
     let slot = config.slot_name(database);
+    let snapshots = config.postgres.snapshot == InitialSnapshot::Initial;
     match inspect_slot(client, &slot, database).await? {
-        SlotInspection::Ready { confirmed, .. } => Ok(SlotState {
-            name: slot,
-            confirmed,
-            created: false,
-        }),
+        SlotInspection::Ready { confirmed, .. } => {
+            // A snapshot begun before a crash is published again.
+            let snapshot = if snapshots {
+                pending_snapshot(client, config, &slot)
+                    .await?
+                    .map(|position| PendingSnapshot {
+                        exported: None,
+                        position: position.unwrap_or(confirmed),
+                    })
+            } else {
+                None
+            };
+            Ok(SlotState {
+                name: slot,
+                confirmed,
+                created: false,
+                snapshot,
+            })
+        }
         SlotInspection::Invalidated => Err(SetupError::SlotInvalidated(slot)),
         SlotInspection::Mismatch { found } => Err(SetupError::SlotMismatch {
             slot,
@@ -288,21 +325,141 @@ async fn ensure_slot(
             database: database.to_owned(),
         }),
         SlotInspection::Missing => {
+            // The snapshot is recorded as begun before the slot exists: a crash
+            // between the two must not leave a slot whose snapshot never happened.
+            if snapshots {
+                begin_snapshot(client, config, &slot).await?;
+            }
+            let mode = if snapshots {
+                SnapshotMode::Export
+            } else {
+                SnapshotMode::NoExport
+            };
             let created = client
-                .create_logical_slot(&slot, PLUGIN, SnapshotMode::NoExport, false)
+                .create_logical_slot(&slot, PLUGIN, mode, false)
                 .await
                 .map_err(|source| SetupError::Server {
                     doing: "creating the slot",
                     source,
                 })?;
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created slot");
+            let snapshot = snapshots.then(|| PendingSnapshot {
+                exported: created.snapshot_name.clone(),
+                position: created.consistent_point,
+            });
             Ok(SlotState {
                 name: slot,
                 confirmed: created.consistent_point,
                 created: true,
+                snapshot,
             })
         }
     }
+}
+
+/// The snapshot table, qualified with the outbox table's schema.
+pub fn snapshot_table(config: &RelayConfig) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(&config.postgres.table.schema),
+        quote_ident(SNAPSHOT_TABLE)
+    )
+}
+
+/// Records that the slot's initial snapshot has begun (creating the record table
+/// when the schema lacks it).
+async fn begin_snapshot(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+    slot: &str,
+) -> Result<(), SetupError> {
+    let table = snapshot_table(config);
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {table} (slot_name text PRIMARY KEY, consistent_point pg_lsn, \
+         rows_published bigint, started_at timestamptz NOT NULL DEFAULT now(), completed_at timestamptz)"
+    );
+    query(client, "creating the snapshot record table", &create)
+        .await
+        .map_err(|e| match e {
+            SetupError::Server { source, .. } if source.sqlstate() == Some("42501") => {
+                SetupError::SnapshotTable(table.clone(), source)
+            }
+            other => other,
+        })?;
+    let record = format!(
+        "INSERT INTO {table} (slot_name) VALUES ({}) ON CONFLICT (slot_name) DO UPDATE \
+         SET consistent_point = NULL, rows_published = NULL, started_at = now(), completed_at = NULL",
+        quote_literal(slot)
+    );
+    query(client, "recording the initial snapshot", &record).await?;
+    Ok(())
+}
+
+/// `Some(position)` when the slot has a snapshot record without completion
+/// (`position` is `None` when the slot's creation was not recorded).
+async fn pending_snapshot(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+    slot: &str,
+) -> Result<Option<Option<Lsn>>, SetupError> {
+    let table = &config.postgres.table;
+    let exists = format!(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = {} AND c.relname = {}",
+        quote_literal(&table.schema),
+        quote_literal(SNAPSHOT_TABLE)
+    );
+    if query(client, "looking for the snapshot record table", &exists)
+        .await?
+        .is_empty()
+    {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT consistent_point::text FROM {} WHERE slot_name = {} AND completed_at IS NULL",
+        snapshot_table(config),
+        quote_literal(slot)
+    );
+    let rows = query(client, "reading the snapshot record", &sql).await?;
+    Ok(rows.first().map(|row| {
+        row.first()
+            .cloned()
+            .flatten()
+            .and_then(|lsn| lsn.parse().ok())
+    }))
+}
+
+/// Records the consistent point of a snapshot that began, once the slot exists.
+pub async fn snapshot_position(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+    slot: &str,
+    position: Lsn,
+) -> Result<(), SetupError> {
+    let sql = format!(
+        "UPDATE {} SET consistent_point = {} WHERE slot_name = {}",
+        snapshot_table(config),
+        quote_literal(&position.to_string()),
+        quote_literal(slot)
+    );
+    query(client, "recording the snapshot position", &sql).await?;
+    Ok(())
+}
+
+/// Records that the slot's initial snapshot was published completely.
+pub async fn complete_snapshot(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+    slot: &str,
+    rows: u64,
+) -> Result<(), SetupError> {
+    let sql = format!(
+        "UPDATE {} SET completed_at = now(), rows_published = {rows} WHERE slot_name = {}",
+        snapshot_table(config),
+        quote_literal(slot)
+    );
+    query(client, "recording the completed snapshot", &sql).await?;
+    Ok(())
 }
 
 fn single(rows: &[Vec<Option<String>>], query: &'static str) -> Result<String, SetupError> {

@@ -12,7 +12,13 @@ async fn migrations_create_shared_and_own_tables() {
     .fetch_all(db.pool())
     .await
     .unwrap();
-    let mut expected = vec!["payments", "outbox", "processed_messages", "saga_state"];
+    let mut expected = vec![
+        "payments",
+        "outbox",
+        "outbox_relay_snapshots",
+        "processed_messages",
+        "saga_state",
+    ];
     expected.sort_unstable();
     assert_eq!(tables, expected);
 }
