@@ -114,3 +114,37 @@ async fn check_names_a_missing_table_a_missing_column_and_an_unreachable_broker(
             .unwrap();
     assert_eq!(slots, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_the_same_slot_says_the_slot_is_in_use() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let settings = RelaySettings::new(&db, &brokers);
+    let _first = Relay::start(&settings);
+    let walsender = db.wait_for_streaming().await;
+
+    let second = Relay::start(
+        &settings
+            .clone()
+            .with("OUTBOX_RELAY_SLOT_BUSY_TIMEOUT_MS", 2000),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = second.http_get("/health").await;
+        if status == 503 && body.contains("\"failed\"") {
+            assert!(body.contains("still in use by another process"), "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/health answered {status} {body}; log:\n{}",
+            second.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        db.slot_pid().await,
+        Some(Some(walsender)),
+        "the first relay lost its slot"
+    );
+}
