@@ -200,12 +200,8 @@ async fn other_tables_updates_and_deletes_are_not_published() {
     let marker = Row::event(0, 3);
     db.write(std::slice::from_ref(&marker), false).await;
 
-    let mut collector = Collector::new(&brokers, &[settings.topic("order")], 3).await;
     let marker_id = marker.id.to_string();
-    collector
-        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
-        .await;
-    collector.drain_for(Duration::from_secs(1)).await;
+    let collector = Collector::through(&brokers, &[settings.topic("order")], &marker_id).await;
     let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
     assert_eq!(ids, [a.id.to_string(), b.id.to_string(), marker_id]);
     assert_eq!(collector.received[0].payload, Some(a.payload));
@@ -534,12 +530,8 @@ async fn rows_that_cannot_be_delivered_are_dead_lettered_and_the_stream_goes_on(
         .await;
     db.write(std::slice::from_ref(&last), false).await;
 
-    let mut collector = Collector::new(&brokers, &[settings.topic("order")], 3).await;
     let last_id = last.id.to_string();
-    collector
-        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == last_id))
-        .await;
-    collector.drain_for(Duration::from_secs(1)).await;
+    let collector = Collector::through(&brokers, &[settings.topic("order")], &last_id).await;
     let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
     assert_eq!(ids, [first.id.to_string(), last_id.clone()]);
 
@@ -675,12 +667,9 @@ async fn transactional_logical_messages_with_the_prefix_are_routed_within_the_al
     let marker = Row::event(0, 1);
     db.write(std::slice::from_ref(&marker), false).await;
 
-    let mut collector = Collector::new(&brokers, std::slice::from_ref(&order_topic), 3).await;
     let marker_id = marker.id.to_string();
-    collector
-        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
-        .await;
-    collector.drain_for(Duration::from_secs(1)).await;
+    let collector =
+        Collector::through(&brokers, std::slice::from_ref(&order_topic), &marker_id).await;
     let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
     assert_eq!(ids, ["routed", marker_id.as_str()]);
     let routed = &collector.received[0];

@@ -458,6 +458,17 @@ impl Collector {
         }
     }
 
+    /// Subscribes to `topics` and reads until a record with id `id` arrived, then
+    /// whatever else comes within a second.
+    pub async fn through(brokers: &str, topics: &[String], id: &str) -> Collector {
+        let mut collector = Collector::new(brokers, topics, 3).await;
+        collector
+            .until(Duration::from_secs(60), |r| r.iter().any(|x| x.id() == id))
+            .await;
+        collector.drain_for(Duration::from_secs(1)).await;
+        collector
+    }
+
     /// Reads until `done(received)` holds, failing after `timeout` without progress.
     pub async fn until(&mut self, timeout: Duration, done: impl Fn(&[Received]) -> bool) {
         let mut stream = self.consumer.stream();
