@@ -16,11 +16,13 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod broker;
+mod cluster;
 mod database;
 mod kafka;
 mod settings;
 
 pub use broker::{free_port, PrivateBroker};
+pub use cluster::PrivateCluster;
 pub use database::TestDatabase;
 pub use kafka::{
     consumer_config, consumer_config_on, create_topic, create_topic_on, producer_config,

@@ -150,7 +150,7 @@ pub fn settings() -> &'static Settings {
 }
 
 /// The settings file: `OUTBOX_SETTINGS_FILE`, else `.local/env` at the workspace root.
-fn settings_file() -> PathBuf {
+pub(crate) fn settings_file() -> PathBuf {
     if let Some(file) = std::env::var_os("OUTBOX_SETTINGS_FILE").filter(|v| !v.is_empty()) {
         return PathBuf::from(file);
     }
@@ -163,7 +163,7 @@ fn settings_file() -> PathBuf {
 
 /// Parses `export NAME=value` lines (quotes around the value optional); ignores
 /// comments and anything else.
-fn parse_settings_file(text: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_settings_file(text: &str) -> Vec<(String, String)> {
     text.lines()
         .filter_map(|line| {
             let line = line.trim();
