@@ -17,6 +17,7 @@ async fn migrations_create_shared_and_own_tables() {
         "outbox",
         "outbox_relay_snapshots",
         "processed_messages",
+        "saga_barrier",
         "saga_state",
     ];
     expected.sort_unstable();

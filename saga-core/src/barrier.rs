@@ -1,0 +1,214 @@
+//! The participant's sub-transaction barrier (the technique of DTM's "branch
+//! barrier"): one call, first thing in the transaction that handles a saga command,
+//! tells the participant whether to run the command's effect.
+//!
+//! Messages arrive at least once and in no guaranteed order across a saga's
+//! retries, and a step that timed out is compensated although its action may still
+//! arrive (DESIGN, "Saga messages"). Three anomalies follow, and the barrier turns
+//! each into a no-op:
+//!
+//! - **duplicate**: the same action or compensation arrives twice;
+//! - **null compensation**: the compensation arrives and the action never ran (there
+//!   is nothing to undo);
+//! - **hanging action**: the action arrives after its compensation (running it now
+//!   would leave an effect that nothing will ever undo).
+//!
+//! # The table
+//!
+//! `saga_barrier (saga_id, branch, op, reason, created_at)` with primary key
+//! `(saga_id, branch, op)` (migration `sql/shared/0005_saga_barrier.sql`). `branch`
+//! names the saga step at this participant (e.g. `reserve-credit`), not one attempt:
+//! a retried attempt of the same step is a duplicate. `op` is the operation the row
+//! stands for, `reason` the operation that wrote it.
+//!
+//! # The rules
+//!
+//! **Action**: `INSERT (saga, branch, 'action', reason 'action') ON CONFLICT DO
+//! NOTHING`. One row inserted → [`BarrierOutcome::Proceed`]. No row inserted → the
+//! action row exists: if its reason is `compensate`, the compensation came first
+//! (and ran, or was recorded as a null compensation) → [`BarrierOutcome::Hanging`],
+//! the late action must not run; otherwise the action ran before →
+//! [`BarrierOutcome::Duplicate`].
+//!
+//! **Compensate**: first `INSERT (saga, branch, 'action', reason 'compensate') ON
+//! CONFLICT DO NOTHING`. If that inserted, the action never ran: the compensate row
+//! is recorded too and the outcome is [`BarrierOutcome::NullCompensation`] (nothing
+//! to undo; and the action row now in place makes a late action
+//! [`BarrierOutcome::Hanging`]). Otherwise `INSERT (saga, branch, 'compensate',
+//! reason 'compensate') ON CONFLICT DO NOTHING`: one row → [`BarrierOutcome::Proceed`]
+//! (undo the action's effect), no row → [`BarrierOutcome::Duplicate`].
+//!
+//! # Why it holds
+//!
+//! - **Atomic with the effect.** [`enter`] runs on the caller's connection inside the
+//!   caller's transaction and never commits. The barrier row commits exactly when
+//!   the effect (and the reply in the outbox, and the journal row) commits; a
+//!   transaction that rolls back leaves no row, so a redelivery proceeds as if the
+//!   first attempt never happened. The caller must therefore run [`enter`] and the
+//!   effect in one transaction, and commit them together; calling it on a
+//!   connection in autocommit mode records the row without the effect and defeats
+//!   the barrier.
+//! - **Races.** Two transactions handling the same `(saga, branch, op)` at once
+//!   collide on the primary key: the second INSERT waits until the first
+//!   transaction ends. If the first commits, the second inserts nothing and gets
+//!   `Duplicate` (or `Hanging`); if the first rolls back, the second inserts and
+//!   proceeds. An action racing its compensation collides on the action row in the
+//!   same way, so exactly one of them decides whether the action happened. The
+//!   serialisation is the unique index's, so it holds at every isolation level.
+//! - **Reading the winner's row.** After an INSERT that inserted nothing, the
+//!   action's `reason` is read by a *separate* statement. Under READ COMMITTED each
+//!   statement takes a new snapshot, so it sees the row the INSERT waited for; a
+//!   SELECT in the same statement as the INSERT (a CTE) would share the INSERT's
+//!   older snapshot and miss it. Under REPEATABLE READ or SERIALIZABLE, PostgreSQL
+//!   does not let `ON CONFLICT DO NOTHING` skip a row the snapshot cannot see: the
+//!   INSERT fails with a serialization failure (SQLSTATE 40001), which the caller
+//!   retries like any other.
+//! - **Order of the two compensate inserts.** The action row is claimed first, so a
+//!   compensation and an action for the same branch always meet on that row, and
+//!   the compensate row only ever exists beside an action row.
+//!
+//! Barrier rows must outlive every message of their saga that can still arrive;
+//! prune them only well after the saga has ended.
+//!
+//! A business refusal that the participant commits together with its barrier row
+//! (e.g. "credit limit exceeded", replied through the outbox) counts as an action
+//! that ran: a later compensation proceeds and must find nothing to undo.
+
+use std::fmt;
+
+/// The operation a saga message asks of a participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BarrierOp {
+    /// The step's forward action.
+    Action,
+    /// The step's compensation.
+    Compensate,
+}
+
+impl BarrierOp {
+    /// The stored text (`saga_barrier.op` and `saga_barrier.reason`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BarrierOp::Action => "action",
+            BarrierOp::Compensate => "compensate",
+        }
+    }
+}
+
+impl fmt::Display for BarrierOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the participant does with the message, decided by [`enter`].
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BarrierOutcome {
+    /// First delivery: run the effect in this transaction.
+    Proceed,
+    /// Already handled (committed earlier): skip the effect; reply as before.
+    Duplicate,
+    /// A compensation whose action never ran: nothing to undo; reply as compensated.
+    NullCompensation,
+    /// An action arriving after its compensation: it must not run.
+    Hanging,
+}
+
+impl BarrierOutcome {
+    /// Whether the business effect should run.
+    pub fn proceeds(self) -> bool {
+        self == BarrierOutcome::Proceed
+    }
+}
+
+const INSERT: &str = "INSERT INTO saga_barrier (saga_id, branch, op, reason) \
+                      VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+
+const ACTION_REASON: &str = "SELECT reason FROM saga_barrier \
+                             WHERE saga_id = $1 AND branch = $2 AND op = 'action'";
+
+/// Call first inside the participant's transaction; run the business effect only on
+/// [`BarrierOutcome::Proceed`].
+///
+/// The row written here commits or rolls back with the caller's transaction (see the
+/// module documentation). An error aborts that transaction; a serialization failure
+/// or lost connection is transient and the whole transaction may be retried.
+pub async fn enter(
+    conn: &mut sqlx::PgConnection,
+    saga_id: &str,
+    branch: &str,
+    op: BarrierOp,
+) -> Result<BarrierOutcome, sqlx::Error> {
+    let outcome = match op {
+        BarrierOp::Action => {
+            if insert(conn, saga_id, branch, BarrierOp::Action, BarrierOp::Action).await? {
+                BarrierOutcome::Proceed
+            } else {
+                // A separate statement: under READ COMMITTED it sees the row the
+                // INSERT found (possibly committed while the INSERT waited).
+                let reason: String = sqlx::query_scalar(ACTION_REASON)
+                    .bind(saga_id)
+                    .bind(branch)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if reason == BarrierOp::Compensate.as_str() {
+                    BarrierOutcome::Hanging
+                } else {
+                    BarrierOutcome::Duplicate
+                }
+            }
+        }
+        BarrierOp::Compensate => {
+            let action_never_ran = insert(
+                conn,
+                saga_id,
+                branch,
+                BarrierOp::Action,
+                BarrierOp::Compensate,
+            )
+            .await?;
+            let compensate_recorded = insert(
+                conn,
+                saga_id,
+                branch,
+                BarrierOp::Compensate,
+                BarrierOp::Compensate,
+            )
+            .await?;
+            if action_never_ran {
+                BarrierOutcome::NullCompensation
+            } else if compensate_recorded {
+                BarrierOutcome::Proceed
+            } else {
+                BarrierOutcome::Duplicate
+            }
+        }
+    };
+    tracing::debug!(
+        saga_id = %saga_id,
+        branch = %branch,
+        op = %op,
+        outcome = ?outcome,
+        "barrier entered"
+    );
+    Ok(outcome)
+}
+
+/// Inserts the `(saga_id, branch, op)` row with `reason`; whether a row was inserted.
+async fn insert(
+    conn: &mut sqlx::PgConnection,
+    saga_id: &str,
+    branch: &str,
+    op: BarrierOp,
+    reason: BarrierOp,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(INSERT)
+        .bind(saga_id)
+        .bind(branch)
+        .bind(op.as_str())
+        .bind(reason.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -1,0 +1,334 @@
+//! The outbox writer: a service records an event by inserting a row into its outbox
+//! table in the same local transaction as the state change the event describes.
+//!
+//! Why this keeps DESIGN's "no loss" promise on the writing side: [`Outbox::publish`]
+//! runs on the caller's connection, inside the caller's transaction, and never
+//! commits or rolls back itself. The event row therefore commits exactly when the
+//! business change commits, and disappears with it on rollback; the relay only ever
+//! sees committed rows (logical decoding streams committed transactions), so a
+//! message is published if and only if its effect happened.
+//!
+//! With [`Outbox::delete_after_insert`] the row is deleted again by a second
+//! statement of the same transaction. The INSERT is still written to the WAL and
+//! decoded by the relay's slot, so the event is still relayed, while the table stays
+//! empty and needs no pruning job. The DELETE cannot be folded into the INSERT with a
+//! data-modifying CTE: the statements of one query share a snapshot, so the DELETE
+//! would not see the row it is meant to remove.
+//!
+//! Event ids are UUIDv7 by default: time-ordered (increasing within a process, as
+//! `uuid`'s v7 generator keeps a counter), which keeps the outbox's primary key index
+//! append-mostly, and unique, which is what the consumers' journal deduplicates on.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+/// The header under which [`OutboxEvent::traceparent`] stores a W3C trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// One event to be written to the outbox (a row of the shared `outbox` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    /// Event id (column `id`): Kafka header `id` and the consumers' deduplication key.
+    pub id: Uuid,
+    /// Column `aggregatetype`: routes the topic.
+    pub aggregate_type: String,
+    /// Column `aggregateid`: the Kafka key (the saga id for saga messages).
+    pub aggregate_id: String,
+    /// Column `type`: Kafka header `type`.
+    pub event_type: String,
+    /// Column `payload`: the Kafka value.
+    pub payload: serde_json::Value,
+    /// Column `headers`: extra Kafka headers; stored as a JSON object, NULL when empty.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl OutboxEvent {
+    /// An event with a new UUIDv7 id, `payload` serialised to JSON and no headers.
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: &impl Serialize,
+    ) -> Result<OutboxEvent, OutboxError> {
+        let event_type = event_type.into();
+        let payload =
+            serde_json::to_value(payload).map_err(|source| OutboxError::SerializePayload {
+                event_type: event_type.clone(),
+                source,
+            })?;
+        Ok(OutboxEvent {
+            id: Uuid::now_v7(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type,
+            payload,
+            headers: BTreeMap::new(),
+        })
+    }
+
+    /// Replaces the generated id, e.g. with one derived from the command being answered.
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Sets header `name` to `value`, replacing an earlier value of the same name.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Carries the W3C `traceparent` when there is one.
+    ///
+    /// A value that is not a version-00 trace context
+    /// (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, ids not all zero) is dropped with a
+    /// debug log: tracing is best effort and must never fail the business transaction.
+    pub fn traceparent(self, traceparent: Option<&str>) -> Self {
+        match traceparent {
+            None => self,
+            Some(value) if is_valid_traceparent(value) => self.header(TRACEPARENT_HEADER, value),
+            Some(value) => {
+                tracing::debug!(
+                    event_id = %self.id,
+                    len = value.len(),
+                    "dropping an invalid traceparent"
+                );
+                self
+            }
+        }
+    }
+}
+
+/// Whether `value` has the shape of a W3C trace context, version 00:
+/// `00-<trace-id: 32 hex>-<parent-id: 16 hex>-<flags: 2 hex>`, 55 characters,
+/// lowercase hex, with neither id all zeros (the specification calls those invalid).
+pub fn is_valid_traceparent(value: &str) -> bool {
+    fn lower_hex(s: &str) -> bool {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+    fn not_zero(s: &str) -> bool {
+        s.bytes().any(|b| b != b'0')
+    }
+    if value.len() != 55 {
+        return false;
+    }
+    let mut parts = value.split('-');
+    let (Some(version), Some(trace_id), Some(parent_id), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    version == "00"
+        && trace_id.len() == 32
+        && parent_id.len() == 16
+        && flags.len() == 2
+        && lower_hex(trace_id)
+        && lower_hex(parent_id)
+        && lower_hex(flags)
+        && not_zero(trace_id)
+        && not_zero(parent_id)
+}
+
+/// Writes events into an outbox table with the shared table's columns.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    /// The table as written in SQL: quoted schema and name.
+    table: String,
+    delete_after_insert: bool,
+    insert_sql: String,
+    delete_sql: String,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox::new()
+    }
+}
+
+impl Outbox {
+    /// A writer for `public.outbox` that leaves rows in the table.
+    pub fn new() -> Outbox {
+        Outbox::build(quoted_table("public", "outbox"), false)
+    }
+
+    /// Writes to `schema.name` instead (both are quoted, so any identifier works).
+    pub fn table(self, schema: &str, name: &str) -> Self {
+        Outbox::build(quoted_table(schema, name), self.delete_after_insert)
+    }
+
+    /// Deletes each row again in the same transaction right after inserting it.
+    pub fn delete_after_insert(self, yes: bool) -> Self {
+        Outbox::build(self.table, yes)
+    }
+
+    /// The table written to, as it appears in SQL (quoted schema and name).
+    pub fn table_name(&self) -> &str {
+        &self.table
+    }
+
+    fn build(table: String, delete_after_insert: bool) -> Outbox {
+        let insert_sql = format!(
+            "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload, headers) \
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        );
+        let delete_sql = format!("DELETE FROM {table} WHERE id = $1");
+        Outbox {
+            table,
+            delete_after_insert,
+            insert_sql,
+            delete_sql,
+        }
+    }
+
+    /// Inserts the event in the caller's transaction (and deletes it again in the same
+    /// transaction when configured: the INSERT stays in the WAL, the relay still sees it).
+    ///
+    /// `tx` should be inside a transaction (`&mut *tx` of a `sqlx::Transaction`); on a
+    /// connection in autocommit mode the row is committed on its own. Returns the
+    /// event id. On error the caller's transaction is aborted and must be rolled back.
+    pub async fn publish(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &OutboxEvent,
+    ) -> Result<Uuid, OutboxError> {
+        let headers = if event.headers.is_empty() {
+            None
+        } else {
+            Some(Json(&event.headers))
+        };
+        sqlx::query(&self.insert_sql)
+            .bind(event.id)
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .bind(&event.event_type)
+            .bind(Json(&event.payload))
+            .bind(headers)
+            .execute(&mut *tx)
+            .await
+            .map_err(|source| OutboxError::Insert {
+                table: self.table.clone(),
+                event_id: event.id,
+                source,
+            })?;
+        if self.delete_after_insert {
+            sqlx::query(&self.delete_sql)
+                .bind(event.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| OutboxError::Delete {
+                    table: self.table.clone(),
+                    event_id: event.id,
+                    source,
+                })?;
+        }
+        tracing::trace!(
+            event_id = %event.id,
+            aggregate_type = %event.aggregate_type,
+            event_type = %event.event_type,
+            "outbox event written"
+        );
+        Ok(event.id)
+    }
+}
+
+/// `"schema"."name"`, each identifier quoted with embedded quotes doubled.
+fn quoted_table(schema: &str, name: &str) -> String {
+    format!("{}.{}", QuotedIdent(schema), QuotedIdent(name))
+}
+
+struct QuotedIdent<'a>(&'a str);
+
+impl fmt::Display for QuotedIdent<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\"", self.0.replace('"', "\"\""))
+    }
+}
+
+/// An event could not be built or written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The payload cannot be represented as JSON: definite, retrying gives the same.
+    #[error("cannot serialise the payload of a {event_type} event to JSON")]
+    SerializePayload {
+        event_type: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The INSERT failed; the caller's transaction is aborted.
+    #[error("cannot insert outbox event {event_id} into {table}")]
+    Insert {
+        table: String,
+        event_id: Uuid,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The DELETE after the INSERT failed; the caller's transaction is aborted.
+    #[error("cannot delete outbox event {event_id} from {table} after inserting it")]
+    Delete {
+        table: String,
+        event_id: Uuid,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl OutboxError {
+    /// Whether running the whole transaction again may succeed (a database error
+    /// such as a lost connection or a serialization failure), as opposed to a
+    /// definite error tied to this event (a payload that is not JSON).
+    ///
+    /// A database error caused by the event itself (a duplicate id, a missing
+    /// table) also counts as transient here: only the caller can tell those apart.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OutboxError::SerializePayload { .. } => false,
+            OutboxError::Insert { .. } | OutboxError::Delete { .. } => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparent_shape() {
+        assert_eq!(VALID.len(), 55);
+        assert!(is_valid_traceparent(VALID));
+        for bad in [
+            "",
+            "00-1-2-01",
+            // uppercase hex
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            // other version
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // all-zero ids
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            // wrong separators and part lengths with the right total length
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47360-0f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert!(!is_valid_traceparent(bad), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn table_identifiers_are_quoted() {
+        let outbox = Outbox::new().table("my schema", "out\"box");
+        assert_eq!(outbox.table_name(), r#""my schema"."out""box""#);
+        assert_eq!(Outbox::new().table_name(), r#""public"."outbox""#);
+    }
+}

@@ -1,0 +1,373 @@
+//! The participant barrier against a real database: duplicates, null compensations
+//! and hanging actions are recognised, a rolled-back attempt leaves nothing behind,
+//! and concurrent deliveries of one branch let exactly one through.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use saga_core::barrier::{self, BarrierOp, BarrierOutcome};
+use saga_core::schema;
+use sqlx::migrate::Migrator;
+use sqlx::{Connection, PgPool};
+use testkit::TestDatabase;
+use tokio::task::JoinHandle;
+
+const SAGA: &str = "0190f5a2-7c1e-7000-8000-000000000001";
+const BRANCH: &str = "reserve-credit";
+
+/// How long a test waits for a transaction to block on another's barrier row.
+const BLOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn database() -> anyhow::Result<TestDatabase> {
+    let db = TestDatabase::create().await;
+    schema::migrate(db.pool(), &Migrator::DEFAULT).await?;
+    Ok(db)
+}
+
+/// `enter` in a transaction of its own that commits.
+async fn enter_committed(pool: &PgPool, op: BarrierOp) -> anyhow::Result<BarrierOutcome> {
+    let mut tx = pool.begin().await?;
+    let outcome = barrier::enter(&mut tx, SAGA, BRANCH, op).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn barrier_rows(pool: &PgPool) -> anyhow::Result<Vec<(String, String, String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT saga_id, branch, op, reason FROM saga_barrier ORDER BY saga_id, branch, op",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+fn row(op: &str, reason: &str) -> (String, String, String, String) {
+    (SAGA.into(), BRANCH.into(), op.into(), reason.into())
+}
+
+/// Waits until some session of `db` waits for a lock (a barrier row held by another
+/// transaction), or fails after [`BLOCK_TIMEOUT`].
+async fn wait_until_blocked(db: &TestDatabase) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(db.name())
+        .fetch_one(db.pool())
+        .await?;
+        if waiting > 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no transaction blocked on the barrier within {BLOCK_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts a task that enters the barrier on a connection of its own (with `begin`
+/// as the transaction's first statement) and commits.
+async fn spawn_enter(
+    db: &TestDatabase,
+    begin: &'static str,
+    op: BarrierOp,
+) -> JoinHandle<anyhow::Result<BarrierOutcome>> {
+    let mut conn = db.connect().await;
+    tokio::spawn(async move {
+        let mut tx = conn.begin_with(begin).await?;
+        // Take the snapshot now, before the other transaction commits.
+        sqlx::query("SELECT 1").execute(&mut *tx).await?;
+        let outcome = barrier::enter(&mut tx, SAGA, BRANCH, op).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    })
+}
+
+#[tokio::test]
+async fn an_action_delivered_twice_is_a_duplicate() -> anyhow::Result<()> {
+    let db = database().await?;
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Action).await?,
+        BarrierOutcome::Proceed
+    );
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Action).await?,
+        BarrierOutcome::Duplicate
+    );
+    assert_eq!(barrier_rows(db.pool()).await?, [row("action", "action")]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_compensation_after_its_action_proceeds_once() -> anyhow::Result<()> {
+    let db = database().await?;
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Action).await?,
+        BarrierOutcome::Proceed
+    );
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Compensate).await?,
+        BarrierOutcome::Proceed
+    );
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Compensate).await?,
+        BarrierOutcome::Duplicate
+    );
+    // The action delivered again after its compensation is still only a duplicate:
+    // it ran, and the compensation undid it.
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Action).await?,
+        BarrierOutcome::Duplicate
+    );
+    assert_eq!(
+        barrier_rows(db.pool()).await?,
+        [row("action", "action"), row("compensate", "compensate")]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_compensation_before_its_action_is_null_and_the_late_action_hangs() -> anyhow::Result<()>
+{
+    let db = database().await?;
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Compensate).await?,
+        BarrierOutcome::NullCompensation
+    );
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Compensate).await?,
+        BarrierOutcome::Duplicate
+    );
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Action).await?,
+        BarrierOutcome::Hanging
+    );
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Action).await?,
+        BarrierOutcome::Hanging
+    );
+    assert_eq!(
+        barrier_rows(db.pool()).await?,
+        [row("action", "compensate"), row("compensate", "compensate")]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn branches_and_sagas_are_independent() -> anyhow::Result<()> {
+    let db = database().await?;
+    let mut tx = db.pool().begin().await?;
+    let outcomes = [
+        barrier::enter(&mut tx, SAGA, "reserve-credit", BarrierOp::Action).await?,
+        barrier::enter(&mut tx, SAGA, "reserve-goods", BarrierOp::Compensate).await?,
+        barrier::enter(&mut tx, "other-saga", "reserve-credit", BarrierOp::Action).await?,
+        barrier::enter(&mut tx, "other-saga", "reserve-goods", BarrierOp::Action).await?,
+    ];
+    tx.commit().await?;
+    assert_eq!(
+        outcomes,
+        [
+            BarrierOutcome::Proceed,
+            BarrierOutcome::NullCompensation,
+            BarrierOutcome::Proceed,
+            BarrierOutcome::Proceed,
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rolled_back_attempt_leaves_no_rows_and_the_retry_proceeds() -> anyhow::Result<()> {
+    let db = database().await?;
+    for op in [BarrierOp::Action, BarrierOp::Compensate] {
+        let mut tx = db.pool().begin().await?;
+        let first = barrier::enter(&mut tx, SAGA, BRANCH, op).await?;
+        assert!(matches!(
+            first,
+            BarrierOutcome::Proceed | BarrierOutcome::NullCompensation
+        ));
+        // The business effect failed: the whole transaction rolls back.
+        tx.rollback().await?;
+        assert!(barrier_rows(db.pool()).await?.is_empty(), "{op} left rows");
+    }
+    assert_eq!(
+        enter_committed(db.pool(), BarrierOp::Action).await?,
+        BarrierOutcome::Proceed
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_concurrent_duplicate_waits_for_the_first_and_is_a_duplicate() -> anyhow::Result<()> {
+    let db = database().await?;
+    let mut first_conn = db.connect().await;
+    let mut first = first_conn.begin().await?;
+    assert_eq!(
+        barrier::enter(&mut first, SAGA, BRANCH, BarrierOp::Action).await?,
+        BarrierOutcome::Proceed
+    );
+
+    let second = spawn_enter(&db, "BEGIN", BarrierOp::Action).await;
+    wait_until_blocked(&db).await?;
+    assert!(
+        !second.is_finished(),
+        "the second did not wait for the first"
+    );
+    first.commit().await?;
+
+    let outcome = tokio::time::timeout(BLOCK_TIMEOUT, second)
+        .await
+        .context("the second transaction stayed blocked after the first committed")???;
+    assert_eq!(outcome, BarrierOutcome::Duplicate);
+    assert_eq!(barrier_rows(db.pool()).await?, [row("action", "action")]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_concurrent_duplicate_proceeds_when_the_first_rolls_back() -> anyhow::Result<()> {
+    let db = database().await?;
+    let mut first_conn = db.connect().await;
+    let mut first = first_conn.begin().await?;
+    assert_eq!(
+        barrier::enter(&mut first, SAGA, BRANCH, BarrierOp::Action).await?,
+        BarrierOutcome::Proceed
+    );
+
+    let second = spawn_enter(&db, "BEGIN", BarrierOp::Action).await;
+    wait_until_blocked(&db).await?;
+    first.rollback().await?;
+
+    let outcome = tokio::time::timeout(BLOCK_TIMEOUT, second)
+        .await
+        .context("the second transaction stayed blocked after the first rolled back")???;
+    assert_eq!(outcome, BarrierOutcome::Proceed);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_late_action_racing_its_null_compensation_hangs() -> anyhow::Result<()> {
+    let db = database().await?;
+    let mut first_conn = db.connect().await;
+    let mut first = first_conn.begin().await?;
+    assert_eq!(
+        barrier::enter(&mut first, SAGA, BRANCH, BarrierOp::Compensate).await?,
+        BarrierOutcome::NullCompensation
+    );
+
+    let action = spawn_enter(&db, "BEGIN", BarrierOp::Action).await;
+    wait_until_blocked(&db).await?;
+    first.commit().await?;
+
+    let outcome = tokio::time::timeout(BLOCK_TIMEOUT, action)
+        .await
+        .context("the action stayed blocked after the compensation committed")???;
+    assert_eq!(outcome, BarrierOutcome::Hanging);
+    Ok(())
+}
+
+#[tokio::test]
+async fn under_repeatable_read_a_concurrent_duplicate_is_a_serialization_failure(
+) -> anyhow::Result<()> {
+    let db = database().await?;
+    let mut first_conn = db.connect().await;
+    let mut first = first_conn.begin().await?;
+    assert_eq!(
+        barrier::enter(&mut first, SAGA, BRANCH, BarrierOp::Action).await?,
+        BarrierOutcome::Proceed
+    );
+
+    let second = spawn_enter(
+        &db,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        BarrierOp::Action,
+    )
+    .await;
+    wait_until_blocked(&db).await?;
+    first.commit().await?;
+
+    let result = tokio::time::timeout(BLOCK_TIMEOUT, second)
+        .await
+        .context("the second transaction stayed blocked after the first committed")??;
+    let err = result.expect_err("a repeatable-read duplicate must not be decided on");
+    let code = err
+        .downcast_ref::<sqlx::Error>()
+        .and_then(|e| e.as_database_error())
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("40001"), "{err:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliveries_at_once_let_exactly_one_through() -> anyhow::Result<()> {
+    const TASKS: usize = 6;
+    let db = database().await?;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(TASKS));
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let start = start.clone();
+        let mut conn = db.connect().await;
+        tasks.push(tokio::spawn(async move {
+            let mut tx = conn.begin().await?;
+            start.wait().await;
+            let outcome = barrier::enter(&mut tx, SAGA, BRANCH, BarrierOp::Action).await?;
+            tx.commit().await?;
+            anyhow::Ok(outcome)
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await??);
+    }
+    let proceeded = outcomes
+        .iter()
+        .filter(|o| **o == BarrierOutcome::Proceed)
+        .count();
+    assert_eq!(proceeded, 1, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, BarrierOutcome::Proceed | BarrierOutcome::Duplicate)),
+        "{outcomes:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_action_and_its_compensation_at_once_agree() -> anyhow::Result<()> {
+    const ROUNDS: usize = 20;
+    let db = database().await?;
+    for round in 0..ROUNDS {
+        let saga = format!("saga-{round}");
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let mut tasks = Vec::new();
+        for op in [BarrierOp::Action, BarrierOp::Compensate] {
+            let start = start.clone();
+            let mut conn = db.connect().await;
+            let saga = saga.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tx = conn.begin().await?;
+                start.wait().await;
+                let outcome = barrier::enter(&mut tx, &saga, BRANCH, op).await?;
+                tx.commit().await?;
+                anyhow::Ok(outcome)
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await??);
+        }
+        // Either the action ran and its compensation undoes it, or the compensation
+        // was null and the action must never run.
+        assert!(
+            matches!(
+                outcomes[..],
+                [BarrierOutcome::Proceed, BarrierOutcome::Proceed]
+                    | [BarrierOutcome::Hanging, BarrierOutcome::NullCompensation]
+            ),
+            "round {round}: action, compensation = {outcomes:?}"
+        );
+    }
+    Ok(())
+}
