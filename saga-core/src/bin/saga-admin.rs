@@ -1,0 +1,87 @@
+//! `saga-admin`: what operators look at without the service's saga definitions —
+//! sagas that failed to compensate, sagas that are stuck, and counts per status.
+//! Retrying a compensation and aborting a saga need the definition (the commands to
+//! send), so they are subcommands of the orchestrating service (`saga_core::saga::cli`).
+
+#![allow(clippy::print_stdout)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use saga_core::saga::SagaAdmin;
+
+/// Lists failed and stuck sagas of a service database.
+#[derive(Debug, Parser)]
+#[command(name = "saga-admin", version)]
+struct Cli {
+    /// The service database (the one holding saga_state).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sagas in COMPENSATION_FAILED: an operator must act.
+    Failed,
+    /// Running sagas without progress for SECONDS (default 600).
+    Stuck {
+        #[arg(default_value_t = 600)]
+        seconds: u64,
+    },
+    /// How many sagas there are per type and status.
+    Counts,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let pool = match sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&cli.database_url)
+        .await
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("saga-admin: cannot connect to the database: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = SagaAdmin::new(pool);
+    let output = match cli.command {
+        Command::Failed => admin.failed().await.map(|s| listing(&s)),
+        Command::Stuck { seconds } => admin
+            .stuck(Duration::from_secs(seconds))
+            .await
+            .map(|s| listing(&s)),
+        Command::Counts => admin.counts().await.map(|counts| {
+            counts
+                .into_iter()
+                .map(|(saga_type, status, n)| format!("{saga_type:<24} {status:<20} {n}\n"))
+                .collect()
+        }),
+    };
+    match output {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("saga-admin: {text}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn listing(sagas: &[saga_core::saga::SagaSummary]) -> String {
+    saga_core::saga::cli::table(sagas)
+}

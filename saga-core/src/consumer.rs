@@ -1,0 +1,1027 @@
+//! The consumer: each message's effects applied once (DESIGN contract 3).
+//!
+//! ```text
+//!  Kafka ──stream──▶ run loop ──lane per key──▶ task: BEGIN
+//!    ▲   (paused at     │                         INSERT INTO processed_messages … ON CONFLICT DO NOTHING
+//!    │    max_in_flight)│                           0 rows → ROLLBACK, done (a redelivery)
+//!    │                  │                           1 row  → handler(tx, message) → COMMIT, done
+//!    │                  │                         or, given up: dead letter, acknowledged → done
+//!    │                  ◀──────────── done ───────┘
+//!    │  store_offsets(lowest offset not done)     (per partition)
+//!    └─ commit: automatic every 5 s, on revocation, on shutdown (of stored offsets only)
+//! ```
+//!
+//! # Why each message's effects happen once
+//!
+//! Kafka delivers at least once: after a crash, a rebalance or a lost commit, messages
+//! come again. The consumer makes that harmless with a journal: one PostgreSQL
+//! transaction per message first inserts `(consumer, message id)` into
+//! `processed_messages` and then runs the handler on the *same* transaction, so the
+//! handler's writes (its effects and any outbox rows) and the journal row commit
+//! together or not at all. A redelivered message finds its row: the insert affects no
+//! row, the transaction is rolled back and the handler is not called. Two copies handled
+//! at the same time (the old and the new owner of a partition during a rebalance) are
+//! serialised by the primary key: the second insert waits for the first transaction
+//! and then either finds the row (skip) or, if the first rolled back, inserts it.
+//!
+//! # Why no offset is committed before its work is durable
+//!
+//! The rdkafka `StreamConsumer` runs with
+//! - `enable.auto.offset.store=false`: librdkafka would otherwise *store* each offset
+//!   as it hands the message out, before the handler ran, and the next commit would
+//!   skip the message after a crash;
+//! - `enable.auto.commit=true`: librdkafka commits what has been *stored*, every
+//!   `auto.commit.interval.ms`, when partitions are revoked and when the consumer
+//!   closes. Only the consumer stores offsets, and only after the work below them is
+//!   durable, so no automatic commit can get ahead of the work;
+//! - `auto.offset.reset=earliest`: a group without a committed offset starts at the
+//!   beginning; librdkafka's default (`latest`) would skip everything produced before
+//!   the group's first start;
+//! - `isolation.level` at its default, `read_committed`: records of aborted producer
+//!   transactions are never handled.
+//!
+//! A message is *done* when its transaction committed, when it was found in the
+//! journal, or when its dead letter was acknowledged by the broker. Messages of one
+//! partition finish out of order (different keys run concurrently), so every partition
+//! keeps the set of offsets in flight and the consumer stores the lowest of them, or
+//! one past the highest received when none is left: the highest offset below which
+//! everything is done. A crash between a commit and the next offset commit only causes
+//! redeliveries, which the journal turns into no-ops.
+//!
+//! Offsets are stored with `store_offsets`, which takes the next offset to consume as
+//! it is; the single-partition `store_offset` of rdkafka adds one itself.
+//!
+//! # Order and concurrency
+//!
+//! Messages with the same Kafka key are handled one after the other, in the order
+//! they were received (offset order within a partition; the key is the lane, across
+//! the subscribed topics, so a saga's messages never race each other). Messages
+//! without a key are serialised per partition. Different lanes run concurrently. At
+//! most `max_in_flight` messages are being handled or waiting in a lane; when that many
+//! are, the consumer stops pulling from the stream until one is done (backpressure:
+//! librdkafka prefetches up to its own queue limits, `queued.min.messages` and
+//! `queued.max.messages.kbytes`, which can be lowered through `options`, and then
+//! pauses fetching). Rebalance callbacks run only while the stream is polled, and a
+//! member that does not poll for `max.poll.interval.ms` (5 minutes) leaves the group,
+//! so a single message must be handled well within that time.
+//!
+//! # Failures
+//!
+//! - A transient failure (a [`HandlerError::Transient`] error, or a database error a
+//!   retry can cure: serialization failure, deadlock, lost connection) rolls the
+//!   transaction back, waits (`backoff`, doubling up to `max_backoff`) and runs the
+//!   whole transaction again, up to `max_attempts` attempts in all; then the message
+//!   is dead-lettered. The journal makes a retry after an ambiguous `COMMIT` (the
+//!   connection broke while committing) safe: the retry finds the row and skips.
+//! - A [`HandlerError::Definite`] error, a panicking handler and a poison message (no
+//!   or invalid `id` header, a value that is not JSON, a key that is not UTF-8) are
+//!   dead-lettered at once; other keys and the rest of the lane go on.
+//! - A dead letter is the original key, value and headers, produced to
+//!   `dead_letter_topic` (default `<group_id>.dlq`, created at start if missing) with
+//!   the headers `dlq-reason`, `dlq-reason-code`, `dlq-source-topic`,
+//!   `dlq-source-partition`, `dlq-source-offset` and `dlq-consumer`, by an idempotent
+//!   producer with `acks=all`. The message counts as done only once the broker
+//!   acknowledged it. If that fails, the offset is not stored and [`Consumer::run`]
+//!   stops with [`ConsumerError::DeadLetter`]: the message comes again after a restart.
+//!   A dead-lettered message gets no journal row, so it can be replayed once fixed.
+//! - The consumer's own journal statements failing with an error no retry can cure
+//!   (the table is missing, a permission is lacking) stop the consumer: that is a
+//!   wrong schema, not a bad message, and dead-lettering everything would hide it.
+//!
+//! # Rebalances
+//!
+//! When partitions are revoked, their bookkeeping is dropped at once (inside
+//! librdkafka's rebalance callback, before the revocation completes): no offset of a
+//! revoked partition is stored afterwards, even when the same partition comes back
+//! to this consumer (each assignment has its own generation). Messages of revoked
+//! partitions that wait in a lane are dropped; those being handled run to their end
+//! (their retries stop early, and they are not dead-lettered) and leave their offsets
+//! uncommitted. The next owner starts at the last committed offset and handles them
+//! again; the journal makes that safe, and its primary key makes the new owner wait
+//! for a transaction of the old owner still running, so a key's effects stay in order.
+//! Waiting for in-flight work inside the callback was not chosen: the callback runs
+//! inside the stream's poll on the runtime, where it cannot wait for async tasks.
+//!
+//! # Shutdown
+//!
+//! When the `shutdown` future resolves, [`Consumer::run`] stops pulling messages, lets
+//! the messages being handled finish (the attempt that runs completes; no retry is
+//! started, and a message waiting for its retry is left to the next run), stores their
+//! offsets, commits the group's offsets synchronously and returns. Messages waiting in
+//! a lane are not started; their offsets stay uncommitted.
+
+mod dead_letter;
+mod message;
+mod offsets;
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use rdkafka::admin::AdminClient;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+pub use dead_letter::{
+    DeadLetterReason, DEAD_LETTER_PARTITIONS, DEAD_LETTER_REPLICATION_FACTOR, DEAD_LETTER_TIMEOUT,
+    HEADER_CONSUMER, HEADER_REASON, HEADER_REASON_CODE, HEADER_SOURCE_OFFSET,
+    HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+};
+pub use message::{HandlerError, IncomingMessage, MessageHandler, HEADER_ID, HEADER_TYPE};
+
+use message::{is_transient_database_error, RawMessage};
+use offsets::OffsetTracker;
+
+/// Attempts per message, at most, before it is dead-lettered.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// The delay before the first retry; it doubles with every further one.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest delay between two attempts.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Messages being handled or waiting for their key, at most.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// The suffix of the default dead-letter topic: `<group_id>.dlq`.
+pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
+
+/// The journal insert; its primary key is `(consumer, message_id)`.
+const JOURNAL_INSERT: &str =
+    "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+
+/// What a [`Consumer`] reads, where it puts dead letters and how it retries.
+#[derive(Clone)]
+pub struct ConsumerConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// The consumer group; also the journal's `consumer` value, so it must stay the
+    /// same for as long as the journal's rows should count.
+    pub group_id: String,
+    /// The topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Where dead letters go; default `<group_id>.dlq`.
+    pub dead_letter_topic: String,
+    /// Attempts per message (the first included) before a transiently failing message
+    /// is dead-lettered; at least 1.
+    pub max_attempts: u32,
+    /// The delay before the first retry; doubles with every further one.
+    pub backoff: Duration,
+    /// The longest delay between two attempts.
+    pub max_backoff: Duration,
+    /// Messages being handled or waiting for their key, at most; at least 1.
+    pub max_in_flight: usize,
+    /// librdkafka options for all clients of the consumer (consumer, dead-letter
+    /// producer, admin), e.g. TLS or SASL settings. They cannot replace the options
+    /// the contracts rest on (offset handling, idempotence, acknowledgements).
+    pub options: BTreeMap<String, String>,
+}
+
+impl ConsumerConfig {
+    /// A configuration with the defaults: dead letters to `<group_id>.dlq`,
+    /// [`DEFAULT_MAX_ATTEMPTS`], [`DEFAULT_BACKOFF`] doubling up to
+    /// [`DEFAULT_MAX_BACKOFF`], [`DEFAULT_MAX_IN_FLIGHT`].
+    pub fn new<T: Into<String>>(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+    ) -> ConsumerConfig {
+        let group_id = group_id.into();
+        ConsumerConfig {
+            brokers: brokers.into(),
+            dead_letter_topic: format!("{group_id}{DEAD_LETTER_SUFFIX}"),
+            group_id,
+            topics: topics.into_iter().map(Into::into).collect(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff: DEFAULT_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            options: BTreeMap::new(),
+        }
+    }
+
+    /// Checks what the consumer relies on.
+    pub fn validate(&self) -> Result<(), ConsumerError> {
+        let invalid = |reason: &str| Err(ConsumerError::Config(reason.to_owned()));
+        if self.brokers.trim().is_empty() {
+            return invalid("brokers is empty");
+        }
+        if self.group_id.trim().is_empty() {
+            return invalid("group_id is empty");
+        }
+        if self.topics.is_empty() {
+            return invalid("topics is empty: subscribe to at least one topic");
+        }
+        if self.dead_letter_topic.trim().is_empty() {
+            return invalid("dead_letter_topic is empty");
+        }
+        if self.topics.contains(&self.dead_letter_topic) {
+            return Err(ConsumerError::Config(format!(
+                "dead_letter_topic {} is also consumed: dead letters would come back",
+                self.dead_letter_topic
+            )));
+        }
+        if self.max_attempts == 0 {
+            return invalid("max_attempts is 0: every message needs at least one attempt");
+        }
+        if self.max_in_flight == 0 {
+            return invalid("max_in_flight is 0: no message could ever be handled");
+        }
+        if self.max_backoff < self.backoff {
+            return invalid("max_backoff is shorter than backoff");
+        }
+        Ok(())
+    }
+
+    /// The brokers and the pass-through options: the admin client's configuration.
+    fn client_config(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        // Identifies the group's clients in broker logs; a pass-through may replace it.
+        client.set("client.id", &self.group_id);
+        for (key, value) in &self.options {
+            client.set(key, value);
+        }
+        client.set("bootstrap.servers", &self.brokers);
+        client
+    }
+
+    /// The consumer's configuration; the options the contracts rest on come last, so
+    /// pass-through options cannot replace them.
+    fn consumer_config(&self) -> ClientConfig {
+        let mut client = self.client_config();
+        client
+            .set("group.id", &self.group_id)
+            // Commit what has been *stored*, periodically, on revocation and on close.
+            // Offsets are stored only after the work below them is durable.
+            .set("enable.auto.commit", "true")
+            // Never store an offset when librdkafka hands a message out: only after
+            // its transaction committed or its dead letter was acknowledged.
+            .set("enable.auto.offset.store", "false")
+            // A new group starts at the beginning of each partition, not at its end.
+            .set("auto.offset.reset", "earliest");
+        // isolation.level: left at its default, read_committed.
+        client
+    }
+
+    /// The dead-letter producer's configuration.
+    fn producer_config(&self) -> ClientConfig {
+        let mut client = self.client_config();
+        client
+            // No duplicates or reordering from librdkafka's internal retries.
+            .set("enable.idempotence", "true")
+            // A dead letter counts only when every in-sync replica has it.
+            .set("acks", "all")
+            // A dead letter the broker does not acknowledge in time fails, and the
+            // consumer stops with an error instead of hanging without a trace.
+            .set(
+                "message.timeout.ms",
+                DEAD_LETTER_TIMEOUT.as_millis().to_string(),
+            )
+            // Kafka's Java partitioner: a key lands where Java clients put it.
+            .set("partitioner", "murmur2_random");
+        client
+    }
+}
+
+/// Shows option names only: their values may be secrets (`sasl.password`).
+impl std::fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("options", &self.options.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Why a [`Consumer`] could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("invalid consumer configuration: {0}")]
+    Config(String),
+    #[error("cannot create the Kafka clients of consumer group {group}")]
+    Client {
+        group: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("cannot create the dead-letter topic {topic}")]
+    DeadLetterTopic {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("cannot subscribe to the topics {topics:?}")]
+    Subscribe {
+        topics: Vec<String>,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("the Kafka consumer failed fatally")]
+    Kafka(#[source] KafkaError),
+    #[error("cannot dead-letter {message} to {dead_letter_topic}; its offset was not stored")]
+    DeadLetter {
+        message: Box<MessagePosition>,
+        dead_letter_topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error(
+        "the journal (processed_messages) refused {message}; are the shared migrations \
+         applied (saga_core::schema::migrate)?"
+    )]
+    Journal {
+        message: Box<MessagePosition>,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("committing the offsets of the consumer group failed")]
+    Commit(#[source] KafkaError),
+    #[error("a message task ended abnormally")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Where a message was consumed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagePosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl std::fmt::Display for MessagePosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "topic {} partition {} offset {}",
+            self.topic, self.partition, self.offset
+        )
+    }
+}
+
+impl ConsumerError {
+    /// Whether starting the consumer again may succeed without a change of
+    /// configuration or schema (the broker was away, a commit failed).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConsumerError::Config(_)
+            | ConsumerError::Client { .. }
+            | ConsumerError::Subscribe { .. }
+            | ConsumerError::Journal { .. } => false,
+            ConsumerError::DeadLetterTopic { source, .. } => !matches!(
+                source,
+                KafkaError::AdminOp(
+                    RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::ClusterAuthorizationFailed
+                        | RDKafkaErrorCode::InvalidTopic
+                        | RDKafkaErrorCode::PolicyViolation
+                        | RDKafkaErrorCode::InvalidReplicationFactor
+                )
+            ),
+            ConsumerError::Kafka(_)
+            | ConsumerError::DeadLetter { .. }
+            | ConsumerError::Commit(_)
+            | ConsumerError::Task(_) => true,
+        }
+    }
+}
+
+/// A consumer group member that applies each message once through `H`.
+pub struct Consumer<H> {
+    config: ConsumerConfig,
+    pool: PgPool,
+    handler: Arc<H>,
+    consumer: StreamConsumer<RebalanceHooks>,
+    producer: FutureProducer,
+    tracker: Arc<Mutex<OffsetTracker>>,
+}
+
+impl<H> std::fmt::Debug for Consumer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: MessageHandler> Consumer<H> {
+    /// Creates the Kafka clients; nothing is subscribed before [`Consumer::run`].
+    pub fn new(
+        config: ConsumerConfig,
+        pool: PgPool,
+        handler: Arc<H>,
+    ) -> Result<Consumer<H>, ConsumerError> {
+        config.validate()?;
+        let client_error = |source| ConsumerError::Client {
+            group: config.group_id.clone(),
+            source,
+        };
+        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let hooks = RebalanceHooks {
+            tracker: Arc::clone(&tracker),
+        };
+        let consumer: StreamConsumer<RebalanceHooks> = config
+            .consumer_config()
+            .create_with_context(hooks)
+            .map_err(client_error)?;
+        let producer: FutureProducer = config.producer_config().create().map_err(client_error)?;
+        Ok(Consumer {
+            config,
+            pool,
+            handler,
+            consumer,
+            producer,
+            tracker,
+        })
+    }
+
+    /// Consumes until `shutdown` resolves: stops fetching, lets handlers in flight
+    /// finish, stores and commits their offsets, returns.
+    ///
+    /// Returns an error (after the same draining) when a dead letter cannot be
+    /// produced, when the journal refuses its statements, or when the Kafka consumer
+    /// fails fatally; nothing past the failed message is committed.
+    ///
+    /// Dropping the returned future instead aborts the handlers in flight: their
+    /// transactions roll back and their offsets stay uncommitted, so they run again
+    /// after a restart.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
+        let span = tracing::info_span!("consumer", group = %self.config.group_id);
+        self.run_in_span(shutdown).instrument(span).await
+    }
+
+    async fn run_in_span(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ConsumerError> {
+        self.ensure_dead_letter_topic().await?;
+        let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
+        self.consumer
+            .subscribe(&topics)
+            .map_err(|source| ConsumerError::Subscribe {
+                topics: self.config.topics.clone(),
+                source,
+            })?;
+        tracing::info!(
+            topics = ?self.config.topics,
+            dead_letter_topic = %self.config.dead_letter_topic,
+            max_in_flight = self.config.max_in_flight,
+            "consuming"
+        );
+
+        let (stop, stopped) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            pool: self.pool.clone(),
+            handler: Arc::clone(&self.handler),
+            producer: self.producer.clone(),
+            tracker: Arc::clone(&self.tracker),
+            consumer: self.config.group_id.clone(),
+            dead_letter_topic: self.config.dead_letter_topic.clone(),
+            max_attempts: self.config.max_attempts,
+            backoff: self.config.backoff,
+            max_backoff: self.config.max_backoff,
+            stopped,
+        });
+        let mut work = Work {
+            shared,
+            lanes: HashMap::new(),
+            tasks: JoinSet::new(),
+            pending: 0,
+        };
+
+        let mut failure = {
+            let mut stream = self.consumer.stream();
+            let mut shutdown = std::pin::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => {
+                        tracing::info!(in_flight = work.tasks.len(), "shutting down");
+                        break None;
+                    }
+                    Some(joined) = work.tasks.join_next() => {
+                        if let Err(err) = self.finish(&mut work, joined, true) {
+                            break Some(err);
+                        }
+                    }
+                    next = stream.next(), if work.pending < self.config.max_in_flight => {
+                        match next {
+                            Some(Ok(message)) => work.accept(RawMessage::of(&message)),
+                            Some(Err(err @ KafkaError::MessageConsumptionFatal(_))) => {
+                                break Some(ConsumerError::Kafka(err));
+                            }
+                            Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
+                            None => break Some(ConsumerError::Kafka(KafkaError::NoMessageReceived)),
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(err) = &failure {
+            tracing::error!(error = %err, in_flight = work.tasks.len(), "stopping");
+        }
+
+        // Drain: the messages being handled finish; nothing new starts.
+        stop.send_replace(true);
+        while let Some(joined) = work.tasks.join_next().await {
+            if let Err(err) = self.finish(&mut work, joined, false) {
+                tracing::error!(error = %err, "a message failed while stopping");
+                failure.get_or_insert(err);
+            }
+        }
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("committed offsets"),
+            // Nothing stored since the last commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(err) => {
+                tracing::error!(error = %err, "committing offsets failed");
+                failure.get_or_insert(ConsumerError::Commit(err));
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Creates the dead-letter topic unless it exists.
+    async fn ensure_dead_letter_topic(&self) -> Result<(), ConsumerError> {
+        let topic = &self.config.dead_letter_topic;
+        let error = |source| ConsumerError::DeadLetterTopic {
+            topic: topic.clone(),
+            source,
+        };
+        let admin: AdminClient<DefaultClientContext> =
+            self.config.client_config().create().map_err(error)?;
+        dead_letter::ensure_topic(&admin, topic)
+            .await
+            .map_err(error)
+    }
+
+    /// Books a finished message: stores the offset it allows, starts the next message
+    /// of its lane (when `go_on`). Returns the error the consumer must stop with.
+    fn finish(
+        &self,
+        work: &mut Work<H>,
+        joined: Result<Finished, tokio::task::JoinError>,
+        go_on: bool,
+    ) -> Result<(), ConsumerError> {
+        let finished = joined.map_err(ConsumerError::Task)?;
+        work.pending -= 1;
+        let Finished {
+            lane,
+            topic,
+            partition,
+            offset,
+            generation,
+            outcome,
+        } = finished;
+        match outcome {
+            Outcome::Done => {
+                let storable = lock(&self.tracker).done(&topic, partition, generation, offset);
+                if let Some(next) = storable {
+                    self.store(&topic, partition, next);
+                }
+            }
+            Outcome::Abandoned => {}
+            Outcome::Fatal(err) => return Err(err),
+        }
+        if go_on {
+            work.start_next(lane);
+        }
+        Ok(())
+    }
+
+    /// Stores `next` as the partition's next offset to consume (committed later).
+    fn store(&self, topic: &str, partition: i32, next: i64) {
+        let mut list = TopicPartitionList::with_capacity(1);
+        let stored = list
+            .add_partition_offset(topic, partition, Offset::Offset(next))
+            .and_then(|()| self.consumer.store_offsets(&list));
+        match stored {
+            Ok(()) => tracing::trace!(topic, partition, offset = next, "stored offset"),
+            // Only a partition no longer assigned refuses; its next owner redoes the
+            // messages, which the journal makes harmless.
+            Err(err) => {
+                tracing::warn!(topic, partition, offset = next, error = %err, "cannot store offset");
+            }
+        }
+    }
+}
+
+/// What the message tasks share.
+struct Shared<H> {
+    pool: PgPool,
+    handler: Arc<H>,
+    producer: FutureProducer,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    /// The journal's consumer name (the group id).
+    consumer: String,
+    dead_letter_topic: String,
+    max_attempts: u32,
+    backoff: Duration,
+    max_backoff: Duration,
+    /// Becomes `true` when the consumer stops: no further attempts.
+    stopped: watch::Receiver<bool>,
+}
+
+/// Messages accepted and not yet done, by lane.
+struct Work<H> {
+    shared: Arc<Shared<H>>,
+    /// A lane is present while one of its messages runs; the deque holds those waiting.
+    lanes: HashMap<Lane, VecDeque<Job>>,
+    tasks: JoinSet<Finished>,
+    /// Messages running or waiting in a lane.
+    pending: usize,
+}
+
+/// Messages that must not run at the same time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Lane {
+    /// All messages with this Kafka key.
+    Key(Vec<u8>),
+    /// Messages without a key, per partition.
+    Keyless { topic: String, partition: i32 },
+}
+
+/// A message and the assignment generation of its partition.
+struct Job {
+    raw: RawMessage,
+    generation: u64,
+    lane: Lane,
+}
+
+/// What a message task reports.
+struct Finished {
+    lane: Lane,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    /// Applied, found in the journal, or dead-lettered: the offset may be stored.
+    Done,
+    /// Left for the next run or the partition's next owner: the offset stays.
+    Abandoned,
+    /// The consumer must stop; the offset stays.
+    Fatal(ConsumerError),
+}
+
+impl<H: MessageHandler> Work<H> {
+    /// Takes a message from the stream: runs it, or queues it behind its lane.
+    fn accept(&mut self, raw: RawMessage) {
+        let generation = lock(&self.shared.tracker).received(&raw.topic, raw.partition, raw.offset);
+        let lane = match &raw.key {
+            Some(key) => Lane::Key(key.clone()),
+            None => Lane::Keyless {
+                topic: raw.topic.clone(),
+                partition: raw.partition,
+            },
+        };
+        let job = Job {
+            raw,
+            generation,
+            lane,
+        };
+        self.pending += 1;
+        match self.lanes.entry(job.lane.clone()) {
+            Entry::Occupied(mut waiting) => waiting.get_mut().push_back(job),
+            Entry::Vacant(idle) => {
+                idle.insert(VecDeque::new());
+                self.spawn(job);
+            }
+        }
+    }
+
+    /// Starts the next message of `lane` whose partition is still assigned; drops the
+    /// others (their next owner handles them).
+    fn start_next(&mut self, lane: Lane) {
+        let Entry::Occupied(mut waiting) = self.lanes.entry(lane) else {
+            return;
+        };
+        while let Some(job) = waiting.get_mut().pop_front() {
+            let current = lock(&self.shared.tracker).is_current(
+                &job.raw.topic,
+                job.raw.partition,
+                job.generation,
+            );
+            if current {
+                self.spawn(job);
+                return;
+            }
+            self.pending -= 1;
+            tracing::debug!(
+                topic = %job.raw.topic,
+                partition = job.raw.partition,
+                offset = job.raw.offset,
+                "partition revoked, message left to its next owner"
+            );
+        }
+        waiting.remove();
+    }
+
+    fn spawn(&mut self, job: Job) {
+        let span = tracing::info_span!(
+            "message",
+            topic = %job.raw.topic,
+            partition = job.raw.partition,
+            offset = job.raw.offset,
+        );
+        let shared = Arc::clone(&self.shared);
+        self.tasks.spawn(
+            async move {
+                let outcome = process(&shared, &job).await;
+                Finished {
+                    topic: job.raw.topic,
+                    partition: job.raw.partition,
+                    offset: job.raw.offset,
+                    generation: job.generation,
+                    lane: job.lane,
+                    outcome,
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Why one attempt did not apply the message.
+enum Failure {
+    Transient(Box<dyn std::error::Error + Send + Sync>),
+    Definite(String),
+    Panicked(String),
+    Fatal(sqlx::Error),
+}
+
+impl From<HandlerError> for Failure {
+    fn from(err: HandlerError) -> Failure {
+        match err {
+            HandlerError::Transient(source) => Failure::Transient(source),
+            HandlerError::Definite(reason) => Failure::Definite(reason),
+        }
+    }
+}
+
+/// What an attempt that succeeded did.
+enum Applied {
+    Committed,
+    AlreadyProcessed,
+}
+
+/// Handles one message to its end: applied, skipped, dead-lettered or given back.
+async fn process<H: MessageHandler>(shared: &Shared<H>, job: &Job) -> Outcome {
+    let message = match job.raw.parse() {
+        Ok(message) => message,
+        Err(reason) => {
+            return dead_letter(shared, job, DeadLetterReason::Poison, &reason).await;
+        }
+    };
+    let mut delay = shared.backoff;
+    let mut attempt = 1;
+    loop {
+        let failure = match apply(shared, &message).await {
+            Ok(Applied::Committed) => {
+                tracing::debug!(attempt, "applied");
+                return Outcome::Done;
+            }
+            Ok(Applied::AlreadyProcessed) => {
+                tracing::debug!("already processed, skipped");
+                return Outcome::Done;
+            }
+            Err(failure) => failure,
+        };
+        match failure {
+            Failure::Transient(err) => {
+                let error = error_chain(err.as_ref());
+                if attempt >= shared.max_attempts {
+                    let reason = format!("gave up after {attempt} attempts: {error}");
+                    return dead_letter(shared, job, DeadLetterReason::Exhausted, &reason).await;
+                }
+                tracing::warn!(
+                    attempt,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    error = %error,
+                    "transient failure, retrying"
+                );
+            }
+            Failure::Definite(reason) => {
+                return dead_letter(shared, job, DeadLetterReason::Definite, &reason).await;
+            }
+            Failure::Panicked(reason) => {
+                let reason = format!("the handler panicked: {reason}");
+                return dead_letter(shared, job, DeadLetterReason::Panicked, &reason).await;
+            }
+            Failure::Fatal(source) => {
+                return Outcome::Fatal(ConsumerError::Journal {
+                    message: Box::new(job.raw.position()),
+                    source,
+                });
+            }
+        }
+        let mut stopped = shared.stopped.clone();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stopped.wait_for(|stopped| *stopped) => {
+                tracing::info!(attempt, "stopping, retry left to the next run");
+                return Outcome::Abandoned;
+            }
+        }
+        if !is_current(shared, job) {
+            tracing::info!(attempt, "partition revoked, retry left to its next owner");
+            return Outcome::Abandoned;
+        }
+        delay = (delay * 2).min(shared.max_backoff);
+        attempt += 1;
+    }
+}
+
+/// One transaction: journal row, handler, commit.
+async fn apply<H: MessageHandler>(
+    shared: &Shared<H>,
+    message: &IncomingMessage,
+) -> Result<Applied, Failure> {
+    // Errors of the consumer's own statements: transient ones are retried, the
+    // others mean a wrong schema or missing permissions.
+    let own = |err: sqlx::Error| {
+        if is_transient_database_error(&err) {
+            Failure::Transient(Box::new(err))
+        } else {
+            Failure::Fatal(err)
+        }
+    };
+    let mut tx = shared.pool.begin().await.map_err(own)?;
+    let inserted = sqlx::query(JOURNAL_INSERT)
+        .bind(&shared.consumer)
+        .bind(message.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(own)?
+        .rows_affected();
+    if inserted == 0 {
+        rollback(tx).await;
+        return Ok(Applied::AlreadyProcessed);
+    }
+    let handled = AssertUnwindSafe(shared.handler.handle(&mut tx, message))
+        .catch_unwind()
+        .await;
+    match handled {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            rollback(tx).await;
+            return Err(err.into());
+        }
+        Err(panic) => {
+            rollback(tx).await;
+            return Err(Failure::Panicked(panic_message(panic.as_ref())));
+        }
+    }
+    // A deferred constraint of the handler's writes fails here: that is the
+    // message's fault, like any definite handler error.
+    tx.commit().await.map_err(HandlerError::from)?;
+    Ok(Applied::Committed)
+}
+
+/// Rolls back; if that fails, the connection is closed by sqlx and the server rolls
+/// back on its own.
+async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>) {
+    if let Err(err) = tx.rollback().await {
+        tracing::debug!(error = %err, "rollback failed");
+    }
+}
+
+/// Produces the dead letter; the message is done once the broker acknowledged it.
+async fn dead_letter<H>(
+    shared: &Shared<H>,
+    job: &Job,
+    reason: DeadLetterReason,
+    reason_text: &str,
+) -> Outcome {
+    if !is_current(shared, job) {
+        tracing::info!("partition revoked, message left to its next owner");
+        return Outcome::Abandoned;
+    }
+    let produced = dead_letter::produce(
+        &shared.producer,
+        &shared.dead_letter_topic,
+        &shared.consumer,
+        &job.raw,
+        reason,
+        reason_text,
+    )
+    .await;
+    match produced {
+        Ok(()) => {
+            tracing::warn!(
+                dead_letter_topic = %shared.dead_letter_topic,
+                reason = reason.code(),
+                detail = %reason_text,
+                "dead-lettered"
+            );
+            Outcome::Done
+        }
+        Err(source) => Outcome::Fatal(ConsumerError::DeadLetter {
+            message: Box::new(job.raw.position()),
+            dead_letter_topic: shared.dead_letter_topic.clone(),
+            source,
+        }),
+    }
+}
+
+fn is_current<H>(shared: &Shared<H>, job: &Job) -> bool {
+    lock(&shared.tracker).is_current(&job.raw.topic, job.raw.partition, job.generation)
+}
+
+/// The error and its sources, joined by ": ".
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without message".to_owned()
+    }
+}
+
+/// The tracker stays consistent even if a holder panicked: every update is a single
+/// step.
+fn lock(tracker: &Mutex<OffsetTracker>) -> MutexGuard<'_, OffsetTracker> {
+    tracker.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// librdkafka's rebalance callbacks: revoked partitions lose their bookkeeping before
+/// the revocation completes. They run inside the stream's poll, in the run loop's task.
+struct RebalanceHooks {
+    tracker: Arc<Mutex<OffsetTracker>>,
+}
+
+impl ClientContext for RebalanceHooks {}
+
+impl ConsumerContext for RebalanceHooks {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                let mut tracker = lock(&self.tracker);
+                for element in partitions.elements() {
+                    let unfinished = tracker.revoke(element.topic(), element.partition());
+                    tracing::info!(
+                        topic = element.topic(),
+                        partition = element.partition(),
+                        unfinished,
+                        "partition revoked"
+                    );
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance failed"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            for element in partitions.elements() {
+                tracing::info!(
+                    topic = element.topic(),
+                    partition = element.partition(),
+                    "partition assigned"
+                );
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => tracing::debug!(partitions = offsets.count(), "offsets committed"),
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            // The offsets stay stored and go with the next commit; meanwhile a
+            // restart redoes a few messages, which the journal skips.
+            Err(err) => tracing::warn!(error = %err, "committing offsets failed"),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Orchestrated sagas: a definition DSL, the orchestrator that runs instances
+//! against `saga_state`, helpers for participants, and the operator's view.
+//!
+//! Messages follow the envelope of DESIGN.md: key = saga id, headers `id`, `type`,
+//! `saga-id`, `saga-step`, `request-id` (unique per attempt), plus `reply-to` on
+//! commands and `outcome` (`success` or `failure`) on replies.
+
+mod admin;
+pub mod cli;
+mod definition;
+mod engine;
+mod participant;
+
+pub use admin::{SagaAdmin, SagaSummary};
+pub use definition::{
+    Command, CommandFn, DefinitionError, LocalFn, Reply, SagaBuilder, SagaData, SagaDefinition,
+    Step, StepBuilder, StepFailed, DEFAULT_COMPENSATION_ATTEMPTS, DEFAULT_COMPENSATION_BACKOFF,
+};
+pub use engine::{
+    Orchestrator, ReplyDisposition, SagaError, SagaInstance, StepState,
+    DEFAULT_COMPENSATION_TIMEOUT,
+};
+pub use participant::{participate, reply, CommandEnvelope, Effect, Outcome, ParticipantReply};
+
+/// Header: the saga instance's id (also the Kafka key).
+pub const HEADER_SAGA_ID: &str = "saga-id";
+/// Header: the saga type.
+pub const HEADER_SAGA_TYPE: &str = "saga-type";
+/// Header: the step a command or reply belongs to.
+pub const HEADER_SAGA_STEP: &str = "saga-step";
+/// Header: unique per attempt, so a stale reply is known.
+pub const HEADER_REQUEST_ID: &str = "request-id";
+/// Header on commands: the topic the participant replies to.
+pub const HEADER_REPLY_TO: &str = "reply-to";
+/// Header on commands: `true` for a compensation.
+pub const HEADER_COMPENSATION: &str = "compensation";
+/// Header on replies: `success` or `failure`.
+pub const HEADER_OUTCOME: &str = "outcome";
+/// The `outcome` of a successful reply.
+pub const OUTCOME_SUCCESS: &str = "success";
+/// The `outcome` of a failed reply.
+pub const OUTCOME_FAILURE: &str = "failure";

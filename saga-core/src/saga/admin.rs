@@ -1,0 +1,166 @@
+//! The operator's view of sagas: what is stuck or failed, and the two actions that
+//! move a saga by hand (retry a failed compensation, abort a stuck saga).
+
+use std::time::Duration;
+
+use sqlx::types::chrono;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::saga::engine::{Orchestrator, SagaError};
+use crate::saga::SagaData;
+use crate::status::{SagaStatus, StepStatus};
+
+/// One saga as an operator lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaSummary {
+    pub id: Uuid,
+    pub saga_type: String,
+    pub status: String,
+    pub current_step: Option<String>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Operator actions over `saga_state`.
+#[derive(Debug, Clone)]
+pub struct SagaAdmin {
+    pool: PgPool,
+}
+
+impl SagaAdmin {
+    pub fn new(pool: PgPool) -> SagaAdmin {
+        SagaAdmin { pool }
+    }
+
+    /// Sagas in `COMPENSATION_FAILED`: they will not move without an operator.
+    pub async fn failed(&self) -> Result<Vec<SagaSummary>, SagaError> {
+        self.list("status = 'COMPENSATION_FAILED'", None).await
+    }
+
+    /// Running sagas not updated for `older_than`, or past their deadline by that much.
+    pub async fn stuck(&self, older_than: Duration) -> Result<Vec<SagaSummary>, SagaError> {
+        self.list(
+            "status IN ('STARTED', 'ABORTING') AND (updated_at < now() - $1 \
+             OR deadline < now() - $1)",
+            Some(older_than),
+        )
+        .await
+    }
+
+    /// How many sagas are in each status (for metrics: `COMPENSATION_FAILED` above
+    /// zero needs someone's attention).
+    pub async fn counts(&self) -> Result<Vec<(String, String, i64)>, SagaError> {
+        let rows = sqlx::query(
+            "SELECT saga_type, status, count(*) FROM saga_state GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(SagaError::from)
+    }
+
+    /// The saga counts as Prometheus text: `saga_instances{saga_type, status}`.
+    pub async fn prometheus(&self) -> Result<String, SagaError> {
+        let mut text = String::from(
+            "# HELP saga_instances Saga instances by type and status.\n# TYPE saga_instances gauge\n",
+        );
+        for (saga_type, status, count) in self.counts().await? {
+            text.push_str(&format!(
+                "saga_instances{{saga_type=\"{}\",status=\"{status}\"}} {count}\n",
+                saga_type.replace('\\', "\\\\").replace('"', "\\\"")
+            ));
+        }
+        Ok(text)
+    }
+
+    async fn list(
+        &self,
+        filter: &str,
+        age: Option<Duration>,
+    ) -> Result<Vec<SagaSummary>, SagaError> {
+        let sql = format!(
+            "SELECT id, saga_type, status, current_step, updated_at, deadline FROM saga_state \
+             WHERE {filter} ORDER BY updated_at"
+        );
+        let mut query = sqlx::query(&sql);
+        if let Some(age) = age {
+            query = query.bind(age);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SagaSummary {
+                    id: r.try_get("id")?,
+                    saga_type: r.try_get("saga_type")?,
+                    status: r.try_get("status")?,
+                    current_step: r.try_get("current_step")?,
+                    updated_at: r.try_get("updated_at")?,
+                    deadline: r.try_get("deadline")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(SagaError::from)
+    }
+
+    /// Tries the failed compensation of a `COMPENSATION_FAILED` saga again (with a
+    /// fresh attempt count), then carries on compensating.
+    pub async fn retry_compensation<D: SagaData + Clone>(
+        &self,
+        orchestrator: &Orchestrator<D>,
+        id: Uuid,
+    ) -> Result<(), SagaError> {
+        let mut tx = self.pool.begin().await?;
+        let mut instance = orchestrator.load(&mut tx, id).await?;
+        if instance.status != SagaStatus::CompensationFailed {
+            return Err(SagaError::Invalid {
+                id,
+                reason: format!("is {}, not COMPENSATION_FAILED", instance.status),
+            });
+        }
+        if let Some(step) = instance.current_step.clone() {
+            let state = instance.steps.entry(step).or_default();
+            state.attempts = 0;
+            state.request_id = None;
+            state.status = Some(StepStatus::Compensating.as_str().to_owned());
+        }
+        instance.status = SagaStatus::Aborting;
+        instance.deadline = None;
+        orchestrator.advance(&mut tx, &mut instance).await?;
+        orchestrator.save_instance(&mut tx, &instance).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Aborts a running saga: its current step counts as failed (and, if it waited
+    /// for a participant, as possibly run, so it is compensated too), then every
+    /// completed step is compensated.
+    pub async fn abort<D: SagaData + Clone>(
+        &self,
+        orchestrator: &Orchestrator<D>,
+        id: Uuid,
+        reason: &str,
+    ) -> Result<(), SagaError> {
+        let mut tx = self.pool.begin().await?;
+        let mut instance = orchestrator.load(&mut tx, id).await?;
+        if instance.status != SagaStatus::Started {
+            return Err(SagaError::Invalid {
+                id,
+                reason: format!("is {}, only a STARTED saga can be aborted", instance.status),
+            });
+        }
+        if let Some(step) = instance.current_step.clone() {
+            let state = instance.steps.entry(step).or_default();
+            let waited = state.request_id.is_some();
+            state.set_failed(format!("aborted by an operator: {reason}"), waited);
+        }
+        instance.status = SagaStatus::Aborting;
+        instance.deadline = None;
+        orchestrator.advance(&mut tx, &mut instance).await?;
+        orchestrator.save_instance(&mut tx, &instance).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,382 @@
+//! The saga definition DSL: steps, their actions, replies and compensations.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::PgConnection;
+
+/// The data a saga carries from step to step, stored as JSON in `saga_state.payload`.
+pub trait SagaData: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> SagaData for T {}
+
+/// Why a local step (or local compensation) did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StepFailed(pub String);
+
+impl StepFailed {
+    pub fn new(reason: impl Into<String>) -> StepFailed {
+        StepFailed(reason.into())
+    }
+}
+
+/// A local action: runs in the orchestrator's transaction and may change `data`.
+/// An error fails the step; its writes are rolled back to a savepoint.
+pub type LocalFn<D> = Arc<
+    dyn for<'a> Fn(&'a mut D, &'a mut PgConnection) -> BoxFuture<'a, Result<(), StepFailed>>
+        + Send
+        + Sync,
+>;
+
+/// A participant command: what to send, built from the saga's data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// The participant's request topic, e.g. `customer.request`.
+    pub topic: String,
+    /// The command's type (Kafka header `type`), e.g. `ReserveCredit`.
+    pub command_type: String,
+    pub payload: serde_json::Value,
+}
+
+impl Command {
+    /// A command with a payload serialised from `payload`.
+    pub fn new(
+        topic: impl Into<String>,
+        command_type: impl Into<String>,
+        payload: &impl Serialize,
+    ) -> Result<Command, serde_json::Error> {
+        Ok(Command {
+            topic: topic.into(),
+            command_type: command_type.into(),
+            payload: serde_json::to_value(payload)?,
+        })
+    }
+}
+
+/// Builds a participant command from the saga's data.
+pub type CommandFn<D> = Arc<dyn Fn(&D) -> Command + Send + Sync>;
+
+/// A typed reply a step reacts to, identified by its `type` header.
+pub trait Reply: DeserializeOwned + Send + 'static {
+    /// The reply's type, as in its `type` header.
+    const TYPE: &'static str;
+}
+
+/// Updates the saga's data from a reply payload of one type.
+pub(crate) type ReplyFn<D> =
+    Arc<dyn Fn(&mut D, serde_json::Value) -> Result<(), serde_json::Error> + Send + Sync>;
+
+/// What a step does going forward.
+#[derive(Clone)]
+pub(crate) enum Action<D> {
+    Local(LocalFn<D>),
+    Participant(CommandFn<D>),
+}
+
+/// One step of a saga.
+#[derive(Clone)]
+pub struct Step<D> {
+    pub(crate) name: String,
+    pub(crate) action: Action<D>,
+    pub(crate) compensation: Option<Action<D>>,
+    pub(crate) replies: HashMap<String, ReplyFn<D>>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: u32,
+}
+
+impl<D> Step<D> {
+    /// The step's name, as stored in `saga_state`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the step waits for a participant's reply.
+    pub fn is_participant(&self) -> bool {
+        matches!(self.action, Action::Participant(_))
+    }
+}
+
+impl<D> fmt::Debug for Step<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("participant", &self.is_participant())
+            .field("compensated", &self.compensation.is_some())
+            .field("replies", &self.replies.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+/// A saga type: its name and its steps, in order.
+pub struct SagaDefinition<D> {
+    pub(crate) name: String,
+    pub(crate) steps: Vec<Step<D>>,
+    pub(crate) compensation_attempts: u32,
+    pub(crate) compensation_backoff: Duration,
+}
+
+impl<D> fmt::Debug for SagaDefinition<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaDefinition")
+            .field("name", &self.name)
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+impl<D: SagaData> SagaDefinition<D> {
+    /// Starts the definition of saga type `name`.
+    pub fn builder(name: impl Into<String>) -> SagaBuilder<D> {
+        SagaBuilder {
+            name: name.into(),
+            steps: Vec::new(),
+            compensation_attempts: DEFAULT_COMPENSATION_ATTEMPTS,
+            compensation_backoff: DEFAULT_COMPENSATION_BACKOFF,
+            error: None,
+        }
+    }
+
+    /// The saga type's name (`saga_state.saga_type`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The steps, in order.
+    pub fn steps(&self) -> &[Step<D>] {
+        &self.steps
+    }
+
+    pub(crate) fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+}
+
+/// How often a failing compensation is tried before the saga is
+/// `COMPENSATION_FAILED`.
+pub const DEFAULT_COMPENSATION_ATTEMPTS: u32 = 5;
+/// The first delay before a failed compensation is tried again; it doubles.
+pub const DEFAULT_COMPENSATION_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The definition is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("saga {0} has no steps")]
+    NoSteps(String),
+    #[error("saga {saga} has two steps named {step}")]
+    DuplicateStep { saga: String, step: String },
+    #[error("step {step} of saga {saga}: {what} needs a step declared before it")]
+    NoStep {
+        saga: String,
+        step: String,
+        what: &'static str,
+    },
+    #[error("step {step} of saga {saga}: {what} applies to participant steps only")]
+    NotParticipant {
+        saga: String,
+        step: String,
+        what: &'static str,
+    },
+}
+
+/// Builds a [`SagaDefinition`] step by step, in the shape of the DSL in DESIGN.md.
+pub struct SagaBuilder<D> {
+    name: String,
+    steps: Vec<Step<D>>,
+    compensation_attempts: u32,
+    compensation_backoff: Duration,
+    error: Option<DefinitionError>,
+}
+
+impl<D> fmt::Debug for SagaBuilder<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaBuilder")
+            .field("name", &self.name)
+            .field("steps", &self.steps.len())
+            .finish()
+    }
+}
+
+/// The builder, positioned on a step whose action is not set yet.
+#[derive(Debug)]
+pub struct StepBuilder<D> {
+    saga: SagaBuilder<D>,
+    name: String,
+}
+
+impl<D: SagaData> SagaBuilder<D> {
+    /// Begins a step named `name`.
+    pub fn step(self, name: impl Into<String>) -> StepBuilder<D> {
+        StepBuilder {
+            saga: self,
+            name: name.into(),
+        }
+    }
+
+    /// How often a failing compensation is tried, and the first backoff (doubling).
+    pub fn compensation_retries(mut self, attempts: u32, first_backoff: Duration) -> Self {
+        self.compensation_attempts = attempts.max(1);
+        self.compensation_backoff = first_backoff;
+        self
+    }
+
+    /// A local compensation for the last step: runs in the orchestrator's transaction.
+    pub fn with_compensation<F>(self, compensation: F) -> Self
+    where
+        F: for<'a> Fn(&'a mut D, &'a mut PgConnection) -> BoxFuture<'a, Result<(), StepFailed>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.set_compensation("with_compensation", Action::Local(Arc::new(compensation)))
+    }
+
+    /// A participant compensation for the last step: a command sent to the
+    /// participant, whose success reply completes it.
+    pub fn with_participant_compensation<F>(self, command: F) -> Self
+    where
+        F: Fn(&D) -> Command + Send + Sync + 'static,
+    {
+        self.set_compensation(
+            "with_participant_compensation",
+            Action::Participant(Arc::new(command)),
+        )
+    }
+
+    /// Updates the saga's data when the last step's participant replies with `R`
+    /// (success or a named failure, e.g. `CreditLimitExceeded`).
+    pub fn on_reply<R: Reply>(mut self, handler: fn(&mut D, R)) -> Self {
+        let apply: ReplyFn<D> = Arc::new(move |data, payload| {
+            let reply: R = serde_json::from_value(payload)?;
+            handler(data, reply);
+            Ok(())
+        });
+        match self.last_participant("on_reply") {
+            Ok(step) => {
+                step.replies.insert(R::TYPE.to_owned(), apply);
+            }
+            Err(e) => self.fail(e),
+        }
+        self
+    }
+
+    /// A deadline for the last step's reply: past it the step counts as failed (and
+    /// is compensated too, since the participant may have run it).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        match self.last_participant("with_timeout") {
+            Ok(step) => step.timeout = Some(timeout),
+            Err(e) => self.fail(e),
+        }
+        self
+    }
+
+    /// Sends the last step's command again (with a new request id) up to `retries`
+    /// times after a failure reply or a timeout before the step fails.
+    pub fn with_retries(mut self, retries: u32) -> Self {
+        match self.last_participant("with_retries") {
+            Ok(step) => step.retries = retries,
+            Err(e) => self.fail(e),
+        }
+        self
+    }
+
+    /// The definition, checked.
+    pub fn build(self) -> Result<SagaDefinition<D>, DefinitionError> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        if self.steps.is_empty() {
+            return Err(DefinitionError::NoSteps(self.name));
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            if self.steps[..i].iter().any(|s| s.name == step.name) {
+                return Err(DefinitionError::DuplicateStep {
+                    saga: self.name,
+                    step: step.name.clone(),
+                });
+            }
+        }
+        Ok(SagaDefinition {
+            name: self.name,
+            steps: self.steps,
+            compensation_attempts: self.compensation_attempts,
+            compensation_backoff: self.compensation_backoff,
+        })
+    }
+
+    fn set_compensation(mut self, what: &'static str, compensation: Action<D>) -> Self {
+        match self.steps.last_mut() {
+            Some(step) => step.compensation = Some(compensation),
+            None => {
+                let e = DefinitionError::NoStep {
+                    saga: self.name.clone(),
+                    step: String::new(),
+                    what,
+                };
+                self.fail(e);
+            }
+        }
+        self
+    }
+
+    fn last_participant(&mut self, what: &'static str) -> Result<&mut Step<D>, DefinitionError> {
+        let saga = self.name.clone();
+        match self.steps.last_mut() {
+            Some(step) if step.is_participant() => Ok(step),
+            Some(step) => Err(DefinitionError::NotParticipant {
+                saga,
+                step: step.name.clone(),
+                what,
+            }),
+            None => Err(DefinitionError::NoStep {
+                saga,
+                step: String::new(),
+                what,
+            }),
+        }
+    }
+
+    fn fail(&mut self, error: DefinitionError) {
+        self.error.get_or_insert(error);
+    }
+
+    fn push(mut self, name: String, action: Action<D>) -> Self {
+        self.steps.push(Step {
+            name,
+            action,
+            compensation: None,
+            replies: HashMap::new(),
+            timeout: None,
+            retries: 0,
+        });
+        self
+    }
+}
+
+impl<D: SagaData> StepBuilder<D> {
+    /// The step runs locally, in the orchestrator's transaction.
+    pub fn invoke_local<F>(self, action: F) -> SagaBuilder<D>
+    where
+        F: for<'a> Fn(&'a mut D, &'a mut PgConnection) -> BoxFuture<'a, Result<(), StepFailed>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.saga.push(self.name, Action::Local(Arc::new(action)))
+    }
+
+    /// The step sends a command to a participant and waits for its reply.
+    pub fn invoke_participant<F>(self, command: F) -> SagaBuilder<D>
+    where
+        F: Fn(&D) -> Command + Send + Sync + 'static,
+    {
+        self.saga
+            .push(self.name, Action::Participant(Arc::new(command)))
+    }
+}

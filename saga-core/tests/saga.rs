@@ -1,0 +1,770 @@
+//! The orchestrator against a real database: commands go to the outbox, replies are
+//! fed in as a participant would send them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use saga_core::consumer::IncomingMessage;
+use saga_core::outbox::Outbox;
+use saga_core::saga::{
+    Command, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaDefinition, SagaError,
+    StepFailed,
+};
+use saga_core::schema;
+use saga_core::status::SagaStatus;
+use serde::{Deserialize, Serialize};
+use sqlx::migrate::Migrator;
+use sqlx::{PgConnection, PgPool};
+use testkit::TestDatabase;
+use uuid::Uuid;
+
+static NO_SERVICE: Migrator = Migrator::DEFAULT;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct Order {
+    order_id: Uuid,
+    amount: i64,
+    cancel: bool,
+    rejection: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CreditLimitExceeded {
+    available: i64,
+}
+
+impl Reply for CreditLimitExceeded {
+    const TYPE: &'static str = "CreditLimitExceeded";
+}
+
+fn create<'a>(
+    order: &'a mut Order,
+    tx: &'a mut PgConnection,
+) -> BoxFuture<'a, Result<(), StepFailed>> {
+    Box::pin(async move {
+        sqlx::query("INSERT INTO orders (id, status) VALUES ($1, 'PENDING')")
+            .bind(order.order_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StepFailed::new(e.to_string()))?;
+        Ok(())
+    })
+}
+
+fn reject<'a>(
+    order: &'a mut Order,
+    tx: &'a mut PgConnection,
+) -> BoxFuture<'a, Result<(), StepFailed>> {
+    Box::pin(async move {
+        sqlx::query("UPDATE orders SET status = 'REJECTED' WHERE id = $1")
+            .bind(order.order_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StepFailed::new(e.to_string()))?;
+        Ok(())
+    })
+}
+
+fn approve<'a>(
+    order: &'a mut Order,
+    tx: &'a mut PgConnection,
+) -> BoxFuture<'a, Result<(), StepFailed>> {
+    Box::pin(async move {
+        // Written before the check: a failing step's writes must be rolled back.
+        sqlx::query("UPDATE orders SET status = 'APPROVED' WHERE id = $1")
+            .bind(order.order_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StepFailed::new(e.to_string()))?;
+        if order.cancel {
+            return Err(StepFailed::new("the customer cancelled"));
+        }
+        Ok(())
+    })
+}
+
+fn command(topic: &str, kind: &str, order: &Order) -> Command {
+    Command::new(
+        topic,
+        kind,
+        &serde_json::json!({ "orderId": order.order_id, "amount": order.amount }),
+    )
+    .expect("a JSON payload")
+}
+
+fn definition(timeout: Option<Duration>) -> SagaDefinition<Order> {
+    let builder = SagaDefinition::<Order>::builder("test-order")
+        .compensation_retries(2, Duration::from_millis(20))
+        .step("create")
+        .invoke_local(create)
+        .with_compensation(reject)
+        .step("reserve-goods")
+        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
+        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o));
+    let builder = match timeout {
+        Some(t) => builder.with_timeout(t),
+        None => builder,
+    };
+    builder
+        .step("reserve-credit")
+        .invoke_participant(|o: &Order| command("customer.request", "ReserveCredit", o))
+        .on_reply::<CreditLimitExceeded>(|o, r| {
+            o.rejection = Some(format!("credit limit exceeded, {} available", r.available));
+        })
+        .with_participant_compensation(|o: &Order| command("customer.request", "ReleaseCredit", o))
+        .step("approve")
+        .invoke_local(approve)
+        .build()
+        .expect("a valid definition")
+}
+
+struct Fixture {
+    db: TestDatabase,
+    orchestrator: Orchestrator<Order>,
+}
+
+/// A command as it sits in the outbox.
+#[derive(Debug, Clone)]
+struct Sent {
+    kind: String,
+    saga_id: String,
+    step: String,
+    request_id: String,
+    compensation: bool,
+}
+
+impl Fixture {
+    async fn new(timeout: Option<Duration>) -> Fixture {
+        let db = TestDatabase::create().await;
+        schema::migrate(db.pool(), &NO_SERVICE).await.unwrap();
+        sqlx::query("CREATE TABLE orders (id uuid PRIMARY KEY, status text NOT NULL)")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let orchestrator = Orchestrator::new(definition(timeout), Outbox::new(), "order.reply");
+        Fixture { db, orchestrator }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.db.pool()
+    }
+
+    async fn start(&self, order: Order) -> Uuid {
+        let id = Uuid::now_v7();
+        let mut tx = self.pool().begin().await.unwrap();
+        self.orchestrator.start(&mut tx, id, order).await.unwrap();
+        tx.commit().await.unwrap();
+        id
+    }
+
+    /// The commands written so far, in order.
+    async fn sent(&self) -> Vec<Sent> {
+        let rows: Vec<(String, serde_json::Value)> =
+            sqlx::query_as("SELECT type, headers FROM outbox ORDER BY id")
+                .fetch_all(self.pool())
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(kind, headers)| Sent {
+                kind,
+                saga_id: headers["saga-id"].as_str().unwrap().to_owned(),
+                step: headers["saga-step"].as_str().unwrap().to_owned(),
+                request_id: headers["request-id"].as_str().unwrap().to_owned(),
+                compensation: headers["compensation"] == "true",
+            })
+            .collect()
+    }
+
+    async fn kinds(&self) -> Vec<String> {
+        self.sent().await.into_iter().map(|s| s.kind).collect()
+    }
+
+    async fn last(&self) -> Sent {
+        self.sent().await.pop().expect("a command was sent")
+    }
+
+    /// Applies a participant's reply to `to` in its own transaction.
+    async fn reply(
+        &self,
+        to: &Sent,
+        success: bool,
+        kind: &str,
+        payload: serde_json::Value,
+    ) -> Result<ReplyDisposition, SagaError> {
+        let mut tx = self.pool().begin().await.unwrap();
+        let result = self
+            .orchestrator
+            .handle_reply(&mut tx, &reply_message(to, success, kind, payload))
+            .await;
+        match &result {
+            Ok(_) => tx.commit().await.unwrap(),
+            Err(_) => tx.rollback().await.unwrap(),
+        }
+        result
+    }
+
+    async fn ok(&self, to: &Sent) {
+        let kind = format!("{}Done", to.kind);
+        assert_eq!(
+            self.reply(to, true, &kind, serde_json::json!({}))
+                .await
+                .unwrap(),
+            ReplyDisposition::Applied
+        );
+    }
+
+    async fn status(&self, id: Uuid) -> SagaStatus {
+        let mut conn = self.db.connect().await;
+        self.orchestrator.load(&mut conn, id).await.unwrap().status
+    }
+
+    async fn order_status(&self, order: Uuid) -> Option<String> {
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(order)
+            .fetch_optional(self.pool())
+            .await
+            .unwrap()
+    }
+}
+
+fn reply_message(
+    to: &Sent,
+    success: bool,
+    kind: &str,
+    payload: serde_json::Value,
+) -> IncomingMessage {
+    let mut headers = BTreeMap::new();
+    headers.insert("saga-id".to_owned(), to.saga_id.clone());
+    headers.insert("saga-step".to_owned(), to.step.clone());
+    headers.insert("request-id".to_owned(), to.request_id.clone());
+    headers.insert(
+        "outcome".to_owned(),
+        if success { "success" } else { "failure" }.to_owned(),
+    );
+    headers.insert("type".to_owned(), kind.to_owned());
+    let id = Uuid::now_v7();
+    headers.insert("id".to_owned(), id.to_string());
+    IncomingMessage {
+        topic: "order.reply".to_owned(),
+        partition: 0,
+        offset: 0,
+        key: Some(to.saga_id.clone()),
+        id,
+        message_type: Some(kind.to_owned()),
+        headers,
+        payload: Some(payload),
+    }
+}
+
+fn order() -> Order {
+    Order {
+        order_id: Uuid::now_v7(),
+        amount: 100,
+        ..Order::default()
+    }
+}
+
+#[tokio::test]
+async fn the_success_path_runs_every_step_in_order() {
+    let f = Fixture::new(None).await;
+    let order = order();
+    let id = f.start(order.clone()).await;
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("PENDING")
+    );
+    let goods = f.last().await;
+    assert_eq!(
+        (goods.kind.as_str(), goods.step.as_str(), goods.compensation),
+        ("ReserveGoods", "reserve-goods", false)
+    );
+    assert_eq!(goods.saga_id, id.to_string());
+    f.ok(&goods).await;
+    let credit = f.last().await;
+    assert_eq!(credit.kind, "ReserveCredit");
+    f.ok(&credit).await;
+    assert_eq!(f.status(id).await, SagaStatus::Completed);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("APPROVED")
+    );
+    assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveCredit"]);
+}
+
+#[tokio::test]
+async fn a_failed_participant_step_compensates_exactly_the_earlier_steps_in_reverse() {
+    let f = Fixture::new(None).await;
+    let order = order();
+    let id = f.start(order.clone()).await;
+    f.ok(&f.last().await).await;
+    let credit = f.last().await;
+    let disposition = f
+        .reply(
+            &credit,
+            false,
+            "CreditLimitExceeded",
+            serde_json::json!({ "available": 40 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(disposition, ReplyDisposition::Applied);
+    // The credit step did nothing: only the goods are released, then the order rejected.
+    let release = f.last().await;
+    assert_eq!(
+        (release.kind.as_str(), release.compensation),
+        ("ReleaseGoods", true)
+    );
+    assert_eq!(f.status(id).await, SagaStatus::Aborting);
+    f.ok(&release).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("REJECTED")
+    );
+    assert_eq!(
+        f.kinds().await,
+        ["ReserveGoods", "ReserveCredit", "ReleaseGoods"]
+    );
+    let mut conn = f.db.connect().await;
+    let instance = f.orchestrator.load(&mut conn, id).await.unwrap();
+    assert_eq!(
+        instance.data.rejection.as_deref(),
+        Some("credit limit exceeded, 40 available")
+    );
+}
+
+#[tokio::test]
+async fn a_failure_at_the_first_participant_compensates_only_the_local_step() {
+    let f = Fixture::new(None).await;
+    let order = order();
+    let id = f.start(order.clone()).await;
+    let goods = f.last().await;
+    f.reply(&goods, false, "GoodsNotFound", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+    assert_eq!(f.kinds().await, ["ReserveGoods"]);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("REJECTED")
+    );
+}
+
+#[tokio::test]
+async fn a_failing_last_local_step_compensates_everything_before_it_in_reverse() {
+    let f = Fixture::new(None).await;
+    let order = Order {
+        cancel: true,
+        ..order()
+    };
+    let id = f.start(order.clone()).await;
+    f.ok(&f.last().await).await;
+    f.ok(&f.last().await).await;
+    // approve failed: its write (APPROVED) was rolled back; credit is released first.
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("PENDING")
+    );
+    let credit = f.last().await;
+    assert_eq!(credit.kind, "ReleaseCredit");
+    f.ok(&credit).await;
+    let goods = f.last().await;
+    assert_eq!(goods.kind, "ReleaseGoods");
+    f.ok(&goods).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("REJECTED")
+    );
+    assert_eq!(
+        f.kinds().await,
+        [
+            "ReserveGoods",
+            "ReserveCredit",
+            "ReleaseCredit",
+            "ReleaseGoods"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn duplicate_and_stale_replies_change_nothing() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    let goods = f.last().await;
+    f.ok(&goods).await;
+    // The same reply again, and a reply for a request that was never sent.
+    assert_eq!(
+        f.reply(&goods, true, "ReserveGoodsDone", serde_json::json!({}))
+            .await
+            .unwrap(),
+        ReplyDisposition::Stale
+    );
+    let credit = f.last().await;
+    let forged = Sent {
+        request_id: Uuid::now_v7().to_string(),
+        ..credit.clone()
+    };
+    assert_eq!(
+        f.reply(
+            &forged,
+            false,
+            "CreditLimitExceeded",
+            serde_json::json!({"available": 0})
+        )
+        .await
+        .unwrap(),
+        ReplyDisposition::Stale
+    );
+    assert_eq!(f.status(id).await, SagaStatus::Started);
+    assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveCredit"]);
+}
+
+#[tokio::test]
+async fn a_timed_out_step_fails_is_compensated_itself_and_its_late_reply_is_stale() {
+    let f = Fixture::new(Some(Duration::from_millis(50))).await;
+    let order = order();
+    let id = f.start(order.clone()).await;
+    let goods = f.last().await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(f.orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    // The participant may have reserved the goods: they are released.
+    let release = f.last().await;
+    assert_eq!(
+        (release.kind.as_str(), release.step.as_str()),
+        ("ReleaseGoods", "reserve-goods")
+    );
+    assert_eq!(
+        f.reply(&goods, true, "ReserveGoodsDone", serde_json::json!({}))
+            .await
+            .unwrap(),
+        ReplyDisposition::Stale
+    );
+    f.ok(&release).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("REJECTED")
+    );
+}
+
+#[tokio::test]
+async fn two_orchestrators_applying_one_reply_resolve_through_the_version() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    let goods = f.last().await;
+    let message = reply_message(&goods, true, "ReserveGoodsDone", serde_json::json!({}));
+
+    let mut first = f.pool().begin().await.unwrap();
+    let applied = f
+        .orchestrator
+        .handle_reply(&mut first, &message)
+        .await
+        .unwrap();
+    assert_eq!(applied, ReplyDisposition::Applied);
+    // The second loads the old version now and blocks on the row until the first commits.
+    let second = {
+        let pool = f.pool().clone();
+        let orchestrator = Orchestrator::new(definition(None), Outbox::new(), "order.reply");
+        let message = message.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let result = orchestrator.handle_reply(&mut tx, &message).await;
+            drop(tx);
+            result
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.commit().await.unwrap();
+    let lost = second.await.unwrap();
+    assert!(
+        matches!(lost, Err(SagaError::Conflict(c)) if c == id),
+        "{lost:?}"
+    );
+    // Retried after the conflict, the reply is stale: one outcome, one next command.
+    assert_eq!(
+        f.reply(&goods, true, "ReserveGoodsDone", serde_json::json!({}))
+            .await
+            .unwrap(),
+        ReplyDisposition::Stale
+    );
+    assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveCredit"]);
+}
+
+#[tokio::test]
+async fn a_compensation_that_keeps_failing_ends_in_compensation_failed_until_an_operator_retries() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    f.ok(&f.last().await).await;
+    f.reply(
+        &f.last().await,
+        false,
+        "CreditLimitExceeded",
+        serde_json::json!({"available": 0}),
+    )
+    .await
+    .unwrap();
+    let admin = SagaAdmin::new(f.pool().clone());
+    // Two attempts, each refused; the second is sent by the sweeper after the backoff.
+    let first = f.last().await;
+    f.reply(&first, false, "ReleaseFailed", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(f.status(id).await, SagaStatus::Aborting);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    let second = f.last().await;
+    assert_eq!(second.kind, "ReleaseGoods");
+    assert_ne!(second.request_id, first.request_id);
+    f.reply(&second, false, "ReleaseFailed", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(f.status(id).await, SagaStatus::CompensationFailed);
+    let failed = admin.failed().await.unwrap();
+    assert_eq!(failed.iter().map(|s| s.id).collect::<Vec<_>>(), [id]);
+
+    admin.retry_compensation(&f.orchestrator, id).await.unwrap();
+    let third = f.last().await;
+    assert_eq!(third.kind, "ReleaseGoods");
+    f.ok(&third).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+    assert!(admin.failed().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_operator_aborts_a_stuck_saga_and_the_waiting_step_is_compensated() {
+    let f = Fixture::new(None).await;
+    let order = order();
+    let id = f.start(order.clone()).await;
+    let admin = SagaAdmin::new(f.pool().clone());
+    assert_eq!(admin.stuck(Duration::from_secs(3600)).await.unwrap(), []);
+    admin
+        .abort(&f.orchestrator, id, "no reply from inventory")
+        .await
+        .unwrap();
+    let release = f.last().await;
+    assert_eq!(release.kind, "ReleaseGoods");
+    f.ok(&release).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("REJECTED")
+    );
+    let counts = admin.counts().await.unwrap();
+    assert_eq!(counts, [("test-order".to_owned(), "ABORTED".to_owned(), 1)]);
+}
+
+#[test]
+fn definitions_are_checked() {
+    let duplicate = SagaDefinition::<Order>::builder("x")
+        .step("a")
+        .invoke_local(create)
+        .step("a")
+        .invoke_local(create)
+        .build();
+    assert!(duplicate.is_err());
+    let timeout_on_local = SagaDefinition::<Order>::builder("x")
+        .step("a")
+        .invoke_local(create)
+        .with_timeout(Duration::from_secs(1))
+        .build();
+    assert!(timeout_on_local
+        .unwrap_err()
+        .to_string()
+        .contains("participant steps only"));
+    assert!(SagaDefinition::<Order>::builder("x").build().is_err());
+}
+
+#[tokio::test]
+async fn a_reply_racing_its_timeout_has_one_outcome() {
+    let f = Fixture::new(Some(Duration::from_millis(30))).await;
+    let id = f.start(order()).await;
+    let goods = f.last().await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // The sweeper's transaction times the step out; the reply loads the same version
+    // meanwhile and waits for the row.
+    let mut sweeper = f.pool().begin().await.unwrap();
+    assert!(f
+        .orchestrator
+        .handle_deadline(&mut sweeper, id)
+        .await
+        .unwrap());
+    let racing = {
+        let pool = f.pool().clone();
+        let orchestrator = Orchestrator::new(
+            definition(Some(Duration::from_millis(30))),
+            Outbox::new(),
+            "order.reply",
+        );
+        let message = reply_message(&goods, true, "ReserveGoodsDone", serde_json::json!({}));
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            orchestrator.handle_reply(&mut tx, &message).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sweeper.commit().await.unwrap();
+    assert!(matches!(racing.await.unwrap(), Err(SagaError::Conflict(_))));
+    // Retried, the reply is stale: the timeout won, the step is being compensated.
+    assert_eq!(
+        f.reply(&goods, true, "ReserveGoodsDone", serde_json::json!({}))
+            .await
+            .unwrap(),
+        ReplyDisposition::Stale
+    );
+    assert_eq!(f.status(id).await, SagaStatus::Aborting);
+    assert_eq!(f.kinds().await, ["ReserveGoods", "ReleaseGoods"]);
+}
+
+/// A command as the participant receives it, from a command row of the outbox.
+fn command_message(sent: &Sent, kind: &str) -> IncomingMessage {
+    let mut headers = BTreeMap::new();
+    headers.insert("saga-id".to_owned(), sent.saga_id.clone());
+    headers.insert("saga-step".to_owned(), sent.step.clone());
+    headers.insert("request-id".to_owned(), sent.request_id.clone());
+    headers.insert("reply-to".to_owned(), "order.reply".to_owned());
+    headers.insert("compensation".to_owned(), sent.compensation.to_string());
+    IncomingMessage {
+        topic: "inventory.request".to_owned(),
+        partition: 0,
+        offset: 0,
+        key: Some(sent.saga_id.clone()),
+        id: Uuid::now_v7(),
+        message_type: Some(kind.to_owned()),
+        headers,
+        payload: Some(serde_json::json!({ "quantity": 2 })),
+    }
+}
+
+fn reserve<'c>(
+    tx: &'c mut PgConnection,
+    command: &'c saga_core::saga::CommandEnvelope,
+) -> saga_core::saga::Effect<'c> {
+    Box::pin(async move {
+        sqlx::query("INSERT INTO reservations (saga_id, note) VALUES ($1, $2)")
+            .bind(&command.saga_id)
+            .bind(&command.command_type)
+            .execute(&mut *tx)
+            .await
+            .map_err(saga_core::consumer::HandlerError::transient)?;
+        Ok(saga_core::saga::ParticipantReply::success(
+            "GoodsReserved",
+            serde_json::json!({}),
+        ))
+    })
+}
+
+#[tokio::test]
+async fn a_participant_applies_a_command_once_and_replies_through_its_outbox() {
+    let f = Fixture::new(None).await;
+    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
+        .execute(f.pool())
+        .await
+        .unwrap();
+    let outbox = Outbox::new();
+    let id = f.start(order()).await;
+    let goods = f.last().await;
+    let command = command_message(&goods, "ReserveGoods");
+    for _ in 0..2 {
+        let mut tx = f.pool().begin().await.unwrap();
+        saga_core::saga::participate(&mut tx, &outbox, &command, reserve)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(f.pool())
+        .await
+        .unwrap();
+    assert_eq!(effects, 1, "the duplicate command had an effect");
+    let replies: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT aggregatetype, type, headers FROM outbox WHERE aggregatetype = 'order.reply'",
+    )
+    .fetch_all(f.pool())
+    .await
+    .unwrap();
+    assert_eq!(replies.len(), 1);
+    let (_, kind, headers) = &replies[0];
+    assert_eq!(kind, "GoodsReserved");
+    assert_eq!(headers["outcome"], "success");
+    assert_eq!(headers["request-id"], goods.request_id.as_str());
+    assert_eq!(headers["saga-id"], id.to_string().as_str());
+
+    // A compensation for a step that never ran here is a null compensation, and the
+    // step arriving after it (hanging) is not run.
+    let other = Sent {
+        step: "reserve-credit".to_owned(),
+        request_id: Uuid::now_v7().to_string(),
+        compensation: true,
+        ..goods.clone()
+    };
+    let mut tx = f.pool().begin().await.unwrap();
+    saga_core::saga::participate(
+        &mut tx,
+        &outbox,
+        &command_message(&other, "ReleaseCredit"),
+        reserve,
+    )
+    .await
+    .unwrap();
+    let late = Sent {
+        compensation: false,
+        ..other
+    };
+    saga_core::saga::participate(
+        &mut tx,
+        &outbox,
+        &command_message(&late, "ReserveCredit"),
+        reserve,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(f.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        effects, 1,
+        "a null compensation or a hanging step had an effect"
+    );
+    let null: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT type, headers FROM outbox WHERE aggregatetype = 'order.reply' AND headers->>'saga-step' = 'reserve-credit'",
+    )
+    .fetch_all(f.pool())
+    .await
+    .unwrap();
+    assert_eq!(null.len(), 1, "{null:?}");
+    assert_eq!(null[0].0, "ReleaseCreditSkipped");
+    assert_eq!(null[0].1["outcome"], "success");
+}
+
+#[tokio::test]
+async fn saga_admin_lists_counts_and_failed_sagas() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_saga-admin"))
+            .arg("--database-url")
+            .arg(f.db.url())
+            .args(args)
+            .output()
+            .expect("run saga-admin");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let counts = run(&["counts"]);
+    assert!(
+        counts.contains("test-order")
+            && counts.contains("STARTED")
+            && counts.trim_end().ends_with('1'),
+        "{counts}"
+    );
+    assert_eq!(run(&["failed"]), "no sagas\n");
+    let stuck = run(&["stuck", "0"]);
+    assert!(
+        stuck.contains(&id.to_string()) && stuck.contains("reserve-goods"),
+        "{stuck}"
+    );
+}
