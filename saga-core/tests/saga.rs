@@ -768,3 +768,61 @@ async fn saga_admin_lists_counts_and_failed_sagas() {
         "{stuck}"
     );
 }
+
+#[tokio::test]
+async fn a_step_with_retries_is_sent_again_before_it_fails() {
+    let f = Fixture::new(None).await;
+    let retrying = SagaDefinition::<Order>::builder("test-order")
+        .step("create")
+        .invoke_local(create)
+        .with_compensation(reject)
+        .step("reserve-goods")
+        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
+        .with_retries(1)
+        .build()
+        .unwrap();
+    let orchestrator = Orchestrator::new(retrying, Outbox::new(), "order.reply");
+    let id = Uuid::now_v7();
+    let order = order();
+    let mut tx = f.pool().begin().await.unwrap();
+    orchestrator
+        .start(&mut tx, id, order.clone())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let apply = |to: Sent| {
+        let orchestrator = &orchestrator;
+        let pool = f.pool().clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let message = reply_message(&to, false, "GoodsBusy", serde_json::json!({}));
+            let disposition = orchestrator.handle_reply(&mut tx, &message).await.unwrap();
+            tx.commit().await.unwrap();
+            disposition
+        }
+    };
+    let first = f.last().await;
+    assert_eq!(apply(first.clone()).await, ReplyDisposition::Applied);
+    let second = f.last().await;
+    assert_eq!(second.kind, "ReserveGoods");
+    assert_ne!(
+        second.request_id, first.request_id,
+        "a retry is a new request"
+    );
+    let mut conn = f.db.connect().await;
+    assert_eq!(
+        orchestrator.load(&mut conn, id).await.unwrap().status,
+        SagaStatus::Started
+    );
+    assert_eq!(apply(second).await, ReplyDisposition::Applied);
+    assert_eq!(
+        orchestrator.load(&mut conn, id).await.unwrap().status,
+        SagaStatus::Aborted
+    );
+    assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveGoods"]);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("REJECTED")
+    );
+}
