@@ -73,6 +73,11 @@
 //!   whole transaction again, up to `max_attempts` attempts in all; then the message
 //!   is dead-lettered. The journal makes a retry after an ambiguous `COMMIT` (the
 //!   connection broke while committing) safe: the retry finds the row and skips.
+//!   When the database does not answer the consumer's own statements (beginning the
+//!   transaction, the journal insert), that is an outage, not the message's fault:
+//!   it is retried with the same backoff for as long as it lasts, without counting
+//!   toward `max_attempts`, so a restarted database never sends messages to the
+//!   dead-letter topic.
 //! - A [`HandlerError::Definite`] error, a panicking handler and a poison message (no
 //!   or invalid `id` header, a value that is not JSON, a key that is not UTF-8) are
 //!   dead-lettered at once; other keys and the rest of the lane go on.
@@ -763,6 +768,10 @@ impl<H: MessageHandler> Work<H> {
 
 /// Why one attempt did not apply the message.
 enum Failure {
+    /// The database did not answer the consumer's own statements (begin, journal):
+    /// an outage, not the message's fault. Retried until it answers or the consumer
+    /// stops, without counting toward `max_attempts`.
+    Unavailable(sqlx::Error),
     Transient(Box<dyn std::error::Error + Send + Sync>),
     Definite(String),
     Panicked(String),
@@ -793,7 +802,7 @@ async fn process<H: MessageHandler>(shared: &Shared<H>, job: &Job) -> Outcome {
         }
     };
     let mut delay = shared.backoff;
-    let mut attempt = 1;
+    let mut attempt: u32 = 1;
     loop {
         let failure = match apply(shared, &message).await {
             Ok(Applied::Committed) => {
@@ -807,6 +816,16 @@ async fn process<H: MessageHandler>(shared: &Shared<H>, job: &Job) -> Outcome {
             Err(failure) => failure,
         };
         match failure {
+            Failure::Unavailable(err) => {
+                tracing::warn!(
+                    attempt,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    error = %err,
+                    "database unavailable, retrying"
+                );
+                // An outage says nothing about the message: this try does not count.
+                attempt = attempt.saturating_sub(1);
+            }
             Failure::Transient(err) => {
                 let error = error_chain(err.as_ref());
                 if attempt >= shared.max_attempts {
@@ -860,7 +879,7 @@ async fn apply<H: MessageHandler>(
     // others mean a wrong schema or missing permissions.
     let own = |err: sqlx::Error| {
         if is_transient_database_error(&err) {
-            Failure::Transient(Box::new(err))
+            Failure::Unavailable(err)
         } else {
             Failure::Fatal(err)
         }
