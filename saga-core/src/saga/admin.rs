@@ -7,7 +7,7 @@ use sqlx::types::chrono;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::saga::engine::{Orchestrator, SagaError};
+use crate::saga::engine::{Orchestrator, SagaError, SagaInstance};
 use crate::saga::SagaData;
 use crate::status::{SagaStatus, StepStatus};
 
@@ -112,26 +112,20 @@ impl SagaAdmin {
         orchestrator: &Orchestrator<D>,
         id: Uuid,
     ) -> Result<(), SagaError> {
-        let mut tx = self.pool.begin().await?;
-        let mut instance = orchestrator.load(&mut tx, id).await?;
-        if instance.status != SagaStatus::CompensationFailed {
-            return Err(SagaError::Invalid {
-                id,
-                reason: format!("is {}, not COMPENSATION_FAILED", instance.status),
-            });
-        }
-        if let Some(step) = instance.current_step.clone() {
-            let state = instance.steps.entry(step).or_default();
-            state.attempts = 0;
-            state.request_id = None;
-            state.status = Some(StepStatus::Compensating.as_str().to_owned());
-        }
-        instance.status = SagaStatus::Aborting;
-        instance.deadline = None;
-        orchestrator.advance(&mut tx, &mut instance).await?;
-        orchestrator.save_instance(&mut tx, &instance).await?;
-        tx.commit().await?;
-        Ok(())
+        self.intervene(
+            orchestrator,
+            id,
+            SagaStatus::CompensationFailed,
+            |instance| {
+                if let Some(step) = instance.current_step.clone() {
+                    let state = instance.steps.entry(step).or_default();
+                    state.attempts = 0;
+                    state.request_id = None;
+                    state.status = Some(StepStatus::Compensating.as_str().to_owned());
+                }
+            },
+        )
+        .await
     }
 
     /// Aborts a running saga: its current step counts as failed (and, if it waited
@@ -143,19 +137,34 @@ impl SagaAdmin {
         id: Uuid,
         reason: &str,
     ) -> Result<(), SagaError> {
+        self.intervene(orchestrator, id, SagaStatus::Started, |instance| {
+            if let Some(step) = instance.current_step.clone() {
+                let state = instance.steps.entry(step).or_default();
+                let waited = state.request_id.is_some();
+                state.set_failed(format!("aborted by an operator: {reason}"), waited);
+            }
+        })
+        .await
+    }
+
+    /// Changes a saga in status `expected` by hand, then lets it compensate: one
+    /// transaction, under the same version check as every other change.
+    async fn intervene<D: SagaData + Clone>(
+        &self,
+        orchestrator: &Orchestrator<D>,
+        id: Uuid,
+        expected: SagaStatus,
+        change: impl FnOnce(&mut SagaInstance<D>),
+    ) -> Result<(), SagaError> {
         let mut tx = self.pool.begin().await?;
         let mut instance = orchestrator.load(&mut tx, id).await?;
-        if instance.status != SagaStatus::Started {
+        if instance.status != expected {
             return Err(SagaError::Invalid {
                 id,
-                reason: format!("is {}, only a STARTED saga can be aborted", instance.status),
+                reason: format!("is {}, this needs a {expected} saga", instance.status),
             });
         }
-        if let Some(step) = instance.current_step.clone() {
-            let state = instance.steps.entry(step).or_default();
-            let waited = state.request_id.is_some();
-            state.set_failed(format!("aborted by an operator: {reason}"), waited);
-        }
+        change(&mut instance);
         instance.status = SagaStatus::Aborting;
         instance.deadline = None;
         orchestrator.advance(&mut tx, &mut instance).await?;

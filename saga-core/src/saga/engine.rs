@@ -133,6 +133,15 @@ pub struct SagaInstance<D> {
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+impl<D> SagaInstance<D> {
+    /// Ends the saga in a terminal `status`: nothing is current, nothing is due.
+    fn finish(&mut self, status: SagaStatus) {
+        self.status = status;
+        self.current_step = None;
+        self.deadline = None;
+    }
+}
+
 /// Runs sagas of one definition.
 pub struct Orchestrator<D> {
     definition: Arc<SagaDefinition<D>>,
@@ -425,9 +434,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                             .is_some_and(|st| st.is(StepStatus::Succeeded))
                     });
                     let Some(index) = next else {
-                        instance.status = SagaStatus::Completed;
-                        instance.current_step = None;
-                        instance.deadline = None;
+                        instance.finish(SagaStatus::Completed);
                         return Ok(());
                     };
                     let step = &self.definition.steps[index];
@@ -446,8 +453,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                             }
                             Err(failed) => {
                                 let state = instance.steps.entry(step.name.clone()).or_default();
-                                state.set(StepStatus::Failed);
-                                state.reason = Some(failed.0);
+                                state.set_failed(failed.0, false);
                                 instance.status = SagaStatus::Aborting;
                             }
                         },
@@ -475,9 +481,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                         })
                     });
                     let Some(index) = pending else {
-                        instance.status = SagaStatus::Aborted;
-                        instance.current_step = None;
-                        instance.deadline = None;
+                        instance.finish(SagaStatus::Aborted);
                         return Ok(());
                     };
                     let step = &self.definition.steps[index];
@@ -500,12 +504,11 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                                     state.set(StepStatus::Compensated);
                                 }
                                 Err(failed) => {
+                                    // Retried when its backoff passes, or the saga is
+                                    // COMPENSATION_FAILED past the bound.
                                     let name = step.name.clone();
                                     self.compensation_failed(instance, &name, Some(failed.0));
-                                    if instance.status == SagaStatus::CompensationFailed {
-                                        return Ok(());
-                                    }
-                                    return Ok(()); // retried when the deadline passes
+                                    return Ok(());
                                 }
                             }
                         }
