@@ -100,14 +100,7 @@ async fn session_ssl(client: &mut ReplicationClient) -> String {
 
 /// The error and all its sources, joined, for checking what a message says.
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    outbox_relay::runner::error_chain(error)
 }
 
 /// A directory removed when dropped.
