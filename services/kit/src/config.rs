@@ -1,0 +1,154 @@
+//! The options every service has, as flags and environment variables.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use saga_core::consumer::ConsumerConfig;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+/// Options shared by the four services (flattened into each binary's command line).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// PostgreSQL URL of the service's own database.
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", value_name = "LIST", default_value = "localhost:9092")]
+    pub brokers: String,
+
+    /// Address of the HTTP API, /health and /metrics [default: the service's own port].
+    #[arg(long, env = "HTTP_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Put before every topic name (e.g. `test1.`), so several shops can share a broker.
+    #[arg(long, env = "TOPIC_PREFIX", value_name = "PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// Partitions of the topics the service creates.
+    #[arg(long, env = "TOPIC_PARTITIONS", value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_partitions: i32,
+
+    /// Consumer group (also the journal's consumer name) [default: <service>-service].
+    #[arg(long, env = "CONSUMER_GROUP", value_name = "GROUP")]
+    pub group_id: Option<String>,
+
+    /// librdkafka option for every Kafka client (TLS, SASL, ...); repeatable.
+    #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_name = "KEY=VALUE",
+          value_delimiter = ',', value_parser = parse_option)]
+    pub kafka_options: Vec<(String, String)>,
+
+    /// Connections in the database pool, at most.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+}
+
+fn parse_option(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+impl CommonArgs {
+    /// Options for a service reaching `database_url` and `brokers`, every other
+    /// option at its default.
+    pub fn new(database_url: impl Into<String>, brokers: impl Into<String>) -> CommonArgs {
+        CommonArgs {
+            database_url: database_url.into(),
+            brokers: brokers.into(),
+            listen: None,
+            topic_prefix: String::new(),
+            topic_partitions: 3,
+            group_id: None,
+            kafka_options: Vec::new(),
+            max_connections: 10,
+        }
+    }
+
+    /// The consumer group of `service` (`order`, `customer`, ...).
+    pub fn group(&self, service: &str) -> String {
+        self.group_id
+            .clone()
+            .unwrap_or_else(|| format!("{service}-service"))
+    }
+
+    /// The librdkafka options given.
+    pub fn kafka_option_map(&self) -> BTreeMap<String, String> {
+        self.kafka_options.iter().cloned().collect()
+    }
+
+    /// A consumer configuration for `service` reading `topics`.
+    pub fn consumer_config(&self, service: &str, topics: &[String]) -> ConsumerConfig {
+        let mut config = ConsumerConfig::new(&self.brokers, self.group(service), topics);
+        config.options = self.kafka_option_map();
+        config
+    }
+
+    /// A pool on the service's database. Connections are made lazily, so a service
+    /// starts while its database is still coming up and reports it on `/health`.
+    pub fn pool(&self) -> Result<PgPool, sqlx::Error> {
+        let options: PgConnectOptions = self.database_url.parse()?;
+        Ok(PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options))
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    #[test]
+    fn defaults_and_options() {
+        let cli = Cli::try_parse_from([
+            "svc",
+            "--database-url",
+            "postgres://x/y",
+            "--kafka-option",
+            "security.protocol=ssl,client.id = a=b",
+        ])
+        .expect("valid arguments");
+        assert_eq!(cli.common.brokers, "localhost:9092");
+        assert_eq!(cli.common.topic_partitions, 3);
+        assert_eq!(cli.common.group("customer"), "customer-service");
+        let options = cli.common.kafka_option_map();
+        assert_eq!(options["security.protocol"], "ssl");
+        assert_eq!(options["client.id"], "a=b");
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        for args in [
+            vec!["svc"],
+            vec!["svc", "--database-url", "u", "--kafka-option", "novalue"],
+            vec!["svc", "--database-url", "u", "--topic-partitions", "0"],
+        ] {
+            assert!(Cli::try_parse_from(args.clone()).is_err(), "{args:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! What the shop's services share: their configuration ([`config`]), the HTTP
+//! surface with JSON errors, `/health` and `/metrics` ([`http`], [`metrics`]), topic
+//! names and creation ([`topics`]), money as integer cents ([`money`]), and the
+//! runner that keeps a service's consumer, background tasks and HTTP server going
+//! until it is told to stop ([`runner`]).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod money;
+pub mod runner;
+pub mod topics;
+
+pub use config::{init_logging, CommonArgs};
+pub use http::{ApiError, ApiJson, ApiPath, ApiQuery};
+pub use metrics::{Counted, ServiceMetrics};
+pub use money::Amount;
+pub use runner::{Running, Service, Shutdown, Task};
+pub use topics::Topics;
