@@ -1,8 +1,31 @@
-//! Order service: the order-placement saga orchestrator with a REST API.
+//! Order service: the `order-placement` saga's orchestrator, with a REST API.
+//!
+//! `POST /orders` writes the order, the saga's state and the first command in one
+//! transaction; the order database's relay carries the command to the inventory
+//! service, and the replies come back on `order.reply`, where this service's
+//! consumer applies each one once (journal) to the saga ([`placement`]).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod api;
+pub mod placement;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use saga_core::outbox::Outbox;
+use saga_core::saga::{Orchestrator, SagaAdmin};
+use service_kit::{topics, CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
 use sqlx::migrate::Migrator;
+
+pub use api::{PlaceOrder, References};
+pub use placement::{OrderPlacement, SAGA_TYPE};
+
+/// The service's name (metrics label, default consumer group `order-service`).
+pub const SERVICE: &str = "order";
+/// Where the API listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 
 /// This service's own tables (`sql/order`); the shared tables come from
 /// [`saga_core::schema`].
@@ -12,4 +35,134 @@ pub static MIGRATIONS: Migrator = sqlx::migrate!("../../sql/order");
 /// service's.
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), saga_core::schema::MigrateError> {
     saga_core::schema::migrate(pool, &MIGRATIONS).await
+}
+
+/// The order service's options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// The customer service, asked whether a customer exists before an order is
+    /// accepted; empty: do not ask (the saga still rejects unknown customers).
+    #[arg(long, env = "CUSTOMER_SERVICE_URL", value_name = "URL", default_value = "http://localhost:8081")]
+    pub customer_url: String,
+
+    /// The inventory service, asked whether goods exist; empty: do not ask.
+    #[arg(long, env = "INVENTORY_SERVICE_URL", value_name = "URL", default_value = "http://localhost:8082")]
+    pub inventory_url: String,
+
+    /// Milliseconds a participant has to reply before its step fails and is
+    /// compensated.
+    #[arg(long, env = "SAGA_STEP_TIMEOUT_MS", value_name = "MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub step_timeout_ms: u64,
+
+    /// Milliseconds between two looks for passed step deadlines.
+    #[arg(long, env = "SAGA_SWEEP_INTERVAL_MS", value_name = "MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub sweep_interval_ms: u64,
+}
+
+impl Config {
+    /// The defaults, for `common`.
+    pub fn new(common: CommonArgs) -> Config {
+        Config {
+            common,
+            customer_url: "http://localhost:8081".into(),
+            inventory_url: "http://localhost:8082".into(),
+            step_timeout_ms: 30_000,
+            sweep_interval_ms: 500,
+        }
+    }
+
+    fn references(&self) -> References {
+        let url = |u: &str| Some(u.trim().to_owned()).filter(|u| !u.is_empty());
+        References {
+            customer_url: url(&self.customer_url),
+            inventory_url: url(&self.inventory_url),
+        }
+    }
+
+    fn topics(&self) -> Topics {
+        Topics::new(&self.common.topic_prefix)
+    }
+
+    /// The orchestrator this configuration runs.
+    pub fn orchestrator(&self) -> anyhow::Result<Orchestrator<OrderPlacement>> {
+        let topics = self.topics();
+        let definition =
+            placement::definition(&topics, Duration::from_millis(self.step_timeout_ms))?;
+        Ok(Orchestrator::new(definition, Outbox::new(), topics.order_reply()))
+    }
+}
+
+/// Starts the service: migrations and topics, the API, the reply consumer and the
+/// deadline sweeper.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let common = &config.common;
+    let pool = common.pool()?;
+    let metrics = ServiceMetrics::new();
+    let topics = config.topics();
+    let orchestrator = Arc::new(config.orchestrator()?);
+    let listen: SocketAddr = match common.listen {
+        Some(addr) => addr,
+        None => DEFAULT_LISTEN.parse()?,
+    };
+    let state = api::AppState {
+        pool: pool.clone(),
+        orchestrator: Arc::clone(&orchestrator),
+        references: config.references(),
+        http: reqwest::Client::new(),
+    };
+    let prepare = {
+        let (pool, brokers, options) = (
+            pool.clone(),
+            common.brokers.clone(),
+            common.kafka_option_map(),
+        );
+        let (all, partitions) = (topics.all().to_vec(), common.topic_partitions);
+        move || {
+            let (pool, brokers, options, all) =
+                (pool.clone(), brokers.clone(), options.clone(), all.clone());
+            async move {
+                migrate(&pool).await?;
+                topics::ensure(&brokers, &options, &all, partitions).await?;
+                Ok(())
+            }
+        }
+    };
+    let consumer = Task::consumer(
+        common.consumer_config(SERVICE, &[topics.order_reply()]),
+        pool.clone(),
+        Arc::new(Counted::new(Arc::clone(&orchestrator), Arc::clone(&metrics))),
+    );
+    let sweeper = {
+        let (pool, orchestrator) = (pool.clone(), Arc::clone(&orchestrator));
+        let interval = Duration::from_millis(config.sweep_interval_ms);
+        Task::new("sweeper", move |shutdown: service_kit::Shutdown| {
+            let (pool, orchestrator) = (pool.clone(), Arc::clone(&orchestrator));
+            async move {
+                orchestrator.run_sweeper(&pool, interval, shutdown.wait()).await;
+                Ok(())
+            }
+        })
+    };
+    let admin = SagaAdmin::new(pool.clone());
+    Service::new(SERVICE, pool, listen, metrics)
+        .api(api::router(state))
+        .prepare(prepare)
+        .task(consumer)
+        .task(sweeper)
+        .extra_metrics(move || {
+            let admin = admin.clone();
+            async move {
+                admin.prometheus().await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "saga metrics unavailable");
+                    String::new()
+                })
+            }
+        })
+        .start()
+        .await
 }
