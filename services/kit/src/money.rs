@@ -5,7 +5,7 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The largest amount a `numeric(12, 2)` column holds, in cents.
-pub const MAX_CENTS: i64 = 99_999_999_999_99;
+pub const MAX_CENTS: i64 = 9_999_999_999_999;
 
 /// An amount of money in cents. Deserialises from a JSON number with at most two
 /// decimal places and serialises to one.

@@ -1,6 +1,9 @@
 //! `order-service`: the shop's order API and the `order-placement` saga's
 //! orchestrator.
 
+// The `saga` operator commands print their tables on stdout.
+#![allow(clippy::print_stdout)]
+
 use clap::{Parser, Subcommand};
 use order_service::Config;
 use saga_core::saga::{cli, SagaAdmin};
