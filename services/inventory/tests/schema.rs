@@ -14,6 +14,7 @@ async fn migrations_create_shared_and_own_tables() {
     .unwrap();
     let mut expected = vec![
         "goods",
+        "goods_reservations",
         "outbox",
         "outbox_relay_snapshots",
         "processed_messages",
