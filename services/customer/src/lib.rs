@@ -1,8 +1,38 @@
 //! Customer service: credit limits and credit reservations.
+//!
+//! It consumes the saga's `ReserveCredit` and `ReleaseCredit` commands from
+//! `customer.request` ([`commands`]), replies to `order.reply` through its outbox,
+//! and answers `GET /customers/{id}` ([`api`]).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use service_kit::{
+    topics, Amount, CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics,
+};
 use sqlx::migrate::Migrator;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub mod api;
+pub mod commands;
+
+pub use commands::CommandHandler;
+
+/// The service's name: its label on metrics, its consumer group's stem.
+pub const SERVICE: &str = "customer";
+
+/// Where the HTTP API listens unless `--listen` says otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8081";
+
+/// Demo customer Ada, credit limit 1000.00.
+pub const ADA: Uuid = Uuid::from_u128(0xc001);
+
+/// Demo customer Bob, credit limit 50.00 (a larger order exceeds it).
+pub const BOB: Uuid = Uuid::from_u128(0xc002);
 
 /// This service's own tables (`sql/customer`); the shared tables come from
 /// [`saga_core::schema`].
@@ -12,4 +42,93 @@ pub static MIGRATIONS: Migrator = sqlx::migrate!("../../sql/customer");
 /// service's.
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), saga_core::schema::MigrateError> {
     saga_core::schema::migrate(pool, &MIGRATIONS).await
+}
+
+/// The service's configuration: only the options every service has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl Config {
+    pub fn new(common: CommonArgs) -> Config {
+        Config { common }
+    }
+}
+
+/// Starts the service in the background: the API at once (503 until prepared), then
+/// migrations and topics, then the consumer of `customer.request`.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let common = config.common;
+    let pool = common
+        .pool()
+        .context("the database URL (--database-url, DATABASE_URL) is not valid")?;
+    let listen: SocketAddr = match common.listen {
+        Some(listen) => listen,
+        None => DEFAULT_LISTEN
+            .parse()
+            .context("the default listen address is not an address")?,
+    };
+    let topics = Topics::new(common.topic_prefix.clone());
+    let request = topics.customer_request();
+    let metrics = ServiceMetrics::new();
+    let handler = Counted::new(Arc::new(CommandHandler::new()), Arc::clone(&metrics));
+    let consumer = Task::consumer(
+        common.consumer_config(SERVICE, std::slice::from_ref(&request)),
+        pool.clone(),
+        Arc::new(handler),
+    );
+    // The reply topic is created too: the relay beside this database publishes to it,
+    // and brokers that do not create topics on first use would refuse those records.
+    let own_topics = vec![request, topics.order_reply()];
+    let prepare = {
+        let pool = pool.clone();
+        move || {
+            let (pool, common, own_topics) = (pool.clone(), common.clone(), own_topics.clone());
+            async move {
+                migrate(&pool)
+                    .await
+                    .context("cannot migrate the customer database")?;
+                topics::ensure(
+                    &common.brokers,
+                    &common.kafka_option_map(),
+                    &own_topics,
+                    common.topic_partitions,
+                )
+                .await
+                .with_context(|| format!("cannot create the topics {}", own_topics.join(", ")))?;
+                Ok(())
+            }
+        }
+    };
+    Service::new(SERVICE, pool.clone(), listen, metrics)
+        .api(api::router(pool))
+        .prepare(prepare)
+        .task(consumer)
+        .start()
+        .await
+}
+
+/// Writes the demo customers of services/README.md, with all their credit available.
+/// Customers that exist already are left as they are (their credit may be reserved),
+/// so running it again changes nothing.
+pub async fn seed(pool: &PgPool) -> anyhow::Result<()> {
+    let mut inserted = 0;
+    for (id, name, limit) in [(ADA, "Ada", Amount(100_000)), (BOB, "Bob", Amount(5_000))] {
+        let done = sqlx::query(
+            "INSERT INTO customers (id, name, credit_limit, available_credit) \
+             VALUES ($1, $2, $3::bigint::numeric / 100, $3::bigint::numeric / 100) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(limit.cents())
+        .execute(pool)
+        .await
+        .with_context(|| format!("cannot write the demo customer {name}"))?;
+        inserted += done.rows_affected();
+    }
+    tracing::info!(inserted, existing = 2 - inserted, "demo customers seeded");
+    Ok(())
 }

@@ -13,6 +13,7 @@ async fn migrations_create_shared_and_own_tables() {
     .await
     .unwrap();
     let mut expected = vec![
+        "credit_reservations",
         "customers",
         "outbox",
         "outbox_relay_snapshots",
