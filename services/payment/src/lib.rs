@@ -1,8 +1,34 @@
 //! Payment service: charges and refunds.
+//!
+//! It consumes the saga's `Charge` and `Refund` commands from `payment.request`
+//! ([`commands`]), replies to `order.reply` through its outbox, and answers
+//! `GET /payments/{orderId}` ([`api`]).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use service_kit::{
+    topics, Amount, CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics,
+};
 use sqlx::migrate::Migrator;
+use sqlx::PgPool;
+
+pub mod api;
+pub mod commands;
+
+pub use commands::CommandHandler;
+
+/// The service's name: its label on metrics, its consumer group's stem.
+pub const SERVICE: &str = "payment";
+
+/// Where the HTTP API listens unless `--listen` says otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8083";
+
+/// The largest charge accepted unless `--charge-limit` says otherwise: 5000.00.
+pub const DEFAULT_CHARGE_LIMIT: Amount = Amount(500_000);
 
 /// This service's own tables (`sql/payment`); the shared tables come from
 /// [`saga_core::schema`].
@@ -12,4 +38,137 @@ pub static MIGRATIONS: Migrator = sqlx::migrate!("../../sql/payment");
 /// service's.
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), saga_core::schema::MigrateError> {
     saga_core::schema::migrate(pool, &MIGRATIONS).await
+}
+
+/// The service's configuration: the options every service has and the charge limit.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Charges above this amount are declined.
+    #[arg(long, env = "PAYMENT_CHARGE_LIMIT", value_name = "AMOUNT",
+          default_value = "5000.00", value_parser = parse_limit)]
+    pub charge_limit: Amount,
+}
+
+impl Config {
+    /// `common` with the default charge limit.
+    pub fn new(common: CommonArgs) -> Config {
+        Config {
+            common,
+            charge_limit: DEFAULT_CHARGE_LIMIT,
+        }
+    }
+}
+
+/// A decimal amount with at most two places, not negative.
+fn parse_limit(text: &str) -> Result<Amount, String> {
+    let limit = Amount::parse(text)?;
+    if limit.cents() < 0 {
+        return Err(format!("a charge limit cannot be negative ({limit})"));
+    }
+    Ok(limit)
+}
+
+/// Starts the service in the background: the API at once (503 until prepared), then
+/// migrations and topics, then the consumer of `payment.request`.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let common = config.common;
+    let pool = common
+        .pool()
+        .context("the database URL (--database-url, DATABASE_URL) is not valid")?;
+    let listen: SocketAddr = match common.listen {
+        Some(listen) => listen,
+        None => DEFAULT_LISTEN
+            .parse()
+            .context("the default listen address is not an address")?,
+    };
+    let topics = Topics::new(common.topic_prefix.clone());
+    let request = topics.payment_request();
+    let metrics = ServiceMetrics::new();
+    let handler = Counted::new(
+        Arc::new(CommandHandler::new(config.charge_limit)),
+        Arc::clone(&metrics),
+    );
+    let consumer = Task::consumer(
+        common.consumer_config(SERVICE, std::slice::from_ref(&request)),
+        pool.clone(),
+        Arc::new(handler),
+    );
+    // The reply topic is created too: the relay beside this database publishes to it,
+    // and brokers that do not create topics on first use would refuse those records.
+    let own_topics = vec![request, topics.order_reply()];
+    let prepare = {
+        let pool = pool.clone();
+        move || {
+            let (pool, common, own_topics) = (pool.clone(), common.clone(), own_topics.clone());
+            async move {
+                migrate(&pool)
+                    .await
+                    .context("cannot migrate the payment database")?;
+                topics::ensure(
+                    &common.brokers,
+                    &common.kafka_option_map(),
+                    &own_topics,
+                    common.topic_partitions,
+                )
+                .await
+                .with_context(|| format!("cannot create the topics {}", own_topics.join(", ")))?;
+                Ok(())
+            }
+        }
+    };
+    Service::new(SERVICE, pool.clone(), listen, metrics)
+        .api(api::router(pool))
+        .prepare(prepare)
+        .task(consumer)
+        .start()
+        .await
+}
+
+/// The demo data has no payments (they are made by orders); this only says so, so
+/// every service answers `seed` alike.
+pub async fn seed(_pool: &PgPool) -> anyhow::Result<()> {
+    tracing::info!("the payment service has no demo data; nothing to seed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn the_charge_limit_defaults_to_5000_and_takes_two_decimal_places() {
+        let cli = Cli::try_parse_from(["payment-service", "--database-url", "postgres://x/y"])
+            .expect("valid arguments");
+        assert_eq!(cli.config.charge_limit, DEFAULT_CHARGE_LIMIT);
+        assert_eq!(Config::new(cli.config.common).charge_limit, Amount(500_000));
+        let cli = Cli::try_parse_from([
+            "payment-service",
+            "--database-url",
+            "postgres://x/y",
+            "--charge-limit",
+            "12.5",
+        ])
+        .expect("valid arguments");
+        assert_eq!(cli.config.charge_limit, Amount(1_250));
+        for bad in ["-1", "1.001", "lots"] {
+            let args = [
+                "payment-service",
+                "--database-url",
+                "u",
+                "--charge-limit",
+                bad,
+            ];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

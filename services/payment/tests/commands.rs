@@ -1,0 +1,375 @@
+//! The command handler against a real database: each test calls it directly inside
+//! a transaction, as the consumer does, and looks at the payments and the replies in
+//! the outbox.
+
+use std::collections::BTreeMap;
+
+use payment_service::commands::{
+    CARD_DECLINED, CHARGE, PAYMENT_CHARGED, PAYMENT_DECLINED, PAYMENT_REFUNDED, REFUND,
+};
+use payment_service::{CommandHandler, DEFAULT_CHARGE_LIMIT};
+use saga_core::consumer::{HandlerError, IncomingMessage, MessageHandler};
+use serde_json::{json, Value};
+use service_kit::Amount;
+use testkit::TestDatabase;
+use uuid::Uuid;
+
+const REPLY_TO: &str = "shop.order.reply";
+const STEP: &str = "payment";
+
+struct Fixture {
+    db: TestDatabase,
+    handler: CommandHandler,
+}
+
+/// A reply row of the outbox.
+#[derive(Debug, sqlx::FromRow)]
+struct Reply {
+    aggregatetype: String,
+    aggregateid: String,
+    #[sqlx(rename = "type")]
+    kind: String,
+    payload: Value,
+    headers: Value,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        Fixture::with_limit(DEFAULT_CHARGE_LIMIT).await
+    }
+
+    async fn with_limit(limit: Amount) -> Fixture {
+        let db = TestDatabase::create().await;
+        payment_service::migrate(db.pool()).await.unwrap();
+        payment_service::seed(db.pool()).await.unwrap();
+        Fixture {
+            db,
+            handler: CommandHandler::new(limit),
+        }
+    }
+
+    /// Handles `message` in a transaction of its own, committed when the handler
+    /// succeeds, as the consumer does.
+    async fn handle(&self, message: &IncomingMessage) -> Result<(), HandlerError> {
+        let mut tx = self.db.pool().begin().await.unwrap();
+        let result = self.handler.handle(&mut tx, message).await;
+        if result.is_ok() {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        result
+    }
+
+    /// The order's payment: amount in cents, last digits, status, reason.
+    async fn payment(&self, order: Uuid) -> Option<(i64, String, String, Option<String>)> {
+        sqlx::query_as(
+            "SELECT (amount * 100)::bigint, card_last4, status, reason FROM payments \
+             WHERE order_id = $1",
+        )
+        .bind(order)
+        .fetch_optional(self.db.pool())
+        .await
+        .unwrap()
+    }
+
+    async fn replies(&self) -> Vec<Reply> {
+        sqlx::query_as(
+            "SELECT aggregatetype, aggregateid, type, payload, headers FROM outbox ORDER BY id",
+        )
+        .fetch_all(self.db.pool())
+        .await
+        .unwrap()
+    }
+}
+
+/// A saga command as the consumer hands it over.
+fn command(saga: Uuid, kind: &str, compensation: bool, payload: Value) -> IncomingMessage {
+    let headers: BTreeMap<String, String> = [
+        ("id", Uuid::now_v7().to_string()),
+        ("type", kind.to_owned()),
+        ("saga-id", saga.to_string()),
+        ("saga-step", STEP.to_owned()),
+        ("request-id", Uuid::now_v7().to_string()),
+        ("reply-to", REPLY_TO.to_owned()),
+        ("compensation", compensation.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    IncomingMessage {
+        topic: "shop.payment.request".to_owned(),
+        partition: 0,
+        offset: 0,
+        key: Some(saga.to_string()),
+        id: headers["id"].parse().unwrap(),
+        message_type: Some(kind.to_owned()),
+        headers,
+        payload: Some(payload),
+    }
+}
+
+fn charge(order: Uuid, amount_cents: i64, card: &str) -> Value {
+    json!({
+        "orderId": order,
+        "customerId": Uuid::from_u128(0xc001),
+        "amountCents": amount_cents,
+        "cardNumber": card,
+    })
+}
+
+fn refund(order: Uuid) -> Value {
+    json!({ "orderId": order })
+}
+
+const CARD: &str = "4111 1111 1111 1234";
+
+fn assert_reply(reply: &Reply, saga: Uuid, kind: &str, outcome: &str) {
+    assert_eq!(reply.aggregatetype, REPLY_TO);
+    assert_eq!(reply.aggregateid, saga.to_string());
+    assert_eq!(reply.kind, kind, "{reply:?}");
+    assert_eq!(reply.headers["outcome"], outcome, "{reply:?}");
+    assert_eq!(reply.headers["saga-id"], saga.to_string().as_str());
+    assert_eq!(reply.headers["saga-step"], STEP);
+}
+
+#[tokio::test]
+async fn a_charge_is_recorded_once_and_replied_once() {
+    let f = Fixture::new().await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let command_message = command(saga, CHARGE, false, charge(order, 4_990, CARD));
+    f.handle(&command_message).await.unwrap();
+    assert_eq!(
+        f.payment(order).await,
+        Some((4_990, "1234".to_owned(), "CHARGED".to_owned(), None))
+    );
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_reply(&replies[0], saga, PAYMENT_CHARGED, "success");
+    assert_eq!(
+        replies[0].payload,
+        json!({ "orderId": order, "amountCents": 4_990 })
+    );
+    assert_eq!(
+        replies[0].headers["request-id"],
+        command_message.header("request-id").unwrap()
+    );
+
+    // The same command again (a redelivery under another message id, or a retried
+    // attempt) charges nothing more and is not answered again.
+    let mut again = command(saga, CHARGE, false, charge(order, 4_990, CARD));
+    again
+        .headers
+        .insert("request-id".to_owned(), Uuid::now_v7().to_string());
+    f.handle(&again).await.unwrap();
+    f.handle(&command_message).await.unwrap();
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(f.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(payments, 1);
+    assert_eq!(f.replies().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_refund_after_a_charge_pays_it_back_once() {
+    let f = Fixture::new().await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let other = Uuid::now_v7();
+    f.handle(&command(
+        Uuid::now_v7(),
+        CHARGE,
+        false,
+        charge(other, 100, CARD),
+    ))
+    .await
+    .unwrap();
+    f.handle(&command(saga, CHARGE, false, charge(order, 2_500, CARD)))
+        .await
+        .unwrap();
+
+    let refund_message = command(saga, REFUND, true, refund(order));
+    f.handle(&refund_message).await.unwrap();
+    assert_eq!(
+        f.payment(order).await,
+        Some((2_500, "1234".to_owned(), "REFUNDED".to_owned(), None))
+    );
+    assert_eq!(
+        f.payment(other).await.map(|p| p.2),
+        Some("CHARGED".to_owned()),
+        "only this order's charge is refunded"
+    );
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert_reply(&replies[2], saga, PAYMENT_REFUNDED, "success");
+    assert_eq!(
+        replies[2].payload,
+        json!({ "orderId": order, "amountCents": 2_500, "refunded": true })
+    );
+
+    // A second refund (a duplicate) pays nothing back again.
+    f.handle(&refund_message).await.unwrap();
+    f.handle(&command(saga, REFUND, true, refund(order)))
+        .await
+        .unwrap();
+    assert_eq!(f.replies().await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_declined_card_is_recorded_and_its_refund_pays_nothing_back() {
+    let f = Fixture::new().await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    f.handle(&command(
+        saga,
+        CHARGE,
+        false,
+        charge(order, 1_000, "4000-0000-0000-9999"),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        f.payment(order).await,
+        Some((
+            1_000,
+            "9999".to_owned(),
+            "DECLINED".to_owned(),
+            Some(CARD_DECLINED.to_owned())
+        ))
+    );
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_reply(&replies[0], saga, PAYMENT_DECLINED, "failure");
+    assert_eq!(
+        replies[0].payload,
+        json!({ "orderId": order, "reason": CARD_DECLINED })
+    );
+
+    // The refund gets through the barrier (the step ran) and finds nothing charged.
+    f.handle(&command(saga, REFUND, true, refund(order)))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.payment(order).await.map(|p| p.2),
+        Some("DECLINED".to_owned())
+    );
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_reply(&replies[1], saga, PAYMENT_REFUNDED, "success");
+    assert_eq!(
+        replies[1].payload,
+        json!({ "orderId": order, "amountCents": 0, "refunded": false })
+    );
+}
+
+#[tokio::test]
+async fn a_charge_above_the_limit_is_declined_naming_the_limit() {
+    let f = Fixture::with_limit(Amount(10_000)).await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    f.handle(&command(saga, CHARGE, false, charge(order, 10_001, CARD)))
+        .await
+        .unwrap();
+    let reason = "amount 100.01 is above the charge limit of 100.00";
+    assert_eq!(
+        f.payment(order).await,
+        Some((
+            10_001,
+            "1234".to_owned(),
+            "DECLINED".to_owned(),
+            Some(reason.to_owned())
+        ))
+    );
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_reply(&replies[0], saga, PAYMENT_DECLINED, "failure");
+    assert_eq!(
+        replies[0].payload,
+        json!({ "orderId": order, "reason": reason })
+    );
+
+    // The limit itself is allowed.
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    f.handle(&command(saga, CHARGE, false, charge(order, 10_000, CARD)))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.payment(order).await.map(|p| p.2),
+        Some("CHARGED".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_refund_before_its_charge_is_skipped_and_the_late_charge_does_nothing() {
+    let f = Fixture::new().await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    f.handle(&command(saga, REFUND, true, refund(order)))
+        .await
+        .unwrap();
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_reply(&replies[0], saga, "RefundSkipped", "success");
+
+    // The charge arriving after its compensation (hanging) must not take money that
+    // nothing would ever pay back.
+    f.handle(&command(saga, CHARGE, false, charge(order, 700, CARD)))
+        .await
+        .unwrap();
+    assert_eq!(f.payment(order).await, None);
+    assert_eq!(f.replies().await.len(), 1);
+}
+
+#[tokio::test]
+async fn commands_that_can_never_apply_are_definite_failures() {
+    let f = Fixture::new().await;
+    let order = Uuid::now_v7();
+    let definite = |result: Result<(), HandlerError>| match result {
+        Err(HandlerError::Definite(reason)) => reason,
+        other => panic!("expected a definite failure, got {other:?}"),
+    };
+    let unknown = definite(
+        f.handle(&command(Uuid::now_v7(), "Chargeback", false, refund(order)))
+            .await,
+    );
+    assert!(unknown.contains("Chargeback"), "{unknown}");
+    let malformed = definite(
+        f.handle(&command(
+            Uuid::now_v7(),
+            CHARGE,
+            false,
+            json!({ "orderId": order, "amountCents": 100 }),
+        ))
+        .await,
+    );
+    assert!(malformed.contains(CHARGE), "{malformed}");
+    let malformed_refund = definite(
+        f.handle(&command(
+            Uuid::now_v7(),
+            REFUND,
+            true,
+            json!({ "order": order }),
+        ))
+        .await,
+    );
+    assert!(malformed_refund.contains(REFUND), "{malformed_refund}");
+    for cents in [0, -5, i64::MAX] {
+        let bad = definite(
+            f.handle(&command(
+                Uuid::now_v7(),
+                CHARGE,
+                false,
+                charge(order, cents, CARD),
+            ))
+            .await,
+        );
+        assert!(bad.contains("amountCents"), "{bad}");
+    }
+    let not_compensation = definite(
+        f.handle(&command(Uuid::now_v7(), REFUND, false, refund(order)))
+            .await,
+    );
+    assert!(
+        not_compensation.contains("compensation"),
+        "{not_compensation}"
+    );
+    assert_eq!(f.payment(order).await, None);
+    assert!(f.replies().await.is_empty());
+}
