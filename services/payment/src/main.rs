@@ -28,7 +28,8 @@ enum Command {
     Serve,
     /// Bring the database to the current schema and exit.
     Migrate,
-    /// Migrate, write the demo data (running it again changes nothing) and exit.
+    /// Migrate and exit: the payment service has no demo data, the subcommand is
+    /// there so every service's `seed` can be run alike.
     Seed,
 }
 
