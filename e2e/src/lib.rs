@@ -1,4 +1,14 @@
 //! The shop end to end: starts the four services and one relay per service
-//! database against the local environment, for the demo and the end-to-end tests.
+//! database against the local environment ([`harness`]), talks to their APIs
+//! ([`client`]), and checks what must hold once every saga has ended
+//! ([`invariants`]). The demo and the end-to-end tests are built on it.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod client;
+pub mod harness;
+pub mod invariants;
+
+pub use client::{OrderRequest, ShopClient};
+pub use harness::{Mode, ServiceDatabases, Shop, ShopConfig};
+pub use invariants::{Balances, Ledger, Report};

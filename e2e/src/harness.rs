@@ -1,0 +1,336 @@
+//! Starting and stopping a whole shop: four services, each with its own database,
+//! and one `outbox-relay` per database, either inside this process (tests) or as
+//! the real binaries (the demo).
+//!
+//! Start order: a service first (its preparation migrates its database, creating
+//! the `outbox` table, and creates the topics), then its relay (whose first start
+//! creates the publication and slot and publishes any rows already in the table).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use outbox_relay::config::{RelayConfig, TopicTemplate};
+use service_kit::{Amount, CommonArgs, Running};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// The four services' database URLs.
+#[derive(Debug, Clone)]
+pub struct ServiceDatabases {
+    pub order: String,
+    pub customer: String,
+    pub inventory: String,
+    pub payment: String,
+}
+
+impl ServiceDatabases {
+    fn of(&self, service: &str) -> &str {
+        match service {
+            "order" => &self.order,
+            "customer" => &self.customer,
+            "inventory" => &self.inventory,
+            _ => &self.payment,
+        }
+    }
+}
+
+/// How the services and relays run.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// As tasks of this process (the binaries' library entry points).
+    InProcess,
+    /// As the built binaries found in `bin_dir`, logging into `log_dir`.
+    Processes { bin_dir: PathBuf, log_dir: PathBuf },
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ShopConfig {
+    pub databases: ServiceDatabases,
+    pub brokers: String,
+    /// Put before every topic and consumer group name, so shops can share a broker.
+    pub prefix: String,
+    pub mode: Mode,
+    pub step_timeout: Duration,
+    /// The payment service's charge limit; `None`: its default.
+    pub charge_limit: Option<Amount>,
+    /// How long a service or relay may take to report itself healthy.
+    pub start_timeout: Duration,
+}
+
+impl ShopConfig {
+    pub fn new(databases: ServiceDatabases, brokers: impl Into<String>, prefix: impl Into<String>) -> ShopConfig {
+        ShopConfig {
+            databases,
+            brokers: brokers.into(),
+            prefix: prefix.into(),
+            mode: Mode::InProcess,
+            step_timeout: Duration::from_secs(30),
+            charge_limit: None,
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The services, in the order they start.
+pub const SERVICES: [&str; 4] = ["customer", "inventory", "payment", "order"];
+
+enum Component {
+    Service(&'static str, Running),
+    Relay(&'static str, watch::Sender<bool>, tokio::task::JoinHandle<anyhow::Result<()>>),
+    Process(String, Child),
+}
+
+impl std::fmt::Debug for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Component::Service(name, _) => write!(f, "service {name}"),
+            Component::Relay(name, _, _) => write!(f, "relay {name}"),
+            Component::Process(name, child) => write!(f, "process {name} ({:?})", child.id()),
+        }
+    }
+}
+
+/// A running shop.
+#[derive(Debug)]
+pub struct Shop {
+    pub config: ShopConfig,
+    /// Base URLs (`http://127.0.0.1:port`) by service.
+    pub order_url: String,
+    pub customer_url: String,
+    pub inventory_url: String,
+    pub payment_url: String,
+    components: Vec<Component>,
+}
+
+impl Shop {
+    /// Starts the services (each healthy before the next) and then the relays.
+    /// `progress` hears what is happening.
+    pub async fn start(config: ShopConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Shop> {
+        let mut shop = Shop {
+            config: config.clone(),
+            order_url: String::new(),
+            customer_url: String::new(),
+            inventory_url: String::new(),
+            payment_url: String::new(),
+            components: Vec::new(),
+        };
+        match shop.start_all(progress).await {
+            Ok(()) => Ok(shop),
+            Err(e) => {
+                shop.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_all(&mut self, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        for service in SERVICES {
+            progress(&format!("starting {service}-service"));
+            let url = self.start_service(service).await?;
+            wait_healthy(&http, &format!("{url}/health"), self.config.start_timeout)
+                .await
+                .with_context(|| format!("{service}-service did not become healthy"))?;
+            match service {
+                "order" => self.order_url = url,
+                "customer" => self.customer_url = url,
+                "inventory" => self.inventory_url = url,
+                _ => self.payment_url = url,
+            }
+        }
+        for service in SERVICES {
+            progress(&format!("starting the relay of the {service} database"));
+            self.start_relay(service, &http).await?;
+        }
+        Ok(())
+    }
+
+    fn common(&self, service: &str, listen: std::net::SocketAddr) -> CommonArgs {
+        let mut common = CommonArgs::new(self.config.databases.of(service), &self.config.brokers);
+        common.listen = Some(listen);
+        common.topic_prefix = self.config.prefix.clone();
+        common.group_id = Some(format!("{}{service}-service", self.config.prefix));
+        common
+    }
+
+    async fn start_service(&mut self, service: &'static str) -> anyhow::Result<String> {
+        match self.config.mode.clone() {
+            Mode::InProcess => {
+                let common = self.common(service, ([127, 0, 0, 1], 0).into());
+                let running = match service {
+                    "customer" => customer_service::start(customer_service::Config::new(common)).await?,
+                    "inventory" => inventory_service::start(inventory_service::Config::new(common)).await?,
+                    "payment" => {
+                        let mut config = payment_service::Config::new(common);
+                        if let Some(limit) = self.config.charge_limit {
+                            config.charge_limit = limit;
+                        }
+                        payment_service::start(config).await?
+                    }
+                    _ => {
+                        let mut config = order_service::Config::new(common);
+                        config.customer_url = self.customer_url.clone();
+                        config.inventory_url = self.inventory_url.clone();
+                        config.step_timeout_ms = millis(self.config.step_timeout);
+                        order_service::start(config).await?
+                    }
+                };
+                let url = format!("http://{}", running.addr());
+                self.components.push(Component::Service(service, running));
+                Ok(url)
+            }
+            Mode::Processes { bin_dir, log_dir } => {
+                let port = testkit::free_port();
+                let mut command = Command::new(bin_dir.join(format!("{service}-service")));
+                command
+                    .arg("serve")
+                    .env("DATABASE_URL", self.config.databases.of(service))
+                    .env("KAFKA_BROKERS", &self.config.brokers)
+                    .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
+                    .env("TOPIC_PREFIX", &self.config.prefix)
+                    .env("CONSUMER_GROUP", format!("{}{service}-service", self.config.prefix));
+                match service {
+                    "order" => {
+                        command
+                            .env("CUSTOMER_SERVICE_URL", &self.customer_url)
+                            .env("INVENTORY_SERVICE_URL", &self.inventory_url)
+                            .env("SAGA_STEP_TIMEOUT_MS", millis(self.config.step_timeout).to_string());
+                    }
+                    "payment" => {
+                        if let Some(limit) = self.config.charge_limit {
+                            command.env("PAYMENT_CHARGE_LIMIT", limit.to_string());
+                        }
+                    }
+                    _ => {}
+                }
+                let child = spawn_logged(command, &log_dir.join(format!("{service}-service.log")))?;
+                self.components.push(Component::Process(format!("{service}-service"), child));
+                Ok(format!("http://127.0.0.1:{port}"))
+            }
+        }
+    }
+
+    async fn start_relay(&mut self, service: &'static str, http: &reqwest::Client) -> anyhow::Result<()> {
+        let url = self.config.databases.of(service).to_owned();
+        match self.config.mode.clone() {
+            Mode::InProcess => {
+                let mut config = RelayConfig::new(url, &self.config.brokers);
+                config.outbox.topic_template = TopicTemplate::parse("{aggregatetype}")?;
+                config.http.listen = None;
+                config.kafka.topic_partitions = 3;
+                config.postgres.status_interval = Duration::from_millis(500);
+                let (stop, mut stopped) = watch::channel(false);
+                let join = tokio::spawn(async move {
+                    let shutdown = async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    };
+                    outbox_relay::runner::run(config, shutdown)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("relay of {service}: {}", outbox_relay::runner::error_chain(&e)))
+                });
+                self.components.push(Component::Relay(service, stop, join));
+                Ok(())
+            }
+            Mode::Processes { bin_dir, log_dir } => {
+                let port = testkit::free_port();
+                let mut command = Command::new(bin_dir.join("outbox-relay"));
+                command
+                    .env("OUTBOX_RELAY_POSTGRES_URL", url)
+                    .env("OUTBOX_RELAY_KAFKA_BROKERS", &self.config.brokers)
+                    .env("OUTBOX_RELAY_TOPIC_TEMPLATE", "{aggregatetype}")
+                    .env("OUTBOX_RELAY_TOPIC_PARTITIONS", "3")
+                    .env("OUTBOX_RELAY_HTTP_LISTEN", format!("127.0.0.1:{port}"));
+                let child = spawn_logged(command, &log_dir.join(format!("relay-{service}.log")))?;
+                self.components.push(Component::Process(format!("relay-{service}"), child));
+                wait_healthy(http, &format!("http://127.0.0.1:{port}/health"), self.config.start_timeout)
+                    .await
+                    .with_context(|| format!("the relay of the {service} database did not become healthy"))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops everything, relays first (so nothing is left half-sent), then the
+    /// services in reverse start order. Errors are logged, not returned: stopping
+    /// goes on.
+    pub async fn stop(&mut self) {
+        let mut components = std::mem::take(&mut self.components);
+        components.sort_by_key(|c| match c {
+            Component::Relay(..) => 0,
+            Component::Process(name, _) if name.starts_with("relay-") => 0,
+            _ => 1,
+        });
+        for component in components {
+            match component {
+                Component::Service(name, running) => {
+                    if let Err(e) = running.stop().await {
+                        tracing::warn!(service = name, error = %e, "service stopped with an error");
+                    }
+                }
+                Component::Relay(name, stop, join) => {
+                    let _ = stop.send(true);
+                    match join.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(relay = name, error = %e, "relay stopped with an error"),
+                        Err(e) => tracing::warn!(relay = name, error = %e, "relay task failed"),
+                    }
+                }
+                Component::Process(name, mut child) => terminate(&name, &mut child).await,
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn spawn_logged(mut command: Command, log: &std::path::Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let program = command.as_std().get_program().to_owned();
+    command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .with_context(|| format!("cannot start {}", PathBuf::from(program).display()))
+}
+
+/// SIGTERM, then SIGKILL after 20 s.
+async fn terminate(name: &str, child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => tracing::warn!(process = name, %status, "stopped with a failure status"),
+        Ok(Err(e)) => tracing::warn!(process = name, error = %e, "cannot wait for it"),
+        Err(_) => {
+            tracing::warn!(process = name, "did not stop within 20 s; killing it");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// Polls `url` until it answers 200.
+pub async fn wait_healthy(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let last = match http.get(url).timeout(Duration::from_secs(2)).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() > timeout {
+            bail!("{url} not healthy after {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
