@@ -75,9 +75,17 @@ impl ShopClient {
         answer(request.send().await?).await
     }
 
-    pub async fn place(&self, order: &OrderRequest, idempotency_key: Option<&str>) -> anyhow::Result<Answer> {
-        self.post_order_raw(&serde_json::to_string(order)?, "application/json", idempotency_key)
-            .await
+    pub async fn place(
+        &self,
+        order: &OrderRequest,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<Answer> {
+        self.post_order_raw(
+            &serde_json::to_string(order)?,
+            "application/json",
+            idempotency_key,
+        )
+        .await
     }
 
     /// Places an order that must be accepted; returns its id.
@@ -104,7 +112,9 @@ impl ShopClient {
     }
 
     pub async fn order(&self, order_id: Uuid) -> anyhow::Result<Value> {
-        let (status, body) = self.get(format!("{}/orders/{order_id}", self.order_url)).await?;
+        let (status, body) = self
+            .get(format!("{}/orders/{order_id}", self.order_url))
+            .await?;
         if !status.is_success() {
             bail!("GET /orders/{order_id} answered {status}: {body}");
         }
@@ -112,15 +122,22 @@ impl ShopClient {
     }
 
     pub async fn goods(&self, id: Uuid) -> anyhow::Result<Value> {
-        Ok(self.get(format!("{}/goods/{id}", self.inventory_url)).await?.1)
+        Ok(self
+            .get(format!("{}/goods/{id}", self.inventory_url))
+            .await?
+            .1)
     }
 
     pub async fn customer(&self, id: Uuid) -> anyhow::Result<Value> {
-        Ok(self.get(format!("{}/customers/{id}", self.customer_url)).await?.1)
+        Ok(self
+            .get(format!("{}/customers/{id}", self.customer_url))
+            .await?
+            .1)
     }
 
     pub async fn payment(&self, order_id: Uuid) -> anyhow::Result<Answer> {
-        self.get(format!("{}/payments/{order_id}", self.payment_url)).await
+        self.get(format!("{}/payments/{order_id}", self.payment_url))
+            .await
     }
 
     /// Polls the order until its saga has ended (COMPLETED, ABORTED or

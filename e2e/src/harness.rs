@@ -61,7 +61,11 @@ pub struct ShopConfig {
 }
 
 impl ShopConfig {
-    pub fn new(databases: ServiceDatabases, brokers: impl Into<String>, prefix: impl Into<String>) -> ShopConfig {
+    pub fn new(
+        databases: ServiceDatabases,
+        brokers: impl Into<String>,
+        prefix: impl Into<String>,
+    ) -> ShopConfig {
         ShopConfig {
             databases,
             brokers: brokers.into(),
@@ -79,7 +83,11 @@ pub const SERVICES: [&str; 4] = ["customer", "inventory", "payment", "order"];
 
 enum Component {
     Service(&'static str, Running),
-    Relay(&'static str, watch::Sender<bool>, tokio::task::JoinHandle<anyhow::Result<()>>),
+    Relay(
+        &'static str,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ),
     Process(String, Child),
 }
 
@@ -152,7 +160,6 @@ impl Shop {
         let mut common = CommonArgs::new(self.config.databases.of(service), &self.config.brokers);
         common.listen = Some(listen);
         common.topic_prefix = self.config.prefix.clone();
-        common.group_id = Some(format!("{}{service}-service", self.config.prefix));
         common
     }
 
@@ -161,8 +168,12 @@ impl Shop {
             Mode::InProcess => {
                 let common = self.common(service, ([127, 0, 0, 1], 0).into());
                 let running = match service {
-                    "customer" => customer_service::start(customer_service::Config::new(common)).await?,
-                    "inventory" => inventory_service::start(inventory_service::Config::new(common)).await?,
+                    "customer" => {
+                        customer_service::start(customer_service::Config::new(common)).await?
+                    }
+                    "inventory" => {
+                        inventory_service::start(inventory_service::Config::new(common)).await?
+                    }
                     "payment" => {
                         let mut config = payment_service::Config::new(common);
                         if let Some(limit) = self.config.charge_limit {
@@ -190,14 +201,16 @@ impl Shop {
                     .env("DATABASE_URL", self.config.databases.of(service))
                     .env("KAFKA_BROKERS", &self.config.brokers)
                     .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
-                    .env("TOPIC_PREFIX", &self.config.prefix)
-                    .env("CONSUMER_GROUP", format!("{}{service}-service", self.config.prefix));
+                    .env("TOPIC_PREFIX", &self.config.prefix);
                 match service {
                     "order" => {
                         command
                             .env("CUSTOMER_SERVICE_URL", &self.customer_url)
                             .env("INVENTORY_SERVICE_URL", &self.inventory_url)
-                            .env("SAGA_STEP_TIMEOUT_MS", millis(self.config.step_timeout).to_string());
+                            .env(
+                                "SAGA_STEP_TIMEOUT_MS",
+                                millis(self.config.step_timeout).to_string(),
+                            );
                     }
                     "payment" => {
                         if let Some(limit) = self.config.charge_limit {
@@ -207,13 +220,18 @@ impl Shop {
                     _ => {}
                 }
                 let child = spawn_logged(command, &log_dir.join(format!("{service}-service.log")))?;
-                self.components.push(Component::Process(format!("{service}-service"), child));
+                self.components
+                    .push(Component::Process(format!("{service}-service"), child));
                 Ok(format!("http://127.0.0.1:{port}"))
             }
         }
     }
 
-    async fn start_relay(&mut self, service: &'static str, http: &reqwest::Client) -> anyhow::Result<()> {
+    async fn start_relay(
+        &mut self,
+        service: &'static str,
+        http: &reqwest::Client,
+    ) -> anyhow::Result<()> {
         let url = self.config.databases.of(service).to_owned();
         match self.config.mode.clone() {
             Mode::InProcess => {
@@ -229,7 +247,12 @@ impl Shop {
                     };
                     outbox_relay::runner::run(config, shutdown)
                         .await
-                        .map_err(|e| anyhow::anyhow!("relay of {service}: {}", outbox_relay::runner::error_chain(&e)))
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "relay of {service}: {}",
+                                outbox_relay::runner::error_chain(&e)
+                            )
+                        })
                 });
                 self.components.push(Component::Relay(service, stop, join));
                 Ok(())
@@ -244,10 +267,17 @@ impl Shop {
                     .env("OUTBOX_RELAY_TOPIC_PARTITIONS", "3")
                     .env("OUTBOX_RELAY_HTTP_LISTEN", format!("127.0.0.1:{port}"));
                 let child = spawn_logged(command, &log_dir.join(format!("relay-{service}.log")))?;
-                self.components.push(Component::Process(format!("relay-{service}"), child));
-                wait_healthy(http, &format!("http://127.0.0.1:{port}/health"), self.config.start_timeout)
-                    .await
-                    .with_context(|| format!("the relay of the {service} database did not become healthy"))?;
+                self.components
+                    .push(Component::Process(format!("relay-{service}"), child));
+                wait_healthy(
+                    http,
+                    &format!("http://127.0.0.1:{port}/health"),
+                    self.config.start_timeout,
+                )
+                .await
+                .with_context(|| {
+                    format!("the relay of the {service} database did not become healthy")
+                })?;
                 Ok(())
             }
         }
@@ -274,7 +304,9 @@ impl Shop {
                     let _ = stop.send(true);
                     match join.await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(relay = name, error = %e, "relay stopped with an error"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(relay = name, error = %e, "relay stopped with an error")
+                        }
                         Err(e) => tracing::warn!(relay = name, error = %e, "relay task failed"),
                     }
                 }
@@ -289,7 +321,8 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn spawn_logged(mut command: Command, log: &std::path::Path) -> anyhow::Result<Child> {
-    let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let program = command.as_std().get_program().to_owned();
     command
         .stdin(Stdio::null())
@@ -320,7 +353,11 @@ async fn terminate(name: &str, child: &mut Child) {
 }
 
 /// Polls `url` until it answers 200.
-pub async fn wait_healthy(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_healthy(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let last = match http.get(url).timeout(Duration::from_secs(2)).send().await {

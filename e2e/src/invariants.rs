@@ -178,10 +178,26 @@ impl Ledger {
                     .map(|v| v.into_iter().collect::<BTreeSet<Uuid>>())
             }
         };
-        let goods_held = held(&self.inventory, "SELECT order_id FROM goods_reservations WHERE status = 'RESERVED'").await?;
-        let credit_held = held(&self.customer, "SELECT order_id FROM credit_reservations WHERE status = 'RESERVED'").await?;
-        let charged = held(&self.payment, "SELECT order_id FROM payments WHERE status = 'CHARGED'").await?;
-        for (what, set) in [("goods reservations", &goods_held), ("credit reservations", &credit_held), ("charges", &charged)] {
+        let goods_held = held(
+            &self.inventory,
+            "SELECT order_id FROM goods_reservations WHERE status = 'RESERVED'",
+        )
+        .await?;
+        let credit_held = held(
+            &self.customer,
+            "SELECT order_id FROM credit_reservations WHERE status = 'RESERVED'",
+        )
+        .await?;
+        let charged = held(
+            &self.payment,
+            "SELECT order_id FROM payments WHERE status = 'CHARGED'",
+        )
+        .await?;
+        for (what, set) in [
+            ("goods reservations", &goods_held),
+            ("credit reservations", &credit_held),
+            ("charges", &charged),
+        ] {
             if *set != approved {
                 let extra: Vec<_> = set.difference(&approved).collect();
                 let missing: Vec<_> = approved.difference(set).collect();
@@ -192,7 +208,11 @@ impl Ledger {
         }
         // Each command is answered once: two replies for one saga step and command
         // type would mean a command was applied twice.
-        for (name, pool) in [("customer", &self.customer), ("inventory", &self.inventory), ("payment", &self.payment)] {
+        for (name, pool) in [
+            ("customer", &self.customer),
+            ("inventory", &self.inventory),
+            ("payment", &self.payment),
+        ] {
             let twice: Vec<(Option<String>, Option<String>, String, i64)> = sqlx::query_as(
                 "SELECT headers->>'saga-id', headers->>'saga-step', type, count(*) FROM outbox \
                  GROUP BY 1, 2, 3 HAVING count(*) > 1",

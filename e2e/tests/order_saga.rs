@@ -19,10 +19,10 @@ const DECLINED_CARD: &str = "4000 0000 0000 9999";
 
 /// Customers and goods beyond the demo data, so that orders compete for them.
 const CUSTOMERS: &str = "INSERT INTO customers (id, name, credit_limit, available_credit) \
-    SELECT ('00000000-0000-0000-0000-0000000e' || lpad(n::text, 4, '0'))::uuid, 'customer ' || n, 400, 400 \
+    SELECT ('00000000-0000-0000-0000-0000000e' || lpad(n::text, 4, '0'))::uuid, 'customer ' || n, 600, 600 \
     FROM generate_series(1, 8) n";
 const GOODS: &str = "INSERT INTO goods (id, name, stock) \
-    SELECT ('00000000-0000-0000-0000-0000000f' || lpad(n::text, 4, '0'))::uuid, 'item ' || n, 25 \
+    SELECT ('00000000-0000-0000-0000-0000000f' || lpad(n::text, 4, '0'))::uuid, 'item ' || n, 60 \
     FROM generate_series(1, 6) n";
 
 fn extra_customer(n: u64) -> Uuid {
@@ -60,7 +60,7 @@ enum Kind {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_orders_end_consistent() {
     let shop = support::start(
-        |config| config.charge_limit = Some(Amount(300_00)),
+        |config| config.charge_limit = Some(Amount(30_000)),
         CUSTOMERS,
         GOODS,
     )
@@ -92,7 +92,7 @@ async fn two_hundred_concurrent_orders_end_consistent() {
             n => extra_goods(n - 1),
         };
         let cents = if kind == Kind::OverChargeLimit {
-            300_01 + rng.below(5_000) as i64
+            30_001 + rng.below(5_000) as i64
         } else {
             500 + rng.below(12_000) as i64
         };
@@ -101,7 +101,12 @@ async fn two_hundred_concurrent_orders_end_consistent() {
             goods_id: goods,
             quantity: 1 + rng.below(4) as i64,
             amount: cents as f64 / 100.0,
-            card_number: if kind == Kind::DeclinedCard { DECLINED_CARD } else { GOOD_CARD }.to_owned(),
+            card_number: if kind == Kind::DeclinedCard {
+                DECLINED_CARD
+            } else {
+                GOOD_CARD
+            }
+            .to_owned(),
         };
         orders.push((kind, request));
     }
@@ -111,7 +116,10 @@ async fn two_hundred_concurrent_orders_end_consistent() {
     let placing = orders.into_iter().map(|(kind, request)| {
         let client = Arc::clone(&client);
         tokio::spawn(async move {
-            let id = client.place_accepted(&request).await.expect("order accepted");
+            let id = client
+                .place_accepted(&request)
+                .await
+                .expect("order accepted");
             let cancel = if kind == Kind::Cancelled {
                 Some(client.cancel(id).await.expect("cancel answered").0)
             } else {
@@ -120,7 +128,9 @@ async fn two_hundred_concurrent_orders_end_consistent() {
             (id, kind, request, cancel)
         })
     });
-    let placed: Vec<_> = futures::future::try_join_all(placing).await.expect("placing");
+    let placed: Vec<_> = futures::future::try_join_all(placing)
+        .await
+        .expect("placing");
     eprintln!("{count} orders placed in {:?}", started.elapsed());
 
     // Every saga ends within the bound.
@@ -128,16 +138,24 @@ async fn two_hundred_concurrent_orders_end_consistent() {
     let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
     for (id, kind, request, cancel) in &placed {
         let remaining = bound.saturating_sub(started.elapsed());
-        let order = client.wait_final(*id, remaining).await.expect("saga ends in time");
+        let order = client
+            .wait_final(*id, remaining)
+            .await
+            .expect("saga ends in time");
         let status = order["status"].as_str().unwrap_or_default().to_owned();
         let reason = order["reason"].as_str().unwrap_or_default().to_owned();
         let saga = order["saga"]["status"].as_str().unwrap_or_default();
         assert!(
-            matches!((status.as_str(), saga), ("APPROVED", "COMPLETED") | ("REJECTED", "ABORTED")),
+            matches!(
+                (status.as_str(), saga),
+                ("APPROVED", "COMPLETED") | ("REJECTED", "ABORTED")
+            ),
             "order {id} ({kind:?}) ended {status}/{saga}: {order}"
         );
         match kind {
-            Kind::DeclinedCard | Kind::OverChargeLimit if status == "REJECTED" && reason.starts_with("payment declined") => {
+            Kind::DeclinedCard | Kind::OverChargeLimit
+                if status == "REJECTED" && reason.starts_with("payment declined") =>
+            {
                 let (code, payment) = client.payment(*id).await.expect("payment");
                 assert_eq!(code, StatusCode::OK);
                 assert_eq!(payment["status"], "DECLINED", "{payment}");
@@ -145,10 +163,16 @@ async fn two_hundred_concurrent_orders_end_consistent() {
             Kind::DeclinedCard | Kind::OverChargeLimit => {
                 // Stock or credit ran out first; the card was never charged.
                 assert_eq!(status, "REJECTED", "order {id} ({kind:?}): {order}");
-                assert_eq!(client.payment(*id).await.expect("payment").0, StatusCode::NOT_FOUND);
+                assert_eq!(
+                    client.payment(*id).await.expect("payment").0,
+                    StatusCode::NOT_FOUND
+                );
             }
             Kind::Cancelled if *cancel == Some(StatusCode::ACCEPTED) => {
-                assert_eq!(status, "REJECTED", "a cancelled order {id} was approved: {order}");
+                assert_eq!(
+                    status, "REJECTED",
+                    "a cancelled order {id} was approved: {order}"
+                );
                 if reason == shop_cancelled() {
                     let (_, payment) = client.payment(*id).await.expect("payment");
                     assert_eq!(payment["status"], "REFUNDED", "{payment}");
@@ -162,7 +186,11 @@ async fn two_hundred_concurrent_orders_end_consistent() {
         if status == "APPROVED" {
             let (_, payment) = client.payment(*id).await.expect("payment");
             assert_eq!(payment["status"], "CHARGED", "{payment}");
-            assert_eq!(payment["amount"].as_f64(), Some(request.amount), "{payment}");
+            assert_eq!(
+                payment["amount"].as_f64(),
+                Some(request.amount),
+                "{payment}"
+            );
         }
         let label = match (status.as_str(), reason.split(':').next().unwrap_or("")) {
             ("APPROVED", _) => "approved",
@@ -174,13 +202,29 @@ async fn two_hundred_concurrent_orders_end_consistent() {
         };
         *outcomes.entry(label).or_default() += 1;
     }
-    eprintln!("all sagas ended after {:?}: {outcomes:?}", started.elapsed());
-    for label in ["approved", "rejected: stock", "rejected: credit", "rejected: payment", "rejected: cancelled"] {
-        assert!(outcomes.get(label).copied().unwrap_or(0) > 0, "no order was {label}: {outcomes:?}");
+    eprintln!(
+        "all sagas ended after {:?}: {outcomes:?}",
+        started.elapsed()
+    );
+    for label in [
+        "approved",
+        "rejected: stock",
+        "rejected: credit",
+        "rejected: payment",
+        "rejected: cancelled",
+    ] {
+        assert!(
+            outcomes.get(label).copied().unwrap_or(0) > 0,
+            "no order was {label}: {outcomes:?}"
+        );
     }
     assert_eq!(outcomes.get("rejected: other"), None, "{outcomes:?}");
 
-    let report = shop.ledger.check(&before).await.expect("invariants readable");
+    let report = shop
+        .ledger
+        .check(&before)
+        .await
+        .expect("invariants readable");
     eprintln!("{report}");
     assert!(report.ok(), "{report}");
     assert_eq!(report.orders, count);
@@ -209,34 +253,116 @@ async fn bad_requests_are_refused_and_write_nothing() {
         body.to_string()
     };
     let cases: Vec<(&str, String, &str, StatusCode)> = vec![
-        ("malformed JSON", "{\"customerId\": ".into(), "application/json", StatusCode::BAD_REQUEST),
-        ("not JSON", good.to_string(), "text/plain", StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("missing quantity", without("quantity"), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("missing cardNumber", without("cardNumber"), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("zero quantity", with("quantity", 0.into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("negative quantity", with("quantity", (-2).into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("zero amount", with("amount", 0.into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("negative amount", with("amount", (-1.5).into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("three decimals", with("amount", serde_json::json!(1.005)), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("bad card", with("cardNumber", "12ab".into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("malformed id", with("customerId", "nope".into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("unknown customer", with("customerId", Uuid::now_v7().to_string().into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("unknown goods", with("goodsId", Uuid::now_v7().to_string().into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
-        ("unknown field", with("coupon", "FREE".into()), "application/json", StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "malformed JSON",
+            "{\"customerId\": ".into(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "not JSON",
+            good.to_string(),
+            "text/plain",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "missing quantity",
+            without("quantity"),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "missing cardNumber",
+            without("cardNumber"),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "zero quantity",
+            with("quantity", 0.into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "negative quantity",
+            with("quantity", (-2).into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "zero amount",
+            with("amount", 0.into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "negative amount",
+            with("amount", (-1.5).into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "three decimals",
+            with("amount", serde_json::json!(1.005)),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "bad card",
+            with("cardNumber", "12ab".into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "malformed id",
+            with("customerId", "nope".into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown customer",
+            with("customerId", Uuid::now_v7().to_string().into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown goods",
+            with("goodsId", Uuid::now_v7().to_string().into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown field",
+            with("coupon", "FREE".into()),
+            "application/json",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
     ];
     for (what, body, content_type, expected) in cases {
-        let (status, answer) = client.post_order_raw(&body, content_type, None).await.expect("answered");
+        let (status, answer) = client
+            .post_order_raw(&body, content_type, None)
+            .await
+            .expect("answered");
         assert_eq!(status, expected, "{what}: {answer}");
-        assert!(answer["error"].is_string() && answer["message"].is_string(), "{what}: {answer}");
+        assert!(
+            answer["error"].is_string() && answer["message"].is_string(),
+            "{what}: {answer}"
+        );
     }
     let (status, answer) = client
         .get(format!("{}/orders/not-a-uuid", client.order_url))
         .await
         .expect("answered");
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
-    let (status, _) = client.get(format!("{}/orders/{}", client.order_url, Uuid::now_v7())).await.expect("answered");
+    let (status, _) = client
+        .get(format!("{}/orders/{}", client.order_url, Uuid::now_v7()))
+        .await
+        .expect("answered");
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, answer) = client.get(format!("{}/orders?limit=0", client.order_url)).await.expect("answered");
+    let (status, answer) = client
+        .get(format!("{}/orders?limit=0", client.order_url))
+        .await
+        .expect("answered");
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
 
     for table in ["orders", "saga_state", "outbox", "order_idempotency_keys"] {
@@ -249,9 +375,15 @@ async fn bad_requests_are_refused_and_write_nothing() {
 
     // The Idempotency-Key: the same request twice is one order; another request
     // with the key is refused.
-    let (first, placed) = client.post_order_raw(&good.to_string(), "application/json", Some("k-1")).await.expect("placed");
+    let (first, placed) = client
+        .post_order_raw(&good.to_string(), "application/json", Some("k-1"))
+        .await
+        .expect("placed");
     assert_eq!(first, StatusCode::ACCEPTED, "{placed}");
-    let (again, replayed) = client.post_order_raw(&good.to_string(), "application/json", Some("k-1")).await.expect("placed");
+    let (again, replayed) = client
+        .post_order_raw(&good.to_string(), "application/json", Some("k-1"))
+        .await
+        .expect("placed");
     assert_eq!(again, StatusCode::OK, "{replayed}");
     assert_eq!(placed["orderId"], replayed["orderId"]);
     let (other, refused) = client
@@ -259,17 +391,35 @@ async fn bad_requests_are_refused_and_write_nothing() {
         .await
         .expect("answered");
     assert_eq!(other, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&shop.ledger.order).await.expect("count");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&shop.ledger.order)
+        .await
+        .expect("count");
     assert_eq!(n, 1);
     let id: Uuid = serde_json::from_value(placed["orderId"].clone()).expect("id");
-    let order = client.wait_final(id, Duration::from_secs(60)).await.expect("final");
+    let order = client
+        .wait_final(id, Duration::from_secs(60))
+        .await
+        .expect("final");
     assert_eq!(order["status"], "APPROVED", "{order}");
-    let steps: Vec<_> = order["saga"]["steps"].as_array().expect("steps").iter().map(|s| (s["name"].clone(), s["status"].clone())).collect();
+    let steps: Vec<_> = order["saga"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| (s["name"].clone(), s["status"].clone()))
+        .collect();
     assert_eq!(steps.len(), 5, "{order}");
     assert!(steps.iter().all(|(_, s)| s == "SUCCEEDED"), "{order}");
     let (status, _) = client.cancel(id).await.expect("answered");
-    assert_eq!(status, StatusCode::CONFLICT, "an approved order cannot be cancelled");
-    let (_, page) = client.get(format!("{}/orders?limit=10", client.order_url)).await.expect("list");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "an approved order cannot be cancelled"
+    );
+    let (_, page) = client
+        .get(format!("{}/orders?limit=10", client.order_url))
+        .await
+        .expect("list");
     assert_eq!(page["orders"].as_array().map(Vec::len), Some(1), "{page}");
     shop.stop().await;
 }

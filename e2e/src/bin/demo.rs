@@ -17,7 +17,6 @@ use shop::{Balances, Ledger, Mode, OrderRequest, ServiceDatabases, Shop, ShopCli
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-
 const GOOD_CARD: &str = "4111 1111 1111 1111";
 const DECLINED_CARD: &str = "4000 0000 0000 9999";
 
@@ -141,7 +140,12 @@ async fn run() -> anyhow::Result<()> {
     say("seeded: customers Ada (credit 1000.00) and Bob (50.00); 100 widgets, 1 gadget");
 
     // A fresh prefix: topics and consumer groups of earlier runs are not read.
-    let prefix = format!("demo{}.", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs());
+    let prefix = format!(
+        "demo{}.",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
     let mut config = ShopConfig::new(databases.clone(), &settings.kafka_brokers, prefix);
     config.mode = Mode::Processes {
         bin_dir,
@@ -190,17 +194,42 @@ async fn place_orders(shop: &Shop, databases: &ServiceDatabases) -> anyhow::Resu
             .as_array()
             .map(|s| {
                 s.iter()
-                    .map(|s| format!("{} {}", s["name"].as_str().unwrap_or("?"), s["status"].as_str().unwrap_or("-")))
+                    .map(|s| {
+                        format!(
+                            "{} {}",
+                            s["name"].as_str().unwrap_or("?"),
+                            s["status"].as_str().unwrap_or("-")
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
         let (code, payment) = client.payment(*id).await?;
-        let payment_status = if code.is_success() { payment["status"].as_str().unwrap_or("?").to_owned() } else { "none".into() };
-        println!("{}\n    order {id}: {status}{}", case.title, if reason.is_empty() { String::new() } else { format!(" ({reason})") });
-        println!("    saga {}: {}", order["saga"]["status"].as_str().unwrap_or("?"), steps.join(", "));
+        let payment_status = if code.is_success() {
+            payment["status"].as_str().unwrap_or("?").to_owned()
+        } else {
+            "none".into()
+        };
+        println!(
+            "{}\n    order {id}: {status}{}",
+            case.title,
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({reason})")
+            }
+        );
+        println!(
+            "    saga {}: {}",
+            order["saga"]["status"].as_str().unwrap_or("?"),
+            steps.join(", ")
+        );
         println!("    payment: {payment_status}");
         let expected_payment = case.payment.unwrap_or("none");
-        if status != case.status || !reason.starts_with(case.reason) || payment_status != expected_payment {
+        if status != case.status
+            || !reason.starts_with(case.reason)
+            || payment_status != expected_payment
+        {
             failures.push(format!(
                 "{}: expected {} ({}) with payment {expected_payment}, got {status} ({reason}) with payment {payment_status}",
                 case.title, case.status, case.reason
@@ -216,10 +245,26 @@ async fn place_orders(shop: &Shop, databases: &ServiceDatabases) -> anyhow::Resu
     let expect = |what: &str, got: Option<&i64>, want: Option<i64>| {
         (got.copied() != want).then(|| format!("{what}: expected {want:?}, got {got:?}"))
     };
-    failures.extend(expect("widget stock", after.stock.get(&WIDGET), before.stock.get(&WIDGET).map(|s| s - 2)));
-    failures.extend(expect("gadget stock", after.stock.get(&GADGET), before.stock.get(&GADGET).copied()));
-    failures.extend(expect("Ada's credit (cents)", after.credit.get(&ADA), before.credit.get(&ADA).map(|c| c - 40_00)));
-    failures.extend(expect("Bob's credit (cents)", after.credit.get(&BOB), before.credit.get(&BOB).copied()));
+    failures.extend(expect(
+        "widget stock",
+        after.stock.get(&WIDGET),
+        before.stock.get(&WIDGET).map(|s| s - 2),
+    ));
+    failures.extend(expect(
+        "gadget stock",
+        after.stock.get(&GADGET),
+        before.stock.get(&GADGET).copied(),
+    ));
+    failures.extend(expect(
+        "Ada's credit (cents)",
+        after.credit.get(&ADA),
+        before.credit.get(&ADA).map(|c| c - 4_000),
+    ));
+    failures.extend(expect(
+        "Bob's credit (cents)",
+        after.credit.get(&BOB),
+        before.credit.get(&BOB).copied(),
+    ));
     failures.extend(report.violations.iter().cloned());
     if failures.is_empty() {
         say("every outcome as expected");
@@ -235,9 +280,15 @@ async fn print_balances(when: &str, client: &ShopClient) -> anyhow::Result<()> {
         line.push(format!("{name} {}", client.goods(id).await?["stock"]));
     }
     for (name, id) in [("Ada", ADA), ("Bob", BOB)] {
-        line.push(format!("{name} {}", client.customer(id).await?["availableCredit"]));
+        let credit = client.customer(id).await?["availableCredit"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        line.push(format!("{name} {credit:.2}"));
     }
-    say(&format!("stock and credit {when}: {}", line.join(", ")));
+    say(&format!(
+        "stock and credit {when}: {} (credit available)",
+        line.join(", ")
+    ));
     Ok(())
 }
 
@@ -262,20 +313,24 @@ async fn fresh_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
         .bind(name)
         .execute(&admin)
         .await;
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE database = $1")
-            .bind(name)
-            .fetch_one(&admin)
-            .await?;
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE database = $1")
+                .bind(name)
+                .fetch_one(&admin)
+                .await?;
         if dropped.is_ok() && left == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await?;
     admin.close().await;
     let mut url = url::Url::parse(admin_url)?;
     url.set_path(&format!("/{name}"));
     Ok(url.to_string())
 }
-

@@ -18,7 +18,11 @@ pub struct TestShop {
 /// Starts a shop in this process on four new databases, seeds the demo data and
 /// `extra_sql` (run on the customer and inventory databases), and waits until it
 /// serves.
-pub async fn start(configure: impl FnOnce(&mut ShopConfig), extra_customers: &str, extra_goods: &str) -> TestShop {
+pub async fn start(
+    configure: impl FnOnce(&mut ShopConfig),
+    extra_customers: &str,
+    extra_goods: &str,
+) -> TestShop {
     let (order, customer, inventory, payment) = (
         TestDatabase::create().await,
         TestDatabase::create().await,
@@ -39,13 +43,23 @@ pub async fn start(configure: impl FnOnce(&mut ShopConfig), extra_customers: &st
     let shop = Shop::start(config, &mut |step| eprintln!("shop: {step}"))
         .await
         .expect("the shop starts");
-    customer_service::seed(customer.pool()).await.expect("customers seeded");
-    inventory_service::seed(inventory.pool()).await.expect("goods seeded");
+    customer_service::seed(customer.pool())
+        .await
+        .expect("customers seeded");
+    inventory_service::seed(inventory.pool())
+        .await
+        .expect("goods seeded");
     if !extra_customers.is_empty() {
-        sqlx::raw_sql(extra_customers).execute(customer.pool()).await.expect("extra customers");
+        sqlx::raw_sql(extra_customers)
+            .execute(customer.pool())
+            .await
+            .expect("extra customers");
     }
     if !extra_goods.is_empty() {
-        sqlx::raw_sql(extra_goods).execute(inventory.pool()).await.expect("extra goods");
+        sqlx::raw_sql(extra_goods)
+            .execute(inventory.pool())
+            .await
+            .expect("extra goods");
     }
     let ledger = Ledger {
         order: order.pool().clone(),

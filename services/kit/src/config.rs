@@ -16,7 +16,12 @@ pub struct CommonArgs {
     pub database_url: String,
 
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", value_name = "LIST", default_value = "localhost:9092")]
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        value_name = "LIST",
+        default_value = "localhost:9092"
+    )]
     pub brokers: String,
 
     /// Address of the HTTP API, /health and /metrics [default: the service's own port].
@@ -32,7 +37,7 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(i32).range(1..))]
     pub topic_partitions: i32,
 
-    /// Consumer group (also the journal's consumer name) [default: <service>-service].
+    /// Consumer group (also the journal's consumer name) [default: <topic prefix><service>-service].
     #[arg(long, env = "CONSUMER_GROUP", value_name = "GROUP")]
     pub group_id: Option<String>,
 
@@ -72,11 +77,14 @@ impl CommonArgs {
         }
     }
 
-    /// The consumer group of `service` (`order`, `customer`, ...).
+    /// The consumer group of `service` (`order`, `customer`, ...): the one given,
+    /// or `<topic prefix><service>-service`, so that shops sharing a broker under
+    /// different prefixes keep their groups (and dead-letter topics,
+    /// `<group>.dlq`) apart.
     pub fn group(&self, service: &str) -> String {
         self.group_id
             .clone()
-            .unwrap_or_else(|| format!("{service}-service"))
+            .unwrap_or_else(|| format!("{}{service}-service", self.topic_prefix))
     }
 
     /// The librdkafka options given.
@@ -95,6 +103,8 @@ impl CommonArgs {
     /// starts while its database is still coming up and reports it on `/health`.
     pub fn pool(&self) -> Result<PgPool, sqlx::Error> {
         let options: PgConnectOptions = self.database_url.parse()?;
+        // The migrator's "already exists, skipping" notices are not news.
+        let options = options.options([("client_min_messages", "warning")]);
         Ok(PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -106,7 +116,9 @@ impl CommonArgs {
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -136,6 +148,17 @@ mod tests {
         assert_eq!(cli.common.brokers, "localhost:9092");
         assert_eq!(cli.common.topic_partitions, 3);
         assert_eq!(cli.common.group("customer"), "customer-service");
+        let consumer = cli
+            .common
+            .consumer_config("customer", &["customer.request".into()]);
+        assert_eq!(consumer.dead_letter_topic, "customer-service.dlq");
+        let mut prefixed = cli.common.clone();
+        prefixed.topic_prefix = "t1.".into();
+        assert_eq!(
+            prefixed.consumer_config("customer", &[]).dead_letter_topic,
+            "t1.customer-service.dlq",
+            "the default group carries the prefix, and the dead letters with it"
+        );
         let options = cli.common.kafka_option_map();
         assert_eq!(options["security.protocol"], "ssl");
         assert_eq!(options["client.id"], "a=b");
@@ -148,7 +171,10 @@ mod tests {
             vec!["svc", "--database-url", "u", "--kafka-option", "novalue"],
             vec!["svc", "--database-url", "u", "--topic-partitions", "0"],
         ] {
-            assert!(Cli::try_parse_from(args.clone()).is_err(), "{args:?} was accepted");
+            assert!(
+                Cli::try_parse_from(args.clone()).is_err(),
+                "{args:?} was accepted"
+            );
         }
     }
 }

@@ -25,7 +25,9 @@ pub struct ServiceMetrics {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A counter map stays consistent even if a holder panicked.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ServiceMetrics {
@@ -34,7 +36,9 @@ impl ServiceMetrics {
     }
 
     pub fn http_response(&self, route: &str, status: u16) {
-        *lock(&self.http).entry((route.to_owned(), status)).or_default() += 1;
+        *lock(&self.http)
+            .entry((route.to_owned(), status))
+            .or_default() += 1;
     }
 
     pub fn handler_call(&self, message_type: &str, result: &'static str) {
@@ -63,14 +67,20 @@ impl ServiceMetrics {
     /// The counters in Prometheus text format, `service` as a label on each.
     pub fn render(&self, service: &str) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP service_up 1 while the service reports itself healthy.");
+        let _ = writeln!(
+            out,
+            "# HELP service_up 1 while the service reports itself healthy."
+        );
         let _ = writeln!(out, "# TYPE service_up gauge");
         let _ = writeln!(
             out,
             "service_up{{service=\"{service}\"}} {}",
             self.healthy.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP service_http_responses_total HTTP responses by route and status.");
+        let _ = writeln!(
+            out,
+            "# HELP service_http_responses_total HTTP responses by route and status."
+        );
         let _ = writeln!(out, "# TYPE service_http_responses_total counter");
         for ((route, status), n) in lock(&self.http).iter() {
             let _ = writeln!(
@@ -91,7 +101,10 @@ impl ServiceMetrics {
                 escape(message_type)
             );
         }
-        let _ = writeln!(out, "# HELP service_task_restarts_total Restarts of a background task after it failed.");
+        let _ = writeln!(
+            out,
+            "# HELP service_task_restarts_total Restarts of a background task after it failed."
+        );
         let _ = writeln!(out, "# TYPE service_task_restarts_total counter");
         for (task, n) in lock(&self.restarts).iter() {
             let _ = writeln!(
@@ -162,7 +175,9 @@ mod tests {
             "service_http_responses_total{service=\"inventory\",route=\"/orders\",status=\"202\"} 1"
         ));
         assert!(text.contains("type=\"Reserve\\\"Goods\",result=\"ok\"} 1"));
-        assert!(text.contains("service_task_restarts_total{service=\"inventory\",task=\"consumer\"} 1"));
+        assert!(
+            text.contains("service_task_restarts_total{service=\"inventory\",task=\"consumer\"} 1")
+        );
         for family in [
             "service_up",
             "service_http_responses_total",

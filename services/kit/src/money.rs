@@ -93,7 +93,16 @@ mod tests {
         assert_eq!(Amount::parse("12.5"), Ok(Amount(1250)));
         assert_eq!(Amount::parse("0.07"), Ok(Amount(7)));
         assert_eq!(Amount::parse("-3.10"), Ok(Amount(-310)));
-        for bad in ["", "1.234", "abc", "1.", ".5", "1e3", "--1", "99999999999999"] {
+        for bad in [
+            "",
+            "1.234",
+            "abc",
+            "1.",
+            ".5",
+            "1e3",
+            "--1",
+            "99999999999999",
+        ] {
             assert!(Amount::parse(bad).is_err(), "{bad:?} was accepted");
         }
     }
@@ -104,7 +113,10 @@ mod tests {
         assert_eq!(a, Amount(4990));
         // A JSON number: trailing zeros are not kept.
         assert_eq!(serde_json::to_string(&a).expect("json"), "49.9");
-        assert_eq!(serde_json::to_string(&Amount(123_456_789_012)).expect("json"), "1234567890.12");
+        assert_eq!(
+            serde_json::to_string(&Amount(123_456_789_012)).expect("json"),
+            "1234567890.12"
+        );
         assert_eq!(serde_json::to_string(&Amount(-5)).expect("json"), "-0.05");
         assert!(serde_json::from_str::<Amount>("1.001").is_err());
         assert!(serde_json::from_str::<Amount>("true").is_err());

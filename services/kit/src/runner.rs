@@ -82,7 +82,11 @@ impl Task {
     }
 
     /// A consumer of `config` with `handler`, created anew for every run.
-    pub fn consumer<H: MessageHandler>(config: ConsumerConfig, pool: PgPool, handler: Arc<H>) -> Task {
+    pub fn consumer<H: MessageHandler>(
+        config: ConsumerConfig,
+        pool: PgPool,
+        handler: Arc<H>,
+    ) -> Task {
         Task::new("consumer", move |shutdown: Shutdown| {
             let (config, pool, handler) = (config.clone(), pool.clone(), Arc::clone(&handler));
             async move {
@@ -114,7 +118,9 @@ struct Shared {
 }
 
 fn lock(health: &Mutex<Health>) -> MutexGuard<'_, Health> {
-    health.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    health
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared {
@@ -255,15 +261,16 @@ pub async fn termination_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the service");
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the service");
+                let _ = interrupt.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = interrupt => {}
             _ = term.recv() => {}
@@ -304,7 +311,10 @@ async fn supervise(
 
     let prepared = match &service.prepare {
         Some(prepare) => {
-            lock(&shared.health).problems.insert("starting".into(), "preparing the database and topics".into());
+            lock(&shared.health).problems.insert(
+                "starting".into(),
+                "preparing the database and topics".into(),
+            );
             let prepared = retry("prepare", &shared, &shutdown, prepare.as_ref()).await;
             shared.problem("starting", None);
             prepared
@@ -437,7 +447,12 @@ async fn health(State(shared): State<Shared>) -> Response {
         "status": if healthy { "ok" } else { "unavailable" },
         "problems": problems,
     });
-    (status, [(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 async fn metrics(State(shared): State<Shared>) -> Response {

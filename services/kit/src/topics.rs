@@ -100,7 +100,12 @@ mod tests {
         assert_eq!(topics.order_reply(), "t1.order.reply");
         assert_eq!(
             Topics::default().all(),
-            ["inventory.request", "customer.request", "payment.request", "order.reply"]
+            [
+                "inventory.request",
+                "customer.request",
+                "payment.request",
+                "order.reply"
+            ]
         );
     }
 }

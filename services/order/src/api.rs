@@ -146,9 +146,11 @@ async fn place_order(
         if claimed.rows_affected() == 0 {
             // A concurrent request with this key committed first.
             tx.rollback().await?;
-            return replay(&state.pool, key, &fingerprint).await?.ok_or_else(|| {
-                ApiError::unavailable("the idempotency key is being used; try again")
-            });
+            return replay(&state.pool, key, &fingerprint)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::unavailable("the idempotency key is being used; try again")
+                });
         }
     }
     let data = OrderPlacement {
@@ -235,7 +237,11 @@ async fn replay(pool: &PgPool, key: &str, fingerprint: &str) -> Result<Option<Re
         ));
     }
     let status: String = row.try_get("status")?;
-    Ok(Some(placed(StatusCode::OK, row.try_get("order_id")?, &status)))
+    Ok(Some(placed(
+        StatusCode::OK,
+        row.try_get("order_id")?,
+        &status,
+    )))
 }
 
 /// Asks the owning service whether `id` exists. A 404 refuses the order; a
@@ -292,7 +298,9 @@ async fn cancel_order(
         tracing::info!(order_id = %id, "cancellation requested");
         return Ok((
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "orderId": id, "status": "PENDING", "cancelRequested": true })),
+            Json(
+                serde_json::json!({ "orderId": id, "status": "PENDING", "cancelRequested": true }),
+            ),
         )
             .into_response());
     }
@@ -350,7 +358,8 @@ struct OrderView {
     saga: Option<SagaView>,
 }
 
-const ORDER_COLUMNS: &str = "id, customer_id, goods_id, quantity, (amount * 100)::bigint AS amount_cents, \
+const ORDER_COLUMNS: &str =
+    "id, customer_id, goods_id, quantity, (amount * 100)::bigint AS amount_cents, \
      card_last4, status, reason, cancel_requested, created_at, updated_at, saga_id";
 
 fn rfc3339(at: DateTime<Utc>) -> String {
@@ -475,7 +484,10 @@ mod tests {
 
     #[test]
     fn card_numbers() {
-        assert_eq!(card_digits("4111 1111-1111 1111").ok().as_deref(), Some("4111111111111111"));
+        assert_eq!(
+            card_digits("4111 1111-1111 1111").ok().as_deref(),
+            Some("4111111111111111")
+        );
         for bad in ["", "4111", "4111x11111111111", "41111111111111111111"] {
             assert!(card_digits(bad).is_err(), "{bad:?}");
         }
@@ -491,7 +503,13 @@ mod tests {
             card_number: "4111111111111111".into(),
         };
         assert!(order(1, 1).validate().is_ok());
-        for (q, c) in [(0, 100), (-1, 100), (1, 0), (1, -5), (i64::from(i32::MAX) + 1, 100)] {
+        for (q, c) in [
+            (0, 100),
+            (-1, 100),
+            (1, 0),
+            (1, -5),
+            (i64::from(i32::MAX) + 1, 100),
+        ] {
             let error = order(q, c).validate().expect_err("refused");
             assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY);
         }

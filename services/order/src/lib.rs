@@ -45,11 +45,21 @@ pub struct Config {
 
     /// The customer service, asked whether a customer exists before an order is
     /// accepted; empty: do not ask (the saga still rejects unknown customers).
-    #[arg(long, env = "CUSTOMER_SERVICE_URL", value_name = "URL", default_value = "http://localhost:8081")]
+    #[arg(
+        long,
+        env = "CUSTOMER_SERVICE_URL",
+        value_name = "URL",
+        default_value = "http://localhost:8081"
+    )]
     pub customer_url: String,
 
     /// The inventory service, asked whether goods exist; empty: do not ask.
-    #[arg(long, env = "INVENTORY_SERVICE_URL", value_name = "URL", default_value = "http://localhost:8082")]
+    #[arg(
+        long,
+        env = "INVENTORY_SERVICE_URL",
+        value_name = "URL",
+        default_value = "http://localhost:8082"
+    )]
     pub inventory_url: String,
 
     /// Milliseconds a participant has to reply before its step fails and is
@@ -93,7 +103,11 @@ impl Config {
         let topics = self.topics();
         let definition =
             placement::definition(&topics, Duration::from_millis(self.step_timeout_ms))?;
-        Ok(Orchestrator::new(definition, Outbox::new(), topics.order_reply()))
+        Ok(Orchestrator::new(
+            definition,
+            Outbox::new(),
+            topics.order_reply(),
+        ))
     }
 }
 
@@ -135,7 +149,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let consumer = Task::consumer(
         common.consumer_config(SERVICE, &[topics.order_reply()]),
         pool.clone(),
-        Arc::new(Counted::new(Arc::clone(&orchestrator), Arc::clone(&metrics))),
+        Arc::new(Counted::new(
+            Arc::clone(&orchestrator),
+            Arc::clone(&metrics),
+        )),
     );
     let sweeper = {
         let (pool, orchestrator) = (pool.clone(), Arc::clone(&orchestrator));
@@ -143,7 +160,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Task::new("sweeper", move |shutdown: service_kit::Shutdown| {
             let (pool, orchestrator) = (pool.clone(), Arc::clone(&orchestrator));
             async move {
-                orchestrator.run_sweeper(&pool, interval, shutdown.wait()).await;
+                orchestrator
+                    .run_sweeper(&pool, interval, shutdown.wait())
+                    .await;
                 Ok(())
             }
         })

@@ -286,7 +286,13 @@ mod tests {
         let names: Vec<&str> = definition.steps().iter().map(|s| s.name()).collect();
         assert_eq!(
             names,
-            ["create", "reserve-goods", "reserve-credit", "payment", "approve"]
+            [
+                "create",
+                "reserve-goods",
+                "reserve-credit",
+                "payment",
+                "approve"
+            ]
         );
         let o = OrderPlacement {
             order_id: Uuid::nil(),
@@ -301,7 +307,13 @@ mod tests {
         let c = charge(&topics, &o);
         assert_eq!(c.topic, "p.payment.request");
         assert_eq!(c.payload["amountCents"], 1999);
-        assert_eq!(goods(&topics, "ReleaseGoods", &o).topic, "p.inventory.request");
-        assert_eq!(credit(&topics, "ReserveCredit", &o).topic, "p.customer.request");
+        assert_eq!(
+            goods(&topics, "ReleaseGoods", &o).topic,
+            "p.inventory.request"
+        );
+        assert_eq!(
+            credit(&topics, "ReserveCredit", &o).topic,
+            "p.customer.request"
+        );
     }
 }
