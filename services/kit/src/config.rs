@@ -87,6 +87,11 @@ impl CommonArgs {
             .unwrap_or_else(|| format!("{}{service}-service", self.topic_prefix))
     }
 
+    /// The address to listen on: the one given, or the service's `default`.
+    pub fn listen_or(&self, default: &str) -> Result<SocketAddr, std::net::AddrParseError> {
+        self.listen.map_or_else(|| default.parse(), Ok)
+    }
+
     /// The librdkafka options given.
     pub fn kafka_option_map(&self) -> BTreeMap<String, String> {
         self.kafka_options.iter().cloned().collect()

@@ -10,13 +10,12 @@
 pub mod api;
 pub mod placement;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::outbox::Outbox;
 use saga_core::saga::{Orchestrator, SagaAdmin};
-use service_kit::{topics, CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
+use service_kit::{CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
 use sqlx::migrate::Migrator;
 
 pub use api::{PlaceOrder, References};
@@ -119,33 +118,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = ServiceMetrics::new();
     let topics = config.topics();
     let orchestrator = Arc::new(config.orchestrator()?);
-    let listen: SocketAddr = match common.listen {
-        Some(addr) => addr,
-        None => DEFAULT_LISTEN.parse()?,
-    };
+    let listen = common.listen_or(DEFAULT_LISTEN)?;
     let state = api::AppState {
         pool: pool.clone(),
         orchestrator: Arc::clone(&orchestrator),
         references: config.references(),
         http: reqwest::Client::new(),
     };
-    let prepare = {
-        let (pool, brokers, options) = (
-            pool.clone(),
-            common.brokers.clone(),
-            common.kafka_option_map(),
-        );
-        let (all, partitions) = (topics.all().to_vec(), common.topic_partitions);
-        move || {
-            let (pool, brokers, options, all) =
-                (pool.clone(), brokers.clone(), options.clone(), all.clone());
-            async move {
-                migrate(&pool).await?;
-                topics::ensure(&brokers, &options, &all, partitions).await?;
-                Ok(())
-            }
-        }
-    };
+    let prepare = service_kit::cli::prepare(
+        pool.clone(),
+        common.clone(),
+        SERVICE,
+        &MIGRATIONS,
+        topics.all().to_vec(),
+    );
     let consumer = Task::consumer(
         common.consumer_config(SERVICE, &[topics.order_reply()]),
         pool.clone(),

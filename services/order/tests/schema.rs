@@ -13,6 +13,7 @@ async fn migrations_create_shared_and_own_tables() {
     .await
     .unwrap();
     let mut expected = vec![
+        "order_idempotency_keys",
         "orders",
         "outbox",
         "outbox_relay_snapshots",

@@ -6,13 +6,10 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use service_kit::{
-    topics, Amount, CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics,
-};
+use service_kit::{Amount, CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
@@ -78,12 +75,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let pool = common
         .pool()
         .context("the database URL (--database-url, DATABASE_URL) is not valid")?;
-    let listen: SocketAddr = match common.listen {
-        Some(listen) => listen,
-        None => DEFAULT_LISTEN
-            .parse()
-            .context("the default listen address is not an address")?,
-    };
+    let listen = common
+        .listen_or(DEFAULT_LISTEN)
+        .context("the default listen address is not an address")?;
     let topics = Topics::new(common.topic_prefix.clone());
     let request = topics.payment_request();
     let metrics = ServiceMetrics::new();
@@ -96,29 +90,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         pool.clone(),
         Arc::new(handler),
     );
-    // The reply topic is created too: the relay beside this database publishes to it,
-    // and brokers that do not create topics on first use would refuse those records.
-    let own_topics = vec![request, topics.order_reply()];
-    let prepare = {
-        let pool = pool.clone();
-        move || {
-            let (pool, common, own_topics) = (pool.clone(), common.clone(), own_topics.clone());
-            async move {
-                migrate(&pool)
-                    .await
-                    .context("cannot migrate the payment database")?;
-                topics::ensure(
-                    &common.brokers,
-                    &common.kafka_option_map(),
-                    &own_topics,
-                    common.topic_partitions,
-                )
-                .await
-                .with_context(|| format!("cannot create the topics {}", own_topics.join(", ")))?;
-                Ok(())
-            }
-        }
-    };
+    let prepare = service_kit::cli::prepare(
+        pool.clone(),
+        common,
+        SERVICE,
+        &MIGRATIONS,
+        vec![request, topics.order_reply()],
+    );
     Service::new(SERVICE, pool.clone(), listen, metrics)
         .api(api::router(pool))
         .prepare(prepare)
