@@ -58,6 +58,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    if let Err(error) = failpoints::init() {
+        eprintln!("outbox-relay: {error}");
+        return ExitCode::from(2);
+    }
     let (command, args) = match cli.command {
         None => ("run", cli.args),
         Some(Command::Run { args }) => ("run", args),

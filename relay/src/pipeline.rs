@@ -594,6 +594,9 @@ impl<'a> Session<'a> {
     fn delivered(&mut self, (txn, summary, result): DeliveryResult) -> Result<(), StreamError> {
         match result {
             Ok(()) => {
+                // Fault point (scenarios): a crash after the broker acknowledged,
+                // before the position is confirmed; the server sends it again.
+                let _ = failpoints::hit_blocking("relay.after-ack");
                 self.tracker.acknowledged(txn)?;
                 self.health.broker_progress();
                 match summary.letter {

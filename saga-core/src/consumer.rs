@@ -123,6 +123,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -407,6 +408,38 @@ impl ConsumerError {
     }
 }
 
+/// What became of the messages a consumer handled, counted since the counters were
+/// created (they may outlive several [`Consumer`]s, e.g. across restarts).
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+impl ConsumerStats {
+    /// Messages whose transaction committed.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Redeliveries found in the journal and skipped.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Attempts that failed transiently and were rolled back to be tried again.
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
+    /// Messages given up on and produced to the dead-letter topic.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered.load(Ordering::Relaxed)
+    }
+}
+
 /// A consumer group member that applies each message once through `H`.
 pub struct Consumer<H> {
     config: ConsumerConfig,
@@ -415,6 +448,7 @@ pub struct Consumer<H> {
     consumer: StreamConsumer<RebalanceHooks>,
     producer: FutureProducer,
     tracker: Arc<Mutex<OffsetTracker>>,
+    stats: Arc<ConsumerStats>,
 }
 
 impl<H> std::fmt::Debug for Consumer<H> {
@@ -453,7 +487,15 @@ impl<H: MessageHandler> Consumer<H> {
             consumer,
             producer,
             tracker,
+            stats: Arc::default(),
         })
+    }
+
+    /// Counts into `stats` instead of counters of its own.
+    #[must_use]
+    pub fn with_stats(mut self, stats: Arc<ConsumerStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Consumes until `shutdown` resolves: stops fetching, lets handlers in flight
@@ -501,6 +543,7 @@ impl<H: MessageHandler> Consumer<H> {
             max_attempts: self.config.max_attempts,
             backoff: self.config.backoff,
             max_backoff: self.config.max_backoff,
+            stats: Arc::clone(&self.stats),
             stopped,
         });
         let mut work = Work {
@@ -639,6 +682,7 @@ struct Shared<H> {
     max_attempts: u32,
     backoff: Duration,
     max_backoff: Duration,
+    stats: Arc<ConsumerStats>,
     /// Becomes `true` when the consumer stops: no further attempts.
     stopped: watch::Receiver<bool>,
 }
@@ -807,10 +851,12 @@ async fn process<H: MessageHandler>(shared: &Shared<H>, job: &Job) -> Outcome {
         let failure = match apply(shared, &message).await {
             Ok(Applied::Committed) => {
                 tracing::debug!(attempt, "applied");
+                shared.stats.applied.fetch_add(1, Ordering::Relaxed);
                 return Outcome::Done;
             }
             Ok(Applied::AlreadyProcessed) => {
                 tracing::debug!("already processed, skipped");
+                shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 return Outcome::Done;
             }
             Err(failure) => failure,
@@ -838,6 +884,7 @@ async fn process<H: MessageHandler>(shared: &Shared<H>, job: &Job) -> Outcome {
                     error = %error,
                     "transient failure, retrying"
                 );
+                shared.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
             Failure::Definite(reason) => {
                 return dead_letter(shared, job, DeadLetterReason::Definite, &reason).await;
@@ -896,6 +943,8 @@ async fn apply<H: MessageHandler>(
         rollback(tx).await;
         return Ok(Applied::AlreadyProcessed);
     }
+    // Fault point (scenarios): a slow handler, holding its transaction open.
+    let _ = failpoints::hit("consumer.before-handler").await;
     let handled = AssertUnwindSafe(shared.handler.handle(&mut tx, message))
         .catch_unwind()
         .await;
@@ -910,9 +959,18 @@ async fn apply<H: MessageHandler>(
             return Err(Failure::Panicked(panic_message(panic.as_ref())));
         }
     }
+    // Fault point (scenarios): the handler's work done, then a failure before the
+    // commit; the transaction rolls back like for any transient handler error.
+    if let Err(injected) = failpoints::hit("consumer.before-commit").await {
+        rollback(tx).await;
+        return Err(Failure::Transient(Box::new(injected)));
+    }
     // A deferred constraint of the handler's writes fails here: that is the
     // message's fault, like any definite handler error.
     tx.commit().await.map_err(HandlerError::from)?;
+    // Fault point (scenarios): a crash after the commit, before the offset is
+    // stored; the redelivery after the restart must be skipped by the journal.
+    let _ = failpoints::hit("consumer.after-commit").await;
     Ok(Applied::Committed)
 }
 
@@ -952,6 +1010,7 @@ async fn dead_letter<H>(
                 detail = %reason_text,
                 "dead-lettered"
             );
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             Outcome::Done
         }
         Err(source) => Outcome::Fatal(ConsumerError::DeadLetter {

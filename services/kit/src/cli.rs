@@ -40,6 +40,7 @@ where
     D: FnOnce(PgPool) -> DF,
     DF: Future<Output = anyhow::Result<()>>,
 {
+    failpoints::init()?;
     match command.unwrap_or(Command::Serve) {
         Command::Serve => start().await?.run_until(termination_signal()).await,
         Command::Migrate => {

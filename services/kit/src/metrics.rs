@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
-use saga_core::consumer::{HandlerError, IncomingMessage, MessageHandler};
+use saga_core::consumer::{ConsumerStats, HandlerError, IncomingMessage, MessageHandler};
 
 /// The Prometheus text format's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -20,6 +20,8 @@ pub struct ServiceMetrics {
     handler: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Restarts of background tasks by task name.
     restarts: Mutex<BTreeMap<String, u64>>,
+    /// What became of the consumed messages (across consumer restarts).
+    pub consumer: Arc<ConsumerStats>,
     healthy: AtomicU64,
 }
 
@@ -99,6 +101,22 @@ impl ServiceMetrics {
                 out,
                 "service_handler_calls_total{{service=\"{service}\",type=\"{}\",result=\"{result}\"}} {n}",
                 escape(message_type)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP service_consumer_messages_total Consumed messages by what became of them: applied (committed), duplicate (found in the journal, skipped), retried (an attempt rolled back to be tried again), dead_lettered."
+        );
+        let _ = writeln!(out, "# TYPE service_consumer_messages_total counter");
+        for (result, n) in [
+            ("applied", self.consumer.applied()),
+            ("duplicate", self.consumer.duplicates()),
+            ("retried", self.consumer.retried()),
+            ("dead_lettered", self.consumer.dead_lettered()),
+        ] {
+            let _ = writeln!(
+                out,
+                "service_consumer_messages_total{{service=\"{service}\",result=\"{result}\"}} {n}"
             );
         }
         let _ = writeln!(

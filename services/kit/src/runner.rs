@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::future::BoxFuture;
-use saga_core::consumer::{Consumer, ConsumerConfig, MessageHandler};
+use saga_core::consumer::{Consumer, ConsumerConfig, ConsumerStats, MessageHandler};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -82,15 +82,18 @@ impl Task {
     }
 
     /// A consumer of `config` with `handler`, created anew for every run.
+    /// Every run counts into `stats` (the service's `/metrics`).
     pub fn consumer<H: MessageHandler>(
         config: ConsumerConfig,
         pool: PgPool,
         handler: Arc<H>,
+        stats: Arc<ConsumerStats>,
     ) -> Task {
         Task::new("consumer", move |shutdown: Shutdown| {
             let (config, pool, handler) = (config.clone(), pool.clone(), Arc::clone(&handler));
+            let stats = Arc::clone(&stats);
             async move {
-                let consumer = Consumer::new(config, pool, handler)?;
+                let consumer = Consumer::new(config, pool, handler)?.with_stats(stats);
                 consumer.run(shutdown.wait()).await?;
                 Ok(())
             }

@@ -139,6 +139,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Arc::clone(&orchestrator),
             Arc::clone(&metrics),
         )),
+        Arc::clone(&metrics.consumer),
     );
     let sweeper = {
         let (pool, orchestrator) = (pool.clone(), Arc::clone(&orchestrator));

@@ -89,6 +89,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         common.consumer_config(SERVICE, std::slice::from_ref(&request)),
         pool.clone(),
         Arc::new(handler),
+        Arc::clone(&metrics.consumer),
     );
     let prepare = service_kit::cli::prepare(
         pool.clone(),
