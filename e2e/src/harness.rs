@@ -6,6 +6,7 @@
 //! the `outbox` table, and creates the topics), then its relay (whose first start
 //! creates the publication and slot and publishes any rows already in the table).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -58,6 +59,12 @@ pub struct ShopConfig {
     pub charge_limit: Option<Amount>,
     /// How long a service or relay may take to report itself healthy.
     pub start_timeout: Duration,
+    /// Extra environment of one process (`Mode::Processes` only), by component name
+    /// (`order-service`, `order-service-2`, `relay-order`, ...): fault points, knobs.
+    pub env: BTreeMap<String, Vec<(String, String)>>,
+    /// Order-service instances (`Mode::Processes` only): more than one share the
+    /// consumer group of the replies and the sweeping of deadlines.
+    pub order_instances: usize,
 }
 
 impl ShopConfig {
@@ -74,7 +81,18 @@ impl ShopConfig {
             step_timeout: Duration::from_secs(30),
             charge_limit: None,
             start_timeout: Duration::from_secs(60),
+            env: BTreeMap::new(),
+            order_instances: 1,
         }
+    }
+
+    /// Adds `key=value` to the environment of component `name`.
+    pub fn with_env(mut self, name: &str, key: &str, value: impl Into<String>) -> ShopConfig {
+        self.env
+            .entry(name.to_owned())
+            .or_default()
+            .push((key.to_owned(), value.into()));
+        self
     }
 }
 
@@ -88,7 +106,35 @@ enum Component {
         watch::Sender<bool>,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     ),
-    Process(String, Child),
+    Process(Box<Process>),
+}
+
+/// A component running as its own process, with what it takes to start it again.
+#[derive(Debug)]
+struct Process {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    health: String,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(&self.program);
+        command.args(&self.args);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        self.child = Some(spawn_logged(command, &self.log)?);
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
 }
 
 impl std::fmt::Debug for Component {
@@ -96,7 +142,7 @@ impl std::fmt::Debug for Component {
         match self {
             Component::Service(name, _) => write!(f, "service {name}"),
             Component::Relay(name, _, _) => write!(f, "relay {name}"),
-            Component::Process(name, child) => write!(f, "process {name} ({:?})", child.id()),
+            Component::Process(p) => write!(f, "process {} ({:?})", p.name, p.pid()),
         }
     }
 }
@@ -116,7 +162,10 @@ pub struct Shop {
 impl Shop {
     /// Starts the services (each healthy before the next) and then the relays.
     /// `progress` hears what is happening.
-    pub async fn start(config: ShopConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Shop> {
+    pub async fn start(
+        config: ShopConfig,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> anyhow::Result<Shop> {
         let mut shop = Shop {
             config: config.clone(),
             order_url: String::new(),
@@ -134,7 +183,7 @@ impl Shop {
         }
     }
 
-    async fn start_all(&mut self, progress: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    async fn start_all(&mut self, progress: &mut (dyn FnMut(&str) + Send)) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         for service in SERVICES {
             progress(&format!("starting {service}-service"));
@@ -194,37 +243,95 @@ impl Shop {
                 Ok(url)
             }
             Mode::Processes { bin_dir, log_dir } => {
-                let port = testkit::free_port();
-                let mut command = Command::new(bin_dir.join(format!("{service}-service")));
-                command
-                    .arg("serve")
-                    .env("DATABASE_URL", self.config.databases.of(service))
-                    .env("KAFKA_BROKERS", &self.config.brokers)
-                    .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
-                    .env("TOPIC_PREFIX", &self.config.prefix);
-                match service {
-                    "order" => {
-                        command
-                            .env("CUSTOMER_SERVICE_URL", &self.customer_url)
-                            .env("INVENTORY_SERVICE_URL", &self.inventory_url)
-                            .env(
-                                "SAGA_STEP_TIMEOUT_MS",
+                let mut first = String::new();
+                let instances = if service == "order" {
+                    self.config.order_instances.max(1)
+                } else {
+                    1
+                };
+                for instance in 1..=instances {
+                    let port = testkit::free_port();
+                    let mut env = vec![
+                        (
+                            "DATABASE_URL".to_owned(),
+                            self.config.databases.of(service).to_owned(),
+                        ),
+                        ("KAFKA_BROKERS".to_owned(), self.config.brokers.clone()),
+                        ("HTTP_LISTEN".to_owned(), format!("127.0.0.1:{port}")),
+                        ("TOPIC_PREFIX".to_owned(), self.config.prefix.clone()),
+                    ];
+                    match service {
+                        "order" => env.extend([
+                            ("CUSTOMER_SERVICE_URL".to_owned(), self.customer_url.clone()),
+                            (
+                                "INVENTORY_SERVICE_URL".to_owned(),
+                                self.inventory_url.clone(),
+                            ),
+                            (
+                                "SAGA_STEP_TIMEOUT_MS".to_owned(),
                                 millis(self.config.step_timeout).to_string(),
-                            );
-                    }
-                    "payment" => {
-                        if let Some(limit) = self.config.charge_limit {
-                            command.env("PAYMENT_CHARGE_LIMIT", limit.to_string());
+                            ),
+                        ]),
+                        "payment" => {
+                            if let Some(limit) = self.config.charge_limit {
+                                env.push(("PAYMENT_CHARGE_LIMIT".to_owned(), limit.to_string()));
+                            }
                         }
+                        _ => {}
                     }
-                    _ => {}
+                    let name = if instance == 1 {
+                        format!("{service}-service")
+                    } else {
+                        format!("{service}-service-{instance}")
+                    };
+                    let url = format!("http://127.0.0.1:{port}");
+                    self.spawn_process(
+                        &name,
+                        bin_dir.join(format!("{service}-service")),
+                        vec!["serve".to_owned()],
+                        env,
+                        &log_dir,
+                        format!("{url}/health"),
+                    )?;
+                    if instance == 1 {
+                        first = url;
+                    } else {
+                        let http = reqwest::Client::new();
+                        wait_healthy(&http, &format!("{url}/health"), self.config.start_timeout)
+                            .await
+                            .with_context(|| format!("{name} did not become healthy"))?;
+                    }
                 }
-                let child = spawn_logged(command, &log_dir.join(format!("{service}-service.log")))?;
-                self.components
-                    .push(Component::Process(format!("{service}-service"), child));
-                Ok(format!("http://127.0.0.1:{port}"))
+                Ok(first)
             }
         }
+    }
+
+    /// Starts a process and records how to start it again.
+    fn spawn_process(
+        &mut self,
+        name: &str,
+        program: PathBuf,
+        args: Vec<String>,
+        mut env: Vec<(String, String)>,
+        log_dir: &std::path::Path,
+        health: String,
+    ) -> anyhow::Result<()> {
+        if let Some(extra) = self.config.env.get(name) {
+            env.extend(extra.iter().cloned());
+        }
+        let mut process = Process {
+            name: name.to_owned(),
+            program,
+            args,
+            env,
+            log: log_dir.join(format!("{name}.log")),
+            health,
+            child: None,
+        };
+        process.spawn()?;
+        self.components.push(Component::Process(Box::new(process)));
+        Ok(())
     }
 
     async fn start_relay(
@@ -259,25 +366,29 @@ impl Shop {
             }
             Mode::Processes { bin_dir, log_dir } => {
                 let port = testkit::free_port();
-                let mut command = Command::new(bin_dir.join("outbox-relay"));
-                command
-                    .env("OUTBOX_RELAY_POSTGRES_URL", url)
-                    .env("OUTBOX_RELAY_KAFKA_BROKERS", &self.config.brokers)
-                    .env("OUTBOX_RELAY_TOPIC_TEMPLATE", "{aggregatetype}")
-                    .env("OUTBOX_RELAY_TOPIC_PARTITIONS", "3")
-                    .env("OUTBOX_RELAY_HTTP_LISTEN", format!("127.0.0.1:{port}"));
-                let child = spawn_logged(command, &log_dir.join(format!("relay-{service}.log")))?;
-                self.components
-                    .push(Component::Process(format!("relay-{service}"), child));
-                wait_healthy(
-                    http,
-                    &format!("http://127.0.0.1:{port}/health"),
-                    self.config.start_timeout,
-                )
-                .await
-                .with_context(|| {
-                    format!("the relay of the {service} database did not become healthy")
-                })?;
+                let env = [
+                    ("OUTBOX_RELAY_POSTGRES_URL", url.as_str()),
+                    ("OUTBOX_RELAY_KAFKA_BROKERS", &self.config.brokers),
+                    ("OUTBOX_RELAY_TOPIC_TEMPLATE", "{aggregatetype}"),
+                    ("OUTBOX_RELAY_TOPIC_PARTITIONS", "3"),
+                    ("OUTBOX_RELAY_HTTP_LISTEN", &format!("127.0.0.1:{port}")),
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .to_vec();
+                let health = format!("http://127.0.0.1:{port}/health");
+                self.spawn_process(
+                    &format!("relay-{service}"),
+                    bin_dir.join("outbox-relay"),
+                    Vec::new(),
+                    env,
+                    &log_dir,
+                    health.clone(),
+                )?;
+                wait_healthy(http, &health, self.config.start_timeout)
+                    .await
+                    .with_context(|| {
+                        format!("the relay of the {service} database did not become healthy")
+                    })?;
                 Ok(())
             }
         }
@@ -290,7 +401,7 @@ impl Shop {
         let mut components = std::mem::take(&mut self.components);
         components.sort_by_key(|c| match c {
             Component::Relay(..) => 0,
-            Component::Process(name, _) if name.starts_with("relay-") => 0,
+            Component::Process(p) if p.name.starts_with("relay-") => 0,
             _ => 1,
         });
         for component in components {
@@ -310,9 +421,115 @@ impl Shop {
                         Err(e) => tracing::warn!(relay = name, error = %e, "relay task failed"),
                     }
                 }
-                Component::Process(name, mut child) => terminate(&name, &mut child).await,
+                Component::Process(mut p) => {
+                    if let Some(mut child) = p.child.take() {
+                        terminate(&p.name, &mut child).await;
+                    }
+                }
             }
         }
+    }
+}
+
+/// Controlling single processes (`Mode::Processes`): the faults of the scenarios.
+impl Shop {
+    fn process(&mut self, name: &str) -> anyhow::Result<&mut Process> {
+        self.components
+            .iter_mut()
+            .find_map(|c| match c {
+                Component::Process(p) if p.name == name => Some(&mut **p),
+                _ => None,
+            })
+            .with_context(|| format!("no process named {name}"))
+    }
+
+    /// The names of the processes, in start order.
+    pub fn process_names(&self) -> Vec<String> {
+        self.components
+            .iter()
+            .filter_map(|c| match c {
+                Component::Process(p) => Some(p.name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The process id of `name` while it runs.
+    pub fn pid(&mut self, name: &str) -> anyhow::Result<Option<u32>> {
+        Ok(self.process(name)?.pid())
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`, `TERM`) to `name`.
+    pub fn signal(&mut self, name: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .process(name)?
+            .pid()
+            .with_context(|| format!("{name} is not running"))?;
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} ({name}) failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs `name` and waits until it is gone.
+    pub async fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let process = self.process(name)?;
+        if let Some(mut child) = process.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Stops `name` gracefully (SIGTERM, SIGKILL after 20 s).
+    pub async fn stop_process(&mut self, name: &str) -> anyhow::Result<()> {
+        let process = self.process(name)?;
+        if let Some(mut child) = process.child.take() {
+            terminate(name, &mut child).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until `name` exits on its own (a fault point killed it); its status.
+    pub async fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let process = self.process(name)?;
+        let child = process
+            .child
+            .as_mut()
+            .with_context(|| format!("{name} is not running"))?;
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .with_context(|| format!("{name} still runs after {timeout:?}"))??;
+        process.child = None;
+        Ok(status)
+    }
+
+    /// Starts `name` again as it was started first (same port, same environment,
+    /// minus the keys in `drop_env`, e.g. a fault point that already fired), and
+    /// waits until it is healthy.
+    pub async fn restart(&mut self, name: &str, drop_env: &[&str]) -> anyhow::Result<()> {
+        let timeout = self.config.start_timeout;
+        let process = self.process(name)?;
+        if process.child.is_some() {
+            bail!("{name} is still running");
+        }
+        process.env.retain(|(k, _)| !drop_env.contains(&k.as_str()));
+        process.spawn()?;
+        let health = process.health.clone();
+        wait_healthy(&reqwest::Client::new(), &health, timeout)
+            .await
+            .with_context(|| format!("{name} did not become healthy after its restart"))
+    }
+
+    /// The `/health` URL of `name`, whose origin also serves `/metrics`.
+    pub fn health_url(&mut self, name: &str) -> anyhow::Result<String> {
+        Ok(self.process(name)?.health.clone())
     }
 }
 

@@ -8,6 +8,8 @@
 pub mod client;
 pub mod harness;
 pub mod invariants;
+pub mod lab;
+pub mod scenarios;
 
 pub use client::{OrderRequest, ShopClient};
 pub use harness::{Mode, ServiceDatabases, Shop, ShopConfig};

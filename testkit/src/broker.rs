@@ -71,8 +71,19 @@ impl PrivateBroker {
 
     /// Kills the broker and starts it again on the same port and storage.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Kills the broker (SIGKILL); [`PrivateBroker::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        signal(self.pid(), "CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts a stopped broker again on the same port and storage.
+    pub fn start_again(&mut self) {
         self.child = spawn(self.port, &self.storage, &self.log);
         self.wait_listening();
     }

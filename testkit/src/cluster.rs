@@ -26,6 +26,7 @@ pub struct PrivateCluster {
     data: PathBuf,
     port: u16,
     as_postgres: bool,
+    settings: Vec<(String, String)>,
 }
 
 impl PrivateCluster {
@@ -50,6 +51,10 @@ impl PrivateCluster {
             dir,
             port: 0,
             as_postgres,
+            settings: settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         // From here on, a panic drops `cluster`, which stops and deletes it.
         cluster.create_dir();
@@ -57,7 +62,7 @@ impl PrivateCluster {
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
             cluster.port = free_port();
-            match cluster.try_start(settings) {
+            match cluster.try_start() {
                 Ok(()) => return cluster,
                 Err(failure) => {
                     let port_taken = failure.contains("could not bind")
@@ -132,13 +137,47 @@ impl PrivateCluster {
         );
     }
 
-    fn try_start(&self, settings: &[(&str, &str)]) -> Result<(), String> {
+    /// Shuts the server down (`fast`: sessions are ended, a checkpoint is written;
+    /// `immediate`: like a crash, recovery runs at the next start) and waits.
+    ///
+    /// # Panics
+    /// When `pg_ctl stop` fails.
+    pub fn shut_down(&self, immediate: bool) {
+        let mode = if immediate { "immediate" } else { "fast" };
+        let out = run(self.pg_command("pg_ctl").arg("-D").arg(&self.data).args([
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            PG_CTL_TIMEOUT_SECS,
+            "stop",
+        ]));
+        assert!(
+            out.status.success(),
+            "pg_ctl stop -m {mode} failed: {}",
+            describe(&out)
+        );
+    }
+
+    /// Starts the server again after [`PrivateCluster::shut_down`], on the same port
+    /// with the same settings.
+    ///
+    /// # Panics
+    /// When the server does not start (the message includes its log).
+    pub fn start_again(&self) {
+        if let Err(failure) = self.try_start() {
+            panic!("cannot start the private cluster again: {failure}");
+        }
+    }
+
+    fn try_start(&self) -> Result<(), String> {
         let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
             self.port,
             shell_quote(&self.dir.display().to_string())
         );
-        for (name, value) in [("fsync", "off")].iter().chain(settings) {
+        let settings = self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (name, value) in [("fsync", "off")].into_iter().chain(settings) {
             options.push_str(&format!(" -c {}", shell_quote(&format!("{name}={value}"))));
         }
         let log = self.log();

@@ -1,0 +1,603 @@
+//! The failure scenarios: each starts the shop on a private cluster and broker
+//! ([`crate::lab`]), places a load of mixed orders, injects one fault, and ends with
+//! the measurements every scenario shares plus the claims of its own (that the
+//! fault really happened: a scenario that injected nothing proves nothing).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use saga_core::status::StepStatus;
+
+use crate::lab::{
+    consumer_counts, memory_kib, metrics_text, order_mix, place_in_background, wait_until,
+    ConsumerCounts, Lab, LabSettings, Measurement, OrderKind,
+};
+use crate::{Shop, ShopClient, ShopConfig};
+
+/// One scenario: its name on the command line, what it does, what it proves.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub fault: &'static str,
+    pub promise: &'static str,
+    run: fn(LabSettings) -> BoxFuture<'static, anyhow::Result<Measurement>>,
+}
+
+impl Scenario {
+    /// Runs the scenario once on a fresh lab.
+    pub async fn run(&self, settings: &LabSettings) -> anyhow::Result<Measurement> {
+        (self.run)(settings.clone()).await
+    }
+}
+
+/// Every scenario, in the order `run all` runs them.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "handler-error",
+            fault: "the consumer of every service fails after its handler did its work, before the commit (4 times each)",
+            promise: "the transaction rolls back, the message is handled again, the saga continues; nothing is applied twice",
+            run: |s| Box::pin(handler_error(s)),
+        },
+        Scenario {
+            name: "relay-crash",
+            fault: "the order database's relay is SIGKILLed after the broker acknowledged a record, before the slot position was confirmed",
+            promise: "after the restart the unconfirmed records are delivered again; the consumers' journal drops the duplicates",
+            run: |s| Box::pin(relay_crash(s)),
+        },
+        Scenario {
+            name: "broker-pause",
+            fault: "the broker (memory storage) is paused with SIGSTOP for 30 s under load, then resumed",
+            promise: "the relay stops reading at its in-flight bound, its memory stays flat, everything is delivered after the broker returns",
+            run: |s| Box::pin(broker_pause(s)),
+        },
+        Scenario {
+            name: "broker-restart",
+            fault: "the broker (SQLite storage) is killed under load and started again 5 s later",
+            promise: "relays and consumers reconnect; every event is delivered, every saga ends",
+            run: |s| Box::pin(broker_restart(s)),
+        },
+        Scenario {
+            name: "consumer-crash",
+            fault: "the inventory service is SIGKILLed right after a message's database commit, before its offset is committed",
+            promise: "after the restart the message is delivered again and skipped through the journal",
+            run: |s| Box::pin(consumer_crash(s)),
+        },
+        Scenario {
+            name: "reply-races-timeout",
+            fault: "replies arrive around their step's 1 s timeout (the inventory service is slowed), two orchestrator instances share the replies, one leaves and comes back",
+            promise: "each step has one outcome (late replies are ignored, version conflicts retried), timed-out steps are compensated, nothing is applied twice",
+            run: |s| Box::pin(reply_races_timeout(s)),
+        },
+        Scenario {
+            name: "participant-down",
+            fault: "the payment service is killed for 15 s under load (steps time out after 120 s)",
+            promise: "its sagas wait and complete after it restarts; none times out",
+            run: |s| Box::pin(participant_down(s)),
+        },
+        Scenario {
+            name: "postgres-restart",
+            fault: "PostgreSQL is shut down for 5 s under load and started again",
+            promise: "the relays and the services reconnect and resume; clients retrying with an Idempotency-Key get their orders placed once",
+            run: |s| Box::pin(postgres_restart(s)),
+        },
+        Scenario {
+            name: "compensation-retry",
+            fault: "payments are declined while the customer service (the target of the credit compensation) is down for 12 s",
+            promise: "the failed payment compensates credit and goods; the compensation is retried until the customer service answers",
+            run: |s| Box::pin(compensation_retry(s)),
+        },
+    ]
+}
+
+/// Finds a scenario by name.
+pub fn find(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}
+
+/// Starts the shop, runs `body`, measures, and stops the shop whatever happened.
+async fn with_shop<F>(
+    lab: &mut Lab,
+    config: ShopConfig,
+    bound: Duration,
+    body: F,
+) -> anyhow::Result<Measurement>
+where
+    F: for<'a> FnOnce(&'a mut Lab, &'a mut Shop) -> BoxFuture<'a, anyhow::Result<()>>,
+{
+    let mut shop = lab.start(config).await?;
+    let outcome = async {
+        body(lab, &mut shop).await?;
+        lab.measure(bound).await
+    }
+    .await;
+    shop.stop().await;
+    outcome
+}
+
+fn seed() -> u64 {
+    std::env::var("SCENARIO_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(1)
+        })
+}
+
+fn mix(lab: &mut Lab, count: usize) -> Vec<(OrderKind, crate::OrderRequest)> {
+    let seed = seed();
+    lab.note(format!(
+        "{count} orders, mix seed {seed} (SCENARIO_SEED replays it)"
+    ));
+    order_mix(count, seed)
+}
+
+const PATIENCE: Duration = Duration::from_secs(90);
+const BOUND: Duration = Duration::from_secs(120);
+
+async fn placed(
+    handle: tokio::task::JoinHandle<anyhow::Result<Vec<uuid::Uuid>>>,
+) -> anyhow::Result<Vec<uuid::Uuid>> {
+    handle.await.context("the load task")?
+}
+
+async fn handler_error(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "handler-error", false).await?;
+    let mut config = lab.shop_config();
+    for name in [
+        "order-service",
+        "customer-service",
+        "inventory-service",
+        "payment-service",
+    ] {
+        config = config.with_env(name, failpoints::ENV, "consumer.before-commit=error*4");
+    }
+    with_shop(&mut lab, config, BOUND, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 60);
+            let ids = placed(place_in_background(
+                &ShopClient::new(shop),
+                orders,
+                30.0,
+                PATIENCE,
+            ))
+            .await?;
+            let order_count = ids.len();
+            wait_terminal(lab, order_count).await?;
+            for name in [
+                "order-service",
+                "customer-service",
+                "inventory-service",
+                "payment-service",
+            ] {
+                let counts = consumer_counts(shop, name).await?;
+                lab.note(format!(
+                    "{name}: {} applied, {} attempts rolled back and retried, {} dead-lettered",
+                    counts.applied, counts.retried, counts.dead_lettered
+                ));
+                lab.expect(
+                    format!("{name} rolled back and retried the 4 failed attempts"),
+                    counts.retried >= 4,
+                );
+                lab.expect(
+                    format!("{name} dead-lettered nothing"),
+                    counts.dead_lettered == 0,
+                );
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn relay_crash(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "relay-crash", false).await?;
+    let config =
+        lab.shop_config()
+            .with_env("relay-order", failpoints::ENV, "relay.after-ack=kill@150");
+    with_shop(&mut lab, config, BOUND, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 100);
+            let load = place_in_background(&ShopClient::new(shop), orders, 30.0, PATIENCE);
+            let status = shop
+                .wait_exit("relay-order", Duration::from_secs(60))
+                .await
+                .context("the relay was to kill itself at its 150th acknowledgement")?;
+            let confirmed = lab.confirmed_lsn("order").await?;
+            lab.note(format!(
+                "relay-order died at its 150th acknowledgement ({status}); slot confirmed up to {}",
+                confirmed.as_deref().unwrap_or("nothing")
+            ));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            shop.restart("relay-order", &[failpoints::ENV]).await?;
+            let ids = placed(load).await?;
+            wait_terminal(lab, ids.len()).await?;
+            let mut duplicates = 0;
+            for name in ["customer-service", "inventory-service", "payment-service"] {
+                let counts = consumer_counts(shop, name).await?;
+                duplicates += counts.duplicate;
+                lab.note(format!(
+                    "{name}: {} applied, {} duplicates skipped by the journal",
+                    counts.applied, counts.duplicate
+                ));
+            }
+            lab.expect(
+                "the participants received commands again and skipped them",
+                duplicates > 0,
+            );
+            Ok(())
+        })
+    })
+    .await
+    .map(|m| {
+        let mut m = m;
+        if m.duplicates_delivered == 0 {
+            m.violations
+                .push("the scenario's claim failed: no duplicate was delivered".into());
+        }
+        m
+    })
+}
+
+async fn broker_pause(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "broker-pause", false).await?;
+    let max_in_flight = 500;
+    let config = lab.shop_config().with_env(
+        "relay-order",
+        "OUTBOX_RELAY_MAX_IN_FLIGHT",
+        max_in_flight.to_string(),
+    );
+    let pause = Duration::from_secs(30);
+    with_shop(&mut lab, config, BOUND + pause, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 600);
+            let load = place_in_background(&ShopClient::new(shop), orders, 40.0, PATIENCE);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let pid = shop
+                .pid("relay-order")?
+                .context("relay-order is not running")?;
+            let (rss_before, _) = memory_kib(pid).unwrap_or_default();
+            lab.broker.pause();
+            let paused_at = Instant::now();
+            let mut samples = Vec::new();
+            let mut in_flight_max = 0u64;
+            while paused_at.elapsed() < pause {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Some((rss, _)) = memory_kib(pid) {
+                    samples.push(rss);
+                }
+                if let Ok(text) = metrics_text(shop, "relay-order").await {
+                    in_flight_max = in_flight_max.max(gauge(&text, "outbox_relay_records_in_flight"));
+                }
+            }
+            let backlog_during = lab.order_count().await?;
+            lab.broker.resume();
+            let half = samples.len() / 2;
+            let first_peak = samples[..half].iter().copied().max().unwrap_or(0);
+            let second_peak = samples[half..].iter().copied().max().unwrap_or(0);
+            let peak = first_peak.max(second_peak);
+            lab.note(format!(
+                "broker paused {pause:?} with {backlog_during} orders placed by its end; relay-order RSS {} KiB before, peak {} KiB in the first half of the pause, {} KiB in the second; records in flight at most {in_flight_max} (bound {max_in_flight})",
+                rss_before, first_peak, second_peak
+            ));
+            lab.expect(
+                format!("the relay stopped reading at its bound ({in_flight_max} ≤ {max_in_flight} records in flight)"),
+                in_flight_max <= max_in_flight,
+            );
+            lab.expect(
+                "the relay's memory stayed flat during the pause (second-half peak within 10 % + 2 MiB of the first half's)",
+                second_peak <= first_peak + first_peak / 10 + 2048,
+            );
+            lab.expect("the relay's RSS stayed below 64 MiB", peak < 64 * 1024);
+            let ids = placed(load).await?;
+            wait_terminal(lab, ids.len()).await?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn broker_restart(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "broker-restart", true).await?;
+    let config = lab.shop_config();
+    with_shop(&mut lab, config, BOUND, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 200);
+            let load = place_in_background(&ShopClient::new(shop), orders, 25.0, PATIENCE);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let before = lab.order_count().await?;
+            lab.broker.stop();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            lab.broker.start_again();
+            lab.note(format!(
+                "broker killed after {before} orders, started again 5 s later on its SQLite storage"
+            ));
+            let ids = placed(load).await?;
+            wait_terminal(lab, ids.len()).await?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn consumer_crash(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "consumer-crash", false).await?;
+    let config = lab.shop_config().with_env(
+        "inventory-service",
+        failpoints::ENV,
+        "consumer.after-commit=kill@30",
+    );
+    with_shop(&mut lab, config, BOUND, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 100);
+            let load = place_in_background(&ShopClient::new(shop), orders, 30.0, PATIENCE);
+            let status = shop
+                .wait_exit("inventory-service", Duration::from_secs(60))
+                .await
+                .context("the inventory service was to kill itself after its 30th commit")?;
+            lab.note(format!(
+                "inventory-service died right after its 30th commit ({status})"
+            ));
+            shop.restart("inventory-service", &[failpoints::ENV])
+                .await?;
+            let ids = placed(load).await?;
+            wait_terminal(lab, ids.len()).await?;
+            let counts = consumer_counts(shop, "inventory-service").await?;
+            lab.note(format!(
+                "restarted inventory-service: {} applied, {} redeliveries skipped by the journal",
+                counts.applied, counts.duplicate
+            ));
+            lab.expect(
+                "the message committed before the crash came again and was skipped",
+                counts.duplicate >= 1,
+            );
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn reply_races_timeout(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "reply-races-timeout", false).await?;
+    let mut config = lab.shop_config().with_env(
+        "inventory-service",
+        failpoints::ENV,
+        "consumer.before-handler=sleep(400-1600)",
+    );
+    config.step_timeout = Duration::from_secs(1);
+    config.order_instances = 2;
+    with_shop(&mut lab, config, BOUND, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 80);
+            let load = place_in_background(&ShopClient::new(shop), orders, 10.0, PATIENCE);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            shop.stop_process("order-service-2").await?;
+            lab.note("order-service-2 left the group (SIGTERM) mid-load; its partitions moved to order-service");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            shop.restart("order-service-2", &[]).await?;
+            lab.note("order-service-2 came back and took partitions again");
+            let ids = placed(load).await?;
+            wait_terminal(lab, ids.len()).await?;
+            let mut retried = 0;
+            for name in ["order-service", "order-service-2"] {
+                let ConsumerCounts { retried: r, .. } = consumer_counts(shop, name).await?;
+                retried += r;
+            }
+            let timed_out: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
+                 WHERE st.value->>'timed_out' = 'true'",
+            )
+            .fetch_one(&lab.ledger.order)
+            .await
+            .unwrap_or(-1);
+            lab.note(format!(
+                "{timed_out} steps timed out while their replies were on the way; {retried} reply transactions retried after a version conflict (both instances, after the restart)"
+            ));
+            lab.expect("some steps timed out (the race was provoked)", timed_out > 0);
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn participant_down(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "participant-down", false).await?;
+    let mut config = lab.shop_config();
+    config.step_timeout = Duration::from_secs(120);
+    let down = Duration::from_secs(15);
+    with_shop(&mut lab, config, BOUND + down, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 150);
+            let load = place_in_background(&ShopClient::new(shop), orders, 10.0, PATIENCE);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            shop.kill("payment-service").await?;
+            tokio::time::sleep(down).await;
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM saga_state WHERE status = 'STARTED' AND current_step = 'payment'",
+            )
+            .fetch_one(&lab.ledger.order)
+            .await?;
+            lab.note(format!(
+                "payment-service killed for {down:?}; {waiting} sagas were waiting at the payment step when it came back"
+            ));
+            lab.expect("sagas were waiting for the payment service", waiting > 0);
+            shop.restart("payment-service", &[]).await?;
+            let ids = placed(load).await?;
+            wait_terminal(lab, ids.len()).await?;
+            let timed_out: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
+                 WHERE st.value->>'timed_out' = 'true'",
+            )
+            .fetch_one(&lab.ledger.order)
+            .await?;
+            lab.expect("no step timed out", timed_out == 0);
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn postgres_restart(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "postgres-restart", false).await?;
+    let config = lab.shop_config();
+    with_shop(&mut lab, config, BOUND, |lab, shop| {
+        Box::pin(async move {
+            let orders = mix(lab, 300);
+            let load = place_in_background(&ShopClient::new(shop), orders, 20.0, PATIENCE);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let before = lab.order_count().await?;
+            tokio::task::block_in_place(|| lab.cluster.shut_down(false));
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::task::block_in_place(|| lab.cluster.start_again());
+            lab.note(format!(
+                "PostgreSQL shut down (fast) after {before} orders and started again 5 s later"
+            ));
+            let ids = placed(load).await?;
+            lab.note(format!("{} orders accepted in all", ids.len()));
+            wait_terminal(lab, ids.len()).await?;
+            let mut reconnects = 0;
+            for relay in [
+                "relay-order",
+                "relay-customer",
+                "relay-inventory",
+                "relay-payment",
+            ] {
+                reconnects += counter(
+                    &metrics_text(shop, relay).await?,
+                    "outbox_relay_reconnects_total",
+                );
+            }
+            lab.note(format!("the four relays reconnected {reconnects} times"));
+            lab.expect("the relays reconnected", reconnects >= 4);
+            lab.expect(
+                "every accepted order exists once",
+                lab.order_count().await? == i64::try_from(ids.len()).unwrap_or(-1),
+            );
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn compensation_retry(settings: LabSettings) -> anyhow::Result<Measurement> {
+    let mut lab = Lab::new(&settings, "compensation-retry", false).await?;
+    let mut config = lab.shop_config().with_env(
+        "payment-service",
+        failpoints::ENV,
+        "consumer.before-handler=sleep(2500)*40",
+    );
+    config.step_timeout = Duration::from_secs(3);
+    let down = Duration::from_secs(12);
+    with_shop(&mut lab, config, BOUND, |lab, shop| {
+        Box::pin(async move {
+            let mut orders = mix(lab, 20);
+            for (kind, request) in &mut orders {
+                *kind = OrderKind::Declined;
+                request.customer_id = customer_service::ADA;
+                request.goods_id = inventory_service::WIDGET;
+                request.card_number = crate::lab::DECLINED_CARD.to_owned();
+            }
+            let count = orders.len();
+            let ids = placed(place_in_background(
+                &ShopClient::new(shop),
+                orders,
+                50.0,
+                PATIENCE,
+            ))
+            .await?;
+            // Every saga has its credit reserved and waits for the (slowed) payment.
+            let order = lab.ledger.order.clone();
+            let reached = wait_until(Duration::from_secs(30), || {
+                let order = order.clone();
+                async move {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM saga_state WHERE current_step = 'payment'",
+                    )
+                    .fetch_one(&order)
+                    .await?;
+                    Ok(n == i64::try_from(count).unwrap_or(0))
+                }
+            })
+            .await?;
+            lab.expect("every saga reached the payment step before the customer service went down", reached);
+            shop.kill("customer-service").await?;
+            tokio::time::sleep(down).await;
+            let retried: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
+                 WHERE st.key = 'reserve-credit' AND (st.value->>'attempts')::int >= 2",
+            )
+            .fetch_one(&lab.ledger.order)
+            .await?;
+            lab.note(format!(
+                "customer-service down for {down:?}; {retried} credit compensations had been sent more than once meanwhile"
+            ));
+            lab.expect("compensations were retried while their target was down", retried > 0);
+            shop.restart("customer-service", &[]).await?;
+            wait_terminal(lab, ids.len()).await?;
+            let aborted = crate::lab::saga_counts(&lab.ledger.order)
+                .await?
+                .get("ABORTED")
+                .copied()
+                .unwrap_or(0);
+            lab.expect(
+                "every declined payment ended ABORTED with its compensations done",
+                aborted == i64::try_from(count).unwrap_or(-1),
+            );
+            let compensated: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
+                 WHERE st.key IN ('reserve-goods', 'reserve-credit') AND st.value->>'status' = '{}'",
+                StepStatus::Compensated.as_str()
+            ))
+            .fetch_one(&lab.ledger.order)
+            .await?;
+            lab.note(format!("{compensated} goods and credit reservations compensated"));
+            lab.expect(
+                "goods and credit were compensated for each declined payment",
+                compensated == 2 * i64::try_from(count).unwrap_or(-1),
+            );
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Waits until every one of `count` orders' sagas ended (bounded by [`BOUND`]);
+/// the measurement reports any that did not.
+async fn wait_terminal(lab: &Lab, count: usize) -> anyhow::Result<()> {
+    let order = lab.ledger.order.clone();
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    wait_until(BOUND, || {
+        let order = order.clone();
+        async move {
+            let ended: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM saga_state WHERE status IN ('COMPLETED', 'ABORTED', 'COMPENSATION_FAILED')",
+            )
+            .fetch_one(&order)
+            .await?;
+            Ok(ended >= count)
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+/// A gauge's value (summed over its label sets) from Prometheus text.
+fn gauge(text: &str, name: &str) -> u64 {
+    counter(text, name)
+}
+
+/// A counter's value (summed over its label sets) from Prometheus text.
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
