@@ -812,7 +812,10 @@ impl ReplicationStream {
             COPY_DATA_TAG => protocol::parse_copy_data(frame.into_body())
                 .map(Some)
                 .map_err(|e| self.conn.protocol_error(e)),
-            COPY_DONE_TAG => {
+            // A walsender that shuts down (the server stops) ends the stream with
+            // CommandComplete ("COPY 0") and no CopyDone; either way nothing more
+            // comes, and the caller reconnects once the server is back.
+            COPY_DONE_TAG | COMMAND_COMPLETE_TAG => {
                 self.server_done = true;
                 Ok(None)
             }

@@ -302,6 +302,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_ended_by_command_complete_ends_without_error() {
+        // What a walsender sends when the server shuts down: CommandComplete
+        // ("COPY 0") without CopyDone.
+        for end in [Frame::new(b'C', b"COPY 0\0"), Frame::new(b'c', b"")] {
+            let (conn, mut server) = pair().await;
+            let mut stream = super::super::ReplicationStream {
+                conn,
+                slot: "s".to_owned(),
+                server_done: false,
+            };
+            server.write_all(&end.into_raw()).await.unwrap();
+            assert!(matches!(stream.next().await, Ok(None)));
+            // And stays ended.
+            assert!(matches!(stream.next().await, Ok(None)));
+        }
+    }
+
+    #[tokio::test]
     async fn parameter_status_is_recorded_and_skipped() {
         let (mut conn, mut server) = pair().await;
         let mut wire = Vec::new();
