@@ -155,16 +155,16 @@ impl Lab {
         .context("starting a private broker")?;
         let admin = pool(&cluster.url("postgres"), 1).await?;
         for service in ["order", "customer", "inventory", "payment"] {
-            sqlx::query(&format!("CREATE DATABASE {service}"))
+            sqlx::query(&format!("CREATE DATABASE {service}_db"))
                 .execute(&admin)
                 .await?;
         }
         admin.close().await;
         let databases = ServiceDatabases {
-            order: cluster.url("order"),
-            customer: cluster.url("customer"),
-            inventory: cluster.url("inventory"),
-            payment: cluster.url("payment"),
+            order: cluster.url("order_db"),
+            customer: cluster.url("customer_db"),
+            inventory: cluster.url("inventory_db"),
+            payment: cluster.url("payment_db"),
         };
         for (service, url) in [
             ("customer", &databases.customer),

@@ -17,7 +17,10 @@ fn the_readme_lists_every_scenario_and_no_other() {
         .filter_map(|rest| rest.split('`').next())
         .collect();
     let known: BTreeSet<&str> = shop::scenarios::all().iter().map(|s| s.name).collect();
-    assert_eq!(listed, known, "README's scenario table against the scenarios");
+    assert_eq!(
+        listed, known,
+        "README's scenario table against the scenarios"
+    );
 }
 
 #[test]
