@@ -15,11 +15,15 @@
 //!
 //! # The table
 //!
-//! `saga_barrier (saga_id, branch, op, reason, created_at)` with primary key
-//! `(saga_id, branch, op)` (migration `sql/shared/0005_saga_barrier.sql`). `branch`
+//! `saga_barrier (saga_id, branch, op, reason, created_at, reply_outcome, reply_type,
+//! reply_payload)` with primary key `(saga_id, branch, op)` (migrations
+//! `sql/shared/0005_saga_barrier.sql` and `0006_saga_barrier_answer.sql`). `branch`
 //! names the saga step at this participant (e.g. `reserve-credit`), not one attempt:
 //! a retried attempt of the same step is a duplicate. `op` is the operation the row
-//! stands for, `reason` the operation that wrote it.
+//! stands for, `reason` the operation that wrote it. The `reply_*` columns hold the
+//! answer the participant gave to that operation ([`record_answer`]); they are NULL
+//! on rows written before migration 0006 and on the action row a null compensation
+//! writes (a late action is never answered).
 //!
 //! # The rules
 //!
@@ -67,6 +71,28 @@
 //!   compensation and an action for the same branch always meet on that row, and
 //!   the compensate row only ever exists beside an action row.
 //!
+//! # Answering a duplicate
+//!
+//! The orchestrator sends a step's command again under a new `request-id` when its
+//! reply did not come in time (a forward retry, a compensation retry), and applies
+//! only the reply that carries the request id it currently waits for. If the first
+//! copy was applied, its reply carries the old request id and is ignored as stale;
+//! a duplicate left unanswered would make the step time out again and again. So the
+//! participant keeps its answer on the barrier row ([`record_answer`]) and answers a
+//! duplicate again with it ([`recorded_answer`]), under the duplicate's request id
+//! ([`crate::saga::participate`] does both).
+//!
+//! - **Stored atomically with the effect.** The answer is written into the row that
+//!   [`enter`] inserted, in the same transaction as the effect and the reply, so a
+//!   committed row that [`enter`] reports as a duplicate holds exactly the answer
+//!   that was sent with the effect; a rolled-back attempt leaves neither. A
+//!   duplicate that waited for the first transaction reads the answer by a separate
+//!   statement, which (as above) sees what the first committed.
+//! - **Replaying is harmless.** Answering again runs no effect, and the orchestrator
+//!   applies only the reply matching the request id stored for the step: a replay
+//!   for an attempt it no longer waits for is stale, as is the first reply once the
+//!   step was resent. Exactly one answer per attempt is applied.
+//!
 //! Barrier rows must outlive every message of their saga that can still arrive;
 //! prune them only well after the saga has ended.
 //!
@@ -75,6 +101,8 @@
 //! that ran: a later compensation proceeds and must find nothing to undo.
 
 use std::fmt;
+
+use crate::saga::{Outcome, ParticipantReply};
 
 /// The operation a saga message asks of a participant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,7 +135,8 @@ impl fmt::Display for BarrierOp {
 pub enum BarrierOutcome {
     /// First delivery: run the effect in this transaction.
     Proceed,
-    /// Already handled (committed earlier): skip the effect; reply as before.
+    /// Already handled (committed earlier): skip the effect; answer again with the
+    /// answer stored then ([`recorded_answer`]).
     Duplicate,
     /// A compensation whose action never ran: nothing to undo; reply as compensated.
     NullCompensation,
@@ -124,6 +153,13 @@ impl BarrierOutcome {
 
 const INSERT: &str = "INSERT INTO saga_barrier (saga_id, branch, op, reason) \
                       VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+
+const RECORD_ANSWER: &str = "UPDATE saga_barrier \
+                             SET reply_outcome = $4, reply_type = $5, reply_payload = $6 \
+                             WHERE saga_id = $1 AND branch = $2 AND op = $3";
+
+const RECORDED_ANSWER: &str = "SELECT reply_outcome, reply_type, reply_payload FROM saga_barrier \
+                               WHERE saga_id = $1 AND branch = $2 AND op = $3";
 
 const ACTION_REASON: &str = "SELECT reason FROM saga_barrier \
                              WHERE saga_id = $1 AND branch = $2 AND op = 'action'";
@@ -211,4 +247,67 @@ async fn insert(
         .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Stores `answer` as the participant's answer to `op` of `(saga_id, branch)`, on the
+/// row [`enter`] wrote earlier in this transaction (for a
+/// [`BarrierOutcome::NullCompensation`], the compensate row). It commits or rolls
+/// back with the effect and the reply, like the row itself.
+///
+/// Fails with [`sqlx::Error::RowNotFound`] when there is no such row (the caller did
+/// not enter the barrier for `op` first).
+pub async fn record_answer(
+    conn: &mut sqlx::PgConnection,
+    saga_id: &str,
+    branch: &str,
+    op: BarrierOp,
+    answer: &ParticipantReply,
+) -> Result<(), sqlx::Error> {
+    let done = sqlx::query(RECORD_ANSWER)
+        .bind(saga_id)
+        .bind(branch)
+        .bind(op.as_str())
+        .bind(answer.outcome.as_str())
+        .bind(&answer.reply_type)
+        .bind(&answer.payload)
+        .execute(&mut *conn)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(sqlx::Error::RowNotFound);
+    }
+    Ok(())
+}
+
+/// The answer stored for `op` of `(saga_id, branch)` by [`record_answer`]; `None`
+/// when there is no row, or the row holds no answer (it was written before
+/// migration 0006, or it is the action row of a null compensation).
+///
+/// Call it after [`enter`] returned [`BarrierOutcome::Duplicate`], in the same
+/// transaction: as a separate statement it sees the answer committed with the row.
+pub async fn recorded_answer(
+    conn: &mut sqlx::PgConnection,
+    saga_id: &str,
+    branch: &str,
+    op: BarrierOp,
+) -> Result<Option<ParticipantReply>, sqlx::Error> {
+    let row: Option<(Option<String>, Option<String>, Option<serde_json::Value>)> =
+        sqlx::query_as(RECORDED_ANSWER)
+            .bind(saga_id)
+            .bind(branch)
+            .bind(op.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((Some(outcome), Some(reply_type), Some(payload))) = row else {
+        return Ok(None);
+    };
+    let outcome = Outcome::from_header(&outcome).ok_or_else(|| {
+        sqlx::Error::Decode(
+            format!("saga_barrier.reply_outcome {outcome:?} is neither success nor failure").into(),
+        )
+    })?;
+    Ok(Some(ParticipantReply {
+        outcome,
+        reply_type,
+        payload,
+    }))
 }

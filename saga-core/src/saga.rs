@@ -3,7 +3,8 @@
 //!
 //! Messages follow the envelope of DESIGN.md: key = saga id, headers `id`, `type`,
 //! `saga-id`, `saga-step`, `request-id` (unique per attempt), plus `reply-to` on
-//! commands and `outcome` (`success` or `failure`) on replies.
+//! commands and `outcome` (`success` or `failure`) on replies (and `saga-replay:
+//! true` on a reply that answers a duplicate command again).
 
 mod admin;
 pub mod cli;
@@ -36,6 +37,9 @@ pub const HEADER_REPLY_TO: &str = "reply-to";
 pub const HEADER_COMPENSATION: &str = "compensation";
 /// Header on replies: `success` or `failure`.
 pub const HEADER_OUTCOME: &str = "outcome";
+/// Header on replies: `true` when a participant answers a duplicate command again
+/// with the answer it stored the first time (the effect did not run again).
+pub const HEADER_REPLAY: &str = "saga-replay";
 /// The `outcome` of a successful reply.
 pub const OUTCOME_SUCCESS: &str = "success";
 /// The `outcome` of a failed reply.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use saga_core::barrier::{self, BarrierOp, BarrierOutcome};
+use saga_core::saga::ParticipantReply;
 use saga_core::schema;
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgPool};
@@ -369,5 +370,65 @@ async fn an_action_and_its_compensation_at_once_agree() -> anyhow::Result<()> {
             "round {round}: action, compensation = {outcomes:?}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn answers_are_kept_on_the_row_of_their_operation() -> anyhow::Result<()> {
+    let db = database().await?;
+    let reserved = ParticipantReply::success("CreditReserved", serde_json::json!({ "cents": 5 }));
+    let mut tx = db.pool().begin().await?;
+    // No row for the operation yet: there is nothing to keep the answer on.
+    let missing = barrier::record_answer(&mut tx, SAGA, BRANCH, BarrierOp::Action, &reserved).await;
+    assert!(
+        matches!(missing, Err(sqlx::Error::RowNotFound)),
+        "{missing:?}"
+    );
+    tx.rollback().await?;
+
+    let mut tx = db.pool().begin().await?;
+    assert_eq!(
+        barrier::enter(&mut tx, SAGA, BRANCH, BarrierOp::Action).await?,
+        BarrierOutcome::Proceed
+    );
+    barrier::record_answer(&mut tx, SAGA, BRANCH, BarrierOp::Action, &reserved).await?;
+    tx.commit().await?;
+
+    let skipped = ParticipantReply::success("ReleaseCreditSkipped", serde_json::Value::Null);
+    let mut tx = db.pool().begin().await?;
+    assert_eq!(
+        barrier::enter(&mut tx, "other-saga", BRANCH, BarrierOp::Compensate).await?,
+        BarrierOutcome::NullCompensation
+    );
+    barrier::record_answer(
+        &mut tx,
+        "other-saga",
+        BRANCH,
+        BarrierOp::Compensate,
+        &skipped,
+    )
+    .await?;
+    tx.commit().await?;
+
+    let mut conn = db.connect().await;
+    assert_eq!(
+        barrier::recorded_answer(&mut conn, SAGA, BRANCH, BarrierOp::Action).await?,
+        Some(reserved)
+    );
+    assert_eq!(
+        barrier::recorded_answer(&mut conn, SAGA, BRANCH, BarrierOp::Compensate).await?,
+        None
+    );
+    // A JSON null payload is an answer too, not a missing one.
+    assert_eq!(
+        barrier::recorded_answer(&mut conn, "other-saga", BRANCH, BarrierOp::Compensate).await?,
+        Some(skipped)
+    );
+    // The action row of a null compensation holds no answer: a late action is
+    // never answered.
+    assert_eq!(
+        barrier::recorded_answer(&mut conn, "other-saga", BRANCH, BarrierOp::Action).await?,
+        None
+    );
     Ok(())
 }

@@ -679,17 +679,23 @@ async fn a_participant_applies_a_command_once_and_replies_through_its_outbox() {
         .unwrap();
     assert_eq!(effects, 1, "the duplicate command had an effect");
     let replies: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
-        "SELECT aggregatetype, type, headers FROM outbox WHERE aggregatetype = 'order.reply'",
+        "SELECT aggregatetype, type, headers FROM outbox WHERE aggregatetype = 'order.reply' \
+         ORDER BY id",
     )
     .fetch_all(f.pool())
     .await
     .unwrap();
-    assert_eq!(replies.len(), 1);
+    // The duplicate is answered again with the same answer, marked as a replay.
+    assert_eq!(replies.len(), 2, "{replies:?}");
     let (_, kind, headers) = &replies[0];
     assert_eq!(kind, "GoodsReserved");
     assert_eq!(headers["outcome"], "success");
     assert_eq!(headers["request-id"], goods.request_id.as_str());
     assert_eq!(headers["saga-id"], id.to_string().as_str());
+    assert_eq!(headers.get("saga-replay"), None);
+    let (_, kind, headers) = &replies[1];
+    assert_eq!(kind, "GoodsReserved");
+    assert_eq!(headers["saga-replay"], "true");
 
     // A compensation for a step that never ran here is a null compensation, and the
     // step arriving after it (hanging) is not run.
@@ -821,6 +827,214 @@ async fn a_step_with_retries_is_sent_again_before_it_fails() {
         SagaStatus::Aborted
     );
     assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveGoods"]);
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("REJECTED")
+    );
+}
+
+/// The participant's replies in the outbox, in order, as the orchestrator receives
+/// them.
+async fn replies_in_outbox(pool: &PgPool) -> Vec<IncomingMessage> {
+    let rows: Vec<(Uuid, String, serde_json::Value, serde_json::Value)> = sqlx::query_as(
+        "SELECT id, type, payload, headers FROM outbox WHERE aggregatetype = 'order.reply' \
+         ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, kind, payload, headers)| {
+            let headers: BTreeMap<String, String> = serde_json::from_value(headers).unwrap();
+            IncomingMessage {
+                topic: "order.reply".to_owned(),
+                partition: 0,
+                offset: 0,
+                key: headers.get("saga-id").cloned(),
+                id,
+                message_type: Some(kind),
+                headers,
+                payload: Some(payload),
+            }
+        })
+        .collect()
+}
+
+/// The commands in the outbox, in order (not the participant's replies: `reserve`
+/// answers `GoodsReserved`).
+async fn commands_in_outbox(f: &Fixture) -> Vec<Sent> {
+    f.sent()
+        .await
+        .into_iter()
+        .filter(|s| !s.kind.starts_with("Goods"))
+        .collect()
+}
+
+/// Handles `sent` as the participant, with its barrier, in a transaction of its own.
+async fn participant_handles(f: &Fixture, sent: &Sent) {
+    let mut tx = f.pool().begin().await.unwrap();
+    saga_core::saga::participate(
+        &mut tx,
+        &Outbox::new(),
+        &command_message(sent, &sent.kind),
+        reserve,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn apply_reply(
+    orchestrator: &Orchestrator<Order>,
+    pool: &PgPool,
+    reply: &IncomingMessage,
+) -> ReplyDisposition {
+    let mut tx = pool.begin().await.unwrap();
+    let disposition = orchestrator.handle_reply(&mut tx, reply).await.unwrap();
+    tx.commit().await.unwrap();
+    disposition
+}
+
+async fn effects_of(f: &Fixture) -> Vec<String> {
+    sqlx::query_scalar("SELECT note FROM reservations ORDER BY note")
+        .fetch_all(f.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_step_resent_after_a_timeout_completes_when_the_participant_answers_the_duplicate() {
+    let f = Fixture::new(None).await;
+    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
+        .execute(f.pool())
+        .await
+        .unwrap();
+    let retrying = SagaDefinition::<Order>::builder("test-order")
+        .step("create")
+        .invoke_local(create)
+        .with_compensation(reject)
+        .step("reserve-goods")
+        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
+        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
+        .with_timeout(Duration::from_millis(50))
+        .with_retries(1)
+        .build()
+        .unwrap();
+    let orchestrator = Orchestrator::new(retrying, Outbox::new(), "order.reply");
+    let (id, order) = (Uuid::now_v7(), order());
+    let mut tx = f.pool().begin().await.unwrap();
+    orchestrator
+        .start(&mut tx, id, order.clone())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // The participant applies the command, but its reply is slower than the timeout.
+    let first = f.last().await;
+    participant_handles(&f, &first).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    let commands = commands_in_outbox(&f).await;
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    let second = commands[1].clone();
+    assert_eq!(second.kind, "ReserveGoods");
+    assert_ne!(second.request_id, first.request_id);
+
+    // The resend is a duplicate at the participant: answered again, not applied again.
+    participant_handles(&f, &second).await;
+    assert_eq!(effects_of(&f).await, ["ReserveGoods"]);
+    let replies = replies_in_outbox(f.pool()).await;
+    assert_eq!(replies.len(), 2, "the resend was not answered");
+    assert_eq!(
+        apply_reply(&orchestrator, f.pool(), &replies[0]).await,
+        ReplyDisposition::Stale,
+        "the first attempt's reply came too late"
+    );
+    assert_eq!(
+        apply_reply(&orchestrator, f.pool(), &replies[1]).await,
+        ReplyDisposition::Applied
+    );
+    let mut conn = f.db.connect().await;
+    assert_eq!(
+        orchestrator.load(&mut conn, id).await.unwrap().status,
+        SagaStatus::Completed
+    );
+    assert_eq!(
+        f.order_status(order.order_id).await.as_deref(),
+        Some("PENDING")
+    );
+}
+
+#[tokio::test]
+async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts() {
+    let f = Fixture::new(None).await;
+    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
+        .execute(f.pool())
+        .await
+        .unwrap();
+    let compensating = SagaDefinition::<Order>::builder("test-order")
+        .compensation_retries(3, Duration::from_millis(20))
+        .step("create")
+        .invoke_local(create)
+        .with_compensation(reject)
+        .step("reserve-goods")
+        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
+        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
+        .with_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let orchestrator = Orchestrator::new(compensating, Outbox::new(), "order.reply");
+    let (id, order) = (Uuid::now_v7(), order());
+    let mut tx = f.pool().begin().await.unwrap();
+    orchestrator
+        .start(&mut tx, id, order.clone())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // The step is applied and times out; its compensation is applied and times out.
+    participant_handles(&f, &f.last().await).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    let release = f.last().await;
+    assert_eq!(
+        (release.kind.as_str(), release.compensation),
+        ("ReleaseGoods", true)
+    );
+    participant_handles(&f, &release).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    // After the backoff the compensation is sent again, under a new request id.
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    let resent = f.last().await;
+    assert_eq!(
+        (resent.kind.as_str(), resent.compensation),
+        ("ReleaseGoods", true)
+    );
+    assert_ne!(resent.request_id, release.request_id);
+
+    participant_handles(&f, &resent).await;
+    assert_eq!(effects_of(&f).await, ["ReleaseGoods", "ReserveGoods"]);
+    let replies = replies_in_outbox(f.pool()).await;
+    assert_eq!(replies.len(), 3, "the resent compensation was not answered");
+    let mut dispositions = Vec::new();
+    for reply in &replies {
+        dispositions.push(apply_reply(&orchestrator, f.pool(), reply).await);
+    }
+    assert_eq!(
+        dispositions,
+        [
+            ReplyDisposition::Stale,
+            ReplyDisposition::Stale,
+            ReplyDisposition::Applied
+        ]
+    );
+    let mut conn = f.db.connect().await;
+    assert_eq!(
+        orchestrator.load(&mut conn, id).await.unwrap().status,
+        SagaStatus::Aborted
+    );
     assert_eq!(
         f.order_status(order.order_id).await.as_deref(),
         Some("REJECTED")

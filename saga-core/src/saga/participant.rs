@@ -1,5 +1,24 @@
 //! The participant's side of the envelope: reading a command and writing its reply
 //! through the outbox, in the participant's own transaction.
+//!
+//! [`participate`] puts the barrier ([`crate::barrier`]) in front of the effect and
+//! answers every command the orchestrator may still wait for:
+//!
+//! - The orchestrator resends a step's command under a new `request-id` when the
+//!   reply did not come in time (a forward retry, a compensation retry) and applies
+//!   only the reply carrying the request id it stored for the step. A duplicate of
+//!   a command that was applied is therefore answered again, with the answer given
+//!   the first time, under the duplicate's own request id and with the header
+//!   [`HEADER_REPLAY`] set to `true`; the effect does not run again.
+//! - That answer is the one that was sent: it is stored on the barrier row in the
+//!   transaction that ran the effect and wrote the first reply
+//!   ([`crate::barrier::record_answer`]), so both commit or neither does.
+//! - Answering again is harmless: the orchestrator ignores a reply whose request id
+//!   is not the one it waits for, so of the first reply and its replays exactly one
+//!   is applied per attempt, and a replay for an attempt it gave up on is stale.
+//! - A barrier row written before the answers were kept holds none: its duplicate is
+//!   not answered (logged), as before. A hanging action is never answered: its
+//!   compensation already ran, and the orchestrator no longer waits for it.
 
 use serde::Serialize;
 use sqlx::PgConnection;
@@ -8,8 +27,8 @@ use uuid::Uuid;
 use crate::consumer::IncomingMessage;
 use crate::outbox::{Outbox, OutboxError, OutboxEvent};
 use crate::saga::{
-    HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLY_TO, HEADER_REQUEST_ID, HEADER_SAGA_ID,
-    HEADER_SAGA_STEP, OUTCOME_FAILURE, OUTCOME_SUCCESS,
+    HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLAY, HEADER_REPLY_TO, HEADER_REQUEST_ID,
+    HEADER_SAGA_ID, HEADER_SAGA_STEP, OUTCOME_FAILURE, OUTCOME_SUCCESS,
 };
 
 /// A saga command as a participant receives it.
@@ -46,6 +65,25 @@ pub enum Outcome {
     Failure,
 }
 
+impl Outcome {
+    /// The reply's `outcome` header (also stored as `saga_barrier.reply_outcome`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => OUTCOME_SUCCESS,
+            Outcome::Failure => OUTCOME_FAILURE,
+        }
+    }
+
+    /// The outcome an `outcome` header names; `None` for any other text.
+    pub fn from_header(value: &str) -> Option<Outcome> {
+        match value {
+            OUTCOME_SUCCESS => Some(Outcome::Success),
+            OUTCOME_FAILURE => Some(Outcome::Failure),
+            _ => None,
+        }
+    }
+}
+
 /// Writes the reply to `command` into the outbox, in the participant's transaction
 /// (with its barrier row and its business effect). `reply_type` names the reply
 /// (`CreditReserved`, `CreditLimitExceeded`, ...), which the orchestrator's typed
@@ -58,11 +96,20 @@ pub async fn reply(
     reply_type: &str,
     payload: &impl Serialize,
 ) -> Result<Uuid, OutboxError> {
-    let outcome = match outcome {
-        Outcome::Success => OUTCOME_SUCCESS,
-        Outcome::Failure => OUTCOME_FAILURE,
-    };
-    let event = OutboxEvent::new(
+    publish_reply(tx, outbox, command, outcome, reply_type, payload, false).await
+}
+
+/// Writes a reply to `command`; `replay` marks an answer given again to a duplicate.
+async fn publish_reply(
+    tx: &mut PgConnection,
+    outbox: &Outbox,
+    command: &CommandEnvelope,
+    outcome: Outcome,
+    reply_type: &str,
+    payload: &impl Serialize,
+    replay: bool,
+) -> Result<Uuid, OutboxError> {
+    let mut event = OutboxEvent::new(
         command.reply_to.clone(),
         command.saga_id.clone(),
         reply_type,
@@ -71,7 +118,10 @@ pub async fn reply(
     .header(HEADER_SAGA_ID, command.saga_id.clone())
     .header(HEADER_SAGA_STEP, command.step.clone())
     .header(HEADER_REQUEST_ID, command.request_id.clone())
-    .header(HEADER_OUTCOME, outcome);
+    .header(HEADER_OUTCOME, outcome.as_str());
+    if replay {
+        event = event.header(HEADER_REPLAY, "true");
+    }
     outbox.publish(tx, &event).await
 }
 
@@ -107,11 +157,17 @@ pub type Effect<'c> =
     futures::future::BoxFuture<'c, Result<ParticipantReply, crate::consumer::HandlerError>>;
 
 /// Handles a saga command in the participant's transaction: enters the barrier,
-/// runs `effect` only when it proceeds, and writes the reply; all of it commits with
-/// the consumer's journal row. A duplicate command does nothing (its reply was
-/// committed with the first); a compensation for a step that never ran replies
-/// success without an effect (null compensation); a command arriving after its own
-/// compensation (hanging) does nothing — the orchestrator no longer waits for it.
+/// runs `effect` only when it proceeds, stores its answer on the barrier row and
+/// writes the reply; all of it commits with the consumer's journal row.
+///
+/// A compensation for a step that never ran replies success without an effect
+/// (null compensation, reply type `<command type>Skipped`), and that answer is
+/// stored too. A duplicate (the same step's action or compensation again, under
+/// any request id) runs nothing and is answered again with the stored answer under
+/// its own request id, marked [`HEADER_REPLAY`]; a duplicate of a row without a
+/// stored answer (written before answers were kept) is not answered. A command
+/// arriving after its own compensation (hanging) does nothing and is not answered
+/// — the orchestrator no longer waits for it. See the module documentation.
 pub async fn participate<F>(
     tx: &mut PgConnection,
     outbox: &Outbox,
@@ -121,7 +177,7 @@ pub async fn participate<F>(
 where
     F: for<'c> FnOnce(&'c mut PgConnection, &'c CommandEnvelope) -> Effect<'c>,
 {
-    use crate::barrier::{enter, BarrierOp, BarrierOutcome};
+    use crate::barrier::{enter, record_answer, recorded_answer, BarrierOp, BarrierOutcome};
     use crate::consumer::HandlerError;
 
     let Some(command) = CommandEnvelope::of(message) else {
@@ -147,26 +203,65 @@ where
                 serde_json::json!({ "nullCompensation": true }),
             )
         }
-        skipped @ (BarrierOutcome::Duplicate | BarrierOutcome::Hanging) => {
-            tracing::info!(saga_id = %command.saga_id, step = %command.step, barrier = ?skipped, "command skipped by the barrier");
+        BarrierOutcome::Duplicate => {
+            let Some(stored) =
+                recorded_answer(&mut *tx, &command.saga_id, &command.step, op).await?
+            else {
+                tracing::warn!(
+                    saga_id = %command.saga_id,
+                    step = %command.step,
+                    op = %op,
+                    request_id = %command.request_id,
+                    "duplicate command not answered: its barrier row holds no answer (written before answers were kept)"
+                );
+                return Ok(());
+            };
+            tracing::info!(
+                saga_id = %command.saga_id,
+                step = %command.step,
+                op = %op,
+                request_id = %command.request_id,
+                reply = %stored.reply_type,
+                "duplicate command: answered again with the stored answer"
+            );
+            publish_reply(
+                tx,
+                outbox,
+                &command,
+                stored.outcome,
+                &stored.reply_type,
+                &stored.payload,
+                true,
+            )
+            .await
+            .map_err(outbox_failure)?;
+            return Ok(());
+        }
+        BarrierOutcome::Hanging => {
+            tracing::info!(saga_id = %command.saga_id, step = %command.step, "hanging command skipped by the barrier: its compensation came first");
             return Ok(());
         }
     };
-    reply(
+    record_answer(&mut *tx, &command.saga_id, &command.step, op, &answer).await?;
+    publish_reply(
         tx,
         outbox,
         &command,
         answer.outcome,
         &answer.reply_type,
         &answer.payload,
+        false,
     )
     .await
-    .map_err(|e| {
-        if e.is_transient() {
-            HandlerError::transient(e)
-        } else {
-            HandlerError::definite(e.to_string())
-        }
-    })?;
+    .map_err(outbox_failure)?;
     Ok(())
+}
+
+/// An outbox write that failed, as the consumer's error.
+fn outbox_failure(e: OutboxError) -> crate::consumer::HandlerError {
+    if e.is_transient() {
+        crate::consumer::HandlerError::transient(e)
+    } else {
+        crate::consumer::HandlerError::definite(e.to_string())
+    }
 }

@@ -126,6 +126,18 @@ fn assert_reply(reply: &Reply, saga: Uuid, kind: &str, outcome: &str) {
     assert_eq!(reply.headers["saga-step"], STEP);
 }
 
+/// `replay` answers a duplicate command again with exactly the answer of `first`.
+fn assert_replay(replay: &Reply, first: &Reply) {
+    assert_eq!(first.headers.get("saga-replay"), None, "{first:?}");
+    assert_eq!(replay.headers["saga-replay"], "true", "{replay:?}");
+    assert_eq!(
+        (&replay.kind, &replay.payload, &replay.headers["outcome"]),
+        (&first.kind, &first.payload, &first.headers["outcome"])
+    );
+    assert_eq!(replay.headers["saga-id"], first.headers["saga-id"]);
+    assert_eq!(replay.headers["saga-step"], first.headers["saga-step"]);
+}
+
 #[tokio::test]
 async fn a_reserve_takes_credit_once_and_replies_once() {
     let f = Fixture::new().await;
@@ -150,7 +162,7 @@ async fn a_reserve_takes_credit_once_and_replies_once() {
     );
 
     // The same command again (a redelivery under another message id, or a retried
-    // attempt) changes nothing and is not answered again.
+    // attempt) changes nothing; each copy is answered again with the first answer.
     let mut again = command(saga, RESERVE_CREDIT, false, credit(order, ADA, 12_345));
     again
         .headers
@@ -158,7 +170,11 @@ async fn a_reserve_takes_credit_once_and_replies_once() {
     f.handle(&again).await.unwrap();
     f.handle(&reserve).await.unwrap();
     assert_eq!(f.available(ADA).await, 87_655);
-    assert_eq!(f.replies().await.len(), 1);
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    for replay in &replies[1..] {
+        assert_replay(replay, &replies[0]);
+    }
 }
 
 #[tokio::test]
@@ -202,7 +218,7 @@ async fn a_release_after_a_reserve_gives_back_exactly_what_was_taken() {
         json!({ "orderId": order, "customerId": ADA, "amountCents": 4_999, "released": true })
     );
 
-    // A second release (a duplicate) gives nothing back again.
+    // A second release (a duplicate) gives nothing back again and is answered as the first.
     f.handle(&release).await.unwrap();
     f.handle(&command(
         saga,
@@ -213,7 +229,11 @@ async fn a_release_after_a_reserve_gives_back_exactly_what_was_taken() {
     .await
     .unwrap();
     assert_eq!(f.available(ADA).await, 100_000 - 1_001);
-    assert_eq!(f.replies().await.len(), 3);
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 5, "{replies:?}");
+    for replay in &replies[3..] {
+        assert_replay(replay, &replies[2]);
+    }
 }
 
 #[tokio::test]

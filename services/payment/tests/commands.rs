@@ -133,6 +133,18 @@ fn assert_reply(reply: &Reply, saga: Uuid, kind: &str, outcome: &str) {
     assert_eq!(reply.headers["saga-step"], STEP);
 }
 
+/// `replay` answers a duplicate command again with exactly the answer of `first`.
+fn assert_replay(replay: &Reply, first: &Reply) {
+    assert_eq!(first.headers.get("saga-replay"), None, "{first:?}");
+    assert_eq!(replay.headers["saga-replay"], "true", "{replay:?}");
+    assert_eq!(
+        (&replay.kind, &replay.payload, &replay.headers["outcome"]),
+        (&first.kind, &first.payload, &first.headers["outcome"])
+    );
+    assert_eq!(replay.headers["saga-id"], first.headers["saga-id"]);
+    assert_eq!(replay.headers["saga-step"], first.headers["saga-step"]);
+}
+
 #[tokio::test]
 async fn a_charge_is_recorded_once_and_replied_once() {
     let f = Fixture::new().await;
@@ -156,7 +168,7 @@ async fn a_charge_is_recorded_once_and_replied_once() {
     );
 
     // The same command again (a redelivery under another message id, or a retried
-    // attempt) charges nothing more and is not answered again.
+    // attempt) charges nothing more; each copy is answered again with the first answer.
     let mut again = command(saga, CHARGE, false, charge(order, 4_990, CARD));
     again
         .headers
@@ -168,7 +180,11 @@ async fn a_charge_is_recorded_once_and_replied_once() {
         .await
         .unwrap();
     assert_eq!(payments, 1);
-    assert_eq!(f.replies().await.len(), 1);
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    for replay in &replies[1..] {
+        assert_replay(replay, &replies[0]);
+    }
 }
 
 #[tokio::test]
@@ -207,12 +223,16 @@ async fn a_refund_after_a_charge_pays_it_back_once() {
         json!({ "orderId": order, "amountCents": 2_500, "refunded": true })
     );
 
-    // A second refund (a duplicate) pays nothing back again.
+    // A second refund (a duplicate) pays nothing back again and is answered as the first.
     f.handle(&refund_message).await.unwrap();
     f.handle(&command(saga, REFUND, true, refund(order)))
         .await
         .unwrap();
-    assert_eq!(f.replies().await.len(), 3);
+    let replies = f.replies().await;
+    assert_eq!(replies.len(), 5, "{replies:?}");
+    for replay in &replies[3..] {
+        assert_replay(replay, &replies[2]);
+    }
 }
 
 #[tokio::test]
