@@ -66,7 +66,7 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "reply-races-timeout",
-            fault: "replies arrive around their step's 1 s timeout (the inventory service is slowed), two orchestrator instances share the replies, one leaves and comes back",
+            fault: "replies arrive around their step's 1 s timeout (the inventory service takes 0.5-1.5 s for its first 80 messages), two orchestrator instances share the replies, one leaves and comes back",
             promise: "each step has one outcome (late replies are ignored, version conflicts retried), timed-out steps are compensated, nothing is applied twice",
             run: |s| Box::pin(reply_races_timeout(s)),
         },
@@ -373,7 +373,7 @@ async fn reply_races_timeout(settings: LabSettings) -> anyhow::Result<Measuremen
     let mut config = lab.shop_config().with_env(
         "inventory-service",
         failpoints::ENV,
-        "consumer.before-handler=sleep(400-1600)",
+        "consumer.before-handler=sleep(500-1500)*80",
     );
     config.step_timeout = Duration::from_secs(1);
     config.order_instances = 2;
