@@ -71,7 +71,11 @@ pub struct Lab {
 pub struct Measurement {
     pub events_written: usize,
     pub events_delivered: usize,
+    /// Copies of an event on the topics beyond its first.
     pub duplicates_delivered: usize,
+    /// Messages the services' consumers found in their journal and skipped
+    /// (counted by the processes running at the end).
+    pub redeliveries_skipped: u64,
     pub applied_twice: usize,
     pub orders: usize,
     pub sagas_terminal: usize,
@@ -95,10 +99,11 @@ impl std::fmt::Display for Measurement {
         }
         writeln!(
             f,
-            "    events written {} / delivered {}; duplicates delivered {} / applied twice {}",
+            "    events written {} / delivered {}; duplicates delivered {} (copies on the topics) + {} (redeliveries skipped by the journals) / applied twice {}",
             self.events_written,
             self.events_delivered,
             self.duplicates_delivered,
+            self.redeliveries_skipped,
             self.applied_twice
         )?;
         writeln!(
@@ -257,7 +262,11 @@ impl Lab {
     /// Waits until every saga has ended (at most `bound`) and every written event
     /// has been read back from the topics, then measures. The shop keeps running
     /// (the caller stops it).
-    pub async fn measure(&mut self, bound: Duration) -> anyhow::Result<Measurement> {
+    pub async fn measure(
+        &mut self,
+        shop: &mut Shop,
+        bound: Duration,
+    ) -> anyhow::Result<Measurement> {
         let deadline = Instant::now() + bound;
         let mut m = Measurement::default();
         loop {
@@ -294,6 +303,25 @@ impl Lab {
         // Duplicates still travelling reach their consumers now; give them a moment
         // to be skipped (or, if something is wrong, applied) before checking.
         tokio::time::sleep(Duration::from_secs(2)).await;
+        for name in shop.process_names() {
+            if name.starts_with("relay-") {
+                continue;
+            }
+            match consumer_counts(shop, &name).await {
+                Ok(counts) => {
+                    m.redeliveries_skipped += counts.duplicate;
+                    if counts.dead_lettered > 0 {
+                        m.violations.push(format!(
+                            "{name} dead-lettered {} messages",
+                            counts.dead_lettered
+                        ));
+                    }
+                }
+                Err(e) => m
+                    .violations
+                    .push(format!("cannot read the counters of {name}: {e:#}")),
+            }
+        }
         let report = self.ledger.check(&self.before).await?;
         m.orders = report.orders;
         for (status, n) in &report.sagas {

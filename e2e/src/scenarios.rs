@@ -109,7 +109,7 @@ where
     let mut shop = lab.start(config).await?;
     let outcome = async {
         body(lab, &mut shop).await?;
-        lab.measure(bound).await
+        lab.measure(&mut shop, bound).await
     }
     .await;
     shop.stop().await;

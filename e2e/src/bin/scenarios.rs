@@ -199,14 +199,15 @@ async fn run(chosen: &[Scenario], rounds: u32, settings: &LabSettings) -> Vec<Ro
 }
 
 fn summary(rows: &[Row], settings: &LabSettings) {
-    println!("\n=== summary");
+    println!("\n=== summary (copies: duplicate records on the topics; skipped: redeliveries the consumers' journals skipped; twice: commands applied twice)");
     println!(
-        "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>8} {:>5} {:>9} {:>7}  result",
+        "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>7} {:>8} {:>5} {:>9} {:>7}  result",
         "scenario",
         "round",
         "written",
         "delivered",
-        "dups",
+        "copies",
+        "skipped",
         "twice",
         "terminal",
         "stuck",
@@ -216,12 +217,13 @@ fn summary(rows: &[Row], settings: &LabSettings) {
     for row in rows {
         match &row.outcome {
             Ok(m) => println!(
-                "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>8} {:>5} {:>9} {:>7.1}  {}",
+                "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>7} {:>8} {:>5} {:>9} {:>7.1}  {}",
                 row.scenario.name,
                 row.round,
                 m.events_written,
                 m.events_delivered,
                 m.duplicates_delivered,
+                m.redeliveries_skipped,
                 m.applied_twice,
                 m.sagas_terminal,
                 m.sagas_stuck,
@@ -230,9 +232,10 @@ fn summary(rows: &[Row], settings: &LabSettings) {
                 if m.ok() { "passed" } else { "FAILED" }
             ),
             Err(_) => println!(
-                "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>8} {:>5} {:>9} {:>7.1}  COULD NOT RUN",
+                "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>7} {:>8} {:>5} {:>9} {:>7.1}  COULD NOT RUN",
                 row.scenario.name,
                 row.round,
+                "-",
                 "-",
                 "-",
                 "-",
