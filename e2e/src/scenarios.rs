@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use saga_core::status::StepStatus;
 
 use crate::lab::{
-    consumer_counts, memory_kib, metrics_text, order_mix, place_in_background, wait_until,
-    ConsumerCounts, Lab, LabSettings, Measurement, OrderKind,
+    consumer_counts, memory_kib, metrics_text, order_mix, place_in_background, wait_until, Lab,
+    LabSettings, Measurement, OrderKind,
 };
 use crate::{Shop, ShopClient, ShopConfig};
 
@@ -389,10 +389,14 @@ async fn reply_races_timeout(settings: LabSettings) -> anyhow::Result<Measuremen
             lab.note("order-service-2 came back and took partitions again");
             let ids = placed(load).await?;
             wait_terminal(lab, ids.len()).await?;
+            let mut conflicts = 0;
             let mut retried = 0;
             for name in ["order-service", "order-service-2"] {
-                let ConsumerCounts { retried: r, .. } = consumer_counts(shop, name).await?;
-                retried += r;
+                conflicts += counter(
+                    &metrics_text(shop, name).await?,
+                    "saga_version_conflicts_total",
+                );
+                retried += consumer_counts(shop, name).await?.retried;
             }
             let timed_out: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
@@ -402,7 +406,7 @@ async fn reply_races_timeout(settings: LabSettings) -> anyhow::Result<Measuremen
             .await
             .unwrap_or(-1);
             lab.note(format!(
-                "{timed_out} steps timed out while their replies were on the way; {retried} reply transactions retried after a version conflict (both instances, after the restart)"
+                "{timed_out} steps timed out while their replies were on the way; {conflicts} saga saves lost to a concurrent change (replies against sweepers, instance against instance) and were retried; {retried} reply transactions retried in all (counted since each instance's last start)"
             ));
             lab.expect("some steps timed out (the race was provoked)", timed_out > 0);
             Ok(())

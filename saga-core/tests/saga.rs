@@ -472,16 +472,18 @@ async fn two_orchestrators_applying_one_reply_resolve_through_the_version() {
             let mut tx = pool.begin().await.unwrap();
             let result = orchestrator.handle_reply(&mut tx, &message).await;
             drop(tx);
-            result
+            (result, orchestrator.version_conflicts())
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     first.commit().await.unwrap();
-    let lost = second.await.unwrap();
+    let (lost, conflicts) = second.await.unwrap();
     assert!(
         matches!(lost, Err(SagaError::Conflict(c)) if c == id),
         "{lost:?}"
     );
+    assert_eq!(conflicts, 1, "the lost save is counted");
+    assert_eq!(f.orchestrator.version_conflicts(), 0);
     // Retried after the conflict, the reply is stale: one outcome, one next command.
     assert_eq!(
         f.reply(&goods, true, "ReserveGoodsDone", serde_json::json!({}))

@@ -26,6 +26,7 @@
 //! [`SagaAdmin`]: crate::saga::SagaAdmin
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,6 +148,9 @@ pub struct Orchestrator<D> {
     definition: Arc<SagaDefinition<D>>,
     outbox: Outbox,
     reply_topic: String,
+    /// Saves that lost to a concurrent change of the same saga (and were retried
+    /// or left to the next sweep).
+    conflicts: AtomicU64,
 }
 
 impl<D> std::fmt::Debug for Orchestrator<D> {
@@ -169,7 +173,14 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             definition: Arc::new(definition),
             outbox,
             reply_topic: reply_topic.into(),
+            conflicts: AtomicU64::new(0),
         }
+    }
+
+    /// How many saves lost to a concurrent change of the same saga (another
+    /// instance, or a reply racing the sweeper) since this orchestrator was made.
+    pub fn version_conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
     }
 
     /// The definition this orchestrator runs.
@@ -606,6 +617,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
             return Err(SagaError::Conflict(instance.id));
         }
         Ok(())

@@ -155,6 +155,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })
     };
     let admin = SagaAdmin::new(pool.clone());
+    let counted = Arc::clone(&orchestrator);
     Service::new(SERVICE, pool, listen, metrics)
         .api(api::router(state))
         .prepare(prepare)
@@ -162,11 +163,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .task(sweeper)
         .extra_metrics(move || {
             let admin = admin.clone();
+            let conflicts = counted.version_conflicts();
             async move {
-                admin.prometheus().await.unwrap_or_else(|e| {
+                let mut text = admin.prometheus().await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "saga metrics unavailable");
                     String::new()
-                })
+                });
+                text.push_str(&format!(
+                    "# HELP saga_version_conflicts_total Saga saves that lost to a concurrent change of the same saga (retried, or left to the next sweep).\n\
+                     # TYPE saga_version_conflicts_total counter\n\
+                     saga_version_conflicts_total{{saga=\"{}\"}} {conflicts}\n",
+                    placement::SAGA_TYPE
+                ));
+                text
             }
         })
         .start()
