@@ -379,6 +379,13 @@ async fn produce_only(brokers: &str, workload: Workload, events: u64) -> anyhow:
         "{{\"n\":0,\"data\":\"{}\"}}",
         "x".repeat(workload.payload_bytes.saturating_sub(30))
     );
+    // Outside the clock: the topic's metadata and the idempotent producer's id,
+    // which a running relay has long had.
+    let warm = FutureRecord::to(topic).key("warm-up").payload(&payload);
+    producer
+        .send(warm, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("warming the producer up: {e}"))?;
     let started = Instant::now();
     let mut pending = futures::stream::FuturesUnordered::new();
     for n in 0..events {
