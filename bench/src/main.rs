@@ -28,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use testkit::process::{memory_kib, metric_sum, own_bin_dir};
 use testkit::{PrivateBroker, PrivateCluster};
 
 #[derive(Debug, Parser)]
@@ -117,10 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or(if cli.quick { 2_000 } else { 100_000 });
     let bin_dir = match cli.bin_dir {
         Some(dir) => dir,
-        None => std::env::current_exe()?
-            .parent()
-            .map(Path::to_path_buf)
-            .context("the executable's own directory")?,
+        None => own_bin_dir().context("the executable's own directory")?,
     };
     let relay_bin = bin_dir.join("outbox-relay");
     if !relay_bin.is_file() {
@@ -246,7 +244,7 @@ async fn throughput(workload: Workload, events: u64, relay_bin: &Path) -> anyhow
     }
 
     // pgoutput: pg_recvlogical drains the baseline slot up to the end position.
-    let recvlogical = pg_bin()?.join("pg_recvlogical");
+    let recvlogical = testkit::pg_bin_dir().join("pg_recvlogical");
     let started = Instant::now();
     let out = tokio::process::Command::new(&recvlogical)
         .args(["-d", &url, "-S", "bench_raw", "--start", "--no-loop"])
@@ -285,11 +283,11 @@ async fn throughput(workload: Workload, events: u64, relay_bin: &Path) -> anyhow
     let deadline = started + Duration::from_secs(600);
     let mut peak = 0;
     loop {
-        if let Some(hwm) = peak_rss_kib(pid) {
+        if let Some((_, hwm)) = memory_kib(pid) {
             peak = peak.max(hwm);
         }
         let routed = match http.get(&metrics_url).send().await {
-            Ok(r) => counter(
+            Ok(r) => metric_sum(
                 &r.text().await.unwrap_or_default(),
                 "outbox_relay_events_routed_total",
             ),
@@ -307,7 +305,7 @@ async fn throughput(workload: Workload, events: u64, relay_bin: &Path) -> anyhow
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let relay_secs = started.elapsed().as_secs_f64();
-    if let Some(hwm) = peak_rss_kib(pid) {
+    if let Some((_, hwm)) = memory_kib(pid) {
         peak = peak.max(hwm);
     }
     let _ = std::process::Command::new("kill")
@@ -429,38 +427,6 @@ async fn pool(url: &str) -> anyhow::Result<PgPool> {
         .with_context(|| format!("connecting to {url}"))
 }
 
-/// The PostgreSQL client binaries: `$OUTBOX_PG_BIN`, else the newest
-/// `/usr/lib/postgresql/*/bin` with `pg_recvlogical`.
-fn pg_bin() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("OUTBOX_PG_BIN").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir));
-    }
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let major = e.file_name().to_str()?.split('.').next()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("pg_recvlogical").is_file().then_some((major, bin))
-        })
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .map(|(_, bin)| bin)
-        .context("no pg_recvlogical under /usr/lib/postgresql/*/bin (set OUTBOX_PG_BIN)")
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn machine_memory() -> String {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -475,16 +441,4 @@ fn machine_memory() -> String {
             Some(format!("{:.0} GiB memory", kib as f64 / 1024.0 / 1024.0))
         })
         .unwrap_or_else(|| "memory unknown".to_owned())
-}
-
-/// A counter's value (summed over its label sets) from Prometheus text.
-fn counter(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }

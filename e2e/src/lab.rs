@@ -17,7 +17,7 @@
 //!   what the approved orders hold ([`crate::invariants`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,17 +269,8 @@ impl Lab {
     ) -> anyhow::Result<Measurement> {
         let deadline = Instant::now() + bound;
         let mut m = Measurement::default();
-        loop {
-            let open: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM saga_state WHERE status NOT IN ('COMPLETED', 'ABORTED', 'COMPENSATION_FAILED')",
-            )
-            .fetch_one(&self.ledger.order)
-            .await?;
-            if open == 0 || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        // Stuck sagas are reported below, so running out of time is no error here.
+        sagas_ended(&self.ledger.order, 0, bound).await?;
         let written = self.written_events().await?;
         m.events_written = written.len();
         let remaining = deadline
@@ -450,19 +441,6 @@ pub async fn metrics_text(shop: &mut Shop, name: &str) -> anyhow::Result<String>
     Ok(response.text().await?)
 }
 
-/// Resident and peak resident memory of process `pid`, in KiB (`/proc`).
-pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
 /// Reads every record of `topics` from the beginning until each id of `expected`
 /// was seen (then a quiet second more for late copies) or `timeout` passed.
 /// Returns the distinct `id` headers seen and how many records repeated one.
@@ -628,6 +606,26 @@ pub async fn place_patiently(
     }
 }
 
+/// Waits (at most `bound`) until at least `count` sagas have ended and none is
+/// still running; whether that happened.
+pub async fn sagas_ended(order: &PgPool, count: usize, bound: Duration) -> anyhow::Result<bool> {
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    wait_until(bound, || {
+        let order = order.clone();
+        async move {
+            let (ended, running): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE status IN ('COMPLETED', 'ABORTED', 'COMPENSATION_FAILED')), \
+                 count(*) FILTER (WHERE status NOT IN ('COMPLETED', 'ABORTED', 'COMPENSATION_FAILED')) \
+                 FROM saga_state",
+            )
+            .fetch_one(&order)
+            .await?;
+            Ok(ended >= count && running == 0)
+        }
+    })
+    .await
+}
+
 /// Sagas by status, from the order database.
 pub async fn saga_counts(order: &PgPool) -> anyhow::Result<BTreeMap<String, i64>> {
     let rows: Vec<(String, i64)> =
@@ -663,12 +661,4 @@ async fn pool(url: &str, connections: u32) -> anyhow::Result<PgPool> {
         .connect(url)
         .await
         .with_context(|| format!("connecting to {url}"))
-}
-
-/// The folder of the running executable (where cargo put the other binaries).
-pub fn own_bin_dir() -> anyhow::Result<PathBuf> {
-    std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .context("the executable's own directory")
 }

@@ -10,10 +10,11 @@ use futures::future::BoxFuture;
 use saga_core::status::StepStatus;
 
 use crate::lab::{
-    consumer_counts, memory_kib, metrics_text, order_mix, place_in_background, wait_until, Lab,
+    consumer_counts, metrics_text, order_mix, place_in_background, sagas_ended, wait_until, Lab,
     LabSettings, Measurement, OrderKind,
 };
 use crate::{Shop, ShopClient, ShopConfig};
+use testkit::process::{memory_kib, metric_sum};
 
 /// One scenario: its name on the command line, what it does, what it proves.
 #[derive(Debug, Clone, Copy)]
@@ -275,7 +276,7 @@ async fn broker_pause(settings: LabSettings) -> anyhow::Result<Measurement> {
                     samples.push(rss);
                 }
                 if let Ok(text) = metrics_text(shop, "relay-order").await {
-                    in_flight_max = in_flight_max.max(gauge(&text, "outbox_relay_records_in_flight"));
+                    in_flight_max = in_flight_max.max(metric_sum(&text, "outbox_relay_records_in_flight"));
                 }
             }
             let backlog_during = lab.order_count().await?;
@@ -392,19 +393,13 @@ async fn reply_races_timeout(settings: LabSettings) -> anyhow::Result<Measuremen
             let mut conflicts = 0;
             let mut retried = 0;
             for name in ["order-service", "order-service-2"] {
-                conflicts += counter(
+                conflicts += metric_sum(
                     &metrics_text(shop, name).await?,
                     "saga_version_conflicts_total",
                 );
                 retried += consumer_counts(shop, name).await?.retried;
             }
-            let timed_out: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
-                 WHERE st.value->>'timed_out' = 'true'",
-            )
-            .fetch_one(&lab.ledger.order)
-            .await
-            .unwrap_or(-1);
+            let timed_out = timed_out_steps(lab).await?;
             lab.note(format!(
                 "{timed_out} steps timed out while their replies were on the way; {conflicts} saga saves lost to a concurrent change (replies against sweepers, instance against instance) and were retried; {retried} reply transactions retried in all (counted since each instance's last start)"
             ));
@@ -441,12 +436,7 @@ async fn participant_down(settings: LabSettings) -> anyhow::Result<Measurement> 
             shop.restart("payment-service", &[]).await?;
             let ids = placed(load).await?;
             wait_terminal(lab, ids.len()).await?;
-            let timed_out: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
-                 WHERE st.value->>'timed_out' = 'true'",
-            )
-            .fetch_one(&lab.ledger.order)
-            .await?;
+            let timed_out = timed_out_steps(lab).await?;
             lab.expect("no step timed out", timed_out == 0);
             Ok(())
         })
@@ -479,7 +469,7 @@ async fn postgres_restart(settings: LabSettings) -> anyhow::Result<Measurement> 
                 "relay-inventory",
                 "relay-payment",
             ] {
-                reconnects += counter(
+                reconnects += metric_sum(
                     &metrics_text(shop, relay).await?,
                     "outbox_relay_reconnects_total",
                 );
@@ -588,36 +578,16 @@ async fn compensation_retry(settings: LabSettings) -> anyhow::Result<Measurement
 /// Waits until every one of `count` orders' sagas ended (bounded by [`BOUND`]);
 /// the measurement reports any that did not.
 async fn wait_terminal(lab: &Lab, count: usize) -> anyhow::Result<()> {
-    let order = lab.ledger.order.clone();
-    let count = i64::try_from(count).unwrap_or(i64::MAX);
-    wait_until(BOUND, || {
-        let order = order.clone();
-        async move {
-            let ended: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM saga_state WHERE status IN ('COMPLETED', 'ABORTED', 'COMPENSATION_FAILED')",
-            )
-            .fetch_one(&order)
-            .await?;
-            Ok(ended >= count)
-        }
-    })
-    .await?;
+    sagas_ended(&lab.ledger.order, count, BOUND).await?;
     Ok(())
 }
 
-/// A gauge's value (summed over its label sets) from Prometheus text.
-fn gauge(text: &str, name: &str) -> u64 {
-    counter(text, name)
-}
-
-/// A counter's value (summed over its label sets) from Prometheus text.
-fn counter(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+/// Steps that failed by timing out (their participant may have run them).
+async fn timed_out_steps(lab: &Lab) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
+         WHERE st.value->>'timed_out' = 'true'",
+    )
+    .fetch_one(&lab.ledger.order)
+    .await?)
 }

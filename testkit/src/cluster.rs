@@ -281,9 +281,13 @@ fn running_as_root() -> bool {
     })
 }
 
-/// The directory with `initdb` and `pg_ctl`: `$OUTBOX_PG_BIN`, else `OUTBOX_PG_BIN`
-/// from the settings file, else the newest `/usr/lib/postgresql/*/bin`.
-fn pg_bin_dir() -> PathBuf {
+/// The directory with `initdb`, `pg_ctl` and the client programs: `$OUTBOX_PG_BIN`,
+/// else `OUTBOX_PG_BIN` from the settings file, else the newest
+/// `/usr/lib/postgresql/*/bin`.
+///
+/// # Panics
+/// When none is found (the message says how to get one).
+pub fn pg_bin_dir() -> PathBuf {
     let from_env = std::env::var("OUTBOX_PG_BIN")
         .ok()
         .filter(|v| !v.trim().is_empty());

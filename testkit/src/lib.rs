@@ -19,10 +19,11 @@ mod broker;
 mod cluster;
 mod database;
 mod kafka;
+pub mod process;
 mod settings;
 
 pub use broker::{free_port, PrivateBroker};
-pub use cluster::PrivateCluster;
+pub use cluster::{pg_bin_dir, PrivateCluster};
 pub use database::TestDatabase;
 pub use kafka::{
     consumer_config, consumer_config_on, create_topic, create_topic_on, producer_config,

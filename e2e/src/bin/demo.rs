@@ -105,10 +105,7 @@ fn say(text: &str) {
 
 async fn run() -> anyhow::Result<()> {
     let settings = testkit::Settings::load().context("the local environment")?;
-    let bin_dir = std::env::current_exe()?
-        .parent()
-        .map(PathBuf::from)
-        .context("the demo's own directory")?;
+    let bin_dir = testkit::process::own_bin_dir().context("the demo's own directory")?;
     let log_dir = PathBuf::from(".local/demo");
     std::fs::create_dir_all(&log_dir)?;
     say("creating the four service databases");

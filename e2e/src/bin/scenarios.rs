@@ -17,8 +17,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use shop::lab::{own_bin_dir, LabSettings, Measurement};
+use shop::lab::{LabSettings, Measurement};
 use shop::scenarios::{self, Scenario};
+use testkit::process::own_bin_dir;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -99,13 +100,14 @@ fn main() -> ExitCode {
                 }
                 chosen
             };
-            let bin_dir = match bin_dir.map_or_else(own_bin_dir, Ok) {
-                Ok(dir) => dir,
-                Err(e) => {
-                    eprintln!("scenarios: {e:#}");
-                    return ExitCode::from(2);
-                }
-            };
+            let bin_dir =
+                match bin_dir.map_or_else(|| own_bin_dir().map_err(anyhow::Error::from), Ok) {
+                    Ok(dir) => dir,
+                    Err(e) => {
+                        eprintln!("scenarios: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                };
             for binary in [
                 "outbox-relay",
                 "order-service",

@@ -1,0 +1,63 @@
+//! Looking at the processes a benchmark or scenario starts: where the workspace's
+//! binaries are, how much memory a process holds, and what its `/metrics` say.
+
+use std::path::{Path, PathBuf};
+
+/// The folder of the running executable, where cargo put the workspace's other
+/// binaries.
+pub fn own_bin_dir() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| std::io::Error::other(format!("{} has no parent folder", exe.display())))
+}
+
+/// Resident and peak resident memory (`VmRSS`, `VmHWM`) of process `pid`, in KiB;
+/// `None` when it is gone.
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// The value of metric `name` in Prometheus text, summed over its label sets
+/// (0 when absent).
+pub fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_a_metric_over_its_labels_and_ignores_longer_names() {
+        let text = "# HELP x_total a counter\n\
+                    x_total{a=\"1\"} 3\n\
+                    x_total{a=\"2\"} 4\n\
+                    x_total_other 100\n\
+                    x 7\n";
+        assert_eq!(metric_sum(text, "x_total"), 7);
+        assert_eq!(metric_sum(text, "x"), 7);
+        assert_eq!(metric_sum(text, "missing"), 0);
+    }
+
+    #[test]
+    fn reads_its_own_memory() {
+        let (rss, peak) = memory_kib(std::process::id()).expect("own /proc status");
+        assert!(rss > 0 && peak >= rss, "rss {rss} peak {peak}");
+    }
+}
