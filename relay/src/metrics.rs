@@ -7,10 +7,13 @@
 //! read by the HTTP server; each value is read on its own, so one scrape is not a
 //! snapshot across metrics. The only label is the dead-letter reason, a fixed enum of
 //! three values, every one of which is rendered even at 0 so that `rate()` and
-//! alerts see the series from the first scrape.
+//! alerts see the series from the first scrape. The one histogram,
+//! [`COMMIT_TO_ACK`], keeps a count per bucket and renders them cumulatively, as
+//! Prometheus expects.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::health::Health;
 use crate::Lsn;
@@ -29,6 +32,17 @@ pub const SLOT_LAG_BYTES: &str = "outbox_relay_slot_lag_bytes";
 /// Gauge: milliseconds between now and the commit time of the last acknowledged
 /// transaction; 0 when idle and caught up.
 pub const BEHIND_SOURCE_MS: &str = "outbox_relay_milliseconds_behind_source";
+/// Histogram: seconds from a transaction's commit (the commit timestamp in the
+/// stream, the database server's clock) to the broker's acknowledgement of each of
+/// its records. Across hosts it includes the clock difference, as Debezium's
+/// `MilliSecondsBehindSource` does.
+pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
+/// Upper bounds (seconds) of the buckets of [`COMMIT_TO_ACK`]: fine below 25 ms,
+/// where a healthy relay lives, coarse up to a minute for outages.
+pub const COMMIT_TO_ACK_BUCKETS: [f64; 20] = [
+    0.000_5, 0.001, 0.002, 0.003, 0.004, 0.005, 0.007_5, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 /// Gauge: the WAL position last confirmed to the server, as an integer.
 pub const CONFIRMED_LSN: &str = "outbox_relay_confirmed_lsn";
 /// Counter: heartbeats (`pg_logical_emit_message`) written to the source database.
@@ -98,6 +112,8 @@ pub enum Kind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// Observations counted in buckets, with their sum and count.
+    Histogram,
 }
 
 impl Kind {
@@ -106,6 +122,7 @@ impl Kind {
         match self {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         }
     }
 }
@@ -125,6 +142,8 @@ pub enum Family {
     SlotLagBytes,
     /// [`BEHIND_SOURCE_MS`]
     BehindSourceMs,
+    /// [`COMMIT_TO_ACK`]
+    CommitToAck,
     /// [`CONFIRMED_LSN`]
     ConfirmedLsn,
     /// [`HEARTBEATS_SENT`]
@@ -137,13 +156,14 @@ pub enum Family {
 
 impl Family {
     /// Every family, in the order they are rendered.
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::EventsRouted,
         Family::EventsDeadLettered,
         Family::BytesRouted,
         Family::RecordsInFlight,
         Family::SlotLagBytes,
         Family::BehindSourceMs,
+        Family::CommitToAck,
         Family::ConfirmedLsn,
         Family::HeartbeatsSent,
         Family::Reconnects,
@@ -159,6 +179,7 @@ impl Family {
             Family::RecordsInFlight => RECORDS_IN_FLIGHT,
             Family::SlotLagBytes => SLOT_LAG_BYTES,
             Family::BehindSourceMs => BEHIND_SOURCE_MS,
+            Family::CommitToAck => COMMIT_TO_ACK,
             Family::ConfirmedLsn => CONFIRMED_LSN,
             Family::HeartbeatsSent => HEARTBEATS_SENT,
             Family::Reconnects => RECONNECTS,
@@ -179,6 +200,7 @@ impl Family {
             | Family::BehindSourceMs
             | Family::ConfirmedLsn
             | Family::Up => Kind::Gauge,
+            Family::CommitToAck => Kind::Histogram,
         }
     }
 
@@ -195,6 +217,10 @@ impl Family {
             Family::BehindSourceMs => {
                 "Milliseconds since the commit of the last acknowledged transaction; \
                  0 when idle and caught up."
+            }
+            Family::CommitToAck => {
+                "Seconds from a transaction's commit to the broker's acknowledgement of each \
+                 of its records."
             }
             Family::ConfirmedLsn => "WAL position last confirmed to the server, as an integer.",
             Family::HeartbeatsSent => "Heartbeats written with pg_logical_emit_message.",
@@ -214,6 +240,7 @@ pub struct Metrics {
     in_flight: AtomicU64,
     slot_lag_bytes: AtomicU64,
     behind_source_ms: AtomicU64,
+    commit_to_ack: Histogram,
     confirmed_lsn: AtomicU64,
     heartbeats: AtomicU64,
     reconnects: AtomicU64,
@@ -253,6 +280,11 @@ impl Metrics {
     /// The relay is `ms` milliseconds behind the source now.
     pub fn set_behind_source_ms(&self, ms: u64) {
         self.behind_source_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// A record whose transaction committed `latency` ago was acknowledged.
+    pub fn commit_to_ack(&self, latency: Duration) {
+        self.commit_to_ack.observe(latency);
     }
 
     /// `lsn` was confirmed to the server.
@@ -300,6 +332,10 @@ impl Metrics {
                     }
                     continue;
                 }
+                Family::CommitToAck => {
+                    self.commit_to_ack.render(&mut out, name);
+                    continue;
+                }
                 Family::EventsRouted => load(&self.events_routed),
                 Family::BytesRouted => load(&self.bytes_routed),
                 Family::RecordsInFlight => load(&self.in_flight),
@@ -313,6 +349,50 @@ impl Metrics {
             line(&mut out, format_args!("{name} {value}"));
         }
         out
+    }
+}
+
+/// A histogram of durations with the fixed buckets of [`COMMIT_TO_ACK_BUCKETS`]:
+/// a count per bucket (not cumulative) and the sum in microseconds, each a
+/// relaxed atomic. The count is the `+Inf` bucket, so the two always agree.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// One per bound, and the last for everything above the largest bound.
+    buckets: [AtomicU64; COMMIT_TO_ACK_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        let index = COMMIT_TO_ACK_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(COMMIT_TO_ACK_BUCKETS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// `name_bucket{le=...}` (cumulative, `+Inf` last), `name_sum`, `name_count`.
+    fn render(&self, out: &mut String, name: &str) {
+        let mut cumulative = 0;
+        for (index, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            match COMMIT_TO_ACK_BUCKETS.get(index) {
+                Some(bound) => line(
+                    out,
+                    format_args!("{name}_bucket{{le=\"{bound}\"}} {cumulative}"),
+                ),
+                None => line(
+                    out,
+                    format_args!("{name}_bucket{{le=\"+Inf\"}} {cumulative}"),
+                ),
+            }
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        line(out, format_args!("{name}_sum {sum}"));
+        line(out, format_args!("{name}_count {cumulative}"));
     }
 }
 
@@ -395,7 +475,22 @@ mod tests {
                 None => (series, ""),
             };
             assert!(is_name(name), "bad name in {line:?}");
-            assert!(types.contains_key(name), "sample before TYPE: {line:?}");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|base| types.get(*base).is_some_and(|k| k == "histogram"))
+                })
+                .unwrap_or(name);
+            assert!(types.contains_key(family), "sample before TYPE: {line:?}");
+            if types[family] == "histogram" {
+                assert_ne!(family, name, "histogram sample without suffix: {line:?}");
+                assert_eq!(
+                    name.ends_with("_bucket"),
+                    labels.starts_with("le=\""),
+                    "{line:?}"
+                );
+            }
             assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
             let key = (name.to_owned(), labels.to_owned());
             assert!(
@@ -427,6 +522,9 @@ mod tests {
         let (health, _clock) = health();
         let samples = parse(&Metrics::new().render(&health));
         let names: BTreeSet<&str> = samples.keys().map(|(name, _)| name.as_str()).collect();
+        let bucket = format!("{COMMIT_TO_ACK}_bucket");
+        let sum = format!("{COMMIT_TO_ACK}_sum");
+        let count = format!("{COMMIT_TO_ACK}_count");
         let expected: BTreeSet<&str> = [
             EVENTS_ROUTED,
             EVENTS_DEAD_LETTERED,
@@ -434,6 +532,9 @@ mod tests {
             RECORDS_IN_FLIGHT,
             SLOT_LAG_BYTES,
             BEHIND_SOURCE_MS,
+            &bucket,
+            &sum,
+            &count,
             CONFIRMED_LSN,
             HEARTBEATS_SENT,
             RECONNECTS,
@@ -442,9 +543,11 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(names, expected);
+        // One sample per family, but a reason per dead-letter sample and a bucket
+        // per bound (and +Inf), a sum and a count for the histogram.
         assert_eq!(
             samples.len(),
-            Family::ALL.len() - 1 + DeadLetterReason::ALL.len()
+            Family::ALL.len() - 2 + DeadLetterReason::ALL.len() + COMMIT_TO_ACK_BUCKETS.len() + 3
         );
         for reason in ["too_large", "bad_row", "undeliverable"] {
             let labels = format!("reason=\"{reason}\"");
@@ -471,6 +574,12 @@ mod tests {
             assert_eq!(
                 family.kind() == Kind::Counter,
                 name.ends_with("_total"),
+                "{name}"
+            );
+            assert!(
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .all(|suffix| !name.ends_with(suffix)),
                 "{name}"
             );
             assert!(!family.help().contains(['\n', '\\']), "{name}");
@@ -519,6 +628,43 @@ mod tests {
     }
 
     #[test]
+    fn commit_to_ack_is_a_cumulative_histogram() {
+        let (health, _clock) = health();
+        let metrics = Metrics::new();
+        for micros in [100, 500, 501, 4_000, 9_999, 10_000, 10_001, 61_000_000] {
+            metrics.commit_to_ack(Duration::from_micros(micros));
+        }
+        let samples = parse(&metrics.render(&health));
+        let bucket = |le: &str| {
+            value(
+                &samples,
+                &format!("{COMMIT_TO_ACK}_bucket"),
+                &format!("le=\"{le}\""),
+            )
+        };
+        // A bound includes the observations equal to it.
+        assert_eq!(bucket("0.0005"), "2");
+        assert_eq!(bucket("0.001"), "3");
+        assert_eq!(bucket("0.004"), "4");
+        assert_eq!(bucket("0.01"), "6");
+        assert_eq!(bucket("0.015"), "7");
+        assert_eq!(bucket("60"), "7");
+        assert_eq!(bucket("+Inf"), "8");
+        assert_eq!(value(&samples, &format!("{COMMIT_TO_ACK}_count"), ""), "8");
+        let sum: f64 = value(&samples, &format!("{COMMIT_TO_ACK}_sum"), "")
+            .parse()
+            .expect("a number");
+        assert!((sum - 61.035_101).abs() < 1e-9, "{sum}");
+        // Cumulative: never decreasing along the bounds.
+        let mut last = 0u64;
+        for bound in COMMIT_TO_ACK_BUCKETS {
+            let n: u64 = bucket(&bound.to_string()).parse().expect("a number");
+            assert!(n >= last, "{bound}: {n} < {last}");
+            last = n;
+        }
+    }
+
+    #[test]
     fn lsn_is_rendered_as_an_exact_integer() {
         let (health, _clock) = health();
         let metrics = Metrics::new();
@@ -560,6 +706,9 @@ mod tests {
             "# HELP a x\n# TYPE a gauge\na{b=c} 1\n",
             "# HELP a x\n# TYPE a gauge\na one\n",
             "# HELP a x\n# TYPE a gauge\na 1",
+            "# HELP h x\n# TYPE h histogram\nh 1\n",
+            "# HELP h x\n# TYPE h histogram\nh_bucket 1\n",
+            "# HELP h x\n# TYPE h histogram\nh_sum{le=\"1\"} 1\n",
         ];
         for text in bad {
             let result = std::panic::catch_unwind(|| parse(text));

@@ -613,6 +613,7 @@ impl<'a> Session<'a> {
                     self.metrics.set_behind_source_ms(
                         u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                     );
+                    self.metrics.commit_to_ack(elapsed);
                 }
                 Ok(())
             }
