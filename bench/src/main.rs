@@ -1,57 +1,76 @@
-//! `bench`: outbox-relay's throughput against the two limits it sits between,
-//! measured in the same run on the same machine (these machines are noisy, so
-//! only ratios against a same-run baseline mean anything):
+//! `bench`: outbox-relay and the saga shop measured against the limits they sit
+//! between, in the same run on the same machine (these machines are noisy, so
+//! only ratios against a same-run baseline mean much):
 //!
-//! - **pgoutput**: how fast PostgreSQL decodes the outbox rows for one slot,
-//!   drained by `pg_recvlogical` into `/dev/null` (the physical limit on one slot);
-//! - **broker-only**: the same records pushed by a producer configured like the
-//!   relay's (idempotent, `acks=all`) and acknowledged;
-//! - **relay**: the same rows through the `outbox-relay` binary, acknowledged by
-//!   the broker (its `outbox_relay_events_routed_total`), and its peak RSS.
+//! - [`throughput`]: the relay against the raw pgoutput rate of one slot
+//!   (`pg_recvlogical`) and a broker-only producer, per workload (1- and 100-row
+//!   transactions, 300 B and 3 KB payloads), with the relay's peak RSS;
+//! - [`latency`]: commit → broker acknowledgement at offered loads of 1 k and
+//!   5 k events/s, beside the broker-only producer's own latency at that rate;
+//! - [`outage`]: the relay's memory through a broker outage under load;
+//! - [`sagas`]: order sagas through the four services and their relays: at
+//!   saturation, at 100/s, and 1,000 in flight at once.
 //!
-//! Each workload (rows per transaction × payload size) gets a fresh private
-//! cluster and broker. The rows are written before anything reads them, so every
-//! reader drains the same backlog.
+//! Each part gets a fresh private cluster and broker. The output is one set of
+//! tables; the run fails when a number could not be produced, never on a
+//! threshold (the goals are in BENCHMARKS.md).
 
-#![allow(clippy::print_stdout)] // the table is the program's output
+#![allow(clippy::print_stdout)] // the tables are the program's output
 
-use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+mod latency;
+mod outage;
+mod relay_lab;
+mod sagas;
+mod throughput;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use futures::StreamExt;
-use outbox_relay::config::RelayConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
-use testkit::process::{memory_kib, metric_sum, own_bin_dir};
-use testkit::{PrivateBroker, PrivateCluster};
+use testkit::process::own_bin_dir;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "bench",
-    about = "outbox-relay against the raw pgoutput rate and a broker-only producer"
+    about = "outbox-relay and the saga shop against baselines measured in the same run"
 )]
 struct Cli {
-    /// A smoke run: few events, to check every number is produced.
+    /// A smoke run: small sizes, to check every number is produced (a few minutes).
     #[arg(long)]
     quick: bool,
-    /// Events per workload [default: 100000, 2000 with --quick].
+    /// Events per throughput workload [default: 100000, 2000 with --quick].
     #[arg(long)]
     events: Option<u64>,
-    /// Where outbox-relay is (default: beside this binary).
+    /// Only these parts (comma-separated): throughput, latency, outage, sagas.
+    #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "sagas"])]
+    only: Vec<String>,
+    /// Where outbox-relay and the services are (default: beside this binary).
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
+    /// Where the shop's logs go.
+    #[arg(long, value_name = "DIR", default_value = ".local/bench")]
+    log_dir: PathBuf,
 }
 
+/// Rows per transaction and payload size of a throughput workload.
 #[derive(Debug, Clone, Copy)]
-struct Workload {
-    rows_per_txn: u64,
-    payload_bytes: usize,
+pub(crate) struct Workload {
+    pub(crate) rows_per_txn: u64,
+    pub(crate) payload_bytes: usize,
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = if self.payload_bytes >= 1000 {
+            format!("{} KB", self.payload_bytes / 1000)
+        } else {
+            format!("{} B", self.payload_bytes)
+        };
+        write!(f, "{}-row txns, {size}", self.rows_per_txn)
+    }
 }
 
 const WORKLOADS: [Workload; 4] = [
@@ -73,14 +92,44 @@ const WORKLOADS: [Workload; 4] = [
     },
 ];
 
-#[derive(Debug, Default)]
-struct Row {
-    label: String,
+/// Offered loads of the latency part, events per second.
+const LOADS: [u32; 2] = [1_000, 5_000];
+
+/// How big each part is.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
     events: u64,
-    pgoutput: f64,
-    broker: f64,
-    relay: f64,
-    relay_rss_kib: u64,
+    latency_seconds: f64,
+    outage: Duration,
+    sagas: sagas::Sizes,
+}
+
+impl Plan {
+    fn new(quick: bool, events: Option<u64>) -> Plan {
+        if quick {
+            Plan {
+                events: events.unwrap_or(2_000),
+                latency_seconds: 2.0,
+                outage: Duration::from_secs(5),
+                sagas: sagas::Sizes {
+                    saturation: 200,
+                    latency_seconds: 2.0,
+                    in_flight: 200,
+                },
+            }
+        } else {
+            Plan {
+                events: events.unwrap_or(100_000),
+                latency_seconds: 20.0,
+                outage: Duration::from_secs(30),
+                sagas: sagas::Sizes {
+                    saturation: 3_000,
+                    latency_seconds: 20.0,
+                    in_flight: 1_000,
+                },
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,318 +162,203 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let events = cli
-        .events
-        .unwrap_or(if cli.quick { 2_000 } else { 100_000 });
+    let plan = Plan::new(cli.quick, cli.events);
+    let parts: BTreeSet<&str> = if cli.only.is_empty() {
+        ["throughput", "latency", "outage", "sagas"].into()
+    } else {
+        cli.only.iter().map(String::as_str).collect()
+    };
     let bin_dir = match cli.bin_dir {
         Some(dir) => dir,
         None => own_bin_dir().context("the executable's own directory")?,
     };
     let relay_bin = bin_dir.join("outbox-relay");
-    if !relay_bin.is_file() {
-        bail!(
-            "{} not found; build it first (scripts/bench does)",
-            relay_bin.display()
-        );
+    for program in [
+        "outbox-relay",
+        "order-service",
+        "customer-service",
+        "inventory-service",
+        "payment-service",
+    ] {
+        if !bin_dir.join(program).is_file() {
+            bail!(
+                "{} not found; build it first (scripts/bench does)",
+                bin_dir.join(program).display()
+            );
+        }
     }
+    let started = Instant::now();
     println!(
-        "machine: {} cores, {}; {events} events per workload",
+        "machine: {} cores, {}, {}; PostgreSQL {}; {}",
         std::thread::available_parallelism().map_or(0, usize::from),
-        machine_memory()
+        machine_memory(),
+        cpu_model(),
+        pg_version(),
+        if cli.quick { "quick run" } else { "full run" }
     );
-    let mut rows = Vec::new();
-    for workload in WORKLOADS {
-        let label = format!(
-            "{}-row txns, {} B",
-            workload.rows_per_txn, workload.payload_bytes
-        );
-        eprintln!("==> {label}");
-        let row = throughput(workload, events, &relay_bin)
-            .await
-            .with_context(|| format!("workload {label}"))?;
-        rows.push(Row { label, ..row });
+
+    if parts.contains("throughput") {
+        let mut rows = Vec::new();
+        for workload in WORKLOADS {
+            eprintln!("==> throughput: {workload}, {} events", plan.events);
+            let row = throughput::run(workload, plan.events, &relay_bin)
+                .await
+                .with_context(|| format!("throughput, {workload}"))?;
+            rows.push(row);
+        }
+        print_throughput(&rows);
+        if let Some(bad) = rows.iter().find(|r| !r.complete()) {
+            bail!("throughput, {}: a number is missing: {bad:?}", bad.workload);
+        }
     }
+
+    if parts.contains("latency") {
+        eprintln!("==> latency");
+        let rows = latency::run(&LOADS, plan.latency_seconds, &relay_bin)
+            .await
+            .context("latency")?;
+        print_latency(&rows);
+        if let Some(bad) = rows.iter().find(|r| !r.complete()) {
+            bail!("latency at {} events/s: a number is missing: {bad:?}", bad.offered);
+        }
+    }
+
+    if parts.contains("outage") {
+        eprintln!("==> memory through a {:?} broker outage", plan.outage);
+        let outage = outage::run(plan.outage, &relay_bin)
+            .await
+            .context("broker outage")?;
+        print_outage(&outage);
+        if !outage.complete() {
+            bail!("broker outage: a number is missing: {outage:?}");
+        }
+    }
+
+    if parts.contains("sagas") {
+        eprintln!("==> sagas");
+        let result = sagas::run(&bin_dir, &cli.log_dir, plan.sagas)
+            .await
+            .context("sagas")?;
+        print_sagas(&result);
+        if !result.complete() {
+            bail!("sagas: a number is missing: {result:?}");
+        }
+    }
+    println!("\n(the run took {:.0} s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn print_throughput(rows: &[throughput::Throughput]) {
     println!(
-        "\n{:<22} {:>8} {:>14} {:>14} {:>12} {:>11} {:>11} {:>10}",
+        "\nRelay throughput: one backlog drained by each reader, events/s\n\
+         {:<22} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}",
         "workload",
         "events",
-        "pgoutput ev/s",
-        "broker ev/s",
-        "relay ev/s",
-        "relay/pgout",
-        "relay/brkr",
+        "written",
+        "pgoutput",
+        "broker",
+        "relay",
+        "r/pgout",
+        "r/brkr",
         "relay RSS"
     );
-    for r in &rows {
+    for r in rows {
         println!(
-            "{:<22} {:>8} {:>14.0} {:>14.0} {:>12.0} {:>11.2} {:>11.2} {:>7.1} MiB",
-            r.label,
+            "{:<22} {:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>10}",
+            r.workload.to_string(),
             r.events,
+            r.written,
             r.pgoutput,
             r.broker,
             r.relay,
             r.relay / r.pgoutput,
             r.relay / r.broker,
-            r.relay_rss_kib as f64 / 1024.0
+            mib(r.relay_peak_rss_kib)
         );
     }
-    for r in &rows {
-        for (what, value) in [
-            ("pgoutput", r.pgoutput),
-            ("broker-only", r.broker),
-            ("relay", r.relay),
-        ] {
-            if !(value.is_finite() && value > 0.0) {
-                bail!("{}: no {what} rate was measured", r.label);
-            }
-        }
-    }
-    Ok(())
 }
 
-/// One workload: fresh cluster and broker, the rows written, then each reader.
-async fn throughput(workload: Workload, events: u64, relay_bin: &Path) -> anyhow::Result<Row> {
-    let cluster = tokio::task::spawn_blocking(|| {
-        PrivateCluster::start(&[
-            ("wal_level", "logical"),
-            ("max_replication_slots", "8"),
-            ("max_wal_senders", "8"),
-            ("shared_buffers", "256MB"),
-            ("max_wal_size", "4GB"),
-        ])
-    })
-    .await?;
-    let broker = tokio::task::spawn_blocking(PrivateBroker::start).await?;
-    let admin = pool(&cluster.url("postgres")).await?;
-    sqlx::query("CREATE DATABASE bench").execute(&admin).await?;
-    admin.close().await;
-    let url = cluster.url("bench");
-    let db = pool(&url).await?;
-    sqlx::raw_sql(include_str!("../../sql/shared/0001_outbox.sql"))
-        .execute(&db)
-        .await
-        .context("creating the outbox table")?;
-
-    // The relay's publication and slot, and a second slot on the same publication
-    // for the baseline, both before the rows exist.
-    let relay_env = |port: u16| {
-        vec![
-            ("OUTBOX_RELAY_POSTGRES_URL", url.clone()),
-            ("OUTBOX_RELAY_KAFKA_BROKERS", broker.bootstrap()),
-            ("OUTBOX_RELAY_HTTP_LISTEN", format!("127.0.0.1:{port}")),
-            ("OUTBOX_RELAY_TOPIC_PARTITIONS", "3".to_owned()),
-            ("OUTBOX_RELAY_LOG", "warn".to_owned()),
-        ]
-    };
-    let init = tokio::process::Command::new(relay_bin)
-        .arg("init")
-        .envs(relay_env(0))
-        .output()
-        .await?;
-    if !init.status.success() {
-        bail!(
-            "outbox-relay init failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-    }
-    let publication = outbox_relay::config::DEFAULT_PUBLICATION;
-    sqlx::query("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
-        .execute(&db)
-        .await?;
-
-    write_rows(&db, workload, events).await?;
-    let end_lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&db)
-        .await?;
-    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(&db)
-        .await?;
-    if u64::try_from(written).unwrap_or(0) != events {
-        bail!("{written} rows written, {events} intended");
-    }
-
-    // pgoutput: pg_recvlogical drains the baseline slot up to the end position.
-    let recvlogical = testkit::pg_bin_dir().join("pg_recvlogical");
-    let started = Instant::now();
-    let out = tokio::process::Command::new(&recvlogical)
-        .args(["-d", &url, "-S", "bench_raw", "--start", "--no-loop"])
-        .args(["-o", "proto_version=1", "-o"])
-        .arg(format!("publication_names={publication}"))
-        .args(["-E", &end_lsn, "-f", "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("running {}", recvlogical.display()))?;
-    let pgoutput_secs = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "pg_recvlogical failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    // Broker-only: the same records from a producer configured like the relay's.
-    let broker_secs = produce_only(&broker.bootstrap(), workload, events).await?;
-
-    // The relay: from its start until the broker acknowledged every row.
-    let port = testkit::free_port();
-    let started = Instant::now();
-    let mut relay = tokio::process::Command::new(relay_bin)
-        .envs(relay_env(port))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting outbox-relay")?;
-    let pid = relay.id().context("the relay's pid")?;
-    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
-    let http = reqwest::Client::new();
-    let deadline = started + Duration::from_secs(600);
-    let mut peak = 0;
-    loop {
-        if let Some((_, hwm)) = memory_kib(pid) {
-            peak = peak.max(hwm);
-        }
-        let routed = match http.get(&metrics_url).send().await {
-            Ok(r) => metric_sum(
-                &r.text().await.unwrap_or_default(),
-                "outbox_relay_events_routed_total",
-            ),
-            Err(_) => 0,
-        };
-        if routed >= events {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the relay routed {routed} of {events} events in 600 s");
-        }
-        if let Ok(Some(status)) = relay.try_wait() {
-            bail!("the relay exited early: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let relay_secs = started.elapsed().as_secs_f64();
-    if let Some((_, hwm)) = memory_kib(pid) {
-        peak = peak.max(hwm);
-    }
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = tokio::time::timeout(Duration::from_secs(20), relay.wait()).await;
-    db.close().await;
-    drop(broker);
-    drop(cluster);
-    let rate = |secs: f64| events as f64 / secs;
-    Ok(Row {
-        label: String::new(),
-        events,
-        pgoutput: rate(pgoutput_secs),
-        broker: rate(broker_secs),
-        relay: rate(relay_secs),
-        relay_rss_kib: peak,
-    })
-}
-
-/// Writes `events` outbox rows, `rows_per_txn` per transaction, from a server-side
-/// procedure (one round trip for the lot, a COMMIT per transaction).
-async fn write_rows(db: &PgPool, workload: Workload, events: u64) -> anyhow::Result<()> {
-    sqlx::raw_sql(
-        "CREATE PROCEDURE bench_write(total bigint, per_txn bigint, bytes int) LANGUAGE plpgsql AS $$
-         DECLARE done bigint := 0;
-         BEGIN
-           WHILE done < total LOOP
-             INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
-             SELECT gen_random_uuid(), 'bench', ((done + i) % 1000)::text, 'BenchEvent',
-                    jsonb_build_object('n', done + i, 'data', repeat('x', greatest(bytes - 30, 0)))
-             FROM generate_series(1, least(per_txn, total - done)) AS i;
-             done := done + least(per_txn, total - done);
-             COMMIT;
-           END LOOP;
-         END $$",
-    )
-    .execute(db)
-    .await?;
-    sqlx::query("CALL bench_write($1, $2, $3)")
-        .bind(i64::try_from(events)?)
-        .bind(i64::try_from(workload.rows_per_txn)?)
-        .bind(i32::try_from(workload.payload_bytes)?)
-        .execute(db)
-        .await
-        .context("writing the outbox rows")?;
-    Ok(())
-}
-
-/// Produces `events` records like the relay's and waits for every acknowledgement;
-/// the seconds it took.
-async fn produce_only(brokers: &str, workload: Workload, events: u64) -> anyhow::Result<f64> {
-    let topic = "bench.broker-only";
-    let config = RelayConfig::new("postgres://unused@localhost/unused", brokers);
-    let admin: AdminClient<_> = outbox_relay::kafka::client_config(&config.kafka).create()?;
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await?;
-    for result in created {
-        if let Err((name, code)) = result {
-            bail!("creating topic {name}: {code}");
-        }
-    }
-    let producer: FutureProducer = outbox_relay::kafka::producer_config(&config.kafka).create()?;
-    let payload = format!(
-        "{{\"n\":0,\"data\":\"{}\"}}",
-        "x".repeat(workload.payload_bytes.saturating_sub(30))
+fn print_latency(rows: &[latency::Latency]) {
+    println!(
+        "\nLatency: 1-row transactions of {} B at an offered rate; commit -> broker ack (relay), \
+         hand-over -> ack (broker-only), ms\n\
+         {:>8} {:>9} {:>8} {:>10} {:>10} {:>11} {:>11}",
+        latency::PAYLOAD_BYTES,
+        "offered",
+        "achieved",
+        "events",
+        "relay p50",
+        "relay p99",
+        "broker p50",
+        "broker p99"
     );
-    // Outside the clock: the topic's metadata and the idempotent producer's id,
-    // which a running relay has long had.
-    let warm = FutureRecord::to(topic).key("warm-up").payload(&payload);
-    producer
-        .send(warm, Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("warming the producer up: {e}"))?;
-    let started = Instant::now();
-    let mut pending = futures::stream::FuturesUnordered::new();
-    for n in 0..events {
-        let key = (n % 1000).to_string();
-        let id = uuid::Uuid::new_v4().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "type",
-                value: Some("BenchEvent"),
-            });
-        let record = FutureRecord::to(topic)
-            .key(&key)
-            .payload(&payload)
-            .headers(headers);
-        let delivery = producer
-            .send_result(record)
-            .map_err(|(e, _)| anyhow::anyhow!("handing a record to the producer: {e}"))?;
-        pending.push(delivery);
-        // Stay within the producer's queue, like the relay's in-flight bound.
-        while pending.len() >= config.kafka.max_in_flight {
-            if let Some(result) = pending.next().await {
-                result?.map_err(|(e, _)| e)?;
-            }
-        }
+    for r in rows {
+        println!(
+            "{:>8} {:>9.0} {:>8} {:>10.2} {:>10.2} {:>11.2} {:>11.2}",
+            r.offered,
+            r.achieved,
+            r.events,
+            r.relay_p50_ms,
+            r.relay_p99_ms,
+            r.broker_p50_ms,
+            r.broker_p99_ms
+        );
     }
-    while let Some(result) = pending.next().await {
-        result?.map_err(|(e, _)| e)?;
-    }
-    Ok(started.elapsed().as_secs_f64())
 }
 
-async fn pool(url: &str) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to {url}"))
+fn print_outage(o: &outage::Outage) {
+    println!(
+        "\nMemory through a {:.0} s broker outage (SIGSTOP) at {} events/s of {} B\n\
+         relay RSS before {}, first half of the outage {}, second half {} ({:+.1} %)\n\
+         records in flight at most {} (bound {}); {} events committed by the broker's return, \
+         acknowledged {:.1} s after it; {} events in all, every one acknowledged",
+        o.outage.as_secs_f64(),
+        outage::RATE,
+        outage::PAYLOAD_BYTES,
+        mib(o.rss_before_kib),
+        mib(o.rss_first_half_kib),
+        mib(o.rss_second_half_kib),
+        (o.rss_second_half_kib as f64 / o.rss_first_half_kib as f64 - 1.0) * 100.0,
+        o.in_flight_max,
+        o.in_flight_bound,
+        o.backlog,
+        o.recovery.as_secs_f64(),
+        o.events
+    );
+}
+
+fn print_sagas(s: &sagas::Sagas) {
+    println!(
+        "\nSagas (order placement: 3 participants, {:.1} outbox events per saga)\n\
+         saturation: {} orders from {} clients: accepted {:.0}/s, completed {:.0} sagas/s ({:.2} of the acceptance rate)\n\
+         steady {:.0}/s: {} sagas, acceptance -> end p50 {:.0} ms, p99 {:.0} ms\n\
+         in flight: {} accepted while the payment service was paused, {} running at once; \
+         all ended {:.1} s after it resumed ({:.0} sagas/s)",
+        s.events_per_saga,
+        s.saturation_orders,
+        sagas::CLIENTS,
+        s.accepted_per_s,
+        s.completed_per_s,
+        s.completed_per_s / s.accepted_per_s,
+        sagas::LATENCY_RATE,
+        s.latency_orders,
+        s.latency_p50_ms,
+        s.latency_p99_ms,
+        s.in_flight_orders,
+        s.in_flight_peak,
+        s.in_flight_drain.as_secs_f64(),
+        s.in_flight_orders as f64 / s.in_flight_drain.as_secs_f64()
+    );
+    let peaks: Vec<String> = s
+        .peak_rss_kib
+        .iter()
+        .map(|(name, kib)| format!("{name} {}", mib(*kib)))
+        .collect();
+    println!("peak RSS: {}", peaks.join(", "));
 }
 
 fn machine_memory() -> String {
@@ -441,4 +375,26 @@ fn machine_memory() -> String {
             Some(format!("{:.0} GiB memory", kib as f64 / 1024.0 / 1024.0))
         })
         .unwrap_or_else(|| "memory unknown".to_owned())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "CPU unknown".to_owned())
+}
+
+fn pg_version() -> String {
+    std::process::Command::new(testkit::pg_bin_dir().join("postgres"))
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.split_whitespace().last().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -1,0 +1,265 @@
+//! Latency at an offered load: one-row transactions committed at a fixed rate,
+//! and the time from each commit to the broker's acknowledgement of its record.
+//!
+//! The relay measures that itself: `outbox_relay_commit_to_ack_seconds`, from the
+//! commit timestamp in the stream (the server's clock, the same machine here) to
+//! the delivery report. Quantiles come from the histogram's buckets, taken
+//! before and after each load and subtracted, interpolated within a bucket; the
+//! buckets are 0.5 ms to 1 ms wide below 10 ms, so a p99 against a 10 ms goal
+//! is read exactly at that bound.
+//!
+//! The baseline, in the same run: a producer configured like the relay's sends
+//! records of the same size at the same rate straight to the broker, and times
+//! each from hand-over to acknowledgement: what the broker and librdkafka alone
+//! cost, so the difference is what reading the WAL adds.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use futures::StreamExt;
+use outbox_relay::metrics::COMMIT_TO_ACK;
+
+use crate::relay_lab::RelayLab;
+use crate::throughput::{bench_payload, bench_record, broker_only_producer};
+
+/// Payload bytes of the latency runs.
+pub(crate) const PAYLOAD_BYTES: usize = 300;
+
+/// What one offered load measured.
+#[derive(Debug, Clone)]
+pub(crate) struct Latency {
+    pub(crate) offered: u32,
+    /// The rate the writer kept (below `offered` when it could not keep up).
+    pub(crate) achieved: f64,
+    pub(crate) events: u64,
+    pub(crate) relay_p50_ms: f64,
+    pub(crate) relay_p99_ms: f64,
+    pub(crate) broker_p50_ms: f64,
+    pub(crate) broker_p99_ms: f64,
+}
+
+impl Latency {
+    pub(crate) fn complete(&self) -> bool {
+        self.achieved > 0.0
+            && [
+                self.relay_p50_ms,
+                self.relay_p99_ms,
+                self.broker_p50_ms,
+                self.broker_p99_ms,
+            ]
+            .iter()
+            .all(|v| v.is_finite() && *v > 0.0)
+    }
+}
+
+/// Each offered load for `seconds`, on one lab and one running relay.
+pub(crate) async fn run(loads: &[u32], seconds: f64, relay_bin: &Path) -> anyhow::Result<Vec<Latency>> {
+    let lab = RelayLab::new(relay_bin).await?;
+    let mut relay = lab.start_relay(&[]).await?;
+    // Warm up: the topic exists and the producer has its id before the clock runs.
+    lab.write_paced(100, 1_000, PAYLOAD_BYTES).await?;
+    relay.wait_routed(100, Duration::from_secs(120)).await?;
+    let producer = broker_only_producer(&lab.broker.bootstrap(), "bench.latency").await?;
+    let mut results = Vec::new();
+    for &offered in loads {
+        let events = (f64::from(offered) * seconds).round().max(1.0) as u64;
+        eprintln!("    {offered} events/s for {seconds} s");
+        let routed_before = relay.routed().await;
+        let before = Buckets::parse(&relay.metrics().await, COMMIT_TO_ACK);
+        let write_secs = lab.write_paced(events, offered, PAYLOAD_BYTES).await?;
+        relay
+            .wait_routed(routed_before + events, Duration::from_secs(300))
+            .await?;
+        let after = Buckets::parse(&relay.metrics().await, COMMIT_TO_ACK);
+        let window = after.minus(&before);
+        if window.total() < events {
+            bail!(
+                "the relay's latency histogram counted {} of {events} events",
+                window.total()
+            );
+        }
+        let mut broker = broker_latencies(&producer, offered, events).await?;
+        broker.sort_by(f64::total_cmp);
+        results.push(Latency {
+            offered,
+            achieved: events as f64 / write_secs,
+            events,
+            relay_p50_ms: window.quantile(0.5) * 1e3,
+            relay_p99_ms: window.quantile(0.99) * 1e3,
+            broker_p50_ms: quantile(&broker, 0.5) * 1e3,
+            broker_p99_ms: quantile(&broker, 0.99) * 1e3,
+        });
+    }
+    relay.stop().await;
+    lab.close().await;
+    Ok(results)
+}
+
+/// Sends `events` records at `per_second` (in 1 ms ticks) and returns each one's
+/// seconds from hand-over to acknowledgement.
+async fn broker_latencies(
+    producer: &rdkafka::producer::FutureProducer,
+    per_second: u32,
+    events: u64,
+) -> anyhow::Result<Vec<f64>> {
+    let topic = "bench.latency";
+    let payload = bench_payload(PAYLOAD_BYTES);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut latencies = Vec::with_capacity(usize::try_from(events)?);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0u64;
+    while sent < events || !pending.is_empty() {
+        tokio::select! {
+            _ = tick.tick(), if sent < events => {
+                let due = (started.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+                while sent < due.min(events) {
+                    let key = (sent % 1000).to_string();
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let delivery = producer
+                        .send_result(bench_record(topic, &key, &id, &payload))
+                        .map_err(|(e, _)| anyhow::anyhow!("handing a record to the producer: {e}"))?;
+                    let handed = Instant::now();
+                    pending.push(async move { (delivery.await, handed.elapsed()) });
+                    sent += 1;
+                }
+            }
+            Some((result, elapsed)) = pending.next(), if !pending.is_empty() => {
+                result?.map_err(|(e, _)| e)?;
+                latencies.push(elapsed.as_secs_f64());
+            }
+        }
+    }
+    Ok(latencies)
+}
+
+/// The `q` quantile of sorted `values` (nearest rank).
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// A Prometheus histogram read from text: (upper bound, cumulative count), the
+/// `+Inf` bucket last with an infinite bound.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Buckets(Vec<(f64, u64)>);
+
+impl Buckets {
+    pub(crate) fn parse(text: &str, name: &str) -> Buckets {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut buckets: Vec<(f64, u64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(&prefix)?;
+                let (bound, rest) = rest.split_once("\"}")?;
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().ok()?
+                };
+                Some((bound, rest.trim().parse().ok()?))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Buckets(buckets)
+    }
+
+    /// The observations made between `earlier` and `self`.
+    pub(crate) fn minus(&self, earlier: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|&(bound, n)| {
+                    let before = earlier
+                        .0
+                        .iter()
+                        .find(|(b, _)| *b == bound)
+                        .map_or(0, |(_, n)| *n);
+                    (bound, n.saturating_sub(before))
+                })
+                .collect(),
+        )
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.0.last().map_or(0, |(_, n)| *n)
+    }
+
+    /// The `q` quantile, interpolated linearly within its bucket (from the bound
+    /// below, or 0); in the `+Inf` bucket, the largest finite bound. NaN when
+    /// empty.
+    pub(crate) fn quantile(&self, q: f64) -> f64 {
+        let total = self.total();
+        if total == 0 {
+            return f64::NAN;
+        }
+        let target = q * total as f64;
+        let mut lower = (0.0, 0u64);
+        for &(bound, cumulative) in &self.0 {
+            if cumulative as f64 >= target && cumulative > lower.1 {
+                if bound.is_infinite() {
+                    return lower.0;
+                }
+                let share = (target - lower.1 as f64) / (cumulative - lower.1) as f64;
+                return lower.0 + (bound - lower.0) * share.clamp(0.0, 1.0);
+            }
+            lower = (bound, cumulative);
+        }
+        lower.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# TYPE h histogram\n\
+        h_bucket{le=\"0.001\"} 10\n\
+        h_bucket{le=\"0.002\"} 90\n\
+        h_bucket{le=\"0.005\"} 100\n\
+        h_bucket{le=\"+Inf\"} 100\n\
+        h_sum 0.2\nh_count 100\n\
+        other_bucket{le=\"1\"} 5\n";
+
+    #[test]
+    fn reads_and_interpolates_a_histogram() {
+        let b = Buckets::parse(TEXT, "h");
+        assert_eq!(b.total(), 100);
+        // 50th of 100: in (1 ms, 2 ms], 40 of its 80.
+        assert!((b.quantile(0.5) - 0.0015).abs() < 1e-12);
+        // 99th: in (2 ms, 5 ms], 9 of its 10.
+        assert!((b.quantile(0.99) - 0.0047).abs() < 1e-12);
+        assert!((b.quantile(0.05) - 0.0005).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_window_is_the_difference_of_two_readings() {
+        let before = Buckets::parse(TEXT, "h");
+        let after = Buckets::parse(
+            "h_bucket{le=\"0.001\"} 10\nh_bucket{le=\"0.002\"} 90\n\
+             h_bucket{le=\"0.005\"} 110\nh_bucket{le=\"+Inf\"} 120\n",
+            "h",
+        );
+        let window = after.minus(&before);
+        assert_eq!(window.total(), 20);
+        // Half of the window is beyond the last bound: its p99 is that bound.
+        assert!((window.quantile(0.99) - 0.005).abs() < 1e-12);
+        assert!(window.quantile(0.25) > 0.002 && window.quantile(0.25) <= 0.005);
+        assert!(Buckets::default().quantile(0.5).is_nan());
+    }
+
+    #[test]
+    fn nearest_rank_quantiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+        assert_eq!(quantile(&[7.0], 0.99), 7.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}
