@@ -54,7 +54,11 @@ impl Latency {
 }
 
 /// Each offered load for `seconds`, on one lab and one running relay.
-pub(crate) async fn run(loads: &[u32], seconds: f64, relay_bin: &Path) -> anyhow::Result<Vec<Latency>> {
+pub(crate) async fn run(
+    loads: &[u32],
+    seconds: f64,
+    relay_bin: &Path,
+) -> anyhow::Result<Vec<Latency>> {
     let lab = RelayLab::new(relay_bin).await?;
     let mut relay = lab.start_relay(&[]).await?;
     // Warm up: the topic exists and the producer has its id before the clock runs.

@@ -101,6 +101,8 @@ struct Plan {
     events: u64,
     latency_seconds: f64,
     outage: Duration,
+    /// The relay's `max_in_flight` in the outage: reached a third of the way in.
+    outage_bound: usize,
     sagas: sagas::Sizes,
 }
 
@@ -110,7 +112,8 @@ impl Plan {
             Plan {
                 events: events.unwrap_or(2_000),
                 latency_seconds: 2.0,
-                outage: Duration::from_secs(5),
+                outage: Duration::from_secs(6),
+                outage_bound: 2_000,
                 sagas: sagas::Sizes {
                     saturation: 200,
                     latency_seconds: 2.0,
@@ -122,6 +125,7 @@ impl Plan {
                 events: events.unwrap_or(100_000),
                 latency_seconds: 20.0,
                 outage: Duration::from_secs(30),
+                outage_bound: outbox_relay::config::DEFAULT_MAX_IN_FLIGHT,
                 sagas: sagas::Sizes {
                     saturation: 3_000,
                     latency_seconds: 20.0,
@@ -194,7 +198,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         machine_memory(),
         cpu_model(),
         pg_version(),
-        if cli.quick { "quick run" } else { "full run" }
+        match (cli.quick, cfg!(debug_assertions)) {
+            (true, true) => "quick run, debug build (a smoke run: no measurement)",
+            (true, false) => "quick run, release build",
+            (false, true) => "full run, debug build (no measurement)",
+            (false, false) => "full run, release build",
+        }
     );
 
     if parts.contains("throughput") {
@@ -219,13 +228,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .context("latency")?;
         print_latency(&rows);
         if let Some(bad) = rows.iter().find(|r| !r.complete()) {
-            bail!("latency at {} events/s: a number is missing: {bad:?}", bad.offered);
+            bail!(
+                "latency at {} events/s: a number is missing: {bad:?}",
+                bad.offered
+            );
         }
     }
 
     if parts.contains("outage") {
         eprintln!("==> memory through a {:?} broker outage", plan.outage);
-        let outage = outage::run(plan.outage, &relay_bin)
+        let outage = outage::run(plan.outage, plan.outage_bound, &relay_bin)
             .await
             .context("broker outage")?;
         print_outage(&outage);
@@ -312,19 +324,21 @@ fn print_latency(rows: &[latency::Latency]) {
 
 fn print_outage(o: &outage::Outage) {
     println!(
-        "\nMemory through a {:.0} s broker outage (SIGSTOP) at {} events/s of {} B\n\
-         relay RSS before {}, first half of the outage {}, second half {} ({:+.1} %)\n\
-         records in flight at most {} (bound {}); {} events committed by the broker's return, \
-         acknowledged {:.1} s after it; {} events in all, every one acknowledged",
+        "\nMemory through a {:.0} s broker outage (SIGSTOP) at {} events/s of {} B, max_in_flight {}\n\
+         relay RSS before {}; {} when the bound was reached ({:.1} s into the outage); \
+         at most {} from then until the broker returned ({:+.1} %)\n\
+         records in flight at most {}; {} events committed by the broker's return, \
+         acknowledged {:.2} s after it; {} events in all, every one acknowledged",
         o.outage.as_secs_f64(),
         outage::RATE,
         outage::PAYLOAD_BYTES,
-        mib(o.rss_before_kib),
-        mib(o.rss_first_half_kib),
-        mib(o.rss_second_half_kib),
-        (o.rss_second_half_kib as f64 / o.rss_first_half_kib as f64 - 1.0) * 100.0,
-        o.in_flight_max,
         o.in_flight_bound,
+        mib(o.rss_before_kib),
+        mib(o.rss_at_bound_kib),
+        o.bound_after.as_secs_f64(),
+        mib(o.rss_after_bound_kib),
+        (o.rss_after_bound_kib as f64 / o.rss_at_bound_kib as f64 - 1.0) * 100.0,
+        o.in_flight_max,
         o.backlog,
         o.recovery.as_secs_f64(),
         o.events

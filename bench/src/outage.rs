@@ -2,13 +2,14 @@
 //! transactions at a steady rate throughout; after a warm-up the broker is paused
 //! (SIGSTOP: a memory-storage broker must not be restarted) for the outage, then
 //! resumed. The relay's resident memory and records in flight are sampled every
-//! 250 ms. It must stop reading at its in-flight bound, so its memory levels off
-//! instead of growing with the backlog, and everything must arrive afterwards.
+//! 250 ms. The relay must stop reading once `max_in_flight` records await their
+//! acknowledgement, so from then on its memory levels off instead of growing with
+//! the backlog; and everything must arrive afterwards.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use outbox_relay::metrics::RECORDS_IN_FLIGHT;
 use testkit::process::metric_sum;
 
@@ -25,13 +26,16 @@ const WARM: Duration = Duration::from_secs(5);
 pub(crate) struct Outage {
     pub(crate) outage: Duration,
     pub(crate) events: u64,
-    /// Highest resident memory while the broker was up, before the outage (KiB).
+    pub(crate) in_flight_bound: usize,
+    /// Highest resident memory (KiB) before the outage.
     pub(crate) rss_before_kib: u64,
-    /// Highest resident memory in the first and the second half of the outage.
-    pub(crate) rss_first_half_kib: u64,
-    pub(crate) rss_second_half_kib: u64,
+    /// Resident memory when the records in flight first reached the bound, and
+    /// how far into the outage that was.
+    pub(crate) rss_at_bound_kib: u64,
+    pub(crate) bound_after: Duration,
+    /// Highest resident memory from then until the broker returned.
+    pub(crate) rss_after_bound_kib: u64,
     pub(crate) in_flight_max: u64,
-    pub(crate) in_flight_bound: u64,
     /// Events committed when the broker returned (all unacknowledged or in flight).
     pub(crate) backlog: u64,
     /// From the broker's return until that backlog was acknowledged.
@@ -40,13 +44,21 @@ pub(crate) struct Outage {
 
 impl Outage {
     pub(crate) fn complete(&self) -> bool {
-        self.rss_before_kib > 0 && self.rss_first_half_kib > 0 && self.rss_second_half_kib > 0
+        self.rss_before_kib > 0 && self.rss_at_bound_kib > 0 && self.rss_after_bound_kib > 0
     }
 }
 
-pub(crate) async fn run(outage: Duration, relay_bin: &Path) -> anyhow::Result<Outage> {
+/// A broker outage of `outage` with the relay's in-flight bound at `bound`
+/// (reached after `bound / RATE` seconds of it).
+pub(crate) async fn run(
+    outage: Duration,
+    bound: usize,
+    relay_bin: &Path,
+) -> anyhow::Result<Outage> {
     let lab = RelayLab::new(relay_bin).await?;
-    let mut relay = lab.start_relay(&[]).await?;
+    let mut relay = lab
+        .start_relay(&[("OUTBOX_RELAY_MAX_IN_FLIGHT", bound.to_string())])
+        .await?;
     lab.write_paced(100, RATE, PAYLOAD_BYTES).await?;
     relay.wait_routed(100, Duration::from_secs(120)).await?;
 
@@ -67,35 +79,33 @@ pub(crate) async fn run(outage: Duration, relay_bin: &Path) -> anyhow::Result<Ou
     };
     let started = Instant::now();
     let mut rss_before = 0;
-    let mut first_half = 0;
-    let mut second_half = 0;
+    let mut at_bound: Option<(u64, Duration)> = None;
+    let mut after_bound = 0;
     let mut in_flight_max = 0;
-    let mut paused = false;
-    while started.elapsed() < WARM + outage {
+    let mut paused_at: Option<Instant> = None;
+    loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let at = started.elapsed();
         let rss = relay.sample().context("the relay is gone")?;
-        in_flight_max = in_flight_max.max(metric_sum(&relay.metrics().await, RECORDS_IN_FLIGHT));
-        if at < WARM {
-            rss_before = rss_before.max(rss);
-            continue;
-        }
-        if !paused {
-            lab.broker.pause();
-            paused = true;
-            eprintln!("    broker paused for {outage:?}");
-            continue;
-        }
-        if at < WARM + outage / 2 {
-            first_half = first_half.max(rss);
-        } else {
-            second_half = second_half.max(rss);
+        let in_flight = metric_sum(&relay.metrics().await, RECORDS_IN_FLIGHT);
+        in_flight_max = in_flight_max.max(in_flight);
+        match paused_at {
+            None if started.elapsed() < WARM => rss_before = rss_before.max(rss),
+            None => {
+                lab.broker.pause();
+                paused_at = Some(Instant::now());
+                eprintln!("    broker paused for {outage:?}");
+            }
+            Some(at) if at.elapsed() >= outage => break,
+            Some(at) => {
+                if at_bound.is_none() && in_flight >= bound as u64 {
+                    at_bound = Some((rss, at.elapsed()));
+                }
+                if at_bound.is_some() {
+                    after_bound = after_bound.max(rss);
+                }
+            }
         }
     }
-    if !paused {
-        lab.broker.pause();
-    }
-    // /metrics is served while the broker is away, so the in-flight count was read.
     let backlog = lab.written().await?;
     lab.broker.resume();
     let resumed = Instant::now();
@@ -107,14 +117,18 @@ pub(crate) async fn run(outage: Duration, relay_bin: &Path) -> anyhow::Result<Ou
         .await?;
     relay.stop().await;
     lab.close().await;
+    let Some((rss_at_bound, bound_after)) = at_bound else {
+        bail!("the relay never had {bound} records in flight during the outage ({in_flight_max} at most)");
+    };
     Ok(Outage {
         outage,
         events,
+        in_flight_bound: bound,
         rss_before_kib: rss_before,
-        rss_first_half_kib: first_half,
-        rss_second_half_kib: second_half,
+        rss_at_bound_kib: rss_at_bound,
+        bound_after,
+        rss_after_bound_kib: after_bound,
         in_flight_max,
-        in_flight_bound: outbox_relay::config::DEFAULT_MAX_IN_FLIGHT as u64,
         backlog,
         recovery,
     })

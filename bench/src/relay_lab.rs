@@ -90,7 +90,10 @@ impl RelayLab {
     }
 
     /// Starts the relay (default settings but for `extra`).
-    pub(crate) async fn start_relay(&self, extra: &[(&str, String)]) -> anyhow::Result<RelayProcess> {
+    pub(crate) async fn start_relay(
+        &self,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<RelayProcess> {
         let port = testkit::free_port();
         let child = tokio::process::Command::new(&self.relay_bin)
             .envs(self.relay_env(port))
@@ -130,7 +133,12 @@ impl RelayLab {
     /// Writes `events` one-row transactions at `per_second`, `bytes` of payload
     /// each, paced by the server; the seconds it took (more than
     /// `events / per_second` when the server could not keep the pace).
-    pub(crate) async fn write_paced(&self, events: u64, per_second: u32, bytes: usize) -> anyhow::Result<f64> {
+    pub(crate) async fn write_paced(
+        &self,
+        events: u64,
+        per_second: u32,
+        bytes: usize,
+    ) -> anyhow::Result<f64> {
         let started = Instant::now();
         sqlx::query("CALL bench_paced($1, $2, $3)")
             .bind(i64::try_from(events)?)
@@ -230,7 +238,11 @@ impl RelayProcess {
 
     /// Polls every 20 ms until `events` are routed; fails after `timeout` or when
     /// the relay exits.
-    pub(crate) async fn wait_routed(&mut self, events: u64, timeout: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_routed(
+        &mut self,
+        events: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             self.sample();

@@ -100,7 +100,12 @@ pub(crate) async fn run(bin_dir: &Path, log_root: &Path, sizes: Sizes) -> anyhow
     let mut config = lab.shop_config();
     // Nothing may time out while 1,000 sagas wait for a paused participant.
     config.step_timeout = Duration::from_secs(600);
-    for name in ["relay-order", "relay-customer", "relay-inventory", "relay-payment"] {
+    for name in [
+        "relay-order",
+        "relay-customer",
+        "relay-inventory",
+        "relay-payment",
+    ] {
         config = config.with_env(name, "OUTBOX_RELAY_LOG", "warn");
     }
     for name in SERVICES {
@@ -134,7 +139,10 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
     wait_all_ended(&order, 20, bound).await?;
 
     // Saturation.
-    eprintln!("    saturation: {} orders from {CLIENTS} clients", sizes.saturation);
+    eprintln!(
+        "    saturation: {} orders from {CLIENTS} clients",
+        sizes.saturation
+    );
     let mark = server_now(&order).await?;
     let placing = Instant::now();
     place_all(&client, sizes.saturation, CLIENTS).await?;
@@ -209,7 +217,10 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     if !ended {
-        bail!("{} sagas in flight did not end within {bound:?}", sizes.in_flight);
+        bail!(
+            "{} sagas in flight did not end within {bound:?}",
+            sizes.in_flight
+        );
     }
     result.in_flight_orders = sizes.in_flight;
     result.in_flight_peak = peak;

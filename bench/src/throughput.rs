@@ -48,7 +48,11 @@ impl Throughput {
 }
 
 /// One workload on a fresh lab.
-pub(crate) async fn run(workload: Workload, events: u64, relay_bin: &Path) -> anyhow::Result<Throughput> {
+pub(crate) async fn run(
+    workload: Workload,
+    events: u64,
+    relay_bin: &Path,
+) -> anyhow::Result<Throughput> {
     let lab = RelayLab::new(relay_bin).await?;
     // The baseline's slot on the relay's publication, made before the rows exist.
     sqlx::query("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
@@ -115,7 +119,10 @@ async fn recvlogical(lab: &RelayLab, end_lsn: &str) -> anyhow::Result<f64> {
 
 /// A producer configured like the relay's, on a topic of 3 partitions made for it,
 /// warmed up (topic metadata, producer id) as a running relay's is.
-pub(crate) async fn broker_only_producer(brokers: &str, topic: &str) -> anyhow::Result<FutureProducer> {
+pub(crate) async fn broker_only_producer(
+    brokers: &str,
+    topic: &str,
+) -> anyhow::Result<FutureProducer> {
     let config = RelayConfig::new("postgres://unused@localhost/unused", brokers);
     let admin: AdminClient<_> = outbox_relay::kafka::client_config(&config.kafka).create()?;
     let created = admin

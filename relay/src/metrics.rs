@@ -40,8 +40,8 @@ pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
 /// Upper bounds (seconds) of the buckets of [`COMMIT_TO_ACK`]: fine below 25 ms,
 /// where a healthy relay lives, coarse up to a minute for outages.
 pub const COMMIT_TO_ACK_BUCKETS: [f64; 20] = [
-    0.000_5, 0.001, 0.002, 0.003, 0.004, 0.005, 0.007_5, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.000_5, 0.001, 0.002, 0.003, 0.004, 0.005, 0.007_5, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Gauge: the WAL position last confirmed to the server, as an integer.
 pub const CONFIRMED_LSN: &str = "outbox_relay_confirmed_lsn";
