@@ -409,6 +409,7 @@ fn pg_version() -> String {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|v| v.split_whitespace().last().map(str::to_owned))
+        // "postgres (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"
+        .and_then(|v| v.split_whitespace().nth(2).map(str::to_owned))
         .unwrap_or_else(|| "unknown".to_owned())
 }
