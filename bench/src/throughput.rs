@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use outbox_relay::config::RelayConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -184,13 +185,30 @@ async fn produce_only(brokers: &str, workload: Workload, events: u64) -> anyhow:
     let max_in_flight = outbox_relay::config::DEFAULT_MAX_IN_FLIGHT;
     let payload = bench_payload(workload.payload_bytes);
     let started = Instant::now();
-    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut pending: futures::stream::FuturesUnordered<rdkafka::producer::DeliveryFuture> =
+        futures::stream::FuturesUnordered::new();
     for n in 0..events {
         let key = (n % 1000).to_string();
         let id = uuid::Uuid::new_v4().to_string();
-        let delivery = producer
-            .send_result(bench_record(topic, &key, &id, &payload))
-            .map_err(|(e, _)| anyhow::anyhow!("handing a record to the producer: {e}"))?;
+        let mut record = bench_record(topic, &key, &id, &payload);
+        // A full queue is backpressure, as in the relay: librdkafka counts a record
+        // until just after its delivery report, so it can be full for a moment
+        // below `max_in_flight` futures.
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match pending.next().await {
+                        Some(result) => {
+                            result?.map_err(|(e, _)| e)?;
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+                Err((e, _)) => bail!("handing a record to the producer: {e}"),
+            }
+        };
         pending.push(delivery);
         while pending.len() >= max_in_flight {
             if let Some(result) = pending.next().await {
