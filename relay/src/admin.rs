@@ -23,6 +23,15 @@ pub async fn init(config: &RelayConfig) -> Result<String, RelayError> {
         .await
         .map_err(RelayError::Connect)?;
     let prepared = setup::prepare(&mut client, config, connect.dbname()).await?;
+    // `client` created the slot and stays idle meanwhile: its exported snapshot
+    // stays valid for the check.
+    let nothing_to_publish = match &prepared.slot.snapshot {
+        Some(snapshot) if prepared.slot.created => {
+            crate::snapshot::complete_if_empty(config, &connect, &prepared.slot.name, snapshot)
+                .await?
+        }
+        _ => false,
+    };
     client.close().await;
     let publication = if prepared.created_publication {
         "created"
@@ -41,7 +50,12 @@ pub async fn init(config: &RelayConfig) -> Result<String, RelayError> {
         prepared.slot.name,
         prepared.slot.confirmed
     );
-    if prepared.slot.snapshot.is_some() {
+    if nothing_to_publish {
+        summary.push_str(
+            "\ninitial snapshot complete: the outbox table was empty when the slot was \
+             created; the first start streams",
+        );
+    } else if prepared.slot.snapshot.is_some() {
         summary.push_str(
             "\ninitial snapshot pending: the first start publishes the rows already in the \
              outbox table, then streams",

@@ -171,6 +171,62 @@ pub async fn publish(
     Ok(published)
 }
 
+/// For a slot just created by another connection (which must stay idle until this
+/// returns): whether the outbox table was empty in the slot's exported snapshot,
+/// and if so, records the initial snapshot complete with nothing to publish.
+///
+/// `outbox-relay init` runs this, so that a relay started later does not publish
+/// the table as it is then (which would send every row written in between twice:
+/// once read from the table, once from the stream). When the table held rows, the
+/// snapshot stays pending and the first start publishes them, at least once.
+pub async fn complete_if_empty(
+    config: &RelayConfig,
+    connect: &ConnectConfig,
+    slot: &str,
+    snapshot: &PendingSnapshot,
+) -> Result<bool, RelayError> {
+    let Some(exported) = &snapshot.exported else {
+        return Ok(false);
+    };
+    let mut client = ReplicationClient::connect(connect)
+        .await
+        .map_err(RelayError::Connect)?;
+    let statements = [
+        (
+            "beginning the snapshot transaction",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
+        ),
+        (
+            "importing the slot's snapshot",
+            format!("SET TRANSACTION SNAPSHOT {}", quote_literal(exported)),
+        ),
+        (
+            "looking for rows in the outbox table",
+            format!(
+                "SELECT EXISTS (SELECT 1 FROM {})::text",
+                config.postgres.table.quoted()
+            ),
+        ),
+        ("ending the snapshot transaction", "COMMIT".to_owned()),
+    ];
+    let mut any_rows = true;
+    for (doing, statement) in statements {
+        let rows = client
+            .simple_query(&statement)
+            .await
+            .map_err(|source| SetupError::Server { doing, source })?;
+        if let Some(answer) = rows.first().and_then(|row| row.first()).cloned().flatten() {
+            any_rows = answer == "true";
+        }
+    }
+    if !any_rows {
+        setup::snapshot_position(&mut client, config, slot, snapshot.position).await?;
+        setup::complete_snapshot(&mut client, config, slot, 0).await?;
+    }
+    client.close().await;
+    Ok(!any_rows)
+}
+
 /// Hands a record to the producer, keeping at most `max_in_flight` unacknowledged,
 /// and dead-letters it when the producer refuses it for good.
 async fn send(
