@@ -47,6 +47,11 @@ struct Cli {
     /// Only these parts (comma-separated): throughput, latency, outage, sagas.
     #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "sagas"])]
     only: Vec<String>,
+    /// Only these throughput workloads, as ROWSxBYTES (comma-separated), e.g.
+    /// 100x3000 for 100-row transactions of 3 KB payloads [default: 1x300,
+    /// 100x300, 1x3000, 100x3000].
+    #[arg(long, value_delimiter = ',', value_parser = parse_workload)]
+    workload: Vec<Workload>,
     /// Where outbox-relay and the services are (default: beside this binary).
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
@@ -56,7 +61,7 @@ struct Cli {
 }
 
 /// Rows per transaction and payload size of a throughput workload.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Workload {
     pub(crate) rows_per_txn: u64,
     pub(crate) payload_bytes: usize,
@@ -71,6 +76,27 @@ impl std::fmt::Display for Workload {
         };
         write!(f, "{}-row txns, {size}", self.rows_per_txn)
     }
+}
+
+fn parse_workload(text: &str) -> Result<Workload, String> {
+    let (rows, bytes) = text
+        .split_once('x')
+        .ok_or_else(|| format!("{text:?} is not ROWSxBYTES, e.g. 100x3000"))?;
+    let rows_per_txn: u64 = rows
+        .parse()
+        .map_err(|_| format!("{rows:?} is not a number of rows"))?;
+    let payload_bytes: usize = bytes
+        .parse()
+        .map_err(|_| format!("{bytes:?} is not a number of bytes"))?;
+    if rows_per_txn == 0 || payload_bytes < 30 {
+        return Err(format!(
+            "{text:?}: at least 1 row per transaction and 30 bytes of payload"
+        ));
+    }
+    Ok(Workload {
+        rows_per_txn,
+        payload_bytes,
+    })
 }
 
 const WORKLOADS: [Workload; 4] = [
@@ -208,7 +234,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if parts.contains("throughput") {
         let mut rows = Vec::new();
-        for workload in WORKLOADS {
+        let workloads = if cli.workload.is_empty() {
+            WORKLOADS.to_vec()
+        } else {
+            cli.workload.clone()
+        };
+        for workload in workloads {
             eprintln!("==> throughput: {workload}, {} events", plan.events);
             let row = throughput::run(workload, plan.events, &relay_bin)
                 .await
