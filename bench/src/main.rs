@@ -297,12 +297,14 @@ fn mib(kib: u64) -> String {
 
 fn print_throughput(rows: &[throughput::Throughput]) {
     println!(
-        "\nRelay throughput: one backlog drained by each reader, events/s\n\
-         {:<22} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}",
+        "\nRelay throughput: one backlog drained by each reader, events/s \
+         (pgoutput: a minimal reader of the slot, the limit; recvlog: pg_recvlogical)\n\
+         {:<22} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10}",
         "workload",
         "events",
         "written",
         "pgoutput",
+        "recvlog",
         "broker",
         "relay",
         "r/pgout",
@@ -311,11 +313,12 @@ fn print_throughput(rows: &[throughput::Throughput]) {
     );
     for r in rows {
         println!(
-            "{:<22} {:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>10}",
+            "{:<22} {:>8} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.2} {:>8.2} {:>10}",
             r.workload.to_string(),
             r.events,
             r.written,
             r.pgoutput,
+            r.recvlogical,
             r.broker,
             r.relay,
             r.relay / r.pgoutput,

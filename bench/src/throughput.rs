@@ -1,13 +1,19 @@
 //! Throughput: one backlog of outbox rows drained three ways, each timed from its
 //! start until the last event is through:
 //!
-//! - **pgoutput**: `pg_recvlogical` reads a second slot of the same publication into
-//!   `/dev/null`: how fast PostgreSQL decodes the rows for one slot, the physical
-//!   limit of any logical-replication relay;
+//! - **pgoutput**: a minimal reader (the relay's replication client, counting the
+//!   pgoutput inserts and commits by their tag byte, decoding nothing else,
+//!   producing nothing) drains a second slot of the same publication: how fast
+//!   PostgreSQL decodes and sends the rows for one slot, the physical limit of any
+//!   logical-replication relay. `pg_recvlogical` draining a third slot into
+//!   `/dev/null` is shown beside it (it writes each message out, two system calls
+//!   apiece, so it is the slower of the two on small transactions);
 //! - **broker-only**: a producer configured like the relay's pushes the same number
 //!   of records of the same size and waits for every acknowledgement;
 //! - **relay**: `outbox-relay` streams the rows to the broker; done when its
 //!   `outbox_relay_events_routed_total` (acknowledged events) reaches the count.
+//!   `outbox-relay init` ran on the empty table, so the relay publishes no initial
+//!   snapshot: every event comes through the stream, once (checked).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -31,6 +37,7 @@ pub(crate) struct Throughput {
     pub(crate) events: u64,
     /// Events per second of each reader.
     pub(crate) pgoutput: f64,
+    pub(crate) recvlogical: f64,
     pub(crate) broker: f64,
     pub(crate) relay: f64,
     /// Events per second PostgreSQL committed while the backlog was written.
@@ -41,7 +48,13 @@ pub(crate) struct Throughput {
 impl Throughput {
     /// Every rate measured and positive.
     pub(crate) fn complete(&self) -> bool {
-        [self.pgoutput, self.broker, self.relay, self.written]
+        [
+            self.pgoutput,
+            self.recvlogical,
+            self.broker,
+            self.relay,
+            self.written,
+        ]
             .iter()
             .all(|v| v.is_finite() && *v > 0.0)
             && self.relay_peak_rss_kib > 0
@@ -55,10 +68,13 @@ pub(crate) async fn run(
     relay_bin: &Path,
 ) -> anyhow::Result<Throughput> {
     let lab = RelayLab::new(relay_bin).await?;
-    // The baseline's slot on the relay's publication, made before the rows exist.
-    sqlx::query("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
-        .execute(&lab.db)
-        .await?;
+    // The baselines' slots on the relay's publication, made before the rows exist.
+    for slot in [READER_SLOT, RECVLOGICAL_SLOT] {
+        sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(slot)
+            .execute(&lab.db)
+            .await?;
+    }
     let write_secs = lab.write_rows(workload, events).await?;
     let end_lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
         .fetch_one(&lab.db)
@@ -68,13 +84,22 @@ pub(crate) async fn run(
         bail!("{written} rows written, {events} intended");
     }
 
-    let pgoutput_secs = recvlogical(&lab, &end_lsn).await?;
+    let transactions = events.div_ceil(workload.rows_per_txn);
+    let pgoutput_secs = minimal_reader(&lab, events, transactions).await?;
+    let recvlogical_secs = recvlogical(&lab, &end_lsn).await?;
     let broker_secs = produce_only(&lab.broker.bootstrap(), workload, events).await?;
 
     let started = Instant::now();
     let mut relay = lab.start_relay(&[]).await?;
     relay.wait_routed(events, Duration::from_secs(600)).await?;
     let relay_secs = started.elapsed().as_secs_f64();
+    // Anything beyond the rows (a snapshot of the table, a re-send) would have
+    // inflated the rate.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let routed = relay.routed().await;
+    if routed != events {
+        bail!("the relay routed {routed} events for {events} rows");
+    }
     relay.sample();
     let relay_peak_rss_kib = relay.peak_rss_kib;
     relay.stop().await;
@@ -85,6 +110,7 @@ pub(crate) async fn run(
         workload,
         events,
         pgoutput: rate(pgoutput_secs),
+        recvlogical: rate(recvlogical_secs),
         broker: rate(broker_secs),
         relay: rate(relay_secs),
         written: rate(write_secs),
@@ -92,12 +118,50 @@ pub(crate) async fn run(
     })
 }
 
-/// Drains slot `bench_raw` up to `end_lsn` with `pg_recvlogical`; the seconds it took.
+/// The minimal reader's slot and `pg_recvlogical`'s.
+const READER_SLOT: &str = "bench_reader";
+const RECVLOGICAL_SLOT: &str = "bench_recvlogical";
+
+/// Streams [`READER_SLOT`] until `events` inserts and `transactions` commits came
+/// (pgoutput tags `I` and `C`); the seconds it took, connection included.
+async fn minimal_reader(lab: &RelayLab, events: u64, transactions: u64) -> anyhow::Result<f64> {
+    use outbox_relay::replication::{ConnectConfig, ReplicationClient, ReplicationMessage};
+    let started = Instant::now();
+    let connect = ConnectConfig::from_url(&lab.url)?;
+    let client = ReplicationClient::connect(&connect).await?;
+    let mut stream = client
+        .start_logical_replication(
+            READER_SLOT,
+            outbox_relay::Lsn::new(0),
+            &[
+                ("proto_version", "1"),
+                ("publication_names", outbox_relay::config::DEFAULT_PUBLICATION),
+            ],
+        )
+        .await?;
+    let (mut inserts, mut commits) = (0u64, 0u64);
+    while inserts < events || commits < transactions {
+        match stream.next().await? {
+            Some(ReplicationMessage::XLogData { data, .. }) => match data.first() {
+                Some(b'I') => inserts += 1,
+                Some(b'C') => commits += 1,
+                _ => {}
+            },
+            Some(_) => {}
+            None => bail!("the server ended the stream after {inserts} inserts"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(stream);
+    Ok(secs)
+}
+
+/// Drains [`RECVLOGICAL_SLOT`] up to `end_lsn` with `pg_recvlogical`; the seconds it took.
 async fn recvlogical(lab: &RelayLab, end_lsn: &str) -> anyhow::Result<f64> {
     let program = testkit::pg_bin_dir().join("pg_recvlogical");
     let started = Instant::now();
     let out = tokio::process::Command::new(&program)
-        .args(["-d", &lab.url, "-S", "bench_raw", "--start", "--no-loop"])
+        .args(["-d", &lab.url, "-S", RECVLOGICAL_SLOT, "--start", "--no-loop"])
         .args(["-o", "proto_version=1", "-o"])
         .arg(format!(
             "publication_names={}",
