@@ -298,8 +298,9 @@ fn mib(kib: u64) -> String {
 fn print_throughput(rows: &[throughput::Throughput]) {
     println!(
         "\nRelay throughput: one backlog drained by each reader, events/s \
-         (pgoutput: a minimal reader of the slot, the limit; recvlog: pg_recvlogical)\n\
-         {:<22} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10}",
+         (pgoutput: a minimal reader of the slot, the limit; recvlog: pg_recvlogical); \
+         the relay's CPU time per event\n\
+         {:<20} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9}",
         "workload",
         "events",
         "written",
@@ -309,11 +310,12 @@ fn print_throughput(rows: &[throughput::Throughput]) {
         "relay",
         "r/pgout",
         "r/brkr",
+        "CPU/ev",
         "relay RSS"
     );
     for r in rows {
         println!(
-            "{:<22} {:>8} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.2} {:>8.2} {:>10}",
+            "{:<20} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2} {:>7.2} {:>5.1} us {:>9}",
             r.workload.to_string(),
             r.events,
             r.written,
@@ -323,6 +325,7 @@ fn print_throughput(rows: &[throughput::Throughput]) {
             r.relay,
             r.relay / r.pgoutput,
             r.relay / r.broker,
+            r.relay_cpu_us,
             mib(r.relay_peak_rss_kib)
         );
     }

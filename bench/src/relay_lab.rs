@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use testkit::process::{memory_kib, metric_sum};
+use testkit::process::{cpu_seconds, memory_kib, metric_sum};
 use testkit::{PrivateBroker, PrivateCluster};
 
 use crate::Workload;
@@ -234,6 +234,11 @@ impl RelayProcess {
         let (rss, hwm) = memory_kib(self.pid)?;
         self.peak_rss_kib = self.peak_rss_kib.max(hwm);
         Some(rss)
+    }
+
+    /// CPU seconds (user + system) it has used so far.
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid).unwrap_or(f64::NAN)
     }
 
     /// Polls every 20 ms until `events` are routed; fails after `timeout` or when

@@ -43,6 +43,9 @@ pub(crate) struct Throughput {
     /// Events per second PostgreSQL committed while the backlog was written.
     pub(crate) written: f64,
     pub(crate) relay_peak_rss_kib: u64,
+    /// The relay's CPU time (user + system) per event, microseconds: how much
+    /// work an event costs it, steadier than a rate on a shared machine.
+    pub(crate) relay_cpu_us: f64,
 }
 
 impl Throughput {
@@ -54,6 +57,7 @@ impl Throughput {
             self.broker,
             self.relay,
             self.written,
+            self.relay_cpu_us,
         ]
             .iter()
             .all(|v| v.is_finite() && *v > 0.0)
@@ -101,6 +105,7 @@ pub(crate) async fn run(
         bail!("the relay routed {routed} events for {events} rows");
     }
     relay.sample();
+    let relay_cpu_us = relay.cpu_seconds() * 1e6 / events as f64;
     let relay_peak_rss_kib = relay.peak_rss_kib;
     relay.stop().await;
     lab.close().await;
@@ -115,6 +120,7 @@ pub(crate) async fn run(
         relay: rate(relay_secs),
         written: rate(write_secs),
         relay_peak_rss_kib,
+        relay_cpu_us,
     })
 }
 

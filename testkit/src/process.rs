@@ -1,5 +1,6 @@
 //! Looking at the processes a benchmark or scenario starts: where the workspace's
-//! binaries are, how much memory a process holds, and what its `/metrics` say.
+//! binaries are, how much memory and CPU time a process used, and what its
+//! `/metrics` say.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,32 @@ pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
             .and_then(|v| v.parse::<u64>().ok())
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time (user + system) process `pid` has used so far, in seconds; `None` when
+/// it is gone. Resolution: one clock tick (10 ms on Linux).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks_per_second())
+}
+
+/// `sysconf(_SC_CLK_TCK)`, asked of `getconf` once (100 where it cannot tell).
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// The value of metric `name` in Prometheus text, summed over its label sets
@@ -53,6 +80,19 @@ mod tests {
         assert_eq!(metric_sum(text, "x_total"), 7);
         assert_eq!(metric_sum(text, "x"), 7);
         assert_eq!(metric_sum(text, "missing"), 0);
+    }
+
+    #[test]
+    fn counts_its_own_cpu_time() {
+        let before = cpu_seconds(std::process::id()).expect("own /proc stat");
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_seconds(std::process::id()).expect("own /proc stat");
+        assert!(after - before >= 0.1, "{before} -> {after}");
+        assert!(cpu_seconds(u32::MAX).is_none());
     }
 
     #[test]
