@@ -372,10 +372,18 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// A topic template: literal text around `{aggregatetype}` placeholders.
+/// A topic template: literal text around `{aggregatetype}` placeholders, split
+/// once into its pieces so rendering a record's topic is one allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
     text: String,
+    pieces: Vec<TemplatePiece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePiece {
+    Literal(String),
+    AggregateType,
 }
 
 impl TopicTemplate {
@@ -404,14 +412,53 @@ impl TopicTemplate {
         }
         Ok(TopicTemplate {
             text: text.to_owned(),
+            pieces: Self::pieces(text),
         })
+    }
+
+    /// `text` split at the placeholders, left to right.
+    fn pieces(text: &str) -> Vec<TemplatePiece> {
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        loop {
+            let next = Self::PLACEHOLDERS
+                .iter()
+                .filter_map(|p| rest.find(p).map(|at| (at, p.len())))
+                .min();
+            match next {
+                Some((at, len)) => {
+                    if at > 0 {
+                        pieces.push(TemplatePiece::Literal(rest[..at].to_owned()));
+                    }
+                    pieces.push(TemplatePiece::AggregateType);
+                    rest = &rest[at + len..];
+                }
+                None => {
+                    if !rest.is_empty() {
+                        pieces.push(TemplatePiece::Literal(rest.to_owned()));
+                    }
+                    return pieces;
+                }
+            }
+        }
     }
 
     /// The topic for a row whose aggregate type is `aggregate_type`.
     pub fn render(&self, aggregate_type: &str) -> String {
-        let mut topic = self.text.clone();
-        for p in Self::PLACEHOLDERS {
-            topic = topic.replace(p, aggregate_type);
+        let length = self
+            .pieces
+            .iter()
+            .map(|piece| match piece {
+                TemplatePiece::Literal(text) => text.len(),
+                TemplatePiece::AggregateType => aggregate_type.len(),
+            })
+            .sum();
+        let mut topic = String::with_capacity(length);
+        for piece in &self.pieces {
+            topic.push_str(match piece {
+                TemplatePiece::Literal(text) => text,
+                TemplatePiece::AggregateType => aggregate_type,
+            });
         }
         topic
     }
@@ -573,9 +620,8 @@ impl RelayConfig {
                 slot_busy_timeout: Duration::from_millis(DEFAULT_SLOT_BUSY_TIMEOUT_MS),
             },
             outbox: OutboxConfig {
-                topic_template: TopicTemplate {
-                    text: DEFAULT_TOPIC_TEMPLATE.to_owned(),
-                },
+                topic_template: TopicTemplate::parse(DEFAULT_TOPIC_TEMPLATE)
+                    .expect("the default topic template is valid"),
                 dead_letter_topic: Some(DEFAULT_DEAD_LETTER_TOPIC.to_owned()),
                 payload_format: PayloadFormat::Json,
                 messages: None,
@@ -990,6 +1036,38 @@ max_in_flight = 5
         assert_eq!(config.kafka.options["linger.ms"], "1");
         assert_eq!(config.kafka.options["compression.type"], "lz4");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn topic_templates_render_every_placeholder_once() {
+        let cases = [
+            (
+                "outbox.event.{aggregatetype}",
+                "order",
+                "outbox.event.order",
+            ),
+            (
+                "outbox.event.${routedByValue}",
+                "order",
+                "outbox.event.order",
+            ),
+            ("{aggregatetype}", "order", "order"),
+            ("fixed.topic", "order", "fixed.topic"),
+            ("{aggregatetype}.x.${routedByValue}-y", "a", "a.x.a-y"),
+            ("a{aggregatetype}{aggregatetype}b", "c", "accb"),
+            // The aggregate type is text, never a template itself.
+            (
+                "t.{aggregatetype}",
+                "${routedByValue}",
+                "t.${routedByValue}",
+            ),
+            ("t.${routedByValue}", "{aggregatetype}", "t.{aggregatetype}"),
+        ];
+        for (template, aggregate_type, topic) in cases {
+            let parsed = TopicTemplate::parse(template).unwrap();
+            assert_eq!(parsed.render(aggregate_type), topic, "{template}");
+            assert_eq!(parsed.to_string(), template);
+        }
     }
 
     #[test]

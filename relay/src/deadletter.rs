@@ -76,22 +76,24 @@ pub struct RecordSummary {
 }
 
 impl RecordSummary {
+    /// The summary of a record handed to the producer (which copied it): takes
+    /// its parts, dropping only the payload, so keeping it costs no copy.
     pub fn of(
-        record: &OutboxRecord,
+        record: OutboxRecord,
         letter: Option<Reason>,
         commit_time: Option<std::time::SystemTime>,
     ) -> RecordSummary {
         let payload_bytes = record.payload.as_ref().map_or(0, Bytes::len);
         let header_bytes: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         RecordSummary {
-            topic: record.topic.clone(),
-            key: record.key.clone(),
-            headers: record.headers.clone(),
+            bytes: record.key.len() + payload_bytes + header_bytes,
+            topic: record.topic,
+            key: record.key,
+            headers: record.headers,
             payload_bytes,
-            id: record.id.clone(),
+            id: record.id,
             position: record.position,
             letter,
-            bytes: record.key.len() + payload_bytes + header_bytes,
             commit_time,
         }
     }
@@ -320,7 +322,7 @@ mod tests {
             id: "e1".to_owned(),
             position: POSITION,
         };
-        let summary = RecordSummary::of(&record, None, None);
+        let summary = RecordSummary::of(record, None, None);
         let letter = refused("dlq", &summary, Reason::TooLarge, "too large");
         assert_eq!(letter.key.as_ref(), b"42");
         assert_eq!(header(&letter, HEADER_ID), Some("e1"));

@@ -296,10 +296,9 @@ impl Health {
     /// `n` records are in flight. Going from none to some starts the wait for an
     /// acknowledgement; none in flight is progress.
     pub fn records_in_flight(&self, n: usize) {
-        let now = self.clock.now();
         let mut state = self.state();
         if n == 0 || state.in_flight == 0 {
-            state.broker_waiting_since = now;
+            state.broker_waiting_since = self.clock.now();
         }
         state.in_flight = n;
     }
@@ -308,10 +307,9 @@ impl Health {
     /// (`false`). While paused the stream is not expected to progress; on resume the
     /// wait starts anew.
     pub fn reading_paused(&self, paused: bool) {
-        let now = self.clock.now();
         let mut state = self.state();
         if state.paused != paused {
-            state.stream_waiting_since = now;
+            state.stream_waiting_since = self.clock.now();
         }
         state.paused = paused;
     }

@@ -17,7 +17,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
-use crate::routing::OutboxRecord;
+use crate::routing::{OutboxRecord, Position};
 
 /// Bytes the producer may buffer, at most, unless configured otherwise.
 pub const DEFAULT_QUEUE_KBYTES: u32 = 32 * 1024;
@@ -80,16 +80,17 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// Why a record was not handed to the producer.
+/// Why a record was not handed to the producer. The caller keeps the record.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The producer queue is full: wait for deliveries, then send again.
     #[error("the producer queue is full")]
-    QueueFull(Box<OutboxRecord>),
-    /// The record can never be sent as it is (too large, invalid); it comes back.
-    #[error("record {position} for topic {topic} cannot be produced", position = .record.position, topic = .record.topic)]
+    QueueFull,
+    /// The record can never be sent as it is (too large, invalid).
+    #[error("record {position} for topic {topic} cannot be produced")]
     Definite {
-        record: Box<OutboxRecord>,
+        position: Position,
+        topic: String,
         #[source]
         source: KafkaError,
     },
@@ -202,7 +203,9 @@ impl KafkaSink {
     }
 
     /// Hands a record to the producer without waiting for the broker.
-    pub fn send(&self, record: OutboxRecord) -> Result<DeliveryFuture, SendError> {
+    /// librdkafka copies what it needs, so the record stays with the caller, who
+    /// keeps what a dead letter needs without copying it.
+    pub fn send(&self, record: &OutboxRecord) -> Result<DeliveryFuture, SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -219,10 +222,11 @@ impl KafkaSink {
         match self.producer.send_result(kafka_record) {
             Ok(future) => Ok(future),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(SendError::QueueFull(Box::new(record)))
+                Err(SendError::QueueFull)
             }
             Err((error, _)) if is_definite(&error) => Err(SendError::Definite {
-                record: Box::new(record),
+                position: record.position,
+                topic: record.topic.clone(),
                 source: error,
             }),
             Err((error, _)) => Err(SendError::Producer(error)),

@@ -531,9 +531,9 @@ impl<'a> Session<'a> {
     ) -> Result<(), StreamError> {
         self.ensure_topic(&record.topic).await?;
         loop {
-            let summary = RecordSummary::of(&record, letter, commit_time);
-            match self.sink.send(record) {
+            match self.sink.send(&record) {
                 Ok(future) => {
+                    let summary = RecordSummary::of(record, letter, commit_time);
                     self.deliveries.push(Box::pin(async move {
                         let result = match future.await {
                             Ok(Ok(_)) => Ok(()),
@@ -544,33 +544,35 @@ impl<'a> Session<'a> {
                     }));
                     return Ok(());
                 }
-                Err(SendError::QueueFull(back)) => {
+                Err(SendError::QueueFull) => {
                     // Backpressure: let one delivery finish, keep the server informed.
-                    record = *back;
                     tokio::select! {
                         Some(done) = self.deliveries.next(), if !self.deliveries.is_empty() => self.delivered(done)?,
                         _ = self.status_timer.tick() => self.send_status().await?,
                     }
                 }
                 Err(SendError::Definite {
-                    record: refused,
+                    position,
+                    topic,
                     source,
-                }) => match self
-                    .letter_for(&RecordSummary::of(&refused, letter, commit_time), &source)
-                {
-                    Some((reason, replacement)) => {
-                        record = replacement;
-                        letter = Some(reason);
-                        self.ensure_topic(&record.topic).await?;
-                    }
-                    None => {
-                        return Err(SendError::Definite {
-                            record: refused,
-                            source,
+                }) => {
+                    let summary = RecordSummary::of(record, letter, commit_time);
+                    match self.letter_for(&summary, &source) {
+                        Some((reason, replacement)) => {
+                            record = replacement;
+                            letter = Some(reason);
+                            self.ensure_topic(&record.topic).await?;
                         }
-                        .into())
+                        None => {
+                            return Err(SendError::Definite {
+                                position,
+                                topic,
+                                source,
+                            }
+                            .into())
+                        }
                     }
-                },
+                }
                 Err(other) => return Err(other.into()),
             }
         }

@@ -246,9 +246,9 @@ async fn send(
         sink.ensure_topic(&record.topic)
             .await
             .map_err(crate::pipeline::StreamError::from)?;
-        let summary = RecordSummary::of(&record, letter, None);
-        match sink.send(record) {
+        match sink.send(&record) {
             Ok(future) => {
+                let summary = RecordSummary::of(record, letter, None);
                 deliveries.push(Box::pin(async move {
                     let result = match future.await {
                         Ok(Ok(_)) => Ok(()),
@@ -259,28 +259,32 @@ async fn send(
                 }));
                 return Ok(());
             }
-            Err(SendError::QueueFull(back)) => {
-                record = *back;
+            Err(SendError::QueueFull) => {
                 if let Some(done) = deliveries.next().await {
                     Box::pin(delivered(config, sink, deliveries, done, metrics)).await?;
                 }
             }
             Err(SendError::Definite {
-                record: refused,
+                position,
+                topic,
                 source,
-            }) => match letter_for(config, &summary, &source) {
-                Some((reason, replacement)) => {
-                    record = replacement;
-                    letter = Some(reason);
+            }) => {
+                let summary = RecordSummary::of(record, letter, None);
+                match letter_for(config, &summary, &source) {
+                    Some((reason, replacement)) => {
+                        record = replacement;
+                        letter = Some(reason);
+                    }
+                    None => {
+                        return Err(crate::pipeline::StreamError::from(SendError::Definite {
+                            position,
+                            topic,
+                            source,
+                        })
+                        .into())
+                    }
                 }
-                None => {
-                    return Err(crate::pipeline::StreamError::from(SendError::Definite {
-                        record: refused,
-                        source,
-                    })
-                    .into())
-                }
-            },
+            }
             Err(other) => return Err(crate::pipeline::StreamError::from(other).into()),
         }
     }
