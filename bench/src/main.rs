@@ -127,8 +127,6 @@ struct Plan {
     events: u64,
     latency_seconds: f64,
     outage: Duration,
-    /// The relay's `max_in_flight` in the outage: reached a third of the way in.
-    outage_bound: usize,
     sagas: sagas::Sizes,
 }
 
@@ -139,7 +137,6 @@ impl Plan {
                 events: events.unwrap_or(2_000),
                 latency_seconds: 2.0,
                 outage: Duration::from_secs(6),
-                outage_bound: 2_000,
                 sagas: sagas::Sizes {
                     saturation: 200,
                     latency_seconds: 2.0,
@@ -151,7 +148,6 @@ impl Plan {
                 events: events.unwrap_or(100_000),
                 latency_seconds: 20.0,
                 outage: Duration::from_secs(30),
-                outage_bound: outbox_relay::config::DEFAULT_MAX_IN_FLIGHT,
                 sagas: sagas::Sizes {
                     saturation: 3_000,
                     latency_seconds: 20.0,
@@ -268,7 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if parts.contains("outage") {
         eprintln!("==> memory through a {:?} broker outage", plan.outage);
-        let outage = outage::run(plan.outage, plan.outage_bound, &relay_bin)
+        let outage = outage::run(plan.outage, &relay_bin)
             .await
             .context("broker outage")?;
         print_outage(&outage);

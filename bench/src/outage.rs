@@ -48,17 +48,12 @@ impl Outage {
     }
 }
 
-/// A broker outage of `outage` with the relay's in-flight bound at `bound`
-/// (reached after `bound / RATE` seconds of it).
-pub(crate) async fn run(
-    outage: Duration,
-    bound: usize,
-    relay_bin: &Path,
-) -> anyhow::Result<Outage> {
+/// A broker outage of `outage` under the relay's default settings; its in-flight
+/// bound is reached after `bound / RATE` seconds of it.
+pub(crate) async fn run(outage: Duration, relay_bin: &Path) -> anyhow::Result<Outage> {
+    let bound = outbox_relay::config::DEFAULT_MAX_IN_FLIGHT;
     let lab = RelayLab::new(relay_bin).await?;
-    let mut relay = lab
-        .start_relay(&[("OUTBOX_RELAY_MAX_IN_FLIGHT", bound.to_string())])
-        .await?;
+    let mut relay = lab.start_relay(&[]).await?;
     lab.write_paced(100, RATE, PAYLOAD_BYTES).await?;
     relay.wait_routed(100, Duration::from_secs(120)).await?;
 

@@ -59,8 +59,8 @@ impl Throughput {
             self.written,
             self.relay_cpu_us,
         ]
-            .iter()
-            .all(|v| v.is_finite() && *v > 0.0)
+        .iter()
+        .all(|v| v.is_finite() && *v > 0.0)
             && self.relay_peak_rss_kib > 0
     }
 }
@@ -141,7 +141,10 @@ async fn minimal_reader(lab: &RelayLab, events: u64, transactions: u64) -> anyho
             outbox_relay::Lsn::new(0),
             &[
                 ("proto_version", "1"),
-                ("publication_names", outbox_relay::config::DEFAULT_PUBLICATION),
+                (
+                    "publication_names",
+                    outbox_relay::config::DEFAULT_PUBLICATION,
+                ),
             ],
         )
         .await?;
@@ -167,7 +170,14 @@ async fn recvlogical(lab: &RelayLab, end_lsn: &str) -> anyhow::Result<f64> {
     let program = testkit::pg_bin_dir().join("pg_recvlogical");
     let started = Instant::now();
     let out = tokio::process::Command::new(&program)
-        .args(["-d", &lab.url, "-S", RECVLOGICAL_SLOT, "--start", "--no-loop"])
+        .args([
+            "-d",
+            &lab.url,
+            "-S",
+            RECVLOGICAL_SLOT,
+            "--start",
+            "--no-loop",
+        ])
         .args(["-o", "proto_version=1", "-o"])
         .arg(format!(
             "publication_names={}",

@@ -35,8 +35,10 @@ pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9187";
 /// How long the stream or the broker may make no progress before the relay reports
 /// itself unhealthy, in milliseconds.
 pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 60_000;
-/// Records handed to the producer and not yet acknowledged, at most.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+/// Records handed to the producer and not yet acknowledged, at most. Enough for
+/// 100 k events/s at 20 ms per acknowledgement; a larger window bought no
+/// throughput against a local broker and cost memory (BENCHMARKS.md).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 2_000;
 /// Partitions of a topic the relay creates.
 pub const DEFAULT_TOPIC_PARTITIONS: i32 = 1;
 /// Replication factor of a topic the relay creates; -1 takes the broker's default.
@@ -199,7 +201,7 @@ pub struct Args {
     pub kafka_options: Vec<String>,
 
     /// Records sent to the broker and not yet acknowledged, at most; the relay stops
-    /// reading WAL at this bound [default: 10000].
+    /// reading WAL at this bound [default: 2000].
     #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
 
