@@ -8,15 +8,18 @@
 //! buckets are 0.5 ms to 1 ms wide below 10 ms, so a p99 against a 10 ms goal
 //! is read exactly at that bound.
 //!
-//! The baseline, in the same run: a producer configured like the relay's sends
-//! records of the same size at the same rate straight to the broker, and times
-//! each from hand-over to acknowledgement: what the broker and librdkafka alone
-//! cost, so the difference is what reading the WAL adds.
+//! Two baselines, in the same run and at the same rate, after the relay's pass:
+//! - **pgoutput**: a minimal reader of a slot of its own times each transaction
+//!   from its commit timestamp to receiving its Begin message: how late the
+//!   server hands a commit to any reader (the floor under the relay's latency);
+//! - **broker-only**: a producer configured like the relay's sends records of the
+//!   same size straight to the broker and times each from hand-over to
+//!   acknowledgement: what the broker and librdkafka alone cost.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use futures::StreamExt;
 use outbox_relay::metrics::COMMIT_TO_ACK;
 
@@ -33,6 +36,9 @@ pub(crate) struct Latency {
     /// The rate the writer kept (below `offered` when it could not keep up).
     pub(crate) achieved: f64,
     pub(crate) events: u64,
+    /// Commit to a minimal reader receiving it: the server's share.
+    pub(crate) pgoutput_p50_ms: f64,
+    pub(crate) pgoutput_p99_ms: f64,
     pub(crate) relay_p50_ms: f64,
     pub(crate) relay_p99_ms: f64,
     pub(crate) broker_p50_ms: f64,
@@ -43,6 +49,8 @@ impl Latency {
     pub(crate) fn complete(&self) -> bool {
         self.achieved > 0.0
             && [
+                self.pgoutput_p50_ms,
+                self.pgoutput_p99_ms,
                 self.relay_p50_ms,
                 self.relay_p99_ms,
                 self.broker_p50_ms,
@@ -53,7 +61,9 @@ impl Latency {
     }
 }
 
-/// Each offered load for `seconds`, on one lab and one running relay.
+/// Each offered load for `seconds`, on one lab: first through the running relay,
+/// then (the relay stopped, so only one slot is decoded at a time) to the minimal
+/// reader, then to the broker-only producer.
 pub(crate) async fn run(
     loads: &[u32],
     seconds: f64,
@@ -64,11 +74,11 @@ pub(crate) async fn run(
     // Warm up: the topic exists and the producer has its id before the clock runs.
     lab.write_paced(100, 1_000, PAYLOAD_BYTES).await?;
     relay.wait_routed(100, Duration::from_secs(120)).await?;
-    let producer = broker_only_producer(&lab.broker.bootstrap(), "bench.latency").await?;
+    let events_of = |offered: u32| (f64::from(offered) * seconds).round().max(1.0) as u64;
     let mut results = Vec::new();
     for &offered in loads {
-        let events = (f64::from(offered) * seconds).round().max(1.0) as u64;
-        eprintln!("    {offered} events/s for {seconds} s");
+        let events = events_of(offered);
+        eprintln!("    {offered} events/s for {seconds} s through the relay");
         let routed_before = relay.routed().await;
         let before = Buckets::parse(&relay.metrics().await, COMMIT_TO_ACK);
         let write_secs = lab.write_paced(events, offered, PAYLOAD_BYTES).await?;
@@ -83,21 +93,95 @@ pub(crate) async fn run(
                 window.total()
             );
         }
-        let mut broker = broker_latencies(&producer, offered, events).await?;
-        broker.sort_by(f64::total_cmp);
         results.push(Latency {
             offered,
             achieved: events as f64 / write_secs,
             events,
+            pgoutput_p50_ms: f64::NAN,
+            pgoutput_p99_ms: f64::NAN,
             relay_p50_ms: window.quantile(0.5) * 1e3,
             relay_p99_ms: window.quantile(0.99) * 1e3,
-            broker_p50_ms: quantile(&broker, 0.5) * 1e3,
-            broker_p99_ms: quantile(&broker, 0.99) * 1e3,
+            broker_p50_ms: f64::NAN,
+            broker_p99_ms: f64::NAN,
         });
     }
     relay.stop().await;
+
+    for result in &mut results {
+        eprintln!("    {} events/s to a minimal reader", result.offered);
+        let mut reads = read_latencies(&lab, result.offered, result.events).await?;
+        reads.sort_by(f64::total_cmp);
+        result.pgoutput_p50_ms = quantile(&reads, 0.5) * 1e3;
+        result.pgoutput_p99_ms = quantile(&reads, 0.99) * 1e3;
+    }
+
+    let producer = broker_only_producer(&lab.broker.bootstrap(), "bench.latency").await?;
+    for result in &mut results {
+        eprintln!("    {} events/s broker-only", result.offered);
+        let mut acks = broker_latencies(&producer, result.offered, result.events).await?;
+        acks.sort_by(f64::total_cmp);
+        result.broker_p50_ms = quantile(&acks, 0.5) * 1e3;
+        result.broker_p99_ms = quantile(&acks, 0.99) * 1e3;
+    }
     lab.close().await;
     Ok(results)
+}
+
+/// Writes `events` one-row transactions at `per_second` while a minimal reader
+/// streams a slot of its own (made just before), and returns each transaction's
+/// seconds from its commit timestamp to the reader receiving its Begin message:
+/// how late the server hands a commit to any reader.
+async fn read_latencies(lab: &RelayLab, per_second: u32, events: u64) -> anyhow::Result<Vec<f64>> {
+    use outbox_relay::pgoutput::{self, LogicalMessage};
+    use outbox_relay::replication::{ConnectConfig, ReplicationClient, ReplicationMessage};
+    let slot = format!("bench_latency_{per_second}");
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&slot)
+        .execute(&lab.db)
+        .await?;
+    let client = ReplicationClient::connect(&ConnectConfig::from_url(&lab.url)?).await?;
+    let mut stream = client
+        .start_logical_replication(
+            &slot,
+            outbox_relay::Lsn::new(0),
+            &[
+                ("proto_version", "1"),
+                (
+                    "publication_names",
+                    outbox_relay::config::DEFAULT_PUBLICATION,
+                ),
+            ],
+        )
+        .await?;
+    let reader = tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        while (latencies.len() as u64) < events {
+            let Some(message) = stream.next().await? else {
+                bail!("the server ended the stream");
+            };
+            if let ReplicationMessage::XLogData { data, .. } = message {
+                if let Ok(LogicalMessage::Begin(begin)) = pgoutput::decode(&data) {
+                    if let Some(late) = begin
+                        .commit_time()
+                        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                    {
+                        latencies.push(late.as_secs_f64());
+                    }
+                }
+            }
+        }
+        anyhow::Ok(latencies)
+    });
+    lab.write_paced(events, per_second, PAYLOAD_BYTES).await?;
+    let latencies = tokio::time::timeout(Duration::from_secs(300), reader)
+        .await
+        .context("the minimal reader did not see every transaction")???;
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&lab.db)
+        .await
+        .ok();
+    Ok(latencies)
 }
 
 /// Sends `events` records at `per_second` (in 1 ms ticks) and returns each one's
