@@ -404,6 +404,17 @@ fn print_sagas(s: &sagas::Sagas) {
         s.in_flight_drain.as_secs_f64(),
         s.in_flight_orders as f64 / s.in_flight_drain.as_secs_f64()
     );
+    let cpu: Vec<String> = s
+        .cpu_ms_per_saga
+        .iter()
+        .map(|(part, ms)| format!("{part} {ms:.2}"))
+        .collect();
+    println!(
+        "CPU ms per saga at saturation: {} (total {:.2}; the machine has {} cores)",
+        cpu.join(", "),
+        s.cpu_ms_per_saga.values().sum::<f64>(),
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
     let peaks: Vec<String> = s
         .peak_rss_kib
         .iter()

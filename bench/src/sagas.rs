@@ -25,7 +25,7 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use shop::lab::{sagas_ended, Lab, LabSettings, GOOD_CARD};
 use shop::{OrderRequest, Shop, ShopClient};
-use testkit::process::memory_kib;
+use testkit::process::{children, cpu_seconds, machine_cpu_seconds, memory_kib};
 
 /// The services' consumers ask the broker to answer a fetch within 5 ms. tansu
 /// 0.6 waits that long on every fetch even when records are there (Apache Kafka
@@ -54,6 +54,9 @@ pub(crate) struct Sagas {
     pub(crate) completed_per_s: f64,
     /// Outbox events per saga (commands and replies of the four databases).
     pub(crate) events_per_saga: f64,
+    /// CPU milliseconds per saga during the saturation run, by who spent them
+    /// (see [`cpu_by_part`]).
+    pub(crate) cpu_ms_per_saga: BTreeMap<&'static str, f64>,
     pub(crate) latency_orders: usize,
     pub(crate) latency_p50_ms: f64,
     pub(crate) latency_p99_ms: f64,
@@ -144,12 +147,21 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
         sizes.saturation
     );
     let mark = server_now(&order).await?;
+    let cpu_before = cpu_by_part(shop, lab);
     let placing = Instant::now();
     place_all(&client, sizes.saturation, CLIENTS).await?;
     let placing_secs = placing.elapsed().as_secs_f64();
     memory.sample(shop);
     wait_all_ended(&order, 20 + sizes.saturation, bound).await?;
+    let cpu_after = cpu_by_part(shop, lab);
     memory.sample(shop);
+    result.cpu_ms_per_saga = cpu_after
+        .iter()
+        .map(|(part, after)| {
+            let before = cpu_before.get(part).copied().unwrap_or(0.0);
+            (*part, (after - before) * 1e3 / sizes.saturation as f64)
+        })
+        .collect();
     let (count, span): (i64, f64) = sqlx::query_as(
         "SELECT count(*), extract(epoch FROM max(updated_at) - min(created_at))::float8 \
          FROM saga_state WHERE created_at >= $1::timestamptz",
@@ -282,6 +294,39 @@ async fn wait_in_flight(order: &sqlx::PgPool, count: usize) -> anyhow::Result<i6
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// CPU seconds used so far by the services, the relays, the broker, PostgreSQL's
+/// walsenders and its other processes, and by the whole machine less those
+/// (`rest`: the benchmark's clients, the system). A process that ended within
+/// the window (a backend whose connection closed) takes its time out of its part
+/// and into `rest`.
+fn cpu_by_part(shop: &mut Shop, lab: &Lab) -> BTreeMap<&'static str, f64> {
+    let mut parts = BTreeMap::new();
+    for name in shop.process_names() {
+        let part = if name.starts_with("relay-") {
+            "relays"
+        } else {
+            "services"
+        };
+        if let Ok(Some(pid)) = shop.pid(&name) {
+            *parts.entry(part).or_insert(0.0) += cpu_seconds(pid).unwrap_or(0.0);
+        }
+    }
+    parts.insert("broker", cpu_seconds(lab.broker.pid()).unwrap_or(0.0));
+    if let Some(postmaster) = lab.cluster.postmaster_pid() {
+        for (pid, command) in children(postmaster) {
+            let part = if command.contains("walsender") {
+                "walsenders"
+            } else {
+                "postgres"
+            };
+            *parts.entry(part).or_insert(0.0) += cpu_seconds(pid).unwrap_or(0.0);
+        }
+    }
+    let ours: f64 = parts.values().sum();
+    parts.insert("rest", machine_cpu_seconds().unwrap_or(0.0) - ours);
+    parts
 }
 
 async fn server_now(pool: &sqlx::PgPool) -> anyhow::Result<String> {

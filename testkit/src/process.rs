@@ -39,6 +39,54 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / clock_ticks_per_second())
 }
 
+/// The children of process `parent` (from `/proc`), each with its command line
+/// (arguments joined by spaces; a PostgreSQL backend shows its role there, e.g.
+/// `postgres: walsender ...`).
+pub fn children(parent: u32) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 2..];
+            // Field 4 of the line, the parent, is the second after the command name.
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            if ppid != parent {
+                return None;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline)
+                .split('\0')
+                .filter(|a| !a.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            Some((pid, text))
+        })
+        .collect()
+}
+
+/// CPU time (user + system) the whole machine has used so far, in seconds, summed
+/// over its CPUs (`/proc/stat`).
+pub fn machine_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Some(busy as f64 / clock_ticks_per_second())
+}
+
 /// `sysconf(_SC_CLK_TCK)`, asked of `getconf` once (100 where it cannot tell).
 fn clock_ticks_per_second() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -93,6 +141,28 @@ mod tests {
         let after = cpu_seconds(std::process::id()).expect("own /proc stat");
         assert!(after - before >= 0.1, "{before} -> {after}");
         assert!(cpu_seconds(u32::MAX).is_none());
+        let machine = machine_cpu_seconds().expect("/proc/stat");
+        assert!(
+            machine >= after,
+            "the machine {machine} s, this process {after} s"
+        );
+    }
+
+    #[test]
+    fn finds_its_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep runs");
+        let found = children(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            found
+                .iter()
+                .any(|(pid, cmd)| *pid == child.id() && cmd == "sleep 5"),
+            "{found:?}"
+        );
     }
 
     #[test]
