@@ -421,6 +421,13 @@ fn print_sagas(s: &sagas::Sagas) {
         .map(|(name, kib)| format!("{name} {}", mib(*kib)))
         .collect();
     println!("peak RSS: {}", peaks.join(", "));
+    if s.timed_out > 0 {
+        println!(
+            "{} sagas ended by a step's timeout instead (a reply was never handed to the \
+             orchestrator) and are left out above",
+            s.timed_out
+        );
+    }
 }
 
 fn machine_memory() -> String {
