@@ -23,7 +23,7 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use outbox_relay::metrics::COMMIT_TO_ACK;
 
-use crate::relay_lab::RelayLab;
+use crate::relay_lab::{on_own_thread, RelayLab};
 use crate::throughput::{bench_payload, bench_record, broker_only_producer};
 
 /// Payload bytes of the latency runs.
@@ -139,21 +139,24 @@ async fn read_latencies(lab: &RelayLab, per_second: u32, events: u64) -> anyhow:
         .bind(&slot)
         .execute(&lab.db)
         .await?;
-    let client = ReplicationClient::connect(&ConnectConfig::from_url(&lab.url)?).await?;
-    let mut stream = client
-        .start_logical_replication(
-            &slot,
-            outbox_relay::Lsn::new(0),
-            &[
-                ("proto_version", "1"),
-                (
-                    "publication_names",
-                    outbox_relay::config::DEFAULT_PUBLICATION,
-                ),
-            ],
-        )
-        .await?;
-    let reader = tokio::spawn(async move {
+    let (url, reading) = (lab.url.clone(), slot.clone());
+    let (started, ready) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(on_own_thread(move || async move {
+        let client = ReplicationClient::connect(&ConnectConfig::from_url(&url)?).await?;
+        let mut stream = client
+            .start_logical_replication(
+                &reading,
+                outbox_relay::Lsn::new(0),
+                &[
+                    ("proto_version", "1"),
+                    (
+                        "publication_names",
+                        outbox_relay::config::DEFAULT_PUBLICATION,
+                    ),
+                ],
+            )
+            .await?;
+        let _ = started.send(());
         let mut latencies = Vec::new();
         while (latencies.len() as u64) < events {
             let Some(message) = stream.next().await? else {
@@ -171,7 +174,12 @@ async fn read_latencies(lab: &RelayLab, per_second: u32, events: u64) -> anyhow:
             }
         }
         anyhow::Ok(latencies)
-    });
+    }));
+    if ready.await.is_err() {
+        // It stopped before streaming: its own error says why.
+        reader.await??;
+        bail!("the minimal reader stopped before streaming");
+    }
     lab.write_paced(events, per_second, PAYLOAD_BYTES).await?;
     let latencies = tokio::time::timeout(Duration::from_secs(300), reader)
         .await

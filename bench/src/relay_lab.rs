@@ -275,6 +275,32 @@ impl RelayProcess {
     }
 }
 
+/// Runs the future `make` returns on a thread of its own, under a single-threaded
+/// runtime, as the relay's binary runs: a reader in the benchmark's own
+/// multi-threaded runtime pays a wake-up across threads for every read, which on
+/// small transactions made it slower than the relay it is the baseline of.
+pub(crate) async fn on_own_thread<F, Fut, T>(make: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    T: Send + 'static,
+{
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-reader".to_owned())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(make()));
+            let _ = done.send(outcome);
+        })?;
+    result
+        .await
+        .context("the reader's thread ended without an answer")?
+}
+
 async fn pool(url: &str) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(2)

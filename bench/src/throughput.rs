@@ -27,7 +27,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::relay_lab::RelayLab;
+use crate::relay_lab::{on_own_thread, RelayLab};
 use crate::Workload;
 
 /// What one workload measured.
@@ -89,7 +89,8 @@ pub(crate) async fn run(
     }
 
     let transactions = events.div_ceil(workload.rows_per_txn);
-    let pgoutput_secs = minimal_reader(&lab, events, transactions).await?;
+    let url = lab.url.clone();
+    let pgoutput_secs = on_own_thread(move || minimal_reader(url, events, transactions)).await?;
     let recvlogical_secs = recvlogical(&lab, &end_lsn).await?;
     let broker_secs = produce_only(&lab.broker.bootstrap(), workload, events).await?;
 
@@ -130,10 +131,10 @@ const RECVLOGICAL_SLOT: &str = "bench_recvlogical";
 
 /// Streams [`READER_SLOT`] until `events` inserts and `transactions` commits came
 /// (pgoutput tags `I` and `C`); the seconds it took, connection included.
-async fn minimal_reader(lab: &RelayLab, events: u64, transactions: u64) -> anyhow::Result<f64> {
+async fn minimal_reader(url: String, events: u64, transactions: u64) -> anyhow::Result<f64> {
     use outbox_relay::replication::{ConnectConfig, ReplicationClient, ReplicationMessage};
     let started = Instant::now();
-    let connect = ConnectConfig::from_url(&lab.url)?;
+    let connect = ConnectConfig::from_url(&url)?;
     let client = ReplicationClient::connect(&connect).await?;
     let mut stream = client
         .start_logical_replication(
