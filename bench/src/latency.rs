@@ -109,19 +109,15 @@ pub(crate) async fn run(
 
     for result in &mut results {
         eprintln!("    {} events/s to a minimal reader", result.offered);
-        let mut reads = read_latencies(&lab, result.offered, result.events).await?;
-        reads.sort_by(f64::total_cmp);
-        result.pgoutput_p50_ms = quantile(&reads, 0.5) * 1e3;
-        result.pgoutput_p99_ms = quantile(&reads, 0.99) * 1e3;
+        let reads = read_latencies(&lab, result.offered, result.events).await?;
+        (result.pgoutput_p50_ms, result.pgoutput_p99_ms) = p50_p99_ms(reads);
     }
 
     let producer = broker_only_producer(&lab.broker.bootstrap(), "bench.latency").await?;
     for result in &mut results {
         eprintln!("    {} events/s broker-only", result.offered);
-        let mut acks = broker_latencies(&producer, result.offered, result.events).await?;
-        acks.sort_by(f64::total_cmp);
-        result.broker_p50_ms = quantile(&acks, 0.5) * 1e3;
-        result.broker_p99_ms = quantile(&acks, 0.99) * 1e3;
+        let acks = broker_latencies(&producer, result.offered, result.events).await?;
+        (result.broker_p50_ms, result.broker_p99_ms) = p50_p99_ms(acks);
     }
     lab.close().await;
     Ok(results)
@@ -229,6 +225,15 @@ async fn broker_latencies(
         }
     }
     Ok(latencies)
+}
+
+/// The median and the 99th percentile of `seconds`, in milliseconds.
+pub(crate) fn p50_p99_ms(mut seconds: Vec<f64>) -> (f64, f64) {
+    seconds.sort_by(f64::total_cmp);
+    (
+        quantile(&seconds, 0.5) * 1e3,
+        quantile(&seconds, 0.99) * 1e3,
+    )
 }
 
 /// The `q` quantile of sorted `values` (nearest rank).

@@ -206,17 +206,15 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
     load.await.context("the load")??;
     let done = 20 + sizes.saturation + latency_orders;
     wait_all_ended(&order, done, bound).await?;
-    let mut latencies: Vec<f64> = sqlx::query_scalar(
+    let latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM updated_at - created_at)::float8 FROM saga_state \
          WHERE created_at >= $1::timestamptz AND status = 'COMPLETED'",
     )
     .bind(&mark)
     .fetch_all(&order)
     .await?;
-    latencies.sort_by(f64::total_cmp);
     result.latency_orders = latency_orders;
-    result.latency_p50_ms = crate::latency::quantile(&latencies, 0.5) * 1e3;
-    result.latency_p99_ms = crate::latency::quantile(&latencies, 0.99) * 1e3;
+    (result.latency_p50_ms, result.latency_p99_ms) = crate::latency::p50_p99_ms(latencies);
 
     // 1,000 in flight: the payment service paused while they are accepted.
     eprintln!(

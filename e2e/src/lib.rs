@@ -14,3 +14,16 @@ pub mod scenarios;
 pub use client::{OrderRequest, ShopClient};
 pub use harness::{Mode, ServiceDatabases, Shop, ShopConfig};
 pub use invariants::{Balances, Ledger, Report};
+
+/// Sends the logs of the shop's command-line programs (the demo, the scenarios,
+/// the benchmarks) to standard error: warnings and worse, unless `RUST_LOG` says
+/// otherwise.
+pub fn log_to_stderr() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

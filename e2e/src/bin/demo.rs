@@ -83,13 +83,7 @@ fn cases() -> Vec<Case> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shop::log_to_stderr();
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
