@@ -154,7 +154,19 @@ mod tests {
             .arg("5")
             .spawn()
             .expect("sleep runs");
-        let found = children(std::process::id());
+        // Right after the spawn the child's command line can still read empty
+        // (the exec is under way), so look again for a while.
+        let started = std::time::Instant::now();
+        let found = loop {
+            let found = children(std::process::id());
+            let seen = found
+                .iter()
+                .any(|(pid, cmd)| *pid == child.id() && cmd == "sleep 5");
+            if seen || started.elapsed() > std::time::Duration::from_secs(3) {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         let _ = child.kill();
         let _ = child.wait();
         assert!(
