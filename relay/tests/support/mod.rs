@@ -124,7 +124,9 @@ impl OutboxDb {
         write_rows(self.pool(), rows, delete_after).await;
     }
 
-    /// Waits until the relay's slot exists (rows written before it are not streamed).
+    /// Waits until the relay's slot is listed. Rows committed from then on reach the
+    /// relay: through the stream, or through the initial snapshot while the slot
+    /// still waits for a consistent point.
     pub async fn wait_for_slot(&self) {
         self.wait_slot(|active| active.is_some(), "exist").await;
     }
