@@ -119,6 +119,8 @@ pub(crate) async fn run(
         let acks = broker_latencies(&producer, result.offered, result.events).await?;
         (result.broker_p50_ms, result.broker_p99_ms) = p50_p99_ms(acks);
     }
+    // Before the broker stops, or librdkafka reports it down.
+    drop(producer);
     lab.close().await;
     Ok(results)
 }

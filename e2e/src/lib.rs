@@ -17,12 +17,13 @@ pub use invariants::{Balances, Ledger, Report};
 
 /// Sends the logs of the shop's command-line programs (the demo, the scenarios,
 /// the benchmarks) to standard error: warnings and worse, unless `RUST_LOG` says
-/// otherwise.
+/// otherwise. sqlx's slow-statement warnings are left out: these programs run
+/// long statements on purpose (a paced load, a backlog written at once).
 pub fn log_to_stderr() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error")),
         )
         .with_writer(std::io::stderr)
         .init();
