@@ -11,6 +11,8 @@
 //!   `saga_barrier`, `outbox_relay_snapshots`) as migrations a service embeds beside
 //!   its own.
 //! - [`status`]: the lifecycle states a saga and its steps go through.
+//! - [`testing`]: a participant's handler tested against a real database without a
+//!   broker: commands as the consumer hands them over, the replies in the outbox.
 //!
 //! # Example: an order saga, a participant, and running both
 //!
@@ -150,3 +152,4 @@ pub mod outbox;
 pub mod saga;
 pub mod schema;
 pub mod status;
+pub mod testing;

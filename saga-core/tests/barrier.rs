@@ -48,23 +48,10 @@ fn row(op: &str, reason: &str) -> (String, String, String, String) {
 /// Waits until some session of `db` waits for a lock (a barrier row held by another
 /// transaction), or fails after [`BLOCK_TIMEOUT`].
 async fn wait_until_blocked(db: &TestDatabase) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = $1 AND wait_event_type = 'Lock'",
-        )
-        .bind(db.name())
-        .fetch_one(db.pool())
-        .await?;
-        if waiting > 0 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no transaction blocked on the barrier within {BLOCK_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if !db.wait_for_a_lock_wait(BLOCK_TIMEOUT).await? {
+        bail!("no transaction blocked on the barrier within {BLOCK_TIMEOUT:?}");
     }
+    Ok(())
 }
 
 /// Starts a task that enters the barrier on a connection of its own (with `begin`

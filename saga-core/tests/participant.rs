@@ -2,7 +2,6 @@
 //! operation, and a duplicate (the orchestrator's resend under a new request id) is
 //! answered again with the answer given the first time, marked as a replay.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -11,7 +10,8 @@ use saga_core::consumer::{HandlerError, IncomingMessage};
 use saga_core::outbox::Outbox;
 use saga_core::saga::{participate, CommandEnvelope, Effect, ParticipantReply};
 use saga_core::schema;
-use serde_json::{json, Value};
+use saga_core::testing::{assert_replay, outbox_rows, OutboxRow, SagaCommand};
+use serde_json::json;
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgConnection, PgPool};
 use testkit::TestDatabase;
@@ -35,29 +35,13 @@ async fn database() -> anyhow::Result<TestDatabase> {
 /// A saga command as the consumer hands it over: a fresh message id, and the
 /// request id of the attempt it belongs to.
 fn command(saga: &str, kind: &str, compensation: bool, request_id: Uuid) -> IncomingMessage {
-    let id = Uuid::now_v7();
-    let headers: BTreeMap<String, String> = [
-        ("id", id.to_string()),
-        ("type", kind.to_owned()),
-        ("saga-id", saga.to_owned()),
-        ("saga-step", STEP.to_owned()),
-        ("request-id", request_id.to_string()),
-        ("reply-to", REPLY_TO.to_owned()),
-        ("compensation", compensation.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    IncomingMessage {
-        topic: "inventory.request".to_owned(),
-        partition: 0,
-        offset: 0,
-        key: Some(saga.to_owned()),
-        id,
-        message_type: Some(kind.to_owned()),
-        headers,
-        payload: Some(json!({ "quantity": 2 })),
-    }
+    SagaCommand::new(saga, STEP, kind)
+        .topic("inventory.request")
+        .reply_to(REPLY_TO)
+        .compensation(compensation)
+        .request_id(request_id)
+        .payload(json!({ "quantity": 2 }))
+        .message()
 }
 
 /// The business effect: records that it ran, and answers by command type.
@@ -107,68 +91,27 @@ async fn effects(pool: &PgPool, saga: &str) -> anyhow::Result<Vec<String>> {
     )
 }
 
-/// A reply as it sits in the outbox.
-#[derive(Debug, Clone, PartialEq)]
-struct Reply {
-    kind: String,
-    payload: Value,
-    headers: Value,
+/// The request id a reply answers.
+fn request_id(reply: &OutboxRow) -> &str {
+    reply.header("request-id").unwrap_or_default()
 }
 
-impl Reply {
-    fn request_id(&self) -> &str {
-        self.headers["request-id"].as_str().unwrap_or_default()
+/// The replies to `saga`, oldest first; every one must go to the reply topic.
+async fn replies(pool: &PgPool, saga: &str) -> anyhow::Result<Vec<OutboxRow>> {
+    let rows = outbox_rows(pool, &Outbox::new()).await?;
+    let replies: Vec<OutboxRow> = rows.into_iter().filter(|r| r.aggregateid == saga).collect();
+    if let Some(stray) = replies.iter().find(|r| r.aggregatetype != REPLY_TO) {
+        bail!("a reply went to {}", stray.aggregatetype);
     }
-
-    fn replay(&self) -> Option<&str> {
-        self.headers.get("saga-replay").and_then(Value::as_str)
-    }
-
-    /// What the orchestrator reads from the reply, apart from its request id.
-    fn answer(&self) -> (String, Value, Value, Value, Value) {
-        (
-            self.kind.clone(),
-            self.payload.clone(),
-            self.headers["outcome"].clone(),
-            self.headers["saga-id"].clone(),
-            self.headers["saga-step"].clone(),
-        )
-    }
-}
-
-async fn replies(pool: &PgPool, saga: &str) -> anyhow::Result<Vec<Reply>> {
-    let rows: Vec<(String, String, Value, Value)> = sqlx::query_as(
-        "SELECT aggregatetype, type, payload, headers FROM outbox \
-         WHERE aggregateid = $1 ORDER BY id",
-    )
-    .bind(saga)
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|(topic, kind, payload, headers)| {
-            if topic != REPLY_TO {
-                bail!("a reply went to {topic}");
-            }
-            Ok(Reply {
-                kind,
-                payload,
-                headers,
-            })
-        })
-        .collect()
+    Ok(replies)
 }
 
 /// Asserts that `replay` answers `request` with exactly the answer of `first`.
-fn assert_replayed(first: &Reply, replay: &Reply, request: Uuid) {
-    assert_eq!(
-        first.replay(),
-        None,
-        "a first answer is no replay: {first:?}"
-    );
-    assert_eq!(replay.replay(), Some("true"), "{replay:?}");
-    assert_eq!(replay.request_id(), request.to_string());
-    assert_ne!(replay.request_id(), first.request_id());
-    assert_eq!(replay.answer(), first.answer());
+#[track_caller]
+fn assert_replayed(first: &OutboxRow, replay: &OutboxRow, request: Uuid) {
+    assert_replay(replay, first);
+    assert_eq!(request_id(replay), request.to_string());
+    assert_ne!(request_id(replay), request_id(first));
 }
 
 #[tokio::test]
@@ -185,15 +128,18 @@ async fn an_applied_command_resent_under_a_new_request_id_is_answered_again_once
     assert_eq!(effects(db.pool(), &saga).await?, ["ReserveGoods"]);
     let replies = replies(db.pool(), &saga).await?;
     assert_eq!(replies.len(), 3, "{replies:?}");
-    assert_eq!(replies[0].request_id(), first.to_string());
+    assert_eq!(request_id(&replies[0]), first.to_string());
+    let first_answer = &replies[0];
     assert_eq!(
-        replies[0].answer(),
         (
-            "GoodsReserved".to_owned(),
-            json!({ "reserved": 2, "left": 8 }),
-            json!("success"),
-            json!(saga),
-            json!(STEP),
+            first_answer.kind.as_str(),
+            &first_answer.payload,
+            ["outcome", "saga-id", "saga-step"].map(|h| first_answer.header(h)),
+        ),
+        (
+            "GoodsReserved",
+            &json!({ "reserved": 2, "left": 8 }),
+            [Some("success"), Some(saga.as_str()), Some(STEP)],
         )
     );
     assert_replayed(&replies[0], &replies[1], second);
@@ -213,7 +159,7 @@ async fn a_refusal_resent_is_refused_again() -> anyhow::Result<()> {
     let replies = replies(db.pool(), &saga).await?;
     assert_eq!(replies.len(), 2, "{replies:?}");
     assert_eq!(replies[0].kind, "GoodsShort");
-    assert_eq!(replies[0].headers["outcome"], "failure");
+    assert_eq!(replies[0].header("outcome"), Some("failure"));
     assert_replayed(&replies[0], &replies[1], second);
     Ok(())
 }
@@ -235,8 +181,8 @@ async fn a_compensation_resent_is_answered_again_and_undoes_once() -> anyhow::Re
     let replies = replies(db.pool(), &saga).await?;
     assert_eq!(replies.len(), 3, "{replies:?}");
     assert_eq!(replies[1].kind, "GoodsReleased");
-    assert_eq!(replies[1].request_id(), first.to_string());
-    assert_eq!(replies[1].headers["outcome"], "success");
+    assert_eq!(request_id(&replies[1]), first.to_string());
+    assert_eq!(replies[1].header("outcome"), Some("success"));
     assert_replayed(&replies[1], &replies[2], second);
     Ok(())
 }
@@ -258,7 +204,7 @@ async fn a_null_compensation_resent_is_skipped_again_and_the_late_action_stays_s
     assert_eq!(replies.len(), 2, "{replies:?}");
     assert_eq!(replies[0].kind, "ReleaseGoodsSkipped");
     assert_eq!(replies[0].payload, json!({ "nullCompensation": true }));
-    assert_eq!(replies[0].headers["outcome"], "success");
+    assert_eq!(replies[0].header("outcome"), Some("success"));
     assert_replayed(&replies[0], &replies[1], second);
     Ok(())
 }
@@ -306,31 +252,18 @@ async fn a_failed_attempt_stores_no_answer_and_its_retry_answers_first_hand() ->
     handle(db.pool(), &command(&saga, "ReserveGoods", false, retry)).await?;
     let replies = replies(db.pool(), &saga).await?;
     assert_eq!(replies.len(), 1, "{replies:?}");
-    assert_eq!(replies[0].request_id(), retry.to_string());
-    assert_eq!(replies[0].replay(), None);
+    assert_eq!(request_id(&replies[0]), retry.to_string());
+    assert_eq!(replies[0].header("saga-replay"), None);
     Ok(())
 }
 
 /// Waits until some session of `db` waits for a lock, or fails after
 /// [`BLOCK_TIMEOUT`].
 async fn wait_until_blocked(db: &TestDatabase) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = $1 AND wait_event_type = 'Lock'",
-        )
-        .bind(db.name())
-        .fetch_one(db.pool())
-        .await?;
-        if waiting > 0 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no transaction blocked on the barrier within {BLOCK_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if !db.wait_for_a_lock_wait(BLOCK_TIMEOUT).await? {
+        bail!("no transaction blocked on the barrier within {BLOCK_TIMEOUT:?}");
     }
+    Ok(())
 }
 
 #[tokio::test]

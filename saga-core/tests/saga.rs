@@ -151,11 +151,7 @@ impl Fixture {
     }
 
     async fn start(&self, order: Order) -> Uuid {
-        let id = Uuid::now_v7();
-        let mut tx = self.pool().begin().await.unwrap();
-        self.orchestrator.start(&mut tx, id, order).await.unwrap();
-        tx.commit().await.unwrap();
-        id
+        start_saga(self.pool(), &self.orchestrator, order).await
     }
 
     /// The commands written so far, in order.
@@ -219,6 +215,19 @@ impl Fixture {
         self.orchestrator.load(&mut conn, id).await.unwrap().status
     }
 
+    /// Where saga `id` of `orchestrator` (another definition than the fixture's)
+    /// stands, and the status of its order.
+    async fn outcome(
+        &self,
+        orchestrator: &Orchestrator<Order>,
+        id: Uuid,
+        order: &Order,
+    ) -> (SagaStatus, Option<String>) {
+        let mut conn = self.db.connect().await;
+        let saga = orchestrator.load(&mut conn, id).await.unwrap().status;
+        (saga, self.order_status(order.order_id).await)
+    }
+
     async fn order_status(&self, order: Uuid) -> Option<String> {
         sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
             .bind(order)
@@ -255,6 +264,15 @@ fn reply_message(
         headers,
         payload: Some(payload),
     }
+}
+
+/// Starts a saga of `orchestrator` for `order` in a transaction of its own.
+async fn start_saga(pool: &PgPool, orchestrator: &Orchestrator<Order>, order: Order) -> Uuid {
+    let id = Uuid::now_v7();
+    let mut tx = pool.begin().await.unwrap();
+    orchestrator.start(&mut tx, id, order).await.unwrap();
+    tx.commit().await.unwrap();
+    id
 }
 
 fn order() -> Order {
@@ -790,14 +808,8 @@ async fn a_step_with_retries_is_sent_again_before_it_fails() {
         .build()
         .unwrap();
     let orchestrator = Orchestrator::new(retrying, Outbox::new(), "order.reply");
-    let id = Uuid::now_v7();
     let order = order();
-    let mut tx = f.pool().begin().await.unwrap();
-    orchestrator
-        .start(&mut tx, id, order.clone())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
 
     let apply = |to: Sent| {
         let orchestrator = &orchestrator;
@@ -818,20 +830,15 @@ async fn a_step_with_retries_is_sent_again_before_it_fails() {
         second.request_id, first.request_id,
         "a retry is a new request"
     );
-    let mut conn = f.db.connect().await;
     assert_eq!(
-        orchestrator.load(&mut conn, id).await.unwrap().status,
-        SagaStatus::Started
+        f.outcome(&orchestrator, id, &order).await,
+        (SagaStatus::Started, Some("PENDING".to_owned()))
     );
     assert_eq!(apply(second).await, ReplyDisposition::Applied);
-    assert_eq!(
-        orchestrator.load(&mut conn, id).await.unwrap().status,
-        SagaStatus::Aborted
-    );
     assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveGoods"]);
     assert_eq!(
-        f.order_status(order.order_id).await.as_deref(),
-        Some("REJECTED")
+        f.outcome(&orchestrator, id, &order).await,
+        (SagaStatus::Aborted, Some("REJECTED".to_owned()))
     );
 }
 
@@ -923,13 +930,8 @@ async fn a_step_resent_after_a_timeout_completes_when_the_participant_answers_th
         .build()
         .unwrap();
     let orchestrator = Orchestrator::new(retrying, Outbox::new(), "order.reply");
-    let (id, order) = (Uuid::now_v7(), order());
-    let mut tx = f.pool().begin().await.unwrap();
-    orchestrator
-        .start(&mut tx, id, order.clone())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let order = order();
+    let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
 
     // The participant applies the command, but its reply is slower than the timeout.
     let first = f.last().await;
@@ -956,14 +958,9 @@ async fn a_step_resent_after_a_timeout_completes_when_the_participant_answers_th
         apply_reply(&orchestrator, f.pool(), &replies[1]).await,
         ReplyDisposition::Applied
     );
-    let mut conn = f.db.connect().await;
     assert_eq!(
-        orchestrator.load(&mut conn, id).await.unwrap().status,
-        SagaStatus::Completed
-    );
-    assert_eq!(
-        f.order_status(order.order_id).await.as_deref(),
-        Some("PENDING")
+        f.outcome(&orchestrator, id, &order).await,
+        (SagaStatus::Completed, Some("PENDING".to_owned()))
     );
 }
 
@@ -986,13 +983,8 @@ async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts
         .build()
         .unwrap();
     let orchestrator = Orchestrator::new(compensating, Outbox::new(), "order.reply");
-    let (id, order) = (Uuid::now_v7(), order());
-    let mut tx = f.pool().begin().await.unwrap();
-    orchestrator
-        .start(&mut tx, id, order.clone())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let order = order();
+    let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
 
     // The step is applied and times out; its compensation is applied and times out.
     participant_handles(&f, &f.last().await).await;
@@ -1032,13 +1024,8 @@ async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts
             ReplyDisposition::Applied
         ]
     );
-    let mut conn = f.db.connect().await;
     assert_eq!(
-        orchestrator.load(&mut conn, id).await.unwrap().status,
-        SagaStatus::Aborted
-    );
-    assert_eq!(
-        f.order_status(order.order_id).await.as_deref(),
-        Some("REJECTED")
+        f.outcome(&orchestrator, id, &order).await,
+        (SagaStatus::Aborted, Some("REJECTED".to_owned()))
     );
 }

@@ -91,6 +91,28 @@ impl TestDatabase {
         connect(&self.options).await
     }
 
+    /// Waits until a session of this database waits for a lock (a row another
+    /// transaction holds); `false` when none did within `within`.
+    pub async fn wait_for_a_lock_wait(&self, within: Duration) -> Result<bool, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = $1 AND wait_event_type = 'Lock'",
+            )
+            .bind(&self.name)
+            .fetch_one(&self.pool)
+            .await?;
+            if waiting > 0 {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Drops the database now: terminates its sessions, drops its replication slots
     /// (a database with logical slots cannot be dropped), then the database.
     pub async fn drop_database(mut self) -> Result<(), sqlx::Error> {

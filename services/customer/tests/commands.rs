@@ -2,14 +2,14 @@
 //! a transaction, as the consumer does, and looks at the credit, the reservations and
 //! the replies in the outbox.
 
-use std::collections::BTreeMap;
-
 use customer_service::commands::{
     CREDIT_LIMIT_EXCEEDED, CREDIT_RELEASED, CREDIT_RESERVED, CUSTOMER_NOT_FOUND, RELEASE_CREDIT,
     RESERVE_CREDIT,
 };
 use customer_service::{CommandHandler, ADA, BOB};
-use saga_core::consumer::{HandlerError, IncomingMessage, MessageHandler};
+use saga_core::consumer::{HandlerError, IncomingMessage};
+use saga_core::outbox::Outbox;
+use saga_core::testing::{assert_replay, outbox_rows, OutboxRow, SagaCommand};
 use serde_json::{json, Value};
 use testkit::TestDatabase;
 use uuid::Uuid;
@@ -20,17 +20,6 @@ const STEP: &str = "reserve-credit";
 struct Fixture {
     db: TestDatabase,
     handler: CommandHandler,
-}
-
-/// A reply row of the outbox.
-#[derive(Debug, sqlx::FromRow)]
-struct Reply {
-    aggregatetype: String,
-    aggregateid: String,
-    #[sqlx(rename = "type")]
-    kind: String,
-    payload: Value,
-    headers: Value,
 }
 
 impl Fixture {
@@ -47,14 +36,7 @@ impl Fixture {
     /// Handles `message` in a transaction of its own, committed when the handler
     /// succeeds, as the consumer does.
     async fn handle(&self, message: &IncomingMessage) -> Result<(), HandlerError> {
-        let mut tx = self.db.pool().begin().await.unwrap();
-        let result = self.handler.handle(&mut tx, message).await;
-        if result.is_ok() {
-            tx.commit().await.unwrap();
-        } else {
-            tx.rollback().await.unwrap();
-        }
-        result
+        saga_core::testing::handle(self.db.pool(), &self.handler, message).await
     }
 
     /// The customer's available credit, in cents.
@@ -77,65 +59,32 @@ impl Fixture {
         .unwrap()
     }
 
-    async fn replies(&self) -> Vec<Reply> {
-        sqlx::query_as(
-            "SELECT aggregatetype, aggregateid, type, payload, headers FROM outbox ORDER BY id",
-        )
-        .fetch_all(self.db.pool())
-        .await
-        .unwrap()
+    async fn replies(&self) -> Vec<OutboxRow> {
+        outbox_rows(self.db.pool(), &Outbox::new()).await.unwrap()
     }
 }
 
 /// A saga command as the consumer hands it over.
 fn command(saga: Uuid, kind: &str, compensation: bool, payload: Value) -> IncomingMessage {
-    let headers: BTreeMap<String, String> = [
-        ("id", Uuid::now_v7().to_string()),
-        ("type", kind.to_owned()),
-        ("saga-id", saga.to_string()),
-        ("saga-step", STEP.to_owned()),
-        ("request-id", Uuid::now_v7().to_string()),
-        ("reply-to", REPLY_TO.to_owned()),
-        ("compensation", compensation.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    IncomingMessage {
-        topic: "shop.customer.request".to_owned(),
-        partition: 0,
-        offset: 0,
-        key: Some(saga.to_string()),
-        id: headers["id"].parse().unwrap(),
-        message_type: Some(kind.to_owned()),
-        headers,
-        payload: Some(payload),
-    }
+    SagaCommand::new(saga, STEP, kind)
+        .topic("shop.customer.request")
+        .reply_to(REPLY_TO)
+        .compensation(compensation)
+        .payload(payload)
+        .message()
 }
 
 fn credit(order: Uuid, customer: Uuid, amount_cents: i64) -> Value {
     json!({ "orderId": order, "customerId": customer, "amountCents": amount_cents })
 }
 
-fn assert_reply(reply: &Reply, saga: Uuid, kind: &str, outcome: &str) {
+fn assert_reply(reply: &OutboxRow, saga: Uuid, kind: &str, outcome: &str) {
     assert_eq!(reply.aggregatetype, REPLY_TO);
     assert_eq!(reply.aggregateid, saga.to_string());
     assert_eq!(reply.kind, kind, "{reply:?}");
-    assert_eq!(reply.headers["outcome"], outcome, "{reply:?}");
-    assert_eq!(reply.headers["saga-id"], saga.to_string().as_str());
-    assert_eq!(reply.headers["saga-step"], STEP);
-}
-
-/// `replay` answers a duplicate command again with exactly the answer of `first`.
-fn assert_replay(replay: &Reply, first: &Reply) {
-    assert_eq!(first.headers.get("saga-replay"), None, "{first:?}");
-    assert_eq!(replay.headers["saga-replay"], "true", "{replay:?}");
-    assert_eq!(
-        (&replay.kind, &replay.payload, &replay.headers["outcome"]),
-        (&first.kind, &first.payload, &first.headers["outcome"])
-    );
-    assert_eq!(replay.headers["saga-id"], first.headers["saga-id"]);
-    assert_eq!(replay.headers["saga-step"], first.headers["saga-step"]);
+    assert_eq!(reply.header("outcome"), Some(outcome), "{reply:?}");
+    assert_eq!(reply.header("saga-id"), Some(saga.to_string().as_str()));
+    assert_eq!(reply.header("saga-step"), Some(STEP));
 }
 
 #[tokio::test]
@@ -157,8 +106,8 @@ async fn a_reserve_takes_credit_once_and_replies_once() {
         json!({ "customerId": ADA, "amountCents": 12_345, "availableCents": 87_655 })
     );
     assert_eq!(
-        replies[0].headers["request-id"],
-        reserve.header("request-id").unwrap()
+        replies[0].header("request-id"),
+        reserve.header("request-id")
     );
 
     // The same command again (a redelivery under another message id, or a retried
