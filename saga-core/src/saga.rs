@@ -21,7 +21,10 @@ pub use engine::{
     Orchestrator, ReplyDisposition, SagaError, SagaInstance, StepState,
     DEFAULT_COMPENSATION_TIMEOUT,
 };
-pub use participant::{participate, reply, CommandEnvelope, Effect, Outcome, ParticipantReply};
+pub use participant::{
+    participate, read_command, reply, unknown_command, CommandEnvelope, Effect, Outcome,
+    ParticipantReply,
+};
 
 /// Header: the saga instance's id (also the Kafka key).
 pub const HEADER_SAGA_ID: &str = "saga-id";

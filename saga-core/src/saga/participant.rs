@@ -20,6 +20,7 @@
 //!   not answered (logged), as before. A hanging action is never answered: its
 //!   compensation already ran, and the orchestrator no longer waits for it.
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -150,6 +151,50 @@ impl ParticipantReply {
             payload,
         }
     }
+}
+
+/// The payload of the saga command `message` as `T`, checked before the barrier is
+/// entered, so that a command that can never be applied is dead-lettered instead of
+/// recorded as having run: it must be sent as a compensation exactly when
+/// `compensation` says (the barrier decides by that header whether it undoes a
+/// step, so a compensation sent as an action would take the action's place), and
+/// its payload must read as `T`. Both mismatches are [`HandlerError::Definite`],
+/// naming the command type.
+///
+/// [`HandlerError::Definite`]: crate::consumer::HandlerError::Definite
+pub fn read_command<T: DeserializeOwned>(
+    message: &IncomingMessage,
+    compensation: bool,
+) -> Result<T, crate::consumer::HandlerError> {
+    use crate::consumer::HandlerError;
+    let kind = message.message_type.as_deref().unwrap_or("a command");
+    if (message.header(HEADER_COMPENSATION) == Some("true")) != compensation {
+        return Err(HandlerError::definite(format!(
+            "{kind} must be sent {}a compensation (header {HEADER_COMPENSATION})",
+            if compensation { "as " } else { "not as " }
+        )));
+    }
+    message.payload_as().map_err(|e| match e {
+        HandlerError::Definite(reason) => HandlerError::definite(format!("{kind}: {reason}")),
+        other => other,
+    })
+}
+
+/// The error for a command `participant` does not handle (its types are
+/// `handled`), or for a message without a type: definite, so it is dead-lettered.
+pub fn unknown_command(
+    message: &IncomingMessage,
+    participant: &str,
+    handled: &[&str],
+) -> crate::consumer::HandlerError {
+    let reason = match message.message_type.as_deref() {
+        Some(other) => format!(
+            "unknown command type {other:?}: {participant} handles {}",
+            handled.join(", ")
+        ),
+        None => format!("message {} has no type header", message.id),
+    };
+    crate::consumer::HandlerError::definite(reason)
 }
 
 /// The business effect of a command, run in the participant's transaction.

@@ -22,10 +22,10 @@
 use futures::future::BoxFuture;
 use saga_core::consumer::{HandlerError, IncomingMessage, MessageHandler};
 use saga_core::outbox::Outbox;
-use saga_core::saga::{participate, ParticipantReply, HEADER_COMPENSATION};
+use saga_core::saga::{participate, read_command, unknown_command, ParticipantReply};
 use serde::Deserialize;
 use serde_json::json;
-use service_kit::money::MAX_CENTS;
+use service_kit::money::check_cents;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -75,57 +75,34 @@ impl MessageHandler for CommandHandler {
         Box::pin(async move {
             match message.message_type.as_deref() {
                 Some(RESERVE_CREDIT) => {
-                    let command = read(message, RESERVE_CREDIT, false)?;
+                    let command = read(message, false)?;
                     participate(tx, &self.outbox, message, move |tx, _| {
                         Box::pin(reserve(tx, command))
                     })
                     .await
                 }
                 Some(RELEASE_CREDIT) => {
-                    let command = read(message, RELEASE_CREDIT, true)?;
+                    let command = read(message, true)?;
                     participate(tx, &self.outbox, message, move |tx, _| {
                         Box::pin(release(tx, command))
                     })
                     .await
                 }
-                Some(other) => Err(HandlerError::definite(format!(
-                    "unknown command type {other:?}: the customer service handles \
-                     {RESERVE_CREDIT} and {RELEASE_CREDIT}"
-                ))),
-                None => Err(HandlerError::definite(format!(
-                    "message {} has no type header",
-                    message.id
-                ))),
+                _ => Err(unknown_command(
+                    message,
+                    "the customer service",
+                    &[RESERVE_CREDIT, RELEASE_CREDIT],
+                )),
             }
         })
     }
 }
 
-/// The payload of a `kind` command, checked before the barrier is entered: a command
-/// that can never be applied is dead-lettered instead of recorded as having run.
-fn read(
-    message: &IncomingMessage,
-    kind: &str,
-    compensation: bool,
-) -> Result<CreditCommand, HandlerError> {
-    // The barrier decides by this header whether the message is an action or a
-    // compensation; a release sent as an action would take the reserve's place.
-    if (message.header(HEADER_COMPENSATION) == Some("true")) != compensation {
-        return Err(HandlerError::definite(format!(
-            "{kind} must be sent {}a compensation (header {HEADER_COMPENSATION})",
-            if compensation { "as " } else { "not as " }
-        )));
-    }
-    let command: CreditCommand = message.payload_as().map_err(|e| match e {
-        HandlerError::Definite(reason) => HandlerError::definite(format!("{kind}: {reason}")),
-        other => other,
-    })?;
-    if !(1..=MAX_CENTS).contains(&command.amount_cents) {
-        return Err(HandlerError::definite(format!(
-            "{kind}: amountCents must be between 1 and {MAX_CENTS}, not {}",
-            command.amount_cents
-        )));
-    }
+/// The payload of a credit command, checked before the barrier is entered (see
+/// [`read_command`]) and for an amount a reservation can hold.
+fn read(message: &IncomingMessage, compensation: bool) -> Result<CreditCommand, HandlerError> {
+    let command: CreditCommand = read_command(message, compensation)?;
+    check_cents(message, command.amount_cents)?;
     Ok(command)
 }
 

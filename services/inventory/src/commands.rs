@@ -19,7 +19,7 @@
 use futures::future::BoxFuture;
 use saga_core::consumer::{HandlerError, IncomingMessage, MessageHandler};
 use saga_core::outbox::Outbox;
-use saga_core::saga::{participate, ParticipantReply, HEADER_COMPENSATION};
+use saga_core::saga::{participate, read_command, unknown_command, ParticipantReply};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgConnection;
@@ -71,54 +71,37 @@ impl MessageHandler for CommandHandler {
         Box::pin(async move {
             match message.message_type.as_deref() {
                 Some(RESERVE_GOODS) => {
-                    let command = read(message, RESERVE_GOODS, false)?;
+                    let command = read(message, false)?;
                     participate(tx, &self.outbox, message, move |tx, _| {
                         Box::pin(reserve(tx, command))
                     })
                     .await
                 }
                 Some(RELEASE_GOODS) => {
-                    let command = read(message, RELEASE_GOODS, true)?;
+                    let command = read(message, true)?;
                     participate(tx, &self.outbox, message, move |tx, _| {
                         Box::pin(release(tx, command))
                     })
                     .await
                 }
-                Some(other) => Err(HandlerError::definite(format!(
-                    "unknown command type {other:?}: the inventory handles \
-                     {RESERVE_GOODS} and {RELEASE_GOODS}"
-                ))),
-                None => Err(HandlerError::definite(format!(
-                    "message {} has no type header",
-                    message.id
-                ))),
+                _ => Err(unknown_command(
+                    message,
+                    "the inventory service",
+                    &[RESERVE_GOODS, RELEASE_GOODS],
+                )),
             }
         })
     }
 }
 
-/// The payload of a `kind` command, checked before the barrier is entered: a command
-/// that can never be applied is dead-lettered instead of recorded as having run.
-fn read(
-    message: &IncomingMessage,
-    kind: &str,
-    compensation: bool,
-) -> Result<GoodsCommand, HandlerError> {
-    // The barrier decides by this header whether the message is an action or a
-    // compensation; a release sent as an action would take the reserve's place.
-    if (message.header(HEADER_COMPENSATION) == Some("true")) != compensation {
-        return Err(HandlerError::definite(format!(
-            "{kind} must be sent {}a compensation (header {HEADER_COMPENSATION})",
-            if compensation { "as " } else { "not as " }
-        )));
-    }
-    let command: GoodsCommand = message.payload_as().map_err(|e| match e {
-        HandlerError::Definite(reason) => HandlerError::definite(format!("{kind}: {reason}")),
-        other => other,
-    })?;
+/// The payload of a goods command, checked before the barrier is entered (see
+/// [`read_command`]) and for a positive quantity.
+fn read(message: &IncomingMessage, compensation: bool) -> Result<GoodsCommand, HandlerError> {
+    let command: GoodsCommand = read_command(message, compensation)?;
     if command.quantity <= 0 {
         return Err(HandlerError::definite(format!(
-            "{kind}: quantity must be positive, not {}",
+            "{}: quantity must be positive, not {}",
+            message.message_type.as_deref().unwrap_or_default(),
             command.quantity
         )));
     }

@@ -7,6 +7,22 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The largest amount a `numeric(12, 2)` column holds, in cents.
 pub const MAX_CENTS: i64 = 9_999_999_999_999;
 
+/// Checks the `amountCents` of saga command `message` before its barrier is
+/// entered: a positive amount a `numeric(12, 2)` column holds. Anything else can
+/// never be applied, so the error is definite.
+pub fn check_cents(
+    message: &saga_core::consumer::IncomingMessage,
+    amount_cents: i64,
+) -> Result<(), saga_core::consumer::HandlerError> {
+    if (1..=MAX_CENTS).contains(&amount_cents) {
+        return Ok(());
+    }
+    Err(saga_core::consumer::HandlerError::definite(format!(
+        "{}: amountCents must be between 1 and {MAX_CENTS}, not {amount_cents}",
+        message.message_type.as_deref().unwrap_or_default()
+    )))
+}
+
 /// An amount of money in cents. Deserialises from a JSON number with at most two
 /// decimal places and serialises to one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -18,10 +18,10 @@
 use futures::future::BoxFuture;
 use saga_core::consumer::{HandlerError, IncomingMessage, MessageHandler};
 use saga_core::outbox::Outbox;
-use saga_core::saga::{participate, ParticipantReply, HEADER_COMPENSATION};
+use saga_core::saga::{participate, read_command, unknown_command, ParticipantReply};
 use serde::Deserialize;
 use serde_json::json;
-use service_kit::money::MAX_CENTS;
+use service_kit::money::check_cents;
 use service_kit::Amount;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -99,13 +99,8 @@ impl MessageHandler for CommandHandler {
         Box::pin(async move {
             match message.message_type.as_deref() {
                 Some(CHARGE) => {
-                    let command: ChargeCommand = read(message, CHARGE, false)?;
-                    if !(1..=MAX_CENTS).contains(&command.amount_cents) {
-                        return Err(HandlerError::definite(format!(
-                            "{CHARGE}: amountCents must be between 1 and {MAX_CENTS}, not {}",
-                            command.amount_cents
-                        )));
-                    }
+                    let command: ChargeCommand = read_command(message, false)?;
+                    check_cents(message, command.amount_cents)?;
                     let limit = self.charge_limit;
                     participate(tx, &self.outbox, message, move |tx, _| {
                         Box::pin(charge(tx, command, limit))
@@ -113,44 +108,20 @@ impl MessageHandler for CommandHandler {
                     .await
                 }
                 Some(REFUND) => {
-                    let command: RefundCommand = read(message, REFUND, true)?;
+                    let command: RefundCommand = read_command(message, true)?;
                     participate(tx, &self.outbox, message, move |tx, _| {
                         Box::pin(refund(tx, command))
                     })
                     .await
                 }
-                Some(other) => Err(HandlerError::definite(format!(
-                    "unknown command type {other:?}: the payment service handles \
-                     {CHARGE} and {REFUND}"
-                ))),
-                None => Err(HandlerError::definite(format!(
-                    "message {} has no type header",
-                    message.id
-                ))),
+                _ => Err(unknown_command(
+                    message,
+                    "the payment service",
+                    &[CHARGE, REFUND],
+                )),
             }
         })
     }
-}
-
-/// The payload of a `kind` command, checked before the barrier is entered: a command
-/// that can never be applied is dead-lettered instead of recorded as having run.
-fn read<T: serde::de::DeserializeOwned>(
-    message: &IncomingMessage,
-    kind: &str,
-    compensation: bool,
-) -> Result<T, HandlerError> {
-    // The barrier decides by this header whether the message is an action or a
-    // compensation; a refund sent as an action would take the charge's place.
-    if (message.header(HEADER_COMPENSATION) == Some("true")) != compensation {
-        return Err(HandlerError::definite(format!(
-            "{kind} must be sent {}a compensation (header {HEADER_COMPENSATION})",
-            if compensation { "as " } else { "not as " }
-        )));
-    }
-    message.payload_as().map_err(|e| match e {
-        HandlerError::Definite(reason) => HandlerError::definite(format!("{kind}: {reason}")),
-        other => other,
-    })
 }
 
 /// The last (up to) four digits of a card number, the only part that is kept.

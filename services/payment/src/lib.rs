@@ -6,10 +6,8 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-use std::sync::Arc;
-
-use anyhow::Context as _;
-use service_kit::{Amount, CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
+use service_kit::participant::Participant;
+use service_kit::{Amount, CommonArgs, Running, Topics};
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
@@ -71,39 +69,15 @@ fn parse_limit(text: &str) -> Result<Amount, String> {
 /// Starts the service in the background: the API at once (503 until prepared), then
 /// migrations and topics, then the consumer of `payment.request`.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let common = config.common;
-    let pool = common
-        .pool()
-        .context("the database URL (--database-url, DATABASE_URL) is not valid")?;
-    let listen = common
-        .listen_or(DEFAULT_LISTEN)
-        .context("the default listen address is not an address")?;
-    let topics = Topics::new(common.topic_prefix.clone());
-    let request = topics.payment_request();
-    let metrics = ServiceMetrics::new();
-    let handler = Counted::new(
-        Arc::new(CommandHandler::new(config.charge_limit)),
-        Arc::clone(&metrics),
-    );
-    let consumer = Task::consumer(
-        common.consumer_config(SERVICE, std::slice::from_ref(&request)),
-        pool.clone(),
-        Arc::new(handler),
-        Arc::clone(&metrics.consumer),
-    );
-    let prepare = service_kit::cli::prepare(
-        pool.clone(),
-        common,
-        SERVICE,
-        &MIGRATIONS,
-        vec![request, topics.order_reply()],
-    );
-    Service::new(SERVICE, pool.clone(), listen, metrics)
-        .api(api::router(pool))
-        .prepare(prepare)
-        .task(consumer)
-        .start()
-        .await
+    let participant = Participant {
+        name: SERVICE,
+        default_listen: DEFAULT_LISTEN,
+        migrations: &MIGRATIONS,
+        request_topic: Topics::payment_request,
+        handler: CommandHandler::new(config.charge_limit),
+        api: api::router,
+    };
+    service_kit::participant::start(config.common, participant).await
 }
 
 /// The demo data has no payments (they are made by orders); this only says so, so
