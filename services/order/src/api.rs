@@ -387,15 +387,21 @@ async fn get_order(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<OrderView>, ApiError> {
+    // The order and its saga from one snapshot: the saga's last transaction writes
+    // both (APPROVED or REJECTED with COMPLETED or ABORTED), and two reads at two
+    // moments could show a PENDING order beside an ended saga.
+    let mut tx = state.pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
     let row = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
         .bind(id)
-        .fetch_optional(&state.pool)
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("order {id} does not exist")))?;
     let mut view = order_view(&row)?;
     if let Some(saga_id) = row.try_get::<Option<Uuid>, _>("saga_id")? {
-        let mut conn = state.pool.acquire().await?;
-        match state.orchestrator.load(&mut conn, saga_id).await {
+        match state.orchestrator.load(&mut tx, saga_id).await {
             Ok(instance) => {
                 let steps = state
                     .orchestrator
@@ -424,6 +430,7 @@ async fn get_order(
             Err(e) => return Err(ApiError::internal(&e)),
         }
     }
+    tx.commit().await?;
     Ok(Json(view))
 }
 
