@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod money;
 pub mod participant;
 pub mod runner;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topics;
 
 pub use config::{init_logging, CommonArgs};
