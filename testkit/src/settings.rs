@@ -149,16 +149,35 @@ pub fn settings() -> &'static Settings {
     }
 }
 
-/// The settings file: `OUTBOX_SETTINGS_FILE`, else `.local/env` at the workspace root.
+/// The settings file: `OUTBOX_SETTINGS_FILE`, else `.local/env` of the checkout the
+/// program runs in (tests run in their crate's folder, the scripts at the root),
+/// else of the checkout it was built from. The running checkout comes first because
+/// checkouts may share one target folder, and cargo then keeps a binary built from
+/// another checkout whose sources are not newer.
 pub(crate) fn settings_file() -> PathBuf {
     if let Some(file) = std::env::var_os("OUTBOX_SETTINGS_FILE").filter(|v| !v.is_empty()) {
         return PathBuf::from(file);
+    }
+    if let Some(file) = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| checkout_settings(&cwd))
+    {
+        return file;
     }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."))
         .join(".local")
         .join("env")
+}
+
+/// `.local/env` of the checkout `dir` lies in (a folder with `scripts/env` and
+/// `Cargo.toml`), when it exists.
+fn checkout_settings(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .filter(|d| d.join("scripts").join("env").is_file() && d.join("Cargo.toml").is_file())
+        .map(|d| d.join(".local").join("env"))
+        .find(|file| file.is_file())
 }
 
 /// Parses `export NAME=value` lines (quotes around the value optional); ignores
@@ -207,6 +226,30 @@ fn probe(what: &'static str, address: &str, source: &str) -> Result<(), Settings
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settings_of_the_checkout_a_folder_lies_in_are_found() {
+        let root = std::env::temp_dir().join(crate::unique_name("checkout"));
+        let deep = root.join("relay").join("tests");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::create_dir_all(root.join("scripts")).unwrap();
+        std::fs::write(root.join("Cargo.toml"), "").unwrap();
+        std::fs::write(root.join("scripts").join("env"), "").unwrap();
+        // A checkout whose environment was never brought up has no settings.
+        assert_eq!(checkout_settings(&deep), None);
+        std::fs::create_dir_all(root.join(".local")).unwrap();
+        std::fs::write(root.join(".local").join("env"), "").unwrap();
+        let found = checkout_settings(&deep);
+        // A `.local/env` of a folder that is no checkout does not count.
+        let stray = std::env::temp_dir().join(crate::unique_name("stray"));
+        std::fs::create_dir_all(stray.join(".local")).unwrap();
+        std::fs::write(stray.join(".local").join("env"), "").unwrap();
+        let not_found = checkout_settings(&stray);
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&stray);
+        assert_eq!(found, Some(root.join(".local").join("env")));
+        assert_eq!(not_found, None);
+    }
 
     #[test]
     fn parses_export_lines() {
