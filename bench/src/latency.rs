@@ -23,7 +23,7 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use outbox_relay::metrics::COMMIT_TO_ACK;
 
-use crate::relay_lab::{on_own_thread, RelayLab};
+use crate::relay_lab::{on_own_thread, stream_slot, RelayLab};
 use crate::throughput::{bench_payload, bench_record, broker_only_producer};
 
 /// Payload bytes of the latency runs.
@@ -131,7 +131,7 @@ pub(crate) async fn run(
 /// how late the server hands a commit to any reader.
 async fn read_latencies(lab: &RelayLab, per_second: u32, events: u64) -> anyhow::Result<Vec<f64>> {
     use outbox_relay::pgoutput::{self, LogicalMessage};
-    use outbox_relay::replication::{ConnectConfig, ReplicationClient, ReplicationMessage};
+    use outbox_relay::replication::ReplicationMessage;
     let slot = format!("bench_latency_{per_second}");
     sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
         .bind(&slot)
@@ -140,20 +140,7 @@ async fn read_latencies(lab: &RelayLab, per_second: u32, events: u64) -> anyhow:
     let (url, reading) = (lab.url.clone(), slot.clone());
     let (started, ready) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(on_own_thread(move || async move {
-        let client = ReplicationClient::connect(&ConnectConfig::from_url(&url)?).await?;
-        let mut stream = client
-            .start_logical_replication(
-                &reading,
-                outbox_relay::Lsn::new(0),
-                &[
-                    ("proto_version", "1"),
-                    (
-                        "publication_names",
-                        outbox_relay::config::DEFAULT_PUBLICATION,
-                    ),
-                ],
-            )
-            .await?;
+        let mut stream = stream_slot(&url, &reading).await?;
         let _ = started.send(());
         let mut latencies = Vec::new();
         while (latencies.len() as u64) < events {

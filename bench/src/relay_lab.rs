@@ -301,6 +301,29 @@ where
         .context("the reader's thread ended without an answer")?
 }
 
+/// Streams slot `slot` of the database at `url` from its confirmed position, with
+/// the relay's publication and protocol version: a minimal reader's stream.
+pub(crate) async fn stream_slot(
+    url: &str,
+    slot: &str,
+) -> anyhow::Result<outbox_relay::replication::ReplicationStream> {
+    use outbox_relay::replication::{ConnectConfig, ReplicationClient};
+    let client = ReplicationClient::connect(&ConnectConfig::from_url(url)?).await?;
+    Ok(client
+        .start_logical_replication(
+            slot,
+            outbox_relay::Lsn::new(0),
+            &[
+                ("proto_version", "1"),
+                (
+                    "publication_names",
+                    outbox_relay::config::DEFAULT_PUBLICATION,
+                ),
+            ],
+        )
+        .await?)
+}
+
 async fn pool(url: &str) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(2)

@@ -27,7 +27,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::relay_lab::{on_own_thread, RelayLab};
+use crate::relay_lab::{on_own_thread, stream_slot, RelayLab};
 use crate::Workload;
 
 /// What one workload measured.
@@ -132,23 +132,9 @@ const RECVLOGICAL_SLOT: &str = "bench_recvlogical";
 /// Streams [`READER_SLOT`] until `events` inserts and `transactions` commits came
 /// (pgoutput tags `I` and `C`); the seconds it took, connection included.
 async fn minimal_reader(url: String, events: u64, transactions: u64) -> anyhow::Result<f64> {
-    use outbox_relay::replication::{ConnectConfig, ReplicationClient, ReplicationMessage};
+    use outbox_relay::replication::ReplicationMessage;
     let started = Instant::now();
-    let connect = ConnectConfig::from_url(&url)?;
-    let client = ReplicationClient::connect(&connect).await?;
-    let mut stream = client
-        .start_logical_replication(
-            READER_SLOT,
-            outbox_relay::Lsn::new(0),
-            &[
-                ("proto_version", "1"),
-                (
-                    "publication_names",
-                    outbox_relay::config::DEFAULT_PUBLICATION,
-                ),
-            ],
-        )
-        .await?;
+    let mut stream = stream_slot(&url, READER_SLOT).await?;
     let (mut inserts, mut commits) = (0u64, 0u64);
     while inserts < events || commits < transactions {
         match stream.next().await? {

@@ -30,13 +30,19 @@ pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
 /// CPU time (user + system) process `pid` has used so far, in seconds; `None` when
 /// it is gone. Resolution: one clock tick (10 ms on Linux).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; the fields after it are plain.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(pid)?;
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(ticks as f64 / clock_ticks_per_second())
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (field 3 of the line
+/// comes first); `None` when the process is gone. The command name may hold
+/// spaces and parentheses, so the line is split after its last `)`.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// The children of process `parent` (from `/proc`), each with its command line
@@ -49,10 +55,8 @@ pub fn children(parent: u32) -> Vec<(u32, String)> {
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let rest = &stat[stat.rfind(')')? + 2..];
             // Field 4 of the line, the parent, is the second after the command name.
-            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            let ppid: u32 = stat_fields(pid)?.get(1)?.parse().ok()?;
             if ppid != parent {
                 return None;
             }
@@ -157,24 +161,19 @@ mod tests {
         // Right after the spawn the child's command line can still read empty
         // (the exec is under way), so look again for a while.
         let started = std::time::Instant::now();
-        let found = loop {
+        let (seen, found) = loop {
             let found = children(std::process::id());
             let seen = found
                 .iter()
                 .any(|(pid, cmd)| *pid == child.id() && cmd == "sleep 5");
             if seen || started.elapsed() > std::time::Duration::from_secs(3) {
-                break found;
+                break (seen, found);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
         let _ = child.kill();
         let _ = child.wait();
-        assert!(
-            found
-                .iter()
-                .any(|(pid, cmd)| *pid == child.id() && cmd == "sleep 5"),
-            "{found:?}"
-        );
+        assert!(seen, "{found:?}");
     }
 
     #[test]
