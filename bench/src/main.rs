@@ -172,7 +172,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(cli) => Some(outcome),
+            signal = testkit::leftovers::interrupted() => {
+                eprintln!("bench: {signal}: stopping what the run started");
+                None
+            }
+        }
+    });
+    let Some(outcome) = outcome else {
+        return ExitCode::from(130);
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench: {e:#}");
@@ -182,6 +194,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    testkit::leftovers::sweep();
     let plan = Plan::new(cli.quick, cli.events);
     let parts: BTreeSet<&str> = if cli.only.is_empty() {
         ["throughput", "latency", "outage", "sagas"].into()

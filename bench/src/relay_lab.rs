@@ -105,6 +105,7 @@ impl RelayLab {
             .spawn()
             .context("starting outbox-relay")?;
         let pid = child.id().context("the relay's pid")?;
+        testkit::leftovers::record(pid);
         Ok(RelayProcess {
             child,
             pid,

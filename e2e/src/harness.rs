@@ -546,9 +546,13 @@ fn spawn_logged(mut command: Command, log: &std::path::Path) -> anyhow::Result<C
         .stdout(file.try_clone()?)
         .stderr(file)
         .kill_on_drop(true);
-    command
+    let child = command
         .spawn()
-        .with_context(|| format!("cannot start {}", PathBuf::from(program).display()))
+        .with_context(|| format!("cannot start {}", PathBuf::from(program).display()))?;
+    if let Some(pid) = child.id() {
+        testkit::leftovers::record(pid);
+    }
+    Ok(child)
 }
 
 /// SIGTERM, then SIGKILL after 20 s.

@@ -36,6 +36,7 @@ impl PrivateBroker {
     }
 
     fn start_with_storage(storage: String) -> PrivateBroker {
+        crate::leftovers::sweep();
         let port = free_port();
         let log = std::env::temp_dir().join(format!("tansu-{port}.log"));
         let child = spawn(port, &storage, &log);
@@ -134,6 +135,7 @@ fn spawn(port: u16, storage: &str, log: &std::path::Path) -> Child {
         .stdout(out)
         .stderr(err)
         .spawn()
+        .inspect(|child| crate::leftovers::record(child.id()))
         .unwrap_or_else(|e| panic!("cannot start tansu ({e}); install it with `{ENV_UP_COMMAND}`"))
 }
 

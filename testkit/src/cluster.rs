@@ -15,6 +15,9 @@ const START_ATTEMPTS: usize = 3;
 /// Seconds `pg_ctl` waits for the server to start or stop.
 const PG_CTL_TIMEOUT_SECS: &str = "60";
 
+/// The start of a private cluster's folder name in `/tmp`.
+pub(crate) const DIR_PREFIX: &str = "outbox-pc-";
+
 /// A throwaway cluster (`initdb` + `pg_ctl start`) in `/tmp/outbox-pc-<random>`,
 /// listening on 127.0.0.1 with trust authentication for the superuser `postgres`.
 /// Dropping it stops the server (`pg_ctl -m immediate stop`) and deletes the
@@ -41,10 +44,11 @@ impl PrivateCluster {
     /// When no PostgreSQL binaries are found, or `initdb` or the server start fails
     /// (the message includes their output and the server log).
     pub fn start(settings: &[(&str, &str)]) -> PrivateCluster {
+        crate::leftovers::sweep();
         let bin = pg_bin_dir();
         let as_postgres = running_as_root();
         let random = uuid::Uuid::new_v4().simple().to_string();
-        let dir = PathBuf::from(format!("/tmp/outbox-pc-{}", &random[..16]));
+        let dir = PathBuf::from(format!("/tmp/{DIR_PREFIX}{}", &random[..16]));
         let mut cluster = PrivateCluster {
             bin,
             data: dir.join("data"),
@@ -84,6 +88,24 @@ impl PrivateCluster {
         );
     }
 
+    /// Stops the cluster in `dir` if it runs and deletes the folder (a cluster whose
+    /// owner died, see [`crate::leftovers`]).
+    pub(crate) fn discard(dir: PathBuf) {
+        drop(PrivateCluster {
+            bin: pg_bin_dir(),
+            data: dir.join("data"),
+            dir,
+            port: 0,
+            as_postgres: running_as_root(),
+            settings: Vec::new(),
+        });
+    }
+
+    /// The folder holding the cluster's data and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The URL of database `database` for the superuser `postgres` (trust, no TLS).
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
@@ -118,6 +140,11 @@ impl PrivateCluster {
     fn create_dir(&self) {
         std::fs::create_dir(&self.dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", self.dir.display()));
+        // Whose cluster this is: a sweep stops it if this process dies without
+        // dropping it.
+        let owner = self.dir.join(crate::leftovers::OWNER_FILE);
+        std::fs::write(&owner, crate::leftovers::own_identity())
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", owner.display()));
         if self.as_postgres {
             let out = run(Command::new("chown")
                 .arg("postgres:postgres")

@@ -19,6 +19,7 @@ mod broker;
 mod cluster;
 mod database;
 mod kafka;
+pub mod leftovers;
 pub mod process;
 mod settings;
 

@@ -39,7 +39,7 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 /// The fields of `/proc/<pid>/stat` after the command name (field 3 of the line
 /// comes first); `None` when the process is gone. The command name may hold
 /// spaces and parentheses, so the line is split after its last `)`.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
+pub(crate) fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.get(stat.rfind(')')? + 2..)?;
     Some(rest.split_whitespace().map(str::to_owned).collect())

@@ -84,7 +84,14 @@ fn cases() -> Vec<Case> {
 #[tokio::main]
 async fn main() -> ExitCode {
     shop::log_to_stderr();
-    match run().await {
+    let outcome = tokio::select! {
+        outcome = run() => outcome,
+        signal = testkit::leftovers::interrupted() => {
+            println!("\n==> {signal}: stopping what the demo started");
+            return ExitCode::from(130);
+        }
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             println!("\nDEMO FAILED: {e:#}");
@@ -98,6 +105,7 @@ fn say(text: &str) {
 }
 
 async fn run() -> anyhow::Result<()> {
+    testkit::leftovers::sweep();
     let settings = testkit::Settings::load().context("the local environment")?;
     let bin_dir = testkit::process::own_bin_dir().context("the demo's own directory")?;
     let log_dir = PathBuf::from(".local/demo");

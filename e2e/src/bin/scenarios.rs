@@ -132,9 +132,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let rows = runtime.block_on(run(&chosen, rounds, &settings));
-            summary(&rows, &settings);
-            if rows
+            let (rows, interrupted) = runtime.block_on(run(&chosen, rounds, &settings));
+            summary(&rows, &settings, interrupted);
+            if interrupted.is_some() {
+                ExitCode::from(130)
+            } else if rows
                 .iter()
                 .all(|r| r.outcome.as_ref().is_ok_and(Measurement::ok))
             {
@@ -153,7 +155,14 @@ struct Row {
     took: Duration,
 }
 
-async fn run(chosen: &[Scenario], rounds: u32, settings: &LabSettings) -> Vec<Row> {
+/// Runs the scenarios until done or a SIGINT/SIGTERM (then the one under way is
+/// dropped, which stops its processes, cluster and broker); the rows and the signal.
+async fn run(
+    chosen: &[Scenario],
+    rounds: u32,
+    settings: &LabSettings,
+) -> (Vec<Row>, Option<&'static str>) {
+    testkit::leftovers::sweep();
     let mut rows = Vec::new();
     for round in 1..=rounds {
         for scenario in chosen {
@@ -167,7 +176,10 @@ async fn run(chosen: &[Scenario], rounds: u32, settings: &LabSettings) -> Vec<Ro
                 scenario.fault, scenario.promise
             );
             let started = Instant::now();
-            let outcome = scenario.run(settings).await;
+            let outcome = tokio::select! {
+                outcome = scenario.run(settings) => outcome,
+                signal = testkit::leftovers::interrupted() => return (rows, Some(signal)),
+            };
             let took = started.elapsed();
             match &outcome {
                 Ok(m) => {
@@ -191,10 +203,10 @@ async fn run(chosen: &[Scenario], rounds: u32, settings: &LabSettings) -> Vec<Ro
             });
         }
     }
-    rows
+    (rows, None)
 }
 
-fn summary(rows: &[Row], settings: &LabSettings) {
+fn summary(rows: &[Row], settings: &LabSettings, interrupted: Option<&str>) {
     println!("\n=== summary (copies: duplicate records on the topics; skipped: redeliveries the consumers' journals skipped; twice: commands applied twice)");
     println!(
         "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>7} {:>8} {:>5} {:>9} {:>7}  result",
@@ -247,7 +259,12 @@ fn summary(rows: &[Row], settings: &LabSettings) {
         .iter()
         .filter(|r| !r.outcome.as_ref().is_ok_and(Measurement::ok))
         .count();
-    if failed == 0 {
+    if let Some(signal) = interrupted {
+        println!(
+            "interrupted by {signal} after {} runs ({failed} failed): the scenario under way was stopped, with everything it had started",
+            rows.len()
+        );
+    } else if failed == 0 {
         println!("all {} runs passed", rows.len());
     } else {
         println!(
