@@ -37,7 +37,11 @@ const SERVICE_KIT_SRC: &str = "services/kit/src";
 // The repository
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // The crate folder as cargo gives it to the running test (the one compiled in
+    // may be another checkout's when checkouts share a target folder).
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    crate_dir
         .parent()
         .expect("e2e/ sits in the workspace root")
         .to_path_buf()

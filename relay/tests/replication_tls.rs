@@ -26,33 +26,15 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// The CA that signed the test server's certificate: `OUTBOX_PG_CA` from the
 /// environment, else from the settings file `scripts/env up` writes.
 fn pg_ca() -> PathBuf {
-    if let Some(path) = std::env::var_os("OUTBOX_PG_CA").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.local/env");
-    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {}: {e}; start the local environment with scripts/env up",
-            file.display()
-        )
-    });
-    settings_value(&text, "OUTBOX_PG_CA")
+    testkit::setting("OUTBOX_PG_CA")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             panic!(
-                "{} has no OUTBOX_PG_CA: the cluster has no TLS certificate; install openssl and \
-             run scripts/env up",
-                file.display()
+                "no OUTBOX_PG_CA in the environment or the settings file: start the local \
+                 environment with `{}` (it needs openssl for the cluster's certificate)",
+                testkit::ENV_UP_COMMAND
             )
         })
-}
-
-/// The value of `export NAME='value'` in a settings file.
-fn settings_value(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.trim().strip_prefix("export ")?.split_once('=')?;
-        (key == name).then(|| value.trim_matches('\'').to_owned())
-    })
 }
 
 /// `db.url()` with its host (and port, if given) replaced and `params` added.
@@ -551,15 +533,4 @@ async fn a_strange_answer_to_the_ssl_request_is_a_protocol_violation() {
     assert!(matches!(err, ReplicationError::Protocol { .. }), "{err:?}");
     assert!(!err.is_transient());
     assert!(chain(&err).contains("SSLRequest"), "{}", chain(&err));
-}
-
-#[test]
-fn settings_values_are_read_from_export_lines() {
-    let text =
-        "# comment\nexport DATABASE_URL='postgres://x'\nexport OUTBOX_PG_CA='/tmp/a b/ca.crt'\n";
-    assert_eq!(
-        settings_value(text, "OUTBOX_PG_CA").as_deref(),
-        Some("/tmp/a b/ca.crt")
-    );
-    assert_eq!(settings_value(text, "MISSING"), None);
 }

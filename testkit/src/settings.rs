@@ -149,6 +149,20 @@ pub fn settings() -> &'static Settings {
     }
 }
 
+/// The setting `name` (e.g. `OUTBOX_PG_CA`): the environment variable of that name
+/// when set and not empty, else its line in the settings file; `None` when neither
+/// has it (or the file cannot be read).
+pub fn setting(name: &str) -> Option<String> {
+    if let Some(value) = std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
+        return Some(value);
+    }
+    let text = std::fs::read_to_string(settings_file()).ok()?;
+    parse_settings_file(&text)
+        .into_iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value)
+}
+
 /// The settings file: `OUTBOX_SETTINGS_FILE`, else `.local/env` of the checkout the
 /// program runs in (tests run in their crate's folder, the scripts at the root),
 /// else of the checkout it was built from. The running checkout comes first because
@@ -254,7 +268,8 @@ mod tests {
     #[test]
     fn parses_export_lines() {
         let text = "# written by scripts/env\nexport DATABASE_URL='postgres://a:b@127.0.0.1:1/x'\n\
-                    export KAFKA_BROKERS=127.0.0.1:2\nGARBAGE\nexport QUOTED=\"v\"\n";
+                    export KAFKA_BROKERS=127.0.0.1:2\nGARBAGE\nexport QUOTED=\"v\"\n\
+                    export OUTBOX_PG_CA='/tmp/a b/ca.crt'\n";
         let values = parse_settings_file(text);
         assert_eq!(
             values,
@@ -265,6 +280,7 @@ mod tests {
                 ),
                 ("KAFKA_BROKERS".to_owned(), "127.0.0.1:2".to_owned()),
                 ("QUOTED".to_owned(), "v".to_owned()),
+                ("OUTBOX_PG_CA".to_owned(), "/tmp/a b/ca.crt".to_owned()),
             ]
         );
     }
