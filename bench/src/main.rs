@@ -194,7 +194,6 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    testkit::leftovers::sweep();
     let plan = Plan::new(cli.quick, cli.events);
     let parts: BTreeSet<&str> = if cli.only.is_empty() {
         ["throughput", "latency", "outage", "sagas"].into()

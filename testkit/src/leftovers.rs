@@ -9,9 +9,10 @@
 //! an `owner` file. [`sweep`] stops what an owner that is no longer alive left:
 //! a recorded process that still runs is killed, a cluster is stopped and deleted.
 //! Nothing of a live owner is touched, so runs and tests in parallel are safe.
-//! Clusters and brokers sweep when they start; the demo, the scenario runner and
-//! the benchmark sweep first thing, and stop what they started on SIGINT and
-//! SIGTERM ([`interrupted`]).
+//! Clusters and brokers sweep when they start (so the scenario runner and the
+//! benchmark, whose every part starts a cluster, sweep before anything else); the
+//! demo, which starts none, sweeps first thing. All three stop what they started on
+//! SIGINT and SIGTERM ([`interrupted`]).
 
 use std::path::{Path, PathBuf};
 
@@ -28,8 +29,18 @@ fn identity(pid: u32) -> Option<String> {
 }
 
 fn start_time(pid: u32) -> Option<u64> {
+    start_time_of(&crate::process::stat_fields(pid)?)
+}
+
+fn start_time_of(stat_fields: &[String]) -> Option<u64> {
     // Field 22 of the line is the 20th after the command name.
-    crate::process::stat_fields(pid)?.get(19)?.parse().ok()
+    stat_fields.get(19)?.parse().ok()
+}
+
+/// The `/proc/<pid>/stat` fields of `pid` while it runs: `None` when it is gone or
+/// a zombie (exited, not yet reaped).
+fn running(pid: u32) -> Option<Vec<String>> {
+    crate::process::stat_fields(pid).filter(|fields| fields.first().is_some_and(|s| s != "Z"))
 }
 
 /// This process's identity, as written in records and owner files.
@@ -45,9 +56,7 @@ fn alive(identity: &str) -> bool {
     let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
         return false;
     };
-    let running = crate::process::stat_fields(pid)
-        .is_some_and(|fields| fields.first().is_some_and(|state| state != "Z"));
-    running && start_time(pid) == Some(start)
+    running(pid).and_then(|fields| start_time_of(&fields)) == Some(start)
 }
 
 /// Records process `pid`, just started by this process, so that a [`sweep`] after
@@ -204,8 +213,7 @@ mod tests {
     }
 
     fn running(pid: u32) -> bool {
-        crate::process::stat_fields(pid)
-            .is_some_and(|fields| fields.first().is_some_and(|state| state != "Z"))
+        super::running(pid).is_some()
     }
 
     #[test]

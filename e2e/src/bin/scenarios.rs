@@ -162,7 +162,6 @@ async fn run(
     rounds: u32,
     settings: &LabSettings,
 ) -> (Vec<Row>, Option<&'static str>) {
-    testkit::leftovers::sweep();
     let mut rows = Vec::new();
     for round in 1..=rounds {
         for scenario in chosen {
