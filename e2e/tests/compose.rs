@@ -37,11 +37,7 @@ const SERVICE_KIT_SRC: &str = "services/kit/src";
 // The repository
 
 fn repo_root() -> PathBuf {
-    // The crate folder as cargo gives it to the running test (the one compiled in
-    // may be another checkout's when checkouts share a target folder).
-    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    crate_dir
+    testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("e2e/ sits in the workspace root")
         .to_path_buf()

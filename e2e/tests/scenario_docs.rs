@@ -4,11 +4,8 @@ use std::collections::BTreeSet;
 
 #[test]
 fn the_readme_lists_every_scenario_and_no_other() {
-    // The crate folder as cargo gives it to the running test (the one compiled in
-    // may be another checkout's when checkouts share a target folder).
-    let crate_dir =
-        std::env::var("CARGO_MANIFEST_DIR").unwrap_or(env!("CARGO_MANIFEST_DIR").into());
-    let readme = std::fs::read_to_string(format!("{crate_dir}/../README.md")).expect("README.md");
+    let readme = testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(readme).expect("README.md");
     let section = readme
         .split("## Failure scenarios")
         .nth(1)

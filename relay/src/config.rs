@@ -1074,11 +1074,9 @@ max_in_flight = 5
 
     #[test]
     fn the_example_file_is_valid_and_states_the_defaults() {
-        // The crate folder as cargo gives it to the running test (the one compiled
-        // in may be another checkout's when checkouts share a target folder).
-        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or(env!("CARGO_MANIFEST_DIR").into());
-        let path = format!("{dir}/relay.example.toml");
-        let config = RelayConfig::from_args(&args(&["--config", &path])).unwrap();
+        let path = testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("relay.example.toml");
+        let path = path.to_str().expect("a UTF-8 path");
+        let config = RelayConfig::from_args(&args(&["--config", path])).unwrap();
         let defaults = RelayConfig::new("", "");
         assert_eq!(config.postgres.publication, defaults.postgres.publication);
         assert_eq!(config.postgres.table, defaults.postgres.table);

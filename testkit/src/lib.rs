@@ -30,7 +30,7 @@ pub use kafka::{
     consumer_config, consumer_config_on, create_topic, create_topic_on, producer_config,
     producer_config_on, wait_for_topic, wait_for_topic_on,
 };
-pub use settings::{setting, settings, Settings, SettingsError, ENV_UP_COMMAND};
+pub use settings::{crate_dir, setting, settings, Settings, SettingsError, ENV_UP_COMMAND};
 
 /// A name nobody else uses: `prefix` followed by `_` and 16 random hex digits.
 ///

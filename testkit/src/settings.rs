@@ -163,6 +163,17 @@ pub fn setting(name: &str) -> Option<String> {
         .map(|(_, value)| value)
 }
 
+/// The folder of the crate whose test runs: `CARGO_MANIFEST_DIR` as cargo sets it
+/// for the run, else `compiled_in` (pass `env!("CARGO_MANIFEST_DIR")`). The
+/// compiled-in folder may be another checkout's: with checkouts sharing a target
+/// folder, cargo keeps a test binary built from another checkout whose sources are
+/// not newer.
+pub fn crate_dir(compiled_in: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| PathBuf::from(compiled_in), PathBuf::from)
+}
+
 /// The settings file: `OUTBOX_SETTINGS_FILE`, else `.local/env` of the checkout the
 /// program runs in (tests run in their crate's folder, the scripts at the root),
 /// else of the checkout it was built from. The running checkout comes first because
