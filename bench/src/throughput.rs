@@ -192,7 +192,7 @@ pub(crate) async fn broker_only_producer(
     topic: &str,
 ) -> anyhow::Result<FutureProducer> {
     let config = RelayConfig::new("postgres://unused@localhost/unused", brokers);
-    let admin: AdminClient<_> = outbox_relay::kafka::client_config(&config.kafka).create()?;
+    let admin: AdminClient<_> = outbox_relay::sink::kafka::client_config(&config.kafka).create()?;
     let created = admin
         .create_topics(
             &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
@@ -204,7 +204,8 @@ pub(crate) async fn broker_only_producer(
             bail!("creating topic {name}: {code}");
         }
     }
-    let producer: FutureProducer = outbox_relay::kafka::producer_config(&config.kafka).create()?;
+    let producer: FutureProducer =
+        outbox_relay::sink::kafka::producer_config(&config.kafka).create()?;
     let warm = FutureRecord::to(topic).key("warm-up").payload("{}");
     producer
         .send(warm, Duration::from_secs(30))

@@ -27,6 +27,13 @@
 //!   is taken.
 //!
 //! The confirmed position never moves backwards.
+//!
+//! The tracker also counts what a crash would send again, [`AckTracker::window`]:
+//! every record handed over since the position last confirmed to the server,
+//! except the acknowledged records of the open transaction (reading must go on to
+//! its Commit, or a transaction larger than the window could never complete). The
+//! stream stops reading at `max_in_flight` and confirms promptly (see
+//! [`crate::stream`]), so a crash re-sends at most about one window.
 
 use std::collections::VecDeque;
 
@@ -43,6 +50,8 @@ struct Txn {
     end_lsn: Option<Lsn>,
     /// Records produced and not yet acknowledged.
     outstanding: usize,
+    /// Records produced in all.
+    records: usize,
 }
 
 /// The tracker was driven out of protocol order; these are bugs in the caller.
@@ -65,6 +74,11 @@ pub struct AckTracker {
     open: Option<TxnId>,
     confirmable: Lsn,
     in_flight: usize,
+    /// Complete transactions not yet confirmed to the server: (end LSN, records).
+    unsent: VecDeque<(Lsn, usize)>,
+    unsent_records: usize,
+    /// Records of the transactions in `pending`.
+    pending_records: usize,
 }
 
 impl AckTracker {
@@ -87,6 +101,7 @@ impl AckTracker {
             id,
             end_lsn: None,
             outstanding: 0,
+            records: 0,
         });
         self.open = Some(id);
         Ok(id)
@@ -101,7 +116,9 @@ impl AckTracker {
             .filter(|t| t.id == open)
             .ok_or(AckError::NoneOpen)?;
         txn.outstanding += 1;
+        txn.records += 1;
         self.in_flight += 1;
+        self.pending_records += 1;
         Ok(open)
     }
 
@@ -150,6 +167,35 @@ impl AckTracker {
         self.in_flight
     }
 
+    /// Records of complete transactions whose end was not yet confirmed to the
+    /// server: what a crash now would send again, beside the records in flight.
+    pub fn confirmable_unsent(&self) -> usize {
+        self.unsent_records
+    }
+
+    /// Records handed over since the position last confirmed to the server (see
+    /// [`confirmed`](Self::confirmed)), less the acknowledged records of the open
+    /// transaction: what a crash now would send again, at most, beyond the open
+    /// transaction.
+    pub fn window(&self) -> usize {
+        let open_acked = match (self.open, self.pending.back()) {
+            (Some(open), Some(txn)) if txn.id == open => txn.records - txn.outstanding,
+            _ => 0,
+        };
+        self.pending_records - open_acked + self.unsent_records
+    }
+
+    /// `flush` was sent to the server as the confirmed position.
+    pub fn confirmed(&mut self, flush: Lsn) {
+        while let Some(&(end, records)) = self.unsent.front() {
+            if end > flush {
+                break;
+            }
+            self.unsent_records -= records;
+            self.unsent.pop_front();
+        }
+    }
+
     /// Transactions seen and not yet confirmable (the open one included).
     pub fn pending_transactions(&self) -> usize {
         self.pending.len()
@@ -166,6 +212,11 @@ impl AckTracker {
                 Some(end) if head.outstanding == 0 => {
                     if end > self.confirmable {
                         self.confirmable = end;
+                    }
+                    if head.records > 0 {
+                        self.unsent.push_back((end, head.records));
+                        self.unsent_records += head.records;
+                        self.pending_records -= head.records;
                     }
                     self.pending.pop_front();
                 }

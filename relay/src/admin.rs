@@ -7,10 +7,10 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::RelayConfig;
-use crate::kafka::client_config;
 use crate::replication::{ConnectConfig, ReplicationClient};
 use crate::runner::{error_chain, RelayError};
 use crate::setup::{self, PublicationState, SlotInspection};
+use crate::sink::kafka::client_config;
 
 /// How long `check` waits for the brokers' metadata.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,6 +241,13 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
         Ok(SlotInspection::Mismatch { found }) => {
             report.fail("slot", format!("{slot} exists but is {found}"));
         }
+        Ok(SlotInspection::Creating { active_pid }) => report.pass(
+            "slot",
+            format!(
+                "{slot} is being created by server process {}",
+                active_pid.map_or_else(|| "?".to_owned(), |p| p.to_string())
+            ),
+        ),
         Err(e) => report.fail("slot", error_chain(&e)),
     }
     client.close().await;

@@ -12,10 +12,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::replication::Secret;
+use crate::sql;
 
-/// Topic of a record, Debezium's outbox event router default.
-pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.{aggregatetype}";
+pub use crate::replication::Secret;
+pub use crate::routing::outbox::{
+    Columns, Ident, MessageRouting, OutboxConfig, PayloadFormat, TopicTemplate, DEFAULT_COLUMNS,
+    DEFAULT_TOPIC_TEMPLATE,
+};
+pub use crate::sink::kafka::config::{
+    KafkaConfig, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOPIC_PARTITIONS, DEFAULT_TOPIC_REPLICATION_FACTOR,
+    PROTECTED_KAFKA_OPTIONS,
+};
+
 /// The outbox table.
 pub const DEFAULT_TABLE: &str = "public.outbox";
 /// The publication the relay reads.
@@ -29,30 +37,12 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
 /// How long a slot held by another (perhaps dying) process is retried, in milliseconds.
 pub const DEFAULT_SLOT_BUSY_TIMEOUT_MS: u64 = 30_000;
 /// Where records the relay cannot deliver go.
-pub const DEFAULT_DEAD_LETTER_TOPIC: &str = crate::deadletter::DEFAULT_DEAD_LETTER_TOPIC;
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "outbox.dlq";
 /// Where `/metrics` and `/health` are served.
 pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9187";
 /// How long the stream or the broker may make no progress before the relay reports
 /// itself unhealthy, in milliseconds.
 pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 60_000;
-/// Records handed to the producer and not yet acknowledged, at most. Enough for
-/// 100 k events/s at 20 ms per acknowledgement; a larger window bought no
-/// throughput against a local broker and cost memory (BENCHMARKS.md).
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 2_000;
-/// Partitions of a topic the relay creates.
-pub const DEFAULT_TOPIC_PARTITIONS: i32 = 1;
-/// Replication factor of a topic the relay creates; -1 takes the broker's default.
-pub const DEFAULT_TOPIC_REPLICATION_FACTOR: i32 = -1;
-/// The outbox columns, named as in Debezium's outbox event router.
-pub const DEFAULT_COLUMNS: Columns = Columns {
-    id: Ident::Static("id"),
-    aggregate_type: Ident::Static("aggregatetype"),
-    aggregate_id: Ident::Static("aggregateid"),
-    event_type: Ident::Static("type"),
-    payload: Ident::Static("payload"),
-    headers: Ident::Static("headers"),
-};
-
 /// The command line of `outbox-relay` (the `run` options; subcommands wrap it).
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct Args {
@@ -284,52 +274,6 @@ struct FileKafka {
     topic_replication_factor: Option<i32>,
 }
 
-/// A column or table name, from a constant or from configuration.
-#[derive(Clone, Eq)]
-pub enum Ident {
-    Static(&'static str),
-    Owned(String),
-}
-
-impl Ident {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Ident::Static(s) => s,
-            Ident::Owned(s) => s,
-        }
-    }
-}
-
-impl PartialEq for Ident {
-    fn eq(&self, other: &Ident) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl fmt::Debug for Ident {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for Ident {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The outbox columns the relay reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Columns {
-    pub id: Ident,
-    pub aggregate_type: Ident,
-    pub aggregate_id: Ident,
-    pub event_type: Ident,
-    pub payload: Ident,
-    /// Optional: a table without it routes records without extra headers.
-    pub headers: Ident,
-}
-
 /// A schema-qualified table name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableName {
@@ -359,7 +303,7 @@ impl TableName {
 
     /// The name quoted for SQL.
     pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+        format!("{}.{}", sql::ident(&self.schema), sql::ident(&self.name))
     }
 }
 
@@ -367,117 +311,6 @@ impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)
     }
-}
-
-/// Quotes an SQL identifier.
-pub fn quote_ident(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
-/// A topic template: literal text around `{aggregatetype}` placeholders, split
-/// once into its pieces so rendering a record's topic is one allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicTemplate {
-    text: String,
-    pieces: Vec<TemplatePiece>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum TemplatePiece {
-    Literal(String),
-    AggregateType,
-}
-
-impl TopicTemplate {
-    const PLACEHOLDERS: [&'static str; 2] = ["{aggregatetype}", "${routedByValue}"];
-
-    pub fn parse(text: &str) -> Result<TopicTemplate, ConfigError> {
-        let mut rest = text.to_owned();
-        for p in Self::PLACEHOLDERS {
-            rest = rest.replace(p, "");
-        }
-        let bad = |reason: String| ConfigError::Invalid {
-            option: "topic_template",
-            reason,
-        };
-        if text.is_empty() {
-            return Err(bad("the template is empty".to_owned()));
-        }
-        if let Some(c) = rest
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return Err(bad(format!(
-                "{text:?} contains {c:?}, which is neither a placeholder ({}) nor valid in a topic name",
-                Self::PLACEHOLDERS.join(", ")
-            )));
-        }
-        Ok(TopicTemplate {
-            text: text.to_owned(),
-            pieces: Self::pieces(text),
-        })
-    }
-
-    /// `text` split at the placeholders, left to right.
-    fn pieces(text: &str) -> Vec<TemplatePiece> {
-        let mut pieces = Vec::new();
-        let mut rest = text;
-        loop {
-            let next = Self::PLACEHOLDERS
-                .iter()
-                .filter_map(|p| rest.find(p).map(|at| (at, p.len())))
-                .min();
-            match next {
-                Some((at, len)) => {
-                    if at > 0 {
-                        pieces.push(TemplatePiece::Literal(rest[..at].to_owned()));
-                    }
-                    pieces.push(TemplatePiece::AggregateType);
-                    rest = &rest[at + len..];
-                }
-                None => {
-                    if !rest.is_empty() {
-                        pieces.push(TemplatePiece::Literal(rest.to_owned()));
-                    }
-                    return pieces;
-                }
-            }
-        }
-    }
-
-    /// The topic for a row whose aggregate type is `aggregate_type`.
-    pub fn render(&self, aggregate_type: &str) -> String {
-        let length = self
-            .pieces
-            .iter()
-            .map(|piece| match piece {
-                TemplatePiece::Literal(text) => text.len(),
-                TemplatePiece::AggregateType => aggregate_type.len(),
-            })
-            .sum();
-        let mut topic = String::with_capacity(length);
-        for piece in &self.pieces {
-            topic.push_str(match piece {
-                TemplatePiece::Literal(text) => text,
-                TemplatePiece::AggregateType => aggregate_type,
-            });
-        }
-        topic
-    }
-}
-
-impl fmt::Display for TopicTemplate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-/// Which logical messages are routed, and where they may go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessageRouting {
-    pub prefix: String,
-    /// The allow-list of topics.
-    pub topics: Vec<String>,
 }
 
 /// What a new slot starts with.
@@ -489,18 +322,6 @@ pub enum InitialSnapshot {
     Initial,
     /// Only stream what commits after the slot exists.
     Never,
-}
-
-/// How the payload column becomes the Kafka value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum PayloadFormat {
-    /// The jsonb (or text) value as PostgreSQL renders it.
-    #[default]
-    Json,
-    /// A JSON string holding that text, as Debezium's outbox event router emits it
-    /// by default (`"{\"total\": 10}"`).
-    JsonString,
 }
 
 /// Where the relay reads from.
@@ -521,30 +342,6 @@ pub struct PostgresConfig {
     pub slot_busy_timeout: Duration,
 }
 
-/// How rows become records.
-#[derive(Debug, Clone)]
-pub struct OutboxConfig {
-    pub topic_template: TopicTemplate,
-    /// Logical messages routed like outbox rows; `None`: off.
-    pub messages: Option<MessageRouting>,
-    pub payload_format: PayloadFormat,
-    /// `None`: stop on a row that cannot be delivered.
-    pub dead_letter_topic: Option<String>,
-    pub columns: Columns,
-}
-
-/// Where the relay writes to.
-#[derive(Debug, Clone)]
-pub struct KafkaConfig {
-    pub brokers: String,
-    /// librdkafka options passed through.
-    pub options: BTreeMap<String, String>,
-    pub max_in_flight: usize,
-    pub create_topics: bool,
-    pub topic_partitions: i32,
-    pub topic_replication_factor: i32,
-}
-
 /// The operator's view: the HTTP endpoint and the health rules.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -561,19 +358,6 @@ pub struct RelayConfig {
     pub kafka: KafkaConfig,
     pub http: HttpConfig,
 }
-
-/// librdkafka options the relay sets itself because its guarantees rest on them.
-pub const PROTECTED_KAFKA_OPTIONS: &[&str] = &[
-    "bootstrap.servers",
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "message.timeout.ms",
-    "delivery.timeout.ms",
-    "partitioner",
-    "max.in.flight.requests.per.connection",
-    "max.in.flight",
-];
 
 /// The configuration is incomplete or wrong.
 #[derive(Debug, thiserror::Error)]
@@ -631,11 +415,7 @@ impl RelayConfig {
             },
             kafka: KafkaConfig {
                 brokers: brokers.into(),
-                options: BTreeMap::new(),
-                max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-                create_topics: true,
-                topic_partitions: DEFAULT_TOPIC_PARTITIONS,
-                topic_replication_factor: DEFAULT_TOPIC_REPLICATION_FACTOR,
+                ..KafkaConfig::default()
             },
             http: HttpConfig {
                 listen: DEFAULT_HTTP_LISTEN.parse().ok(),
@@ -703,7 +483,10 @@ impl RelayConfig {
 
         let outbox = &mut config.outbox;
         if let Some(v) = args.topic_template.clone().or(file.outbox.topic_template) {
-            outbox.topic_template = TopicTemplate::parse(&v)?;
+            outbox.topic_template = TopicTemplate::parse(&v).map_err(|e| ConfigError::Invalid {
+                option: "topic_template",
+                reason: e.0,
+            })?;
         }
         if let Some(v) = args.payload_format.or(file.outbox.payload_format) {
             outbox.payload_format = v;
@@ -857,34 +640,8 @@ impl RelayConfig {
                 );
             }
         }
-        if self.kafka.brokers.trim().is_empty() {
-            return invalid("kafka.brokers", "the list is empty".to_owned());
-        }
-        if self.kafka.max_in_flight == 0 {
-            return invalid("max_in_flight", "must be above 0".to_owned());
-        }
-        if self.kafka.topic_partitions < 1 {
-            return invalid("topic_partitions", "must be 1 or more".to_owned());
-        }
-        if self.kafka.topic_replication_factor == 0 || self.kafka.topic_replication_factor < -1 {
-            return invalid(
-                "topic_replication_factor",
-                "must be 1 or more, or -1 for the broker's default".to_owned(),
-            );
-        }
-        if let Some(key) = self
-            .kafka
-            .options
-            .keys()
-            .find(|k| PROTECTED_KAFKA_OPTIONS.contains(&k.as_str()))
-        {
-            return invalid(
-                "kafka option",
-                format!(
-                    "{key} is set by the relay because its delivery guarantees rest on it \
-                     (set the brokers with kafka.brokers)"
-                ),
-            );
+        if let Err((option, reason)) = self.kafka.validate() {
+            return invalid(option, reason);
         }
         let cols = &self.outbox.columns;
         let names = [
@@ -1038,38 +795,6 @@ max_in_flight = 5
         assert_eq!(config.kafka.options["linger.ms"], "1");
         assert_eq!(config.kafka.options["compression.type"], "lz4");
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn topic_templates_render_every_placeholder_once() {
-        let cases = [
-            (
-                "outbox.event.{aggregatetype}",
-                "order",
-                "outbox.event.order",
-            ),
-            (
-                "outbox.event.${routedByValue}",
-                "order",
-                "outbox.event.order",
-            ),
-            ("{aggregatetype}", "order", "order"),
-            ("fixed.topic", "order", "fixed.topic"),
-            ("{aggregatetype}.x.${routedByValue}-y", "a", "a.x.a-y"),
-            ("a{aggregatetype}{aggregatetype}b", "c", "accb"),
-            // The aggregate type is text, never a template itself.
-            (
-                "t.{aggregatetype}",
-                "${routedByValue}",
-                "t.${routedByValue}",
-            ),
-            ("t.${routedByValue}", "{aggregatetype}", "t.{aggregatetype}"),
-        ];
-        for (template, aggregate_type, topic) in cases {
-            let parsed = TopicTemplate::parse(template).unwrap();
-            assert_eq!(parsed.render(aggregate_type), topic, "{template}");
-            assert_eq!(parsed.to_string(), template);
-        }
     }
 
     #[test]

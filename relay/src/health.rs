@@ -45,18 +45,14 @@
 //! flight counts as broker progress: an idle broker is not an unreachable one.
 //!
 //! All times come from a [`Clock`], so tests drive the transitions with a
-//! [`ManualClock`] instead of sleeping. [`serve`] answers `/health` and `/metrics`
-//! over HTTP.
+//! [`ManualClock`] instead of sleeping. [`crate::http::serve`] answers
+//! `/health` and `/metrics` over HTTP.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-
-mod http;
-
-pub use http::serve;
 
 /// The default for both stall thresholds.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
@@ -151,6 +147,10 @@ pub enum Status {
     Reconnecting,
     /// Stopped on a definite error until the next session starts. Unhealthy.
     Failed,
+    /// The destination refused to work (access denied, a topic missing, the
+    /// client in a state it cannot leave): reading stopped, retrying with a new
+    /// sink. Unhealthy until the next session starts.
+    DestinationFailed,
 }
 
 impl Status {
@@ -163,6 +163,7 @@ impl Status {
             Status::BrokerUnreachable => "broker_unreachable",
             Status::Reconnecting => "reconnecting",
             Status::Failed => "failed",
+            Status::DestinationFailed => "destination_failed",
         }
     }
 }
@@ -204,6 +205,7 @@ enum Phase {
     Streaming,
     Reconnecting(String),
     Failed(String),
+    DestinationFailed(String),
 }
 
 #[derive(Debug)]
@@ -320,6 +322,16 @@ impl Health {
         self.state().phase = Phase::Failed(reason);
     }
 
+    /// The destination failed as a whole; the relay stopped reading and retries
+    /// with a new sink. Unhealthy with `reason` until the next
+    /// [`Health::streaming`]; does not replace a definite failure.
+    pub fn destination_failed(&self, reason: String) {
+        let mut state = self.state();
+        if !matches!(state.phase, Phase::Failed(_)) {
+            state.phase = Phase::DestinationFailed(reason);
+        }
+    }
+
     /// The session ended, or could not start, on a transient error and the relay is
     /// reconnecting. Healthy until the stream threshold has passed since the last
     /// progress, then unhealthy with `reason`. Before the first session the relay
@@ -333,7 +345,7 @@ impl Health {
             state.stream_waiting_since = now;
         }
         match state.phase {
-            Phase::Failed(_) => {}
+            Phase::Failed(_) | Phase::DestinationFailed(_) => {}
             Phase::Starting(_) => state.phase = Phase::Starting(Some(reason)),
             Phase::Streaming | Phase::Reconnecting(_) => {
                 state.phase = Phase::Reconnecting(reason);
@@ -360,6 +372,9 @@ impl Health {
 
         let (healthy, status, reason) = match &state.phase {
             Phase::Failed(reason) => (false, Status::Failed, Some(reason.clone())),
+            Phase::DestinationFailed(reason) => {
+                (false, Status::DestinationFailed, Some(reason.clone()))
+            }
             Phase::Starting(reason) => (false, Status::Starting, reason.clone()),
             Phase::Reconnecting(reason) if stream_stalled => {
                 (false, Status::Reconnecting, Some(reason.clone()))

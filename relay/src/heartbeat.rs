@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError};
-use crate::setup::quote_literal;
+use crate::sql;
 
 /// Prefix of the relay's heartbeat messages; never routed.
 pub const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
@@ -68,15 +68,15 @@ impl Heartbeat {
         client
             .simple_query(&format!(
                 "SELECT pg_logical_emit_message(true, {}, {})",
-                quote_literal(HEARTBEAT_PREFIX),
-                quote_literal(&self.slot)
+                sql::literal(HEARTBEAT_PREFIX),
+                sql::literal(&self.slot)
             ))
             .await?;
         let rows = client
             .simple_query(&format!(
                 "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
                  FROM pg_replication_slots WHERE slot_name = {}",
-                quote_literal(&self.slot)
+                sql::literal(&self.slot)
             ))
             .await?;
         let slot_lag_bytes = rows

@@ -4,10 +4,13 @@
 //!
 //! - [`replication`]: the replication-protocol client (no libpq).
 //! - [`pgoutput`]: the decoder of pgoutput messages, pure.
-//! - [`routing`]: outbox row to Kafka record, Debezium-compatible.
-//! - [`kafka`]: the producer and topic creation.
+//! - [`routing`]: outbox row to record, Debezium-compatible.
+//! - [`sink`]: where records go, and the delivery contract; [`sink::kafka`] is the
+//!   production sink.
+//! - [`delivery`]: the one bounded delivery loop, dead letters included.
 //! - [`ack`]: which WAL position may be confirmed.
-//! - [`pipeline`]: the replication loop tying them together.
+//! - [`stream`]: the replication loop tying them together.
+//! - [`snapshot`]: the rows already in the table when a slot is created.
 //! - [`runner`]: connect, prepare, stream, reconnect; [`run`] is the entry point.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -16,18 +19,21 @@ pub mod ack;
 pub mod admin;
 pub mod config;
 pub mod deadletter;
+pub mod delivery;
 pub mod health;
 pub mod heartbeat;
-pub mod kafka;
+pub mod http;
 pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;
-pub mod pipeline;
 pub mod replication;
 pub mod routing;
 pub mod runner;
 pub mod setup;
+pub mod sink;
 pub mod snapshot;
+pub mod sql;
+pub mod stream;
 
 pub use config::RelayConfig;
 pub use lsn::Lsn;

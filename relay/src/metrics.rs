@@ -15,12 +15,13 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::deadletter::Reason;
 use crate::health::Health;
 use crate::Lsn;
 
 /// Counter: outbox events delivered to their topic and acknowledged by the broker.
 pub const EVENTS_ROUTED: &str = "outbox_relay_events_routed_total";
-/// Counter: outbox events sent to the dead-letter topic, by [`DeadLetterReason`].
+/// Counter: outbox events sent to the dead-letter topic, by [`Reason`] (its code as the `reason` label).
 pub const EVENTS_DEAD_LETTERED: &str = "outbox_relay_events_dead_lettered_total";
 /// Counter: bytes of routed records (key + value + headers).
 pub const BYTES_ROUTED: &str = "outbox_relay_bytes_routed_total";
@@ -54,56 +55,6 @@ pub const UP: &str = "outbox_relay_healthy";
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Why an event went to the dead-letter topic; the `reason` label of
-/// [`EVENTS_DEAD_LETTERED`], the same codes as [`crate::deadletter::Reason::code`]
-/// (convert with `From`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DeadLetterReason {
-    /// The broker refused the record as too large.
-    TooLarge,
-    /// The outbox row could not be turned into a record (missing or malformed
-    /// column).
-    BadRow,
-    /// The broker refused the record with another definite error.
-    Undeliverable,
-}
-
-impl DeadLetterReason {
-    /// Every reason, in the order they are rendered.
-    pub const ALL: [DeadLetterReason; 3] = [
-        DeadLetterReason::TooLarge,
-        DeadLetterReason::BadRow,
-        DeadLetterReason::Undeliverable,
-    ];
-
-    /// The label value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterReason::TooLarge => "too_large",
-            DeadLetterReason::BadRow => "bad_row",
-            DeadLetterReason::Undeliverable => "undeliverable",
-        }
-    }
-
-    const fn index(self) -> usize {
-        match self {
-            DeadLetterReason::TooLarge => 0,
-            DeadLetterReason::BadRow => 1,
-            DeadLetterReason::Undeliverable => 2,
-        }
-    }
-}
-
-impl From<crate::deadletter::Reason> for DeadLetterReason {
-    fn from(reason: crate::deadletter::Reason) -> DeadLetterReason {
-        match reason {
-            crate::deadletter::Reason::TooLarge => DeadLetterReason::TooLarge,
-            crate::deadletter::Reason::BadRow => DeadLetterReason::BadRow,
-            crate::deadletter::Reason::Undeliverable => DeadLetterReason::Undeliverable,
-        }
-    }
-}
 
 /// A Prometheus metric type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,7 +186,7 @@ impl Family {
 #[derive(Debug, Default)]
 pub struct Metrics {
     events_routed: AtomicU64,
-    dead_lettered: [AtomicU64; DeadLetterReason::ALL.len()],
+    dead_lettered: [AtomicU64; Reason::ALL.len()],
     bytes_routed: AtomicU64,
     in_flight: AtomicU64,
     slot_lag_bytes: AtomicU64,
@@ -263,8 +214,8 @@ impl Metrics {
     }
 
     /// One event went to the dead-letter topic for `reason`.
-    pub fn dead_lettered(&self, reason: DeadLetterReason) {
-        self.dead_lettered[reason.index()].fetch_add(1, Ordering::Relaxed);
+    pub fn dead_lettered(&self, reason: Reason) {
+        self.dead_lettered[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// `n` records are in flight now.
@@ -320,13 +271,13 @@ impl Metrics {
             );
             let value = match family {
                 Family::EventsDeadLettered => {
-                    for reason in DeadLetterReason::ALL {
+                    for reason in Reason::ALL {
                         line(
                             &mut out,
                             format_args!(
                                 "{name}{{reason=\"{label}\"}} {value}",
-                                label = reason.as_str(),
-                                value = load(&self.dead_lettered[reason.index()]),
+                                label = reason.code(),
+                                value = load(&self.dead_lettered[reason as usize]),
                             ),
                         );
                     }
@@ -547,21 +498,13 @@ mod tests {
         // per bound (and +Inf), a sum and a count for the histogram.
         assert_eq!(
             samples.len(),
-            Family::ALL.len() - 2 + DeadLetterReason::ALL.len() + COMMIT_TO_ACK_BUCKETS.len() + 3
+            Family::ALL.len() - 2 + Reason::ALL.len() + COMMIT_TO_ACK_BUCKETS.len() + 3
         );
-        for reason in ["too_large", "bad_row", "undeliverable"] {
+        for reason in ["too_large", "bad_row", "bad_route", "undeliverable"] {
             let labels = format!("reason=\"{reason}\"");
             assert_eq!(value(&samples, EVENTS_DEAD_LETTERED, &labels), "0");
         }
         assert!(samples.values().all(|v| v == "0"), "{samples:?}");
-    }
-
-    #[test]
-    fn dead_letter_labels_match_the_dead_letter_codes() {
-        use crate::deadletter::Reason;
-        for reason in [Reason::BadRow, Reason::TooLarge, Reason::Undeliverable] {
-            assert_eq!(DeadLetterReason::from(reason).as_str(), reason.code());
-        }
     }
 
     #[test]
@@ -594,9 +537,9 @@ mod tests {
         metrics.events_routed(4);
         metrics.bytes_routed(1000);
         metrics.bytes_routed(24);
-        metrics.dead_lettered(DeadLetterReason::TooLarge);
-        metrics.dead_lettered(DeadLetterReason::BadRow);
-        metrics.dead_lettered(DeadLetterReason::BadRow);
+        metrics.dead_lettered(Reason::TooLarge);
+        metrics.dead_lettered(Reason::BadRow);
+        metrics.dead_lettered(Reason::BadRow);
         metrics.set_in_flight(9);
         metrics.set_in_flight(5);
         metrics.set_slot_lag_bytes(4096);

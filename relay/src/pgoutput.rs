@@ -564,4 +564,6 @@ fn tuple(r: &mut Reader<'_>) -> Result<Vec<Column>, DecodeError> {
 }
 
 #[cfg(test)]
+pub(crate) mod encode;
+#[cfg(test)]
 mod tests;

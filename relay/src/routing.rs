@@ -16,8 +16,10 @@
 
 use bytes::Bytes;
 
-use crate::config::{Columns, OutboxConfig, PayloadFormat};
+pub mod outbox;
+
 use crate::Lsn;
+use outbox::{Columns, Ident, OutboxConfig, PayloadFormat};
 
 /// Header carrying the commit LSN of the row's transaction.
 pub const HEADER_COMMIT_LSN: &str = "outbox-commit-lsn";
@@ -52,6 +54,19 @@ pub struct OutboxRecord {
     pub headers: Vec<(String, Bytes)>,
     pub id: String,
     pub position: Position,
+}
+
+impl OutboxRecord {
+    /// Key, value and header bytes.
+    pub fn size(&self) -> usize {
+        self.key.len()
+            + self.payload.as_ref().map_or(0, Bytes::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// The outbox table lacks a configured column.
@@ -281,7 +296,7 @@ pub fn route_message(
             reason: format!("the content is not a JSON object: {e}"),
         })?;
     let columns = &outbox.columns;
-    let text = |column: &crate::config::Ident, role: &'static str| -> Result<String, BadRow> {
+    let text = |column: &Ident, role: &'static str| -> Result<String, BadRow> {
         match object.get(column.as_str()) {
             Some(serde_json::Value::String(s)) => Ok(s.clone()),
             Some(serde_json::Value::Null) | None => Err(BadRow::Null {
@@ -362,7 +377,8 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RelayConfig, DEFAULT_COLUMNS};
+    use crate::config::RelayConfig;
+    use outbox::DEFAULT_COLUMNS;
 
     const TABLE: [&str; 7] = [
         "id",

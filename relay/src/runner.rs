@@ -12,13 +12,16 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::config::{ConfigError, RelayConfig};
-use crate::health::{self, Health, HealthThresholds};
+use crate::delivery::DeliveryError;
+use crate::health::{Health, HealthThresholds};
 use crate::heartbeat::Heartbeat;
-use crate::kafka::KafkaSink;
 use crate::metrics::Metrics;
-use crate::pipeline::{Session, StreamError};
 use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError, ReplicationStream};
 use crate::setup::{self, SetupError, SlotState};
+use crate::sink::kafka::KafkaSink;
+use crate::sink::SinkError;
+use crate::snapshot::SnapshotError;
+use crate::stream::{Session, StreamError};
 
 /// SQLSTATE of "replication slot is active for PID ...".
 const OBJECT_IN_USE: &str = "55006";
@@ -63,8 +66,10 @@ pub enum RelayError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the Kafka producer")]
-    Kafka(#[source] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("cannot publish the initial snapshot")]
+    Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Stream(#[from] StreamError),
 }
@@ -76,7 +81,20 @@ impl RelayError {
             RelayError::Connect(e) | RelayError::Start { source: e, .. } => e.is_transient(),
             RelayError::Setup(e) => e.is_transient(),
             RelayError::Stream(e) => e.is_transient(),
+            RelayError::Snapshot(e) => e.is_transient(),
+            RelayError::Sink(e) => e.is_transient(),
             _ => false,
+        }
+    }
+
+    /// The destination's fault, if this error is one: the relay reports it as
+    /// `destination_failed` (not as a lost PostgreSQL connection) while it retries.
+    pub fn sink_error(&self) -> Option<&SinkError> {
+        match self {
+            RelayError::Sink(e)
+            | RelayError::Stream(StreamError::Delivery(DeliveryError::Sink(e)))
+            | RelayError::Snapshot(SnapshotError::Delivery(DeliveryError::Sink(e))) => Some(e),
+            _ => None,
         }
     }
 }
@@ -106,7 +124,7 @@ pub async fn run(
                 .map_err(|source| RelayError::Http { address, source })?;
             let bound = listener.local_addr().unwrap_or(address);
             tracing::info!(address = %bound, "serving /metrics and /health");
-            Some(tokio::spawn(health::serve(
+            Some(tokio::spawn(crate::http::serve(
                 listener,
                 metrics.clone(),
                 health.clone(),
@@ -142,21 +160,37 @@ async fn relay(
     report_failures: bool,
 ) -> Result<(), RelayError> {
     health.starting();
-    let mut sink = KafkaSink::new(&config.kafka).map_err(RelayError::Kafka)?;
     let mut backoff = FIRST_BACKOFF;
     loop {
         let observe = (metrics.clone(), health.clone());
-        let attempt = session(
-            config,
-            connect,
-            &mut sink,
-            shutdown.clone(),
-            &mut backoff,
-            observe,
-        )
-        .await;
+        // A new sink for every session: a client that failed (librdkafka's fatal
+        // state, say) is never used again, and records of an ended session are
+        // not delivered behind the new session's back.
+        let attempt = match KafkaSink::new(&config.kafka) {
+            Ok(sink) => {
+                session(
+                    config,
+                    connect,
+                    sink,
+                    shutdown.clone(),
+                    &mut backoff,
+                    observe,
+                )
+                .await
+            }
+            Err(error) => Err(error.into()),
+        };
         let pause = match attempt {
             Ok(()) => return Ok(()),
+            Err(error) if error.sink_error().is_some_and(SinkError::is_transient) => {
+                let reason = error_chain(&error);
+                tracing::error!(error = %reason, retry_in = ?backoff, "the destination failed; stopped reading, retrying with a new sink");
+                health.destination_failed(reason);
+                metrics.reconnected();
+                let pause = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                pause
+            }
             Err(error) if error.is_transient() => {
                 let reason = error_chain(&error);
                 tracing::warn!(error = %reason, retry_in = ?backoff, "PostgreSQL unavailable; reconnecting");
@@ -184,7 +218,7 @@ async fn relay(
 async fn session(
     config: &RelayConfig,
     connect: &ConnectConfig,
-    sink: &mut KafkaSink,
+    mut sink: KafkaSink,
     shutdown: impl Future<Output = ()>,
     backoff: &mut Duration,
     observe: (Arc<Metrics>, Arc<Health>),
@@ -197,7 +231,10 @@ async fn session(
     if let Some(snapshot) = &slot.snapshot {
         // `client` created the slot and stays idle meanwhile: its exported snapshot
         // stays valid until START_REPLICATION.
-        crate::snapshot::publish(config, connect, sink, &slot.name, snapshot, &observe.0).await?;
+        let (_, returned) =
+            crate::snapshot::publish(config, connect, sink, &slot.name, snapshot, observe.clone())
+                .await?;
+        sink = returned;
     }
     let stream = start(client, connect, config, &slot).await?;
     *backoff = FIRST_BACKOFF;
@@ -238,7 +275,7 @@ async fn start(
     slot: &SlotState,
 ) -> Result<ReplicationStream, RelayError> {
     // publication_names is a list of identifiers: quoted, any name survives.
-    let publication = crate::config::quote_ident(&config.postgres.publication);
+    let publication = crate::sql::ident(&config.postgres.publication);
     let mut options: Vec<(&str, &str)> =
         vec![("proto_version", "1"), ("publication_names", &publication)];
     if server_major(&client) >= Some(14) {

@@ -4,11 +4,10 @@
 //! Each part is first *inspected* (read-only, used by `outbox-relay check`), then
 //! created when missing and allowed (`outbox-relay init` and every start).
 
-use crate::config::{quote_ident, InitialSnapshot, RelayConfig};
+use crate::config::{InitialSnapshot, RelayConfig};
 use crate::replication::{ReplicationClient, ReplicationError, SnapshotMode};
+use crate::sql;
 use crate::Lsn;
-
-pub use crate::replication::protocol::quote_literal;
 
 /// The output plugin the relay decodes.
 pub const PLUGIN: &str = "pgoutput";
@@ -52,6 +51,8 @@ pub enum SetupError {
          (sql/shared/0004_outbox_relay_snapshots.sql), or set snapshot_mode = \"never\""
     )]
     SnapshotTable(String, #[source] ReplicationError),
+    #[error("slot {0} is being created by another process (another relay on the same slot?)")]
+    SlotCreating(String),
     #[error("unexpected answer to {query}: {answer}")]
     Unexpected { query: &'static str, answer: String },
     #[error("{doing} failed")]
@@ -65,7 +66,11 @@ pub enum SetupError {
 impl SetupError {
     /// Whether trying again later may succeed (the server was unreachable).
     pub fn is_transient(&self) -> bool {
-        matches!(self, SetupError::Server { source, .. } if source.is_transient())
+        match self {
+            SetupError::Server { source, .. } => source.is_transient(),
+            SetupError::SlotCreating(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -120,6 +125,10 @@ pub enum SlotInspection {
     Invalidated,
     Mismatch {
         found: String,
+    },
+    /// Another process is creating it (listed, without a confirmed position yet).
+    Creating {
+        active_pid: Option<u32>,
     },
 }
 
@@ -180,8 +189,8 @@ pub async fn check_table(
          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p') \
          AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-        quote_literal(&table.schema),
-        quote_literal(&table.name)
+        sql::literal(&table.schema),
+        sql::literal(&table.name)
     );
     let rows = query(client, "reading the outbox table's columns", &sql).await?;
     let present: Vec<String> = rows
@@ -209,9 +218,9 @@ pub async fn inspect_publication(
         "SELECT EXISTS (SELECT 1 FROM pg_publication_tables t \
          WHERE t.pubname = p.pubname AND t.schemaname = {} AND t.tablename = {}) \
          FROM pg_publication p WHERE p.pubname = {}",
-        quote_literal(&table.schema),
-        quote_literal(&table.name),
-        quote_literal(&config.postgres.publication)
+        sql::literal(&table.schema),
+        sql::literal(&table.name),
+        sql::literal(&config.postgres.publication)
     );
     let rows = query(client, "reading the publication", &sql).await?;
     Ok(match rows.first() {
@@ -240,7 +249,7 @@ async fn ensure_publication(
         PublicationState::Missing if config.postgres.create_publication => {
             let sql = format!(
                 "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(publication),
+                sql::ident(publication),
                 table.quoted()
             );
             query(client, "creating the publication", &sql).await?;
@@ -263,7 +272,7 @@ pub async fn inspect_slot(
     let sql = format!(
         "SELECT plugin, database, slot_type, confirmed_flush_lsn, wal_status, active_pid \
          FROM pg_replication_slots WHERE slot_name = {}",
-        quote_literal(slot)
+        sql::literal(slot)
     );
     let rows = query(client, "reading the slot", &sql).await?;
     let Some(row) = rows.first() else {
@@ -279,6 +288,11 @@ pub async fn inspect_slot(
     }
     if wal_status == "lost" {
         return Ok(SlotInspection::Invalidated);
+    }
+    if confirmed.is_empty() {
+        return Ok(SlotInspection::Creating {
+            active_pid: pid.parse().ok(),
+        });
     }
     let confirmed = confirmed.parse().map_err(|_| SetupError::Unexpected {
         query: "confirmed_flush_lsn",
@@ -319,6 +333,7 @@ async fn ensure_slot(
             })
         }
         SlotInspection::Invalidated => Err(SetupError::SlotInvalidated(slot)),
+        SlotInspection::Creating { .. } => Err(SetupError::SlotCreating(slot)),
         SlotInspection::Mismatch { found } => Err(SetupError::SlotMismatch {
             slot,
             found,
@@ -361,8 +376,8 @@ async fn ensure_slot(
 pub fn snapshot_table(config: &RelayConfig) -> String {
     format!(
         "{}.{}",
-        quote_ident(&config.postgres.table.schema),
-        quote_ident(SNAPSHOT_TABLE)
+        sql::ident(&config.postgres.table.schema),
+        sql::ident(SNAPSHOT_TABLE)
     )
 }
 
@@ -389,7 +404,7 @@ async fn begin_snapshot(
     let record = format!(
         "INSERT INTO {table} (slot_name) VALUES ({}) ON CONFLICT (slot_name) DO UPDATE \
          SET consistent_point = NULL, rows_published = NULL, started_at = now(), completed_at = NULL",
-        quote_literal(slot)
+        sql::literal(slot)
     );
     query(client, "recording the initial snapshot", &record).await?;
     Ok(())
@@ -406,8 +421,8 @@ async fn pending_snapshot(
     let exists = format!(
         "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = {} AND c.relname = {}",
-        quote_literal(&table.schema),
-        quote_literal(SNAPSHOT_TABLE)
+        sql::literal(&table.schema),
+        sql::literal(SNAPSHOT_TABLE)
     );
     if query(client, "looking for the snapshot record table", &exists)
         .await?
@@ -418,7 +433,7 @@ async fn pending_snapshot(
     let sql = format!(
         "SELECT consistent_point::text FROM {} WHERE slot_name = {} AND completed_at IS NULL",
         snapshot_table(config),
-        quote_literal(slot)
+        sql::literal(slot)
     );
     let rows = query(client, "reading the snapshot record", &sql).await?;
     Ok(rows.first().map(|row| {
@@ -439,8 +454,8 @@ pub async fn snapshot_position(
     let sql = format!(
         "UPDATE {} SET consistent_point = {} WHERE slot_name = {}",
         snapshot_table(config),
-        quote_literal(&position.to_string()),
-        quote_literal(slot)
+        sql::literal(&position.to_string()),
+        sql::literal(slot)
     );
     query(client, "recording the snapshot position", &sql).await?;
     Ok(())
@@ -456,7 +471,7 @@ pub async fn complete_snapshot(
     let sql = format!(
         "UPDATE {} SET completed_at = now(), rows_published = {rows} WHERE slot_name = {}",
         snapshot_table(config),
-        quote_literal(slot)
+        sql::literal(slot)
     );
     query(client, "recording the completed snapshot", &sql).await?;
     Ok(())

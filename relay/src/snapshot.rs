@@ -15,37 +15,62 @@
 
 use std::sync::Arc;
 
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
-use rdkafka::error::KafkaError;
-
 use crate::config::RelayConfig;
-use crate::deadletter::{self, Reason, RecordSummary};
-use crate::kafka::{KafkaSink, SendError};
+use crate::deadletter;
+use crate::delivery::{Delivery, DeliveryError};
+use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::replication::{ConnectConfig, ReplicationClient};
-use crate::routing::{ColumnValue, OutboxLayout, Position};
-use crate::runner::RelayError;
-use crate::setup::{self, quote_literal, PendingSnapshot, SetupError};
+use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError};
+use crate::routing::{BadRow, ColumnValue, OutboxLayout, Position};
+use crate::setup::{self, PendingSnapshot, SetupError};
+use crate::sink::Sink;
+use crate::sql;
 
 /// Rows fetched from the cursor at a time.
 const FETCH: usize = 1_000;
 
-type Delivery = futures::future::BoxFuture<'static, (RecordSummary, Result<(), KafkaError>)>;
+/// The initial snapshot could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot connect to PostgreSQL for the snapshot")]
+    Connect(#[source] ReplicationError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("outbox row at {position} of the snapshot cannot be routed (and no dead-letter topic is configured)")]
+    BadRow {
+        position: Position,
+        #[source]
+        source: BadRow,
+    },
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+}
+
+impl SnapshotError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SnapshotError::Connect(e) => e.is_transient(),
+            SnapshotError::Setup(e) => e.is_transient(),
+            SnapshotError::Delivery(e) => e.is_transient(),
+            SnapshotError::BadRow { .. } => false,
+        }
+    }
+}
 
 /// Publishes the outbox table's rows for `slot` and records the snapshot complete.
 /// Returns the number of rows published (dead letters included).
-pub async fn publish(
+pub async fn publish<S: Sink>(
     config: &RelayConfig,
     connect: &ConnectConfig,
-    sink: &mut KafkaSink,
+    sink: S,
     slot: &str,
     snapshot: &PendingSnapshot,
-    metrics: &Arc<Metrics>,
-) -> Result<u64, RelayError> {
+    observe: (Arc<Metrics>, Arc<Health>),
+) -> Result<(u64, S), SnapshotError> {
     let mut client = ReplicationClient::connect(connect)
         .await
-        .map_err(RelayError::Connect)?;
+        .map_err(SnapshotError::Connect)?;
     setup::snapshot_position(&mut client, config, slot, snapshot.position).await?;
     let columns = setup::check_table(&mut client, config, connect.dbname()).await?;
     let cols = &config.outbox.columns;
@@ -64,7 +89,7 @@ pub async fn publish(
     let select_list: Vec<String> = selected
         .iter()
         .map(|c| {
-            let c = crate::config::quote_ident(c);
+            let c = sql::ident(c);
             format!("{c}::text AS {c}")
         })
         .collect();
@@ -84,7 +109,7 @@ pub async fn publish(
     if let Some(name) = &snapshot.exported {
         statements.push(sql(
             "importing the slot's snapshot",
-            format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)),
+            format!("SET TRANSACTION SNAPSHOT {}", sql::literal(name)),
         ));
     }
     statements.push(sql(
@@ -102,7 +127,15 @@ pub async fn publish(
             .map_err(|source| SetupError::Server { doing, source })?;
     }
 
-    let mut deliveries: FuturesUnordered<Delivery> = FuturesUnordered::new();
+    let (metrics, health) = observe;
+    let mut delivery: Delivery<S, ()> = Delivery::new(
+        sink,
+        config.kafka.max_in_flight,
+        config.outbox.dead_letter_topic.clone(),
+        metrics,
+        health,
+    );
+    let names: Vec<String> = selected.iter().map(|c| (*c).to_owned()).collect();
     let mut published: u64 = 0;
     loop {
         let rows = client
@@ -127,31 +160,17 @@ pub async fn publish(
                 commit_lsn: snapshot.position,
                 index: u32::try_from(published).unwrap_or(u32::MAX),
             };
-            let (record, letter) = match layout.route(&config.outbox, &values, position) {
-                Ok(record) => (record, None),
-                Err(source) => match &config.outbox.dead_letter_topic {
-                    Some(dlq) => {
-                        tracing::warn!(%position, error = %source, "dead-lettering a snapshot row");
-                        let names: Vec<String> = selected.iter().map(|c| (*c).to_owned()).collect();
-                        let letter = deadletter::bad_row(
-                            dlq,
-                            &names,
-                            &values,
-                            layout.aggregate_id(&values),
-                            position,
-                            &source,
-                        );
-                        (letter, Some(Reason::BadRow))
-                    }
-                    None => {
-                        return Err(RelayError::Stream(crate::pipeline::StreamError::BadRow {
-                            position,
-                            source,
-                        }))
-                    }
-                },
-            };
-            send(config, sink, &mut deliveries, record, letter, metrics).await?;
+            let (record, letter) = deadletter::or_letter(
+                layout.route(&config.outbox, &values, position),
+                config.outbox.dead_letter_topic.as_deref(),
+                &names,
+                &values,
+                layout.aggregate_id(&values),
+                position,
+                delivery.letter_budget(),
+            )
+            .map_err(|source| SnapshotError::BadRow { position, source })?;
+            delivery.push_when_room((), record, letter).await?;
             published += 1;
         }
     }
@@ -162,13 +181,13 @@ pub async fn publish(
             doing: "ending the snapshot transaction",
             source,
         })?;
-    while let Some(done) = deliveries.next().await {
-        delivered(config, sink, &mut deliveries, done, metrics).await?;
+    while !delivery.is_empty() {
+        delivery.next().await?;
     }
     setup::complete_snapshot(&mut client, config, slot, published).await?;
     client.close().await;
     tracing::info!(slot, rows = published, position = %snapshot.position, "published the initial snapshot");
-    Ok(published)
+    Ok((published, delivery.into_sink()))
 }
 
 /// For a slot just created by another connection (which must stay idle until this
@@ -184,13 +203,13 @@ pub async fn complete_if_empty(
     connect: &ConnectConfig,
     slot: &str,
     snapshot: &PendingSnapshot,
-) -> Result<bool, RelayError> {
+) -> Result<bool, SnapshotError> {
     let Some(exported) = &snapshot.exported else {
         return Ok(false);
     };
     let mut client = ReplicationClient::connect(connect)
         .await
-        .map_err(RelayError::Connect)?;
+        .map_err(SnapshotError::Connect)?;
     let statements = [
         (
             "beginning the snapshot transaction",
@@ -198,7 +217,7 @@ pub async fn complete_if_empty(
         ),
         (
             "importing the slot's snapshot",
-            format!("SET TRANSACTION SNAPSHOT {}", quote_literal(exported)),
+            format!("SET TRANSACTION SNAPSHOT {}", sql::literal(exported)),
         ),
         (
             "looking for rows in the outbox table",
@@ -225,118 +244,4 @@ pub async fn complete_if_empty(
     }
     client.close().await;
     Ok(!any_rows)
-}
-
-/// Hands a record to the producer, keeping at most `max_in_flight` unacknowledged,
-/// and dead-letters it when the producer refuses it for good.
-async fn send(
-    config: &RelayConfig,
-    sink: &mut KafkaSink,
-    deliveries: &mut FuturesUnordered<Delivery>,
-    mut record: crate::routing::OutboxRecord,
-    mut letter: Option<Reason>,
-    metrics: &Arc<Metrics>,
-) -> Result<(), RelayError> {
-    loop {
-        while deliveries.len() >= config.kafka.max_in_flight {
-            if let Some(done) = deliveries.next().await {
-                Box::pin(delivered(config, sink, deliveries, done, metrics)).await?;
-            }
-        }
-        sink.ensure_topic(&record.topic)
-            .await
-            .map_err(crate::pipeline::StreamError::from)?;
-        match sink.send(&record) {
-            Ok(future) => {
-                let summary = RecordSummary::of(record, letter, None);
-                deliveries.push(Box::pin(async move {
-                    let result = match future.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((error, _))) => Err(error),
-                        Err(_) => Err(KafkaError::Canceled),
-                    };
-                    (summary, result)
-                }));
-                return Ok(());
-            }
-            Err(SendError::QueueFull) => {
-                if let Some(done) = deliveries.next().await {
-                    Box::pin(delivered(config, sink, deliveries, done, metrics)).await?;
-                }
-            }
-            Err(SendError::Definite {
-                position,
-                topic,
-                source,
-            }) => {
-                let summary = RecordSummary::of(record, letter, None);
-                match letter_for(config, &summary, &source) {
-                    Some((reason, replacement)) => {
-                        record = replacement;
-                        letter = Some(reason);
-                    }
-                    None => {
-                        return Err(crate::pipeline::StreamError::from(SendError::Definite {
-                            position,
-                            topic,
-                            source,
-                        })
-                        .into())
-                    }
-                }
-            }
-            Err(other) => return Err(crate::pipeline::StreamError::from(other).into()),
-        }
-    }
-}
-
-async fn delivered(
-    config: &RelayConfig,
-    sink: &mut KafkaSink,
-    deliveries: &mut FuturesUnordered<Delivery>,
-    (summary, result): (RecordSummary, Result<(), KafkaError>),
-    metrics: &Arc<Metrics>,
-) -> Result<(), RelayError> {
-    match result {
-        Ok(()) => {
-            match summary.letter {
-                Some(reason) => metrics.dead_lettered(reason.into()),
-                None => {
-                    metrics.events_routed(1);
-                    metrics.bytes_routed(summary.bytes as u64);
-                }
-            }
-            Ok(())
-        }
-        Err(source) => match letter_for(config, &summary, &source) {
-            Some((reason, letter)) => {
-                Box::pin(send(
-                    config,
-                    sink,
-                    deliveries,
-                    letter,
-                    Some(reason),
-                    metrics,
-                ))
-                .await
-            }
-            None => Err(crate::pipeline::StreamError::Delivery(Box::new(
-                crate::pipeline::DeliveryFailure {
-                    position: summary.position,
-                    id: summary.id,
-                    topic: summary.topic,
-                    source,
-                },
-            ))
-            .into()),
-        },
-    }
-}
-
-fn letter_for(
-    config: &RelayConfig,
-    summary: &RecordSummary,
-    error: &KafkaError,
-) -> Option<(Reason, crate::routing::OutboxRecord)> {
-    deadletter::replacement(config.outbox.dead_letter_topic.as_deref(), summary, error)
 }

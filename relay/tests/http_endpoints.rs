@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use outbox_relay::health::{self, Health, HealthThresholds, ManualClock};
-use outbox_relay::metrics::{self, DeadLetterReason, Metrics};
+use outbox_relay::deadletter::Reason;
+use outbox_relay::health::{Health, HealthThresholds, ManualClock};
+use outbox_relay::metrics::{self, Metrics};
 use outbox_relay::Lsn;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,7 +35,7 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(health);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(health::serve(
+        let task = tokio::spawn(outbox_relay::http::serve(
             listener,
             Arc::clone(&metrics),
             Arc::clone(&health),
@@ -157,7 +158,7 @@ async fn metrics_are_served_as_prometheus_text() -> anyhow::Result<()> {
     server.health.streaming();
     server.metrics.events_routed(42);
     server.metrics.bytes_routed(4096);
-    server.metrics.dead_lettered(DeadLetterReason::TooLarge);
+    server.metrics.dead_lettered(Reason::TooLarge);
     server.metrics.set_confirmed_lsn(Lsn::new(u64::MAX));
 
     let response = get(server.addr, "/metrics").await?;

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use super::Health;
+use crate::health::Health;
 use crate::metrics::{self, Metrics};
 
 #[derive(Clone, Debug)]

@@ -1,0 +1,607 @@
+//! The replication loop: WAL in, records to the delivery loop, confirmed positions
+//! back.
+//!
+//! ```text
+//!   PostgreSQL walsender                         outbox-relay                          sink
+//!   ───────────────────            ──────────────────────────────────────────        ──────
+//!   XLogData(Begin)        ──▶  tracker.begin()
+//!   XLogData(Relation)     ──▶  relation cache (this session only)
+//!   XLogData(Insert outbox)──▶  route ──▶ delivery.push(txn) ───────────────────────▶ send
+//!                               tracker.record_sent()        Settled(txn) ◀────────── Acked
+//!   XLogData(Commit end=E) ──▶  tracker.commit(E)          tracker.acknowledged(txn)
+//!   Keepalive(P)           ──▶  tracker.idle_position(P)
+//!   ◀── standby status update (flush = tracker.confirmable()): promptly when it
+//!       advanced, and every status interval in any state
+//! ```
+//!
+//! Why nothing is lost: the only position ever sent as `flush` is
+//! [`AckTracker::confirmable`], which by construction lies at or before the end of
+//! the last transaction whose records were all settled, with every earlier
+//! transaction also settled (see [`crate::ack`]); a record settles only when the
+//! sink acknowledged it or its dead letter (see [`crate::delivery`]). Whatever was
+//! not confirmed is sent again by the server after a restart.
+//!
+//! Why a crash re-sends at most about one in-flight window: reading pauses while
+//! the records handed over and not yet confirmed to the server reach
+//! `max_in_flight` ([`AckTracker::window`]; the acknowledged records of the open
+//! transaction aside, so that a transaction larger than the window still reaches
+//! its Commit), and progress is confirmed as soon as the confirmable position
+//! advanced — at once when a quarter of the window waits for it, otherwise within
+//! [`CONFIRM_DELAY`] (so the server gets at most ten updates a second from the rate
+//! limit, and one per quarter window under load). A crash re-sends what was not
+//! confirmed: at most the window, plus the open transaction's acknowledged records.
+//!
+//! Why memory stays bounded: reading stops at that bound; while the sink is
+//! away deliveries stop settling, the bound is reached, the server's send buffer
+//! fills and it waits.
+//!
+//! Why the connection survives a sink outage: status updates go out on a timer in
+//! every state of the loop, reading or not, so `wal_sender_timeout` never fires.
+//!
+//! Order per key: records are pushed to the delivery loop in commit order, which
+//! offers them to the sink in that order.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+use crate::ack::{AckError, AckTracker, TxnId};
+use crate::config::RelayConfig;
+use crate::deadletter::{self, Reason};
+use crate::delivery::{Delivery, DeliveryError, Settled};
+use crate::health::Health;
+use crate::heartbeat::HEARTBEAT_PREFIX;
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, LogicalMessage};
+use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
+use crate::routing::{
+    self, BadRow, ColumnValue, OutboxLayout, OutboxRecord, Position, SchemaError,
+};
+use crate::sink::Sink;
+use crate::Lsn;
+
+/// How long a graceful stop waits for in-flight records before giving up on them
+/// (they are not confirmed, so the next start sends them again).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest a confirmable position waits before it is confirmed; also the
+/// least time between two prompt confirmations.
+pub const CONFIRM_DELAY: Duration = Duration::from_millis(100);
+
+/// How long ending the stream may take after the final status update.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The replication connection as the loop uses it; [`ReplicationStream`] in
+/// production, a scripted double in tests.
+pub trait WalStream {
+    /// The next message; `Ok(None)` when the server ended the stream. Cancel-safe.
+    fn next(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<ReplicationMessage>, ReplicationError>>;
+    /// Sends a standby status update.
+    fn send_status(
+        &mut self,
+        status: StandbyStatus,
+    ) -> impl Future<Output = Result<(), ReplicationError>>;
+    /// Ends the stream.
+    fn finish(self) -> impl Future<Output = Result<(), ReplicationError>>;
+}
+
+impl WalStream for ReplicationStream {
+    fn next(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<ReplicationMessage>, ReplicationError>> {
+        ReplicationStream::next(self)
+    }
+
+    fn send_status(
+        &mut self,
+        status: StandbyStatus,
+    ) -> impl Future<Output = Result<(), ReplicationError>> {
+        ReplicationStream::send_status(self, status)
+    }
+
+    fn finish(self) -> impl Future<Output = Result<(), ReplicationError>> {
+        ReplicationStream::finish(self)
+    }
+}
+
+/// Why the loop stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("replication stream failed")]
+    Replication(#[from] ReplicationError),
+    #[error("the server ended the replication stream")]
+    Ended,
+    #[error("cannot decode the message at WAL {wal_start}")]
+    Decode {
+        wal_start: Lsn,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("outbox row at {position} cannot be routed (and no dead-letter topic is configured)")]
+    BadRow {
+        position: Position,
+        #[source]
+        source: BadRow,
+    },
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    #[error("the replication stream broke transaction order")]
+    Order(#[from] AckError),
+}
+
+impl StreamError {
+    /// Whether reconnecting and resuming from the slot may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StreamError::Replication(e) => e.is_transient(),
+            StreamError::Ended => true,
+            StreamError::Delivery(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// The relay's view of the open transaction.
+#[derive(Debug)]
+struct OpenTxn {
+    id: TxnId,
+    commit_lsn: Lsn,
+    commit_time: Option<SystemTime>,
+    next_index: u32,
+}
+
+/// The outbox relation as announced in this session.
+#[derive(Debug)]
+struct OutboxRelation {
+    oid: u32,
+    layout: OutboxLayout,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// The last position confirmed to the server.
+    pub confirmed: Lsn,
+    /// Records still unacknowledged when the drain gave up (0 on a clean stop).
+    pub abandoned: usize,
+}
+
+/// One replication session: from START_REPLICATION until shutdown or error.
+pub struct Session<'a, W, S> {
+    config: &'a RelayConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stream: W,
+    delivery: Delivery<S, TxnId>,
+    tracker: AckTracker,
+    status_timer: Interval,
+    /// When the last status update went out.
+    last_status: Instant,
+    /// A prompt confirmation waiting for the rate limit.
+    confirm_at: Option<Instant>,
+    received: Lsn,
+    sent_flush: Lsn,
+    open: Option<OpenTxn>,
+    outbox: Option<OutboxRelation>,
+    /// Relation ids of other tables seen in this session (never cached across sessions).
+    others: HashMap<u32, String>,
+}
+
+impl<W, S> std::fmt::Debug for Session<'_, W, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("received", &self.received)
+            .field("confirmable", &self.tracker.confirmable())
+            .field("in_flight", &self.tracker.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
+    /// A session on a started stream whose slot had confirmed `confirmed`,
+    /// delivering to `sink`.
+    pub fn new(
+        config: &'a RelayConfig,
+        stream: W,
+        sink: S,
+        confirmed: Lsn,
+        observe: (Arc<Metrics>, Arc<Health>),
+    ) -> Session<'a, W, S> {
+        let (metrics, health) = observe;
+        let mut status_timer = tokio::time::interval(config.postgres.status_interval);
+        status_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let delivery = Delivery::new(
+            sink,
+            config.kafka.max_in_flight,
+            config.outbox.dead_letter_topic.clone(),
+            metrics.clone(),
+            health.clone(),
+        );
+        Session {
+            config,
+            metrics,
+            health,
+            stream,
+            delivery,
+            tracker: AckTracker::new(confirmed),
+            status_timer,
+            last_status: Instant::now(),
+            confirm_at: None,
+            received: confirmed,
+            sent_flush: confirmed,
+            open: None,
+            outbox: None,
+            others: HashMap::new(),
+        }
+    }
+
+    /// Streams until `shutdown` resolves (then drains, confirms and ends the stream)
+    /// or an error stops it. After an error that is not the connection's, the records
+    /// already handed over are still awaited and what completed is confirmed, so a
+    /// restart re-sends as little as possible; nothing at or after the failing
+    /// record is confirmed.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Drained, StreamError> {
+        match self.stream_until(shutdown).await {
+            Ok(()) => self.drain().await,
+            Err(error) => {
+                let connection_lost =
+                    matches!(error, StreamError::Replication(_) | StreamError::Ended);
+                let sink_lost = matches!(error, StreamError::Delivery(DeliveryError::Sink(_)));
+                if !connection_lost && !sink_lost {
+                    self.settle().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Whether the loop may read another message: below the window of records
+    /// handed over and not yet confirmed (see [`AckTracker::window`]).
+    fn can_read(&self) -> bool {
+        self.tracker.window() < self.config.kafka.max_in_flight
+    }
+
+    async fn stream_until(
+        &mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StreamError> {
+        tokio::pin!(shutdown);
+        loop {
+            let in_flight = self.tracker.in_flight();
+            let can_read = self.can_read();
+            self.health.reading_paused(!can_read);
+            self.health.records_in_flight(in_flight);
+            self.metrics.set_in_flight(in_flight as u64);
+            let confirm_at = self.confirm_at;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                settled = self.delivery.next(), if !self.delivery.is_empty() => {
+                    self.settled(settled?)?;
+                }
+                () = sleep_until(confirm_at), if confirm_at.is_some() => self.send_status().await?,
+                _ = self.status_timer.tick() => self.send_status().await?,
+                message = self.stream.next(), if can_read => {
+                    match message? {
+                        Some(message) => {
+                            self.health.stream_progress();
+                            self.handle(message).await?;
+                        }
+                        None => return Err(StreamError::Ended),
+                    }
+                }
+            }
+        }
+    }
+
+    /// After an error: waits (bounded) for the records in flight and confirms what
+    /// completed. Failures here are logged, not returned: the first error wins.
+    async fn settle(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !self.delivery.is_empty() {
+            tokio::select! {
+                settled = self.delivery.next() => match settled {
+                    Ok(settled) => {
+                        if let Err(e) = self.tracker.acknowledged(settled.tag) {
+                            tracing::warn!(error = %e, "acknowledgement out of order");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "records in flight not delivered");
+                        break;
+                    }
+                },
+                _ = self.status_timer.tick() => {
+                    if let Err(e) = self.send_status().await {
+                        tracing::warn!(error = %e, "cannot confirm");
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if let Err(e) = self.send_status().await {
+            tracing::warn!(error = %e, "cannot confirm");
+        }
+    }
+
+    /// Waits for in-flight records (bounded by [`DRAIN_TIMEOUT`]), confirms what is
+    /// complete and ends the stream.
+    async fn drain(mut self) -> Result<Drained, StreamError> {
+        tracing::info!(in_flight = self.tracker.in_flight(), "draining");
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !self.delivery.is_empty() {
+            tokio::select! {
+                settled = self.delivery.next() => self.settled(settled?)?,
+                _ = self.status_timer.tick() => self.send_status().await?,
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        in_flight = self.tracker.in_flight(),
+                        "records still unacknowledged at the end of the drain; they will be sent again"
+                    );
+                    break;
+                }
+            }
+        }
+        self.send_status().await?;
+        let drained = Drained {
+            confirmed: self.sent_flush,
+            abandoned: self.tracker.in_flight(),
+        };
+        // The server may still be sending the rest of a transaction; do not wait on
+        // it forever.
+        match tokio::time::timeout(FINISH_TIMEOUT, self.stream.finish()).await {
+            Ok(result) => result?,
+            Err(_) => tracing::warn!("the server did not end the stream in time; closing"),
+        }
+        Ok(drained)
+    }
+
+    async fn handle(&mut self, message: ReplicationMessage) -> Result<(), StreamError> {
+        match message {
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                self.handle_logical(wal_start, data)
+            }
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                self.tracker.idle_position(wal_end);
+                if self.tracker.pending_transactions() == 0 {
+                    self.metrics.set_behind_source_ms(0);
+                }
+                if reply_requested {
+                    self.send_status().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_logical(&mut self, wal_start: Lsn, data: Bytes) -> Result<(), StreamError> {
+        let message =
+            pgoutput::decode(&data).map_err(|source| StreamError::Decode { wal_start, source })?;
+        match message {
+            LogicalMessage::Begin(begin) => {
+                let id = self.tracker.begin()?;
+                self.open = Some(OpenTxn {
+                    id,
+                    commit_lsn: begin.final_lsn,
+                    commit_time: begin.commit_time(),
+                    next_index: 0,
+                });
+            }
+            LogicalMessage::Commit(commit) => {
+                self.tracker.commit(commit.end_lsn)?;
+                self.open = None;
+                self.confirm_soon();
+            }
+            LogicalMessage::Relation(relation) => self.relation(relation)?,
+            LogicalMessage::Insert(insert) => {
+                let is_outbox = self
+                    .outbox
+                    .as_ref()
+                    .is_some_and(|o| o.oid == insert.relation_id);
+                if is_outbox {
+                    self.route(&insert.tuple)?;
+                }
+            }
+            LogicalMessage::Message(message) if message.prefix == HEARTBEAT_PREFIX => {
+                tracing::debug!(lsn = %message.lsn, "heartbeat returned");
+            }
+            LogicalMessage::Message(message)
+                if self
+                    .config
+                    .outbox
+                    .messages
+                    .as_ref()
+                    .is_some_and(|m| m.prefix == message.prefix) =>
+            {
+                if message.transactional() && self.open.is_some() {
+                    self.route_message(&message.prefix, &message.content)?;
+                } else {
+                    // Decoded even when its transaction rolled back: never routed.
+                    tracing::warn!(lsn = %message.lsn, prefix = %message.prefix, "ignoring a non-transactional logical message");
+                }
+            }
+            // Updates, deletes and truncates of the outbox (pruning) and every other
+            // table are not events; nor are types, origins or other logical messages.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn relation(&mut self, relation: pgoutput::Relation) -> Result<(), StreamError> {
+        let table = &self.config.postgres.table;
+        if relation.namespace == table.schema && relation.name == table.name {
+            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+            let layout =
+                OutboxLayout::resolve(&self.config.outbox.columns, &table.to_string(), &names)?;
+            if !layout.has_headers() {
+                tracing::debug!(table = %table, "the outbox table has no headers column");
+            }
+            self.outbox = Some(OutboxRelation {
+                oid: relation.id,
+                layout,
+            });
+        } else {
+            self.others.insert(
+                relation.id,
+                format!("{}.{}", relation.namespace, relation.name),
+            );
+        }
+        Ok(())
+    }
+
+    /// The next position in the open transaction.
+    fn next_position(&mut self) -> Result<(Position, Option<SystemTime>), StreamError> {
+        let open = self.open.as_mut().ok_or(AckError::NoneOpen)?;
+        let position = Position {
+            commit_lsn: open.commit_lsn,
+            index: open.next_index,
+        };
+        open.next_index += 1;
+        Ok((position, open.commit_time))
+    }
+
+    fn route(&mut self, tuple: &[pgoutput::Column]) -> Result<(), StreamError> {
+        let (position, commit_time) = self.next_position()?;
+        let outbox = self.outbox.as_ref().ok_or(AckError::NoneOpen)?;
+        let values: Vec<ColumnValue<'_>> = tuple.iter().map(column_value).collect();
+        let routed = outbox.layout.route(&self.config.outbox, &values, position);
+        let (record, letter) = deadletter::or_letter(
+            routed,
+            self.config.outbox.dead_letter_topic.as_deref(),
+            outbox.layout.column_names(),
+            &values,
+            outbox.layout.aggregate_id(&values),
+            position,
+            self.delivery.letter_budget(),
+        )
+        .map_err(|source| StreamError::BadRow { position, source })?;
+        self.push(record, letter, commit_time)
+    }
+
+    /// Routes a transactional logical message of the table-less outbox.
+    fn route_message(&mut self, prefix: &str, content: &Bytes) -> Result<(), StreamError> {
+        let (position, commit_time) = self.next_position()?;
+        let messages = self
+            .config
+            .outbox
+            .messages
+            .as_ref()
+            .ok_or(AckError::NoneOpen)?;
+        let routed =
+            routing::route_message(&self.config.outbox, &messages.topics, content, position);
+        let columns = ["prefix".to_owned(), "content".to_owned()];
+        let values = [
+            ColumnValue::Text(prefix.as_bytes()),
+            ColumnValue::Text(content.as_ref()),
+        ];
+        let (record, letter) = deadletter::or_letter(
+            routed,
+            self.config.outbox.dead_letter_topic.as_deref(),
+            &columns,
+            &values,
+            None,
+            position,
+            self.delivery.letter_budget(),
+        )
+        .map_err(|source| StreamError::BadRow { position, source })?;
+        self.push(record, letter, commit_time)
+    }
+
+    fn push(
+        &mut self,
+        record: OutboxRecord,
+        letter: Option<Reason>,
+        commit_time: Option<SystemTime>,
+    ) -> Result<(), StreamError> {
+        let txn = self.tracker.record_sent()?;
+        debug_assert_eq!(Some(txn), self.open.as_ref().map(|o| o.id));
+        self.delivery.push(txn, record, letter, commit_time)?;
+        Ok(())
+    }
+
+    fn settled(&mut self, settled: Settled<TxnId>) -> Result<(), StreamError> {
+        // Fault point (scenarios): a crash after the broker acknowledged, before
+        // the position is confirmed; the server sends it again.
+        let _ = failpoints::hit_blocking("relay.after-ack");
+        self.tracker.acknowledged(settled.tag)?;
+        self.confirm_soon();
+        Ok(())
+    }
+
+    /// Schedules a status update when the confirmable position advanced: at once
+    /// when a quarter of the window waits for it or the rate limit allows,
+    /// otherwise at the end of the rate limit.
+    fn confirm_soon(&mut self) {
+        if self.tracker.confirmable() <= self.sent_flush {
+            return;
+        }
+        let urgent = self.tracker.confirmable_unsent() >= self.config.kafka.max_in_flight / 4;
+        let at = if urgent {
+            Instant::now()
+        } else {
+            self.last_status + CONFIRM_DELAY
+        };
+        self.confirm_at = Some(self.confirm_at.map_or(at, |t| t.min(at)));
+    }
+
+    async fn send_status(&mut self) -> Result<(), StreamError> {
+        let flush = self.tracker.confirmable().max(self.sent_flush);
+        self.stream
+            .send_status(StandbyStatus {
+                write: self.received.max(flush),
+                flush,
+                apply: flush,
+                reply_requested: false,
+            })
+            .await?;
+        if flush > self.sent_flush {
+            tracing::debug!(lsn = %flush, "confirmed");
+        }
+        self.sent_flush = flush;
+        self.tracker.confirmed(flush);
+        self.last_status = Instant::now();
+        self.confirm_at = None;
+        self.metrics.set_confirmed_lsn(flush);
+        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn column_value(column: &pgoutput::Column) -> ColumnValue<'_> {
+    match column {
+        pgoutput::Column::Null => ColumnValue::Null,
+        pgoutput::Column::UnchangedToast => ColumnValue::Unchanged,
+        pgoutput::Column::Text(bytes) | pgoutput::Column::Binary(bytes) => {
+            ColumnValue::Text(bytes.as_ref())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
