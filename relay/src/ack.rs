@@ -28,12 +28,11 @@
 //!
 //! The confirmed position never moves backwards.
 //!
-//! The tracker also counts what a crash would send again, [`AckTracker::window`]:
-//! every record handed over since the position last confirmed to the server,
-//! except the acknowledged records of the open transaction (reading must go on to
-//! its Commit, or a transaction larger than the window could never complete). The
-//! stream stops reading at `max_in_flight` and confirms promptly (see
-//! [`crate::stream`]), so a crash re-sends at most about one window.
+//! The tracker also counts what a crash would send again,
+//! [`AckTracker::unconfirmed`]: every record handed over since the position last
+//! confirmed to the server. The stream stops reading when that reaches
+//! `max_in_flight` and confirms promptly (see [`crate::stream`]), so a crash
+//! re-sends at most one window.
 
 use std::collections::VecDeque;
 
@@ -174,15 +173,18 @@ impl AckTracker {
     }
 
     /// Records handed over since the position last confirmed to the server (see
-    /// [`confirmed`](Self::confirmed)), less the acknowledged records of the open
-    /// transaction: what a crash now would send again, at most, beyond the open
-    /// transaction.
-    pub fn window(&self) -> usize {
-        let open_acked = match (self.open, self.pending.back()) {
-            (Some(open), Some(txn)) if txn.id == open => txn.records - txn.outstanding,
+    /// [`confirmed`](Self::confirmed)), acknowledged or not: what a crash now would
+    /// send again, at most.
+    pub fn unconfirmed(&self) -> usize {
+        self.pending_records + self.unsent_records
+    }
+
+    /// Records handed over for the open transaction.
+    pub fn open_records(&self) -> usize {
+        match (self.open, self.pending.back()) {
+            (Some(open), Some(txn)) if txn.id == open => txn.records,
             _ => 0,
-        };
-        self.pending_records - open_acked + self.unsent_records
+        }
     }
 
     /// `flush` was sent to the server as the confirmed position.

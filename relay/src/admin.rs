@@ -177,18 +177,44 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
         ),
         Err(e) => report.fail("role", error_chain(&e)),
     }
-    match setup::check_table(&mut client, config, &database).await {
-        Ok(columns) => report.pass(
-            "table",
-            format!("{} ({})", config.postgres.table, columns.join(", ")),
-        ),
-        Err(e) => report.fail("table", error_chain(&e)),
-    }
+    let table = match setup::check_table(&mut client, config, &database).await {
+        Ok(table) => {
+            let kind = if table.partitioned {
+                "partitioned, "
+            } else {
+                ""
+            };
+            report.pass(
+                "table",
+                format!(
+                    "{} ({kind}{})",
+                    config.postgres.table,
+                    table.columns.join(", ")
+                ),
+            );
+            table
+        }
+        Err(e) => {
+            report.fail("table", error_chain(&e));
+            // Inspect the rest as for a plain table.
+            setup::OutboxTable {
+                columns: Vec::new(),
+                partitioned: false,
+            }
+        }
+    };
     let publication = &config.postgres.publication;
-    match setup::inspect_publication(&mut client, config).await {
+    match setup::inspect_publication(&mut client, config, &table).await {
         Ok(PublicationState::Covers) => report.pass(
             "publication",
             format!("{publication} publishes {}", config.postgres.table),
+        ),
+        Ok(PublicationState::NotViaRoot) => report.fail(
+            "publication",
+            error_chain(&setup::SetupError::PublicationNotViaRoot {
+                publication: publication.clone(),
+                table: config.postgres.table.to_string(),
+            }),
         ),
         Ok(PublicationState::LacksTable) => report.fail(
             "publication",

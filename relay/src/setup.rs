@@ -32,6 +32,12 @@ pub enum SetupError {
     #[error("publication {publication} does not publish the outbox table {table}")]
     PublicationLacksTable { publication: String, table: String },
     #[error(
+        "the outbox table {table} is partitioned and publication {publication} publishes its \
+         partitions under their own names, which the relay would not recognise (every event \
+         would be skipped): ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+    )]
+    PublicationNotViaRoot { publication: String, table: String },
+    #[error(
         "slot {slot} exists but is {found}; the relay needs a logical slot with plugin \
          pgoutput in database {database} (choose another slot name or drop it)"
     )]
@@ -104,8 +110,11 @@ pub const SNAPSHOT_TABLE: &str = "outbox_relay_snapshots";
 /// What the database holds of the publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicationState {
-    /// It exists and publishes the outbox table.
+    /// It exists and publishes the outbox table (a partitioned one through its root).
     Covers,
+    /// It exists, but publishes the partitioned outbox table's partitions under their
+    /// own names (`publish_via_partition_root` is off).
+    NotViaRoot,
     /// It exists without the outbox table.
     LacksTable,
     Missing,
@@ -147,8 +156,8 @@ pub async fn prepare(
     database: &str,
 ) -> Result<Prepared, SetupError> {
     check_wal_level(client).await?;
-    check_table(client, config, database).await?;
-    let created_publication = ensure_publication(client, config).await?;
+    let table = check_table(client, config, database).await?;
+    let created_publication = ensure_publication(client, config, &table).await?;
     let slot = ensure_slot(client, config, database).await?;
     Ok(Prepared {
         slot,
@@ -177,15 +186,25 @@ pub async fn check_wal_level(client: &mut ReplicationClient) -> Result<(), Setup
     Ok(())
 }
 
-/// The outbox table must exist with every configured column; returns its columns.
+/// What the relay needs to know of the outbox table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxTable {
+    /// Its columns, in order.
+    pub columns: Vec<String>,
+    /// Whether it is a partitioned table (`PARTITION BY`): its rows live in its
+    /// partitions, and the publication must publish them under its name.
+    pub partitioned: bool,
+}
+
+/// The outbox table must exist with every configured column.
 pub async fn check_table(
     client: &mut ReplicationClient,
     config: &RelayConfig,
     database: &str,
-) -> Result<Vec<String>, SetupError> {
+) -> Result<OutboxTable, SetupError> {
     let table = &config.postgres.table;
     let sql = format!(
-        "SELECT a.attname FROM pg_attribute a \
+        "SELECT a.attname, c.relkind::text FROM pg_attribute a \
          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p') \
          AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
@@ -193,42 +212,58 @@ pub async fn check_table(
         sql::literal(&table.name)
     );
     let rows = query(client, "reading the outbox table's columns", &sql).await?;
-    let present: Vec<String> = rows
+    let partitioned = rows
+        .first()
+        .and_then(|row| row.get(1).cloned().flatten())
+        .is_some_and(|kind| kind == "p");
+    let columns: Vec<String> = rows
         .into_iter()
         .filter_map(|row| row.into_iter().next().flatten())
         .collect();
-    if present.is_empty() {
+    if columns.is_empty() {
         return Err(SetupError::TableMissing(
             table.to_string(),
             database.to_owned(),
         ));
     }
-    let names: Vec<&str> = present.iter().map(String::as_str).collect();
+    let names: Vec<&str> = columns.iter().map(String::as_str).collect();
     crate::routing::OutboxLayout::resolve(&config.outbox.columns, &table.to_string(), &names)?;
-    Ok(present)
+    Ok(OutboxTable {
+        columns,
+        partitioned,
+    })
 }
 
-/// Whether the publication exists and covers the outbox table.
+/// Whether the publication exists and covers the outbox table, through its root
+/// when the table is partitioned.
+///
+/// A publication of a partitioned table without `publish_via_partition_root`
+/// sends each change under the name of the partition that holds the row, and
+/// `pg_publication_tables` lists the partitions instead of the table.
 pub async fn inspect_publication(
     client: &mut ReplicationClient,
     config: &RelayConfig,
+    table: &OutboxTable,
 ) -> Result<PublicationState, SetupError> {
-    let table = &config.postgres.table;
+    let outbox = &config.postgres.table;
     let sql = format!(
-        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables t \
-         WHERE t.pubname = p.pubname AND t.schemaname = {} AND t.tablename = {}) \
+        "SELECT p.pubviaroot::text, EXISTS (SELECT 1 FROM pg_publication_tables t \
+         WHERE t.pubname = p.pubname AND t.schemaname = {} AND t.tablename = {})::text \
          FROM pg_publication p WHERE p.pubname = {}",
-        sql::literal(&table.schema),
-        sql::literal(&table.name),
+        sql::literal(&outbox.schema),
+        sql::literal(&outbox.name),
         sql::literal(&config.postgres.publication)
     );
     let rows = query(client, "reading the publication", &sql).await?;
-    Ok(match rows.first() {
-        None => PublicationState::Missing,
-        Some(row) if row.first().cloned().flatten().as_deref() == Some("t") => {
-            PublicationState::Covers
-        }
-        Some(_) => PublicationState::LacksTable,
+    let Some(row) = rows.first() else {
+        return Ok(PublicationState::Missing);
+    };
+    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let (via_root, lists_table) = (field(0) == "true", field(1) == "true");
+    Ok(match (table.partitioned, via_root, lists_table) {
+        (true, false, _) => PublicationState::NotViaRoot,
+        (_, _, true) => PublicationState::Covers,
+        (_, _, false) => PublicationState::LacksTable,
     })
 }
 
@@ -237,18 +272,30 @@ pub async fn inspect_publication(
 async fn ensure_publication(
     client: &mut ReplicationClient,
     config: &RelayConfig,
+    outbox: &OutboxTable,
 ) -> Result<bool, SetupError> {
     let publication = &config.postgres.publication;
     let table = &config.postgres.table;
-    match inspect_publication(client, config).await? {
+    match inspect_publication(client, config, outbox).await? {
         PublicationState::Covers => Ok(false),
         PublicationState::LacksTable => Err(SetupError::PublicationLacksTable {
             publication: publication.clone(),
             table: table.to_string(),
         }),
+        PublicationState::NotViaRoot => Err(SetupError::PublicationNotViaRoot {
+            publication: publication.clone(),
+            table: table.to_string(),
+        }),
         PublicationState::Missing if config.postgres.create_publication => {
+            // A partitioned table's changes are published under its own name (and a
+            // partition attached later is covered as well).
+            let options = if outbox.partitioned {
+                " WITH (publish_via_partition_root = true)"
+            } else {
+                ""
+            };
             let sql = format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
+                "CREATE PUBLICATION {} FOR TABLE {}{options}",
                 sql::ident(publication),
                 table.quoted()
             );

@@ -72,7 +72,9 @@ pub async fn publish<S: Sink>(
         .await
         .map_err(SnapshotError::Connect)?;
     setup::snapshot_position(&mut client, config, slot, snapshot.position).await?;
-    let columns = setup::check_table(&mut client, config, connect.dbname()).await?;
+    let columns = setup::check_table(&mut client, config, connect.dbname())
+        .await?
+        .columns;
     let cols = &config.outbox.columns;
     let mut selected: Vec<&str> = vec![
         cols.id.as_str(),

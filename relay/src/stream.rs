@@ -21,15 +21,16 @@
 //! sink acknowledged it or its dead letter (see [`crate::delivery`]). Whatever was
 //! not confirmed is sent again by the server after a restart.
 //!
-//! Why a crash re-sends at most about one in-flight window: reading pauses while
-//! the records handed over and not yet confirmed to the server reach
-//! `max_in_flight` ([`AckTracker::window`]; the acknowledged records of the open
-//! transaction aside, so that a transaction larger than the window still reaches
-//! its Commit), and progress is confirmed as soon as the confirmable position
-//! advanced — at once when a quarter of the window waits for it, otherwise within
-//! [`CONFIRM_DELAY`] (so the server gets at most ten updates a second from the rate
-//! limit, and one per quarter window under load). A crash re-sends what was not
-//! confirmed: at most the window, plus the open transaction's acknowledged records.
+//! Why a crash re-sends at most one in-flight window: reading pauses while the
+//! records handed over and not yet confirmed to the server reach `max_in_flight`
+//! ([`AckTracker::unconfirmed`]), and progress is confirmed as soon as the
+//! confirmable position advanced — at once when a quarter of the window waits for
+//! it, otherwise within [`CONFIRM_DELAY`] (so the server gets at most ten updates
+//! a second from the rate limit, and one per quarter window under load). A crash
+//! re-sends what was not confirmed: at most the window. A single transaction
+//! larger than the window is the exception: it can only be confirmed after its
+//! Commit, so reading goes on through it (bounded by the records in flight) and a
+//! crash re-sends it whole.
 //!
 //! Why memory stays bounded: reading stops at that bound; while the sink is
 //! away deliveries stop settling, the bound is reached, the server's send buffer
@@ -264,9 +265,16 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
     }
 
     /// Whether the loop may read another message: below the window of records
-    /// handed over and not yet confirmed (see [`AckTracker::window`]).
+    /// handed over and not yet confirmed ([`AckTracker::unconfirmed`]). An open
+    /// transaction that alone fills the window can only be confirmed after its
+    /// Commit, so reading goes on through it, bounded by the records in flight.
     fn can_read(&self) -> bool {
-        self.tracker.window() < self.config.kafka.max_in_flight
+        let max = self.config.kafka.max_in_flight;
+        if self.tracker.open_records() >= max {
+            self.tracker.in_flight() < max
+        } else {
+            self.tracker.unconfirmed() < max
+        }
     }
 
     async fn stream_until(

@@ -226,8 +226,12 @@ impl RelaySettings {
 }
 
 /// The relay binary configured by `settings` (environment and arguments).
+/// `OUTBOX_TEST_RELAY_BIN` runs another build of the relay instead of this
+/// crate's (an older one, to see a test fail before its fix).
 fn relay_command(settings: &RelaySettings) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    let binary = std::env::var_os("OUTBOX_TEST_RELAY_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_outbox-relay").into());
+    let mut command = Command::new(binary);
     command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
