@@ -107,6 +107,10 @@
 //! Waiting for in-flight work inside the callback was not chosen: the callback runs
 //! inside the stream's poll on the runtime, where it cannot wait for async tasks.
 //!
+//! What a member is assigned and what it loses can be watched with
+//! [`Consumer::with_rebalance_observer`] (tests use it to show that a partition was
+//! revoked while one of its messages was being handled).
+//!
 //! # Shutdown
 //!
 //! When the `shutdown` future resolves, [`Consumer::run`] stops pulling messages, lets
@@ -440,6 +444,28 @@ impl ConsumerStats {
     }
 }
 
+/// A change of a member's assignment, as librdkafka's rebalance callbacks report it
+/// to a [`Consumer::with_rebalance_observer`] observer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RebalanceEvent {
+    /// The partition was assigned to this member.
+    Assigned { topic: String, partition: i32 },
+    /// The partition was taken from this member. `unfinished` of its messages had
+    /// been received and were not done (being handled, or waiting in their lane):
+    /// their offsets stay uncommitted and the partition's next owner handles them.
+    /// Reported after the partition's bookkeeping was dropped, before the revocation
+    /// completes.
+    Revoked {
+        topic: String,
+        partition: i32,
+        unfinished: usize,
+    },
+}
+
+/// What [`Consumer::with_rebalance_observer`] calls.
+type RebalanceObserver = Box<dyn Fn(&RebalanceEvent) + Send + Sync>;
+
 /// A consumer group member that applies each message once through `H`.
 pub struct Consumer<H> {
     config: ConsumerConfig,
@@ -474,6 +500,7 @@ impl<H: MessageHandler> Consumer<H> {
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
         let hooks = RebalanceHooks {
             tracker: Arc::clone(&tracker),
+            observer: Mutex::new(None),
         };
         let consumer: StreamConsumer<RebalanceHooks> = config
             .consumer_config()
@@ -495,6 +522,19 @@ impl<H: MessageHandler> Consumer<H> {
     #[must_use]
     pub fn with_stats(mut self, stats: Arc<ConsumerStats>) -> Self {
         self.stats = stats;
+        self
+    }
+
+    /// Calls `observer` with every partition assigned to or revoked from this member
+    /// (replacing an observer given before). It runs inside librdkafka's rebalance
+    /// callback, on the task that polls the stream: it must return quickly, must not
+    /// block and must not panic.
+    #[must_use]
+    pub fn with_rebalance_observer(
+        self,
+        observer: impl Fn(&RebalanceEvent) + Send + Sync + 'static,
+    ) -> Self {
+        *lock(&self.consumer.context().observer) = Some(Box::new(observer));
         self
     }
 
@@ -1047,16 +1087,25 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// The tracker stays consistent even if a holder panicked: every update is a single
-/// step.
-fn lock(tracker: &Mutex<OffsetTracker>) -> MutexGuard<'_, OffsetTracker> {
-    tracker.lock().unwrap_or_else(PoisonError::into_inner)
+/// The tracker and the observer stay consistent even if a holder panicked: every
+/// update is a single step.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// librdkafka's rebalance callbacks: revoked partitions lose their bookkeeping before
 /// the revocation completes. They run inside the stream's poll, in the run loop's task.
 struct RebalanceHooks {
     tracker: Arc<Mutex<OffsetTracker>>,
+    observer: Mutex<Option<RebalanceObserver>>,
+}
+
+impl RebalanceHooks {
+    fn observe(&self, event: RebalanceEvent) {
+        if let Some(observer) = lock(&self.observer).as_ref() {
+            observer(&event);
+        }
+    }
 }
 
 impl ClientContext for RebalanceHooks {}
@@ -1065,15 +1114,26 @@ impl ConsumerContext for RebalanceHooks {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => {
-                let mut tracker = lock(&self.tracker);
-                for element in partitions.elements() {
-                    let unfinished = tracker.revoke(element.topic(), element.partition());
-                    tracing::info!(
-                        topic = element.topic(),
-                        partition = element.partition(),
-                        unfinished,
-                        "partition revoked"
-                    );
+                let mut revoked = Vec::new();
+                {
+                    let mut tracker = lock(&self.tracker);
+                    for element in partitions.elements() {
+                        let unfinished = tracker.revoke(element.topic(), element.partition());
+                        tracing::info!(
+                            topic = element.topic(),
+                            partition = element.partition(),
+                            unfinished,
+                            "partition revoked"
+                        );
+                        revoked.push(RebalanceEvent::Revoked {
+                            topic: element.topic().to_owned(),
+                            partition: element.partition(),
+                            unfinished,
+                        });
+                    }
+                }
+                for event in revoked {
+                    self.observe(event);
                 }
             }
             Rebalance::Assign(_) => {}
@@ -1089,6 +1149,10 @@ impl ConsumerContext for RebalanceHooks {
                     partition = element.partition(),
                     "partition assigned"
                 );
+                self.observe(RebalanceEvent::Assigned {
+                    topic: element.topic().to_owned(),
+                    partition: element.partition(),
+                });
             }
         }
     }

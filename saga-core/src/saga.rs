@@ -8,11 +8,13 @@
 
 mod admin;
 pub mod cli;
+mod clock;
 mod definition;
 mod engine;
 mod participant;
 
 pub use admin::{SagaAdmin, SagaSummary};
+pub use clock::{Clock, SystemClock};
 pub use definition::{
     Command, CommandFn, DefinitionError, LocalFn, Reply, SagaBuilder, SagaData, SagaDefinition,
     Step, StepBuilder, StepFailed, DEFAULT_COMPENSATION_ATTEMPTS, DEFAULT_COMPENSATION_BACKOFF,

@@ -1,7 +1,8 @@
 //! Testing a participant's handler against a real database, without a broker:
 //! saga commands built as the consumer hands them over, a handler run in a
 //! transaction of its own as the consumer runs it, and the rows it left in the
-//! outbox.
+//! outbox. And, for an orchestrator's tests, a [`ManualClock`] that lets a step's
+//! timeout pass without waiting for it.
 //!
 //! ```no_run
 //! # async fn example(pool: sqlx::PgPool, handler: impl saga_core::consumer::MessageHandler) {
@@ -18,15 +19,18 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use serde_json::Value;
+use sqlx::types::chrono;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::consumer::{HandlerError, IncomingMessage, MessageHandler, HEADER_ID, HEADER_TYPE};
 use crate::outbox::Outbox;
 use crate::saga::{
-    HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLAY, HEADER_REPLY_TO, HEADER_REQUEST_ID,
+    Clock, HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLAY, HEADER_REPLY_TO, HEADER_REQUEST_ID,
     HEADER_SAGA_ID, HEADER_SAGA_STEP,
 };
 
@@ -195,4 +199,54 @@ pub fn assert_replay(replay: &OutboxRow, first: &OutboxRow) {
         )
     };
     assert_eq!(answer(replay), answer(first));
+}
+
+/// A [`Clock`] that stands still until it is moved: give a clone to
+/// [`Orchestrator::with_clock`](crate::saga::Orchestrator::with_clock) and
+/// [`advance`](ManualClock::advance) it past a deadline instead of sleeping.
+///
+/// ```
+/// use std::time::Duration;
+/// use saga_core::saga::Clock;
+/// use saga_core::testing::ManualClock;
+///
+/// let clock = ManualClock::new();
+/// let start = clock.now();
+/// clock.advance(Duration::from_secs(30));
+/// assert_eq!((clock.now() - start).num_seconds(), 30);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    now: Arc<Mutex<chrono::DateTime<chrono::Utc>>>,
+}
+
+impl ManualClock {
+    /// A clock standing at the current time, to the microsecond (what `timestamptz`
+    /// keeps), so a deadline read back from the database equals the one computed.
+    pub fn new() -> ManualClock {
+        let now = chrono::Utc::now();
+        let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros())
+            .expect("the current time is within the range of timestamps");
+        ManualClock {
+            now: Arc::new(Mutex::new(now)),
+        }
+    }
+
+    /// Moves the clock (and every clone of it) forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.now.lock().unwrap_or_else(PoisonError::into_inner);
+        *now += by;
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> ManualClock {
+        ManualClock::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        *self.now.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }

@@ -2,7 +2,7 @@
 //! applied once, failures are retried or dead-lettered, offsets are committed only
 //! past finished work, and one key's messages never run at the same time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use saga_core::consumer::{
     Consumer, ConsumerConfig, ConsumerError, HandlerError, IncomingMessage, MessageHandler,
+    RebalanceEvent,
 };
 use sqlx::{PgConnection, PgPool};
 use testkit::TestDatabase;
@@ -154,8 +155,12 @@ struct Running {
     task: JoinHandle<Result<(), ConsumerError>>,
 }
 
+/// Starts a member whose assignment changes `handler` sees.
 fn start(config: ConsumerConfig, pool: &PgPool, handler: &Arc<TestHandler>) -> Running {
-    let consumer = Consumer::new(config, pool.clone(), Arc::clone(handler)).unwrap();
+    let observer = Arc::clone(handler);
+    let consumer = Consumer::new(config, pool.clone(), Arc::clone(handler))
+        .unwrap()
+        .with_rebalance_observer(move |event| observer.rebalanced(event));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(consumer.run(async move {
         let _ = stopped.await;
@@ -244,7 +249,9 @@ fn expected_offsets(ends: &BTreeMap<i32, i64>, partitions: i32) -> BTreeMap<i32,
 
 /// Writes one `effects` row per call through the consumer's transaction, and
 /// misbehaves on request: type `flaky` fails transiently twice, `broken` always,
-/// `reject` definitely, `panic` panics. Counts calls and concurrent executions.
+/// `reject` definitely, `panic` panics. Counts calls and concurrent executions, and
+/// records each call's partition and whether its member lost that partition while
+/// the call ran.
 #[derive(Default)]
 struct TestHandler {
     calls: AtomicUsize,
@@ -252,6 +259,28 @@ struct TestHandler {
     /// How long each call takes at least (to let calls overlap).
     work: Duration,
     concurrency: Mutex<Concurrency>,
+    /// The member's assignment changes, from its rebalance observer.
+    assignment: Mutex<Assignment>,
+    /// Every call, in the order they ended.
+    log: Mutex<Vec<Call>>,
+}
+
+/// What a member's rebalance observer saw.
+#[derive(Debug, Default, Clone)]
+struct Assignment {
+    /// Partitions assigned to the member at some point.
+    ever_assigned: BTreeSet<i32>,
+    /// Revocations per partition so far.
+    revocations: HashMap<i32, u64>,
+}
+
+/// One call of the handler.
+#[derive(Debug, Clone)]
+struct Call {
+    partition: i32,
+    offset: i64,
+    /// The member's partition was revoked after the call began and before it ended.
+    revoked_meanwhile: bool,
 }
 
 #[derive(Default)]
@@ -272,6 +301,33 @@ impl TestHandler {
 
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The member's rebalance observer.
+    fn rebalanced(&self, event: &RebalanceEvent) {
+        let mut assignment = self.assignment.lock().unwrap();
+        match event {
+            RebalanceEvent::Assigned { partition, .. } => {
+                assignment.ever_assigned.insert(*partition);
+            }
+            RebalanceEvent::Revoked { partition, .. } => {
+                *assignment.revocations.entry(*partition).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+
+    fn revocations_of(&self, partition: i32) -> u64 {
+        let assignment = self.assignment.lock().unwrap();
+        assignment.revocations.get(&partition).copied().unwrap_or(0)
+    }
+
+    fn assignment(&self) -> Assignment {
+        self.assignment.lock().unwrap().clone()
+    }
+
+    fn log(&self) -> Vec<Call> {
+        self.log.lock().unwrap().clone()
     }
 
     fn enter(&self, lane: &str) {
@@ -338,9 +394,15 @@ impl MessageHandler for TestHandler {
                 Some(key) => format!("key {key}"),
                 None => format!("keyless {}", message.partition),
             };
+            let revocations = self.revocations_of(message.partition);
             self.enter(&lane);
             let result = self.apply(tx, message).await;
             self.leave(&lane);
+            self.log.lock().unwrap().push(Call {
+                partition: message.partition,
+                offset: message.offset,
+                revoked_meanwhile: self.revocations_of(message.partition) != revocations,
+            });
             result
         })
     }
@@ -793,8 +855,9 @@ async fn a_rebalance_between_two_members_applies_every_message_once_in_key_order
         count(db.pool(), "SELECT count(*) FROM effects").await >= 10
     })
     .await;
-    // The second member joins: the group rebalances while the first is busy, and
-    // partitions move with messages in flight.
+    // The second member joins: the group rebalances while the first is busy. Under
+    // librdkafka's default (eager) protocol every partition of the first member is
+    // revoked, with messages in its handler, and some of them move to the second.
     let running_second = start(config, db.pool(), &second);
     wait_until("the second member to get work", || async {
         second.calls() > 0
@@ -814,9 +877,35 @@ async fn a_rebalance_between_two_members_applies_every_message_once_in_key_order
         committed(&group, &topic, 3).await,
         expected_offsets(&ends(&positions), 3)
     );
+    // What the test is about: a partition was taken from the first member while its
+    // handler was in the middle of one of that partition's messages (revocations when
+    // a member leaves or stops find no work in flight and do not count). Whether
+    // that partition then went to the second member or back to the first is the
+    // assignor's choice, so only that the second member got partitions is checked.
+    let revoked_in_handler: Vec<Call> = first
+        .log()
+        .into_iter()
+        .filter(|call| call.revoked_meanwhile)
+        .collect();
+    let (first_saw, second_saw) = (first.assignment(), second.assignment());
+    assert!(
+        !revoked_in_handler.is_empty(),
+        "no partition was revoked from the first member while its handler ran a message \
+         of that partition; first member: {first_saw:?}, {} calls",
+        first.calls()
+    );
+    assert!(
+        !second_saw.ever_assigned.is_empty(),
+        "the second member was never assigned a partition"
+    );
     println!(
-        "handler calls: first member {}, second member {}",
+        "handler calls: first member {}, second member {}; revoked from the first while \
+         in its handler: {:?}; first member {first_saw:?}; second member {second_saw:?}",
         first.calls(),
-        second.calls()
+        second.calls(),
+        revoked_in_handler
+            .iter()
+            .map(|call| (call.partition, call.offset))
+            .collect::<Vec<_>>()
     );
 }

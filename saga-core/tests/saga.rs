@@ -1,5 +1,10 @@
 //! The orchestrator against a real database: commands go to the outbox, replies are
 //! fed in as a participant would send them.
+//!
+//! Time is a [`ManualClock`]: a deadline passes when a test moves the clock past it,
+//! and every test that does also checks that the sweeper left the saga alone just
+//! before. Races between two transactions wait until the second one is blocked on
+//! the first's row lock, as PostgreSQL reports it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,6 +18,7 @@ use saga_core::saga::{
 };
 use saga_core::schema;
 use saga_core::status::SagaStatus;
+use saga_core::testing::ManualClock;
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, PgPool};
@@ -20,6 +26,19 @@ use testkit::TestDatabase;
 use uuid::Uuid;
 
 static NO_SERVICE: Migrator = Migrator::DEFAULT;
+
+/// The timeout of the steps that have one. Long, to show that nothing waits for it:
+/// the tests move their clock instead.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The first backoff before a failed compensation is tried again.
+const COMPENSATION_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How far before a deadline the tests check that it has not passed yet.
+const JUST_BEFORE: Duration = Duration::from_millis(1);
+
+/// How long a transaction may take to block on another's row lock.
+const BLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 struct Order {
@@ -95,7 +114,7 @@ fn command(topic: &str, kind: &str, order: &Order) -> Command {
 
 fn definition(timeout: Option<Duration>) -> SagaDefinition<Order> {
     let builder = SagaDefinition::<Order>::builder("test-order")
-        .compensation_retries(2, Duration::from_millis(20))
+        .compensation_retries(2, COMPENSATION_BACKOFF)
         .step("create")
         .invoke_local(create)
         .with_compensation(reject)
@@ -121,6 +140,8 @@ fn definition(timeout: Option<Duration>) -> SagaDefinition<Order> {
 
 struct Fixture {
     db: TestDatabase,
+    /// The clock of every orchestrator of the test.
+    clock: ManualClock,
     orchestrator: Orchestrator<Order>,
 }
 
@@ -142,12 +163,46 @@ impl Fixture {
             .execute(db.pool())
             .await
             .unwrap();
-        let orchestrator = Orchestrator::new(definition(timeout), Outbox::new(), "order.reply");
-        Fixture { db, orchestrator }
+        let clock = ManualClock::new();
+        let orchestrator = Orchestrator::new(definition(timeout), Outbox::new(), "order.reply")
+            .with_clock(clock.clone());
+        Fixture {
+            db,
+            clock,
+            orchestrator,
+        }
     }
 
     fn pool(&self) -> &PgPool {
         self.db.pool()
+    }
+
+    /// An orchestrator of `definition` on the test's clock.
+    fn orchestrator(&self, definition: SagaDefinition<Order>) -> Orchestrator<Order> {
+        Orchestrator::new(definition, Outbox::new(), "order.reply").with_clock(self.clock.clone())
+    }
+
+    /// Moves the clock to a deadline set `wait` ago (by the clock) and sweeps with
+    /// `orchestrator`; returns how many sagas it handled. Just before the deadline
+    /// the sweep must handle none.
+    async fn sweep_after(&self, orchestrator: &Orchestrator<Order>, wait: Duration) -> usize {
+        self.clock.advance(wait - JUST_BEFORE);
+        assert_eq!(
+            orchestrator.sweep(self.pool(), 100).await.unwrap(),
+            0,
+            "a deadline passed before its time"
+        );
+        self.clock.advance(JUST_BEFORE);
+        orchestrator.sweep(self.pool(), 100).await.unwrap()
+    }
+
+    /// Waits until a transaction of the test is blocked on a row lock another one
+    /// holds (the second of two racing transactions, on the saga's row).
+    async fn wait_until_blocked(&self) {
+        assert!(
+            self.db.wait_for_a_lock_wait(BLOCK_TIMEOUT).await.unwrap(),
+            "no transaction blocked on the saga's row within {BLOCK_TIMEOUT:?}"
+        );
     }
 
     async fn start(&self, order: Order) -> Uuid {
@@ -441,12 +496,11 @@ async fn duplicate_and_stale_replies_change_nothing() {
 
 #[tokio::test]
 async fn a_timed_out_step_fails_is_compensated_itself_and_its_late_reply_is_stale() {
-    let f = Fixture::new(Some(Duration::from_millis(50))).await;
+    let f = Fixture::new(Some(STEP_TIMEOUT)).await;
     let order = order();
     let id = f.start(order.clone()).await;
     let goods = f.last().await;
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    assert_eq!(f.orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    assert_eq!(f.sweep_after(&f.orchestrator, STEP_TIMEOUT).await, 1);
     // The participant may have reserved the goods: they are released.
     let release = f.last().await;
     assert_eq!(
@@ -484,7 +538,7 @@ async fn two_orchestrators_applying_one_reply_resolve_through_the_version() {
     // The second loads the old version now and blocks on the row until the first commits.
     let second = {
         let pool = f.pool().clone();
-        let orchestrator = Orchestrator::new(definition(None), Outbox::new(), "order.reply");
+        let orchestrator = f.orchestrator(definition(None));
         let message = message.clone();
         tokio::spawn(async move {
             let mut tx = pool.begin().await.unwrap();
@@ -493,7 +547,9 @@ async fn two_orchestrators_applying_one_reply_resolve_through_the_version() {
             (result, orchestrator.version_conflicts())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Blocked on the row, the second has loaded the old version (loading takes no
+    // lock; only its version-checked update waits).
+    f.wait_until_blocked().await;
     first.commit().await.unwrap();
     let (lost, conflicts) = second.await.unwrap();
     assert!(
@@ -532,8 +588,10 @@ async fn a_compensation_that_keeps_failing_ends_in_compensation_failed_until_an_
         .await
         .unwrap();
     assert_eq!(f.status(id).await, SagaStatus::Aborting);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(f.orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    assert_eq!(
+        f.sweep_after(&f.orchestrator, COMPENSATION_BACKOFF).await,
+        1
+    );
     let second = f.last().await;
     assert_eq!(second.kind, "ReleaseGoods");
     assert_ne!(second.request_id, first.request_id);
@@ -598,13 +656,21 @@ fn definitions_are_checked() {
 
 #[tokio::test]
 async fn a_reply_racing_its_timeout_has_one_outcome() {
-    let f = Fixture::new(Some(Duration::from_millis(30))).await;
+    let f = Fixture::new(Some(STEP_TIMEOUT)).await;
     let id = f.start(order()).await;
     let goods = f.last().await;
-    tokio::time::sleep(Duration::from_millis(60)).await;
     // The sweeper's transaction times the step out; the reply loads the same version
     // meanwhile and waits for the row.
     let mut sweeper = f.pool().begin().await.unwrap();
+    f.clock.advance(STEP_TIMEOUT - JUST_BEFORE);
+    assert!(
+        !f.orchestrator
+            .handle_deadline(&mut sweeper, id)
+            .await
+            .unwrap(),
+        "the step timed out before its deadline"
+    );
+    f.clock.advance(JUST_BEFORE);
     assert!(f
         .orchestrator
         .handle_deadline(&mut sweeper, id)
@@ -612,18 +678,14 @@ async fn a_reply_racing_its_timeout_has_one_outcome() {
         .unwrap());
     let racing = {
         let pool = f.pool().clone();
-        let orchestrator = Orchestrator::new(
-            definition(Some(Duration::from_millis(30))),
-            Outbox::new(),
-            "order.reply",
-        );
+        let orchestrator = f.orchestrator(definition(Some(STEP_TIMEOUT)));
         let message = reply_message(&goods, true, "ReserveGoodsDone", serde_json::json!({}));
         tokio::spawn(async move {
             let mut tx = pool.begin().await.unwrap();
             orchestrator.handle_reply(&mut tx, &message).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    f.wait_until_blocked().await;
     sweeper.commit().await.unwrap();
     assert!(matches!(racing.await.unwrap(), Err(SagaError::Conflict(_))));
     // Retried, the reply is stale: the timeout won, the step is being compensated.
@@ -807,7 +869,7 @@ async fn a_step_with_retries_is_sent_again_before_it_fails() {
         .with_retries(1)
         .build()
         .unwrap();
-    let orchestrator = Orchestrator::new(retrying, Outbox::new(), "order.reply");
+    let orchestrator = f.orchestrator(retrying);
     let order = order();
     let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
 
@@ -925,19 +987,18 @@ async fn a_step_resent_after_a_timeout_completes_when_the_participant_answers_th
         .step("reserve-goods")
         .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
         .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
-        .with_timeout(Duration::from_millis(50))
+        .with_timeout(STEP_TIMEOUT)
         .with_retries(1)
         .build()
         .unwrap();
-    let orchestrator = Orchestrator::new(retrying, Outbox::new(), "order.reply");
+    let orchestrator = f.orchestrator(retrying);
     let order = order();
     let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
 
     // The participant applies the command, but its reply is slower than the timeout.
     let first = f.last().await;
     participant_handles(&f, &first).await;
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    assert_eq!(f.sweep_after(&orchestrator, STEP_TIMEOUT).await, 1);
     let commands = commands_in_outbox(&f).await;
     assert_eq!(commands.len(), 2, "{commands:?}");
     let second = commands[1].clone();
@@ -972,35 +1033,33 @@ async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts
         .await
         .unwrap();
     let compensating = SagaDefinition::<Order>::builder("test-order")
-        .compensation_retries(3, Duration::from_millis(20))
+        .compensation_retries(3, COMPENSATION_BACKOFF)
         .step("create")
         .invoke_local(create)
         .with_compensation(reject)
         .step("reserve-goods")
         .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
         .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
-        .with_timeout(Duration::from_millis(50))
+        .with_timeout(STEP_TIMEOUT)
         .build()
         .unwrap();
-    let orchestrator = Orchestrator::new(compensating, Outbox::new(), "order.reply");
+    let orchestrator = f.orchestrator(compensating);
     let order = order();
     let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
 
     // The step is applied and times out; its compensation is applied and times out.
     participant_handles(&f, &f.last().await).await;
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    assert_eq!(f.sweep_after(&orchestrator, STEP_TIMEOUT).await, 1);
     let release = f.last().await;
     assert_eq!(
         (release.kind.as_str(), release.compensation),
         ("ReleaseGoods", true)
     );
     participant_handles(&f, &release).await;
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    // A compensation's timeout is its step's.
+    assert_eq!(f.sweep_after(&orchestrator, STEP_TIMEOUT).await, 1);
     // After the backoff the compensation is sent again, under a new request id.
-    tokio::time::sleep(Duration::from_millis(40)).await;
-    assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+    assert_eq!(f.sweep_after(&orchestrator, COMPENSATION_BACKOFF).await, 1);
     let resent = f.last().await;
     assert_eq!(
         (resent.kind.as_str(), resent.compensation),

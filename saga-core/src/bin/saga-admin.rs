@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use saga_core::saga::SagaAdmin;
 
 /// Lists failed and stuck sagas of a service database.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "saga-admin", version)]
 struct Cli {
     /// The service database (the one holding saga_state).
@@ -20,6 +20,16 @@ struct Cli {
     database_url: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Hides the database URL: it may hold a password.
+impl std::fmt::Debug for Cli {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cli")
+            .field("database_url", &"***")
+            .field("command", &self.command)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]

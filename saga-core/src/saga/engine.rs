@@ -23,6 +23,21 @@
 //!   timeout sweeper finds it by `deadline`); past the definition's bound the saga
 //!   is `COMPENSATION_FAILED`, where operators find it ([`SagaAdmin`]).
 //!
+//! Where "now" comes from:
+//! - Every "now" the orchestrator uses comes from its [`Clock`] ([`SystemClock`]
+//!   unless [`Orchestrator::with_clock`] gave another): the deadlines it stores
+//!   (step timeouts, compensation timeouts and backoffs), the check in
+//!   [`Orchestrator::handle_deadline`], and the sweeper's query, which gets that time
+//!   as a parameter instead of the database server's `now()`. So one clock decides
+//!   when a deadline has passed: a skew between the service's and the database's
+//!   clocks cannot make the query pick a saga that `handle_deadline` then finds not
+//!   yet due (or the other way round). The row's `created_at` and `updated_at` stay
+//!   the server's time stamps: they record when the row was written and decide
+//!   nothing.
+//! - Tests replace the clock with one they move by hand
+//!   (`saga_core::testing::ManualClock`): a timeout passes when the test moves the
+//!   clock past it, not after a sleep that hopes enough time went by.
+//!
 //! [`SagaAdmin`]: crate::saga::SagaAdmin
 
 use std::collections::BTreeMap;
@@ -37,6 +52,7 @@ use uuid::Uuid;
 
 use crate::consumer::IncomingMessage;
 use crate::outbox::{Outbox, OutboxEvent};
+use crate::saga::clock::{Clock, SystemClock};
 use crate::saga::definition::{Action, SagaData, SagaDefinition};
 use crate::saga::{
     HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLY_TO, HEADER_REQUEST_ID, HEADER_SAGA_ID,
@@ -151,6 +167,8 @@ pub struct Orchestrator<D> {
     /// Saves that lost to a concurrent change of the same saga (and were retried
     /// or left to the next sweep).
     conflicts: AtomicU64,
+    /// What "now" is for every deadline this orchestrator sets or checks.
+    clock: Arc<dyn Clock>,
 }
 
 impl<D> std::fmt::Debug for Orchestrator<D> {
@@ -174,7 +192,17 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             outbox,
             reply_topic: reply_topic.into(),
             conflicts: AtomicU64::new(0),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Reads the time from `clock` instead of the system clock: for every deadline
+    /// it sets (step and compensation timeouts, compensation backoffs) and every
+    /// check whether one has passed, the sweeper's included.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
     }
 
     /// How many saves lost to a concurrent change of the same saga (another
@@ -338,7 +366,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         id: Uuid,
     ) -> Result<bool, SagaError> {
         let mut instance = self.load(tx, id).await?;
-        let due = instance.deadline.is_some_and(|d| d <= chrono::Utc::now());
+        let due = instance.deadline.is_some_and(|d| d <= self.clock.now());
         if !due || instance.status.is_terminal() {
             return Ok(false);
         }
@@ -380,15 +408,17 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         Ok(true)
     }
 
-    /// Handles every saga of this type whose deadline passed, each in its own
-    /// transaction; a saga changed concurrently is left for the next sweep.
+    /// Handles every saga of this type whose deadline passed by the orchestrator's
+    /// clock, each in its own transaction; a saga changed concurrently is left for
+    /// the next sweep.
     pub async fn sweep(&self, pool: &PgPool, limit: i64) -> Result<usize, SagaError> {
         let due: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM saga_state WHERE saga_type = $1 AND status IN ('STARTED', 'ABORTING') \
-             AND deadline <= now() ORDER BY deadline LIMIT $2",
+             AND deadline <= $3 ORDER BY deadline LIMIT $2",
         )
         .bind(&self.definition.name)
         .bind(limit)
+        .bind(self.clock.now())
         .fetch_all(pool)
         .await?;
         let mut handled = 0;
@@ -424,7 +454,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         } else {
             let backoff = first * 2u32.saturating_pow(state.attempts.saturating_sub(1));
             // The step stays COMPENSATING without a request: the sweeper tries again.
-            instance.deadline = Some(chrono::Utc::now() + backoff);
+            instance.deadline = Some(self.clock.now() + backoff);
         }
     }
 
@@ -477,7 +507,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                             state.set(StepStatus::Started);
                             state.request_id = Some(request);
                             state.attempts += 1;
-                            instance.deadline = step.timeout.map(|t| chrono::Utc::now() + t);
+                            instance.deadline = step.timeout.map(|t| self.clock.now() + t);
                             return Ok(());
                         }
                     }
@@ -536,7 +566,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                             state.request_id = Some(request);
                             state.attempts += 1;
                             let timeout = step.timeout.unwrap_or(DEFAULT_COMPENSATION_TIMEOUT);
-                            instance.deadline = Some(chrono::Utc::now() + timeout);
+                            instance.deadline = Some(self.clock.now() + timeout);
                             return Ok(());
                         }
                     }

@@ -9,7 +9,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 /// Options shared by the four services (flattened into each binary's command line).
-#[derive(Debug, Clone, clap::Args)]
+///
+/// Its `Debug` hides secrets: the password in `database_url` and the values of
+/// `kafka_options` (`sasl.password`, ...).
+#[derive(Clone, clap::Args)]
 pub struct CommonArgs {
     /// PostgreSQL URL of the service's own database.
     #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
@@ -50,6 +53,68 @@ pub struct CommonArgs {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", value_name = "N", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+}
+
+impl std::fmt::Debug for CommonArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommonArgs")
+            .field("database_url", &without_password(&self.database_url))
+            .field("brokers", &self.brokers)
+            .field("listen", &self.listen)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("group_id", &self.group_id)
+            .field(
+                "kafka_options",
+                &self
+                    .kafka_options
+                    .iter()
+                    .map(|(key, _)| format!("{key}=***"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// `url` with its passwords replaced by `***`: the one in the user info
+/// (`postgres://user:***@host/db`) and the values of query parameters whose name
+/// ends in `password` (`password`, `sslpassword`). Text that is not a URL is hidden
+/// whole, since where a password would be in it is unknown.
+fn without_password(url: &str) -> String {
+    const HIDDEN: &str = "***";
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return HIDDEN.to_owned();
+    };
+    let (scheme, rest) = url.split_at(scheme_end);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, rest) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _password)) => format!("{user}:{HIDDEN}@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if query.is_empty() {
+        return format!("{scheme}{authority}{rest}");
+    }
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, format!("#{fragment}")),
+        None => (query, String::new()),
+    };
+    let query = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _value)) if name.to_ascii_lowercase().ends_with("password") => {
+                format!("{name}={HIDDEN}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{scheme}{authority}{path}?{query}{fragment}")
 }
 
 fn parse_option(text: &str) -> Result<(String, String), String> {
@@ -179,6 +244,47 @@ mod tests {
         let options = common.kafka_option_map();
         assert_eq!(options["security.protocol"], "ssl");
         assert_eq!(options["client.id"], "a=b");
+    }
+
+    #[test]
+    fn debug_hides_the_database_password_and_kafka_option_values() {
+        let mut common = CommonArgs::new("postgres://u:hunter2@h/db", "b:9092");
+        common.kafka_options = vec![("sasl.password".into(), "swordfish".into())];
+        let debug = format!("{common:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(!debug.contains("swordfish"), "{debug}");
+        // What is not secret still shows.
+        assert!(debug.contains("postgres://u:***@h/db"), "{debug}");
+        assert!(debug.contains("sasl.password=***"), "{debug}");
+        assert!(debug.contains("b:9092"), "{debug}");
+        // Alternate form and the services' configurations, which embed CommonArgs.
+        assert!(!format!("{common:#?}").contains("hunter2"));
+        let cli = Cli { common };
+        assert!(!format!("{cli:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn passwords_are_cut_out_of_database_urls() {
+        for (url, shown) in [
+            ("postgres://u:hunter2@h/db", "postgres://u:***@h/db"),
+            (
+                "postgresql://u:hun@ter2@h:5432/db?sslmode=require",
+                "postgresql://u:***@h:5432/db?sslmode=require",
+            ),
+            (
+                "postgres://u@h/db?password=hunter2&sslmode=disable",
+                "postgres://u@h/db?password=***&sslmode=disable",
+            ),
+            (
+                "postgres://h?sslpassword=hunter2#x",
+                "postgres://h?sslpassword=***#x",
+            ),
+            ("postgres://u:hunter2@h", "postgres://u:***@h"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("host=h password=hunter2", "***"),
+        ] {
+            assert_eq!(without_password(url), shown, "{url}");
+        }
     }
 
     #[test]
