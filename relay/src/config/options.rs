@@ -1,0 +1,346 @@
+//! The options, each declared once: one struct per section of the file, read by
+//! serde from TOML (the field name is the key, unknown keys are refused) and by
+//! clap from flags and environment variables (`#[arg(long, env)]`), flattened into
+//! the command line. Every value is optional at this stage; [`Layer::or`] puts one
+//! source over another, and [`Sections::resolve`] applies the defaults and
+//! validates.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+
+use super::{InitialSnapshot, PayloadFormat, Secret};
+
+/// One source of options laid over a lower one.
+pub trait Layer {
+    /// `self` where it sets a value, `lower` where it does not.
+    fn or(self, lower: Self) -> Self;
+}
+
+impl<T> Layer for Option<T> {
+    fn or(self, lower: Option<T>) -> Option<T> {
+        Option::or(self, lower)
+    }
+}
+
+/// librdkafka options add up key by key: the lower layer's come first, so that an
+/// upper layer's value for the same key replaces it when they become a map.
+impl Layer for Vec<KafkaOption> {
+    fn or(self, mut lower: Vec<KafkaOption>) -> Vec<KafkaOption> {
+        lower.extend(self);
+        lower
+    }
+}
+
+/// Declares a section: the struct, readable from the file (serde, unknown keys
+/// refused, a missing key is `None`) and from flags and the environment (clap), and
+/// its [`Layer`], field by field.
+macro_rules! section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$field_meta:meta])*
+                pub $field:ident: $ty:ty,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $(
+                $(#[$field_meta])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl Layer for $name {
+            fn or(self, lower: $name) -> $name {
+                $name {
+                    $($field: Layer::or(self.$field, lower.$field),)*
+                }
+            }
+        }
+    };
+}
+
+section! {
+    /// Every option: the whole file, and every flag but `--config`. The order of
+    /// the fields is the order of `--help`.
+    pub struct Sections {
+        #[command(flatten)]
+        pub postgres: PostgresSection,
+        #[command(flatten)]
+        pub outbox: OutboxSection,
+        #[command(flatten)]
+        pub http: HttpSection,
+        #[command(flatten)]
+        pub kafka: KafkaSection,
+    }
+}
+
+section! {
+    /// `[postgres]`: where the relay reads from.
+    pub struct PostgresSection {
+        /// PostgreSQL connection URL of the service database
+        /// (postgres://user:password@host:port/database).
+        #[arg(
+            long = "postgres-url",
+            env = "OUTBOX_RELAY_POSTGRES_URL",
+            value_name = "URL",
+            hide_env_values = true,
+            value_parser = secret
+        )]
+        #[serde(deserialize_with = "optional_secret")]
+        pub url: Option<Secret>,
+
+        /// Logical replication slot [default: outbox_relay_<database>].
+        #[arg(long, env = "OUTBOX_RELAY_SLOT", value_name = "NAME")]
+        pub slot: Option<String>,
+
+        /// Publication to stream [default: outbox_relay].
+        #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", value_name = "NAME")]
+        pub publication: Option<String>,
+
+        /// Create the publication (FOR TABLE the outbox table) when it is missing
+        /// [default: true].
+        #[arg(long, env = "OUTBOX_RELAY_CREATE_PUBLICATION", value_name = "BOOL")]
+        pub create_publication: Option<bool>,
+
+        /// Outbox table, optionally schema-qualified [default: public.outbox].
+        #[arg(long, env = "OUTBOX_RELAY_TABLE", value_name = "TABLE")]
+        pub table: Option<String>,
+
+        /// Milliseconds between standby status updates to the server [default: 10000].
+        #[arg(long, env = "OUTBOX_RELAY_STATUS_INTERVAL_MS", value_name = "MS")]
+        pub status_interval_ms: Option<u64>,
+
+        /// Whether a new slot starts with publishing the rows already in the outbox
+        /// table (`initial`, like Debezium's snapshot.mode=initial) or not (`never`)
+        /// [default: initial].
+        #[arg(long, env = "OUTBOX_RELAY_SNAPSHOT_MODE", value_name = "MODE")]
+        pub snapshot_mode: Option<InitialSnapshot>,
+
+        /// Milliseconds between heartbeats: a transactional pg_logical_emit_message that
+        /// keeps the slot moving on an idle database and proves the stream alive; 0 turns
+        /// them off [default: 10000].
+        #[arg(long, env = "OUTBOX_RELAY_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
+        pub heartbeat_interval_ms: Option<u64>,
+
+        /// Milliseconds to keep retrying a slot that another process still holds (a
+        /// killed relay's server process lingers) [default: 30000].
+        #[arg(long, env = "OUTBOX_RELAY_SLOT_BUSY_TIMEOUT_MS", value_name = "MS")]
+        pub slot_busy_timeout_ms: Option<u64>,
+    }
+}
+
+section! {
+    /// `[outbox]`: how rows become records.
+    pub struct OutboxSection {
+        /// Topic of a record; `{aggregatetype}` (or Debezium's `${routedByValue}`) is
+        /// replaced by the row's aggregate type [default: outbox.event.{aggregatetype}].
+        #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", value_name = "TEMPLATE")]
+        pub topic_template: Option<String>,
+
+        /// How the payload column becomes the Kafka value: `json` (the jsonb text as it
+        /// is) or `json-string` (a JSON string holding that text, as Debezium's outbox
+        /// event router emits it by default) [default: json].
+        #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_name = "FORMAT")]
+        pub payload_format: Option<PayloadFormat>,
+
+        /// Also route transactional pg_logical_emit_message messages with this prefix,
+        /// whose content is a JSON object with the outbox column names as keys (a
+        /// table-less outbox; PostgreSQL 14 or newer). Off unless set, because any role
+        /// can emit such messages: see --message-topics.
+        #[arg(long, env = "OUTBOX_RELAY_MESSAGE_PREFIX", value_name = "PREFIX")]
+        pub message_prefix: Option<String>,
+
+        /// The only topics logical messages may be routed to (comma-separated); a message
+        /// for another topic is dead-lettered. Required with --message-prefix.
+        #[arg(
+            long,
+            env = "OUTBOX_RELAY_MESSAGE_TOPICS",
+            value_name = "TOPICS",
+            value_delimiter = ','
+        )]
+        pub message_topics: Option<Vec<String>>,
+
+        /// `[outbox.columns]`.
+        #[command(flatten)]
+        pub columns: ColumnsSection,
+
+        /// Topic for rows and records that cannot be delivered as they are, with the
+        /// reason and source position in headers; an empty value stops the relay on such
+        /// a row instead [default: outbox.dlq].
+        #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
+        pub dead_letter_topic: Option<String>,
+    }
+}
+
+section! {
+    /// `[outbox.columns]`: the columns of the outbox table.
+    pub struct ColumnsSection {
+        /// Column holding the event id (Kafka header `id`) [default: id].
+        #[arg(long = "column-id", env = "OUTBOX_RELAY_COLUMN_ID", value_name = "COLUMN")]
+        pub id: Option<String>,
+
+        /// Column that routes the topic [default: aggregatetype].
+        #[arg(
+            long = "column-aggregate-type",
+            env = "OUTBOX_RELAY_COLUMN_AGGREGATE_TYPE",
+            value_name = "COLUMN"
+        )]
+        pub aggregate_type: Option<String>,
+
+        /// Column holding the Kafka key [default: aggregateid].
+        #[arg(
+            long = "column-aggregate-id",
+            env = "OUTBOX_RELAY_COLUMN_AGGREGATE_ID",
+            value_name = "COLUMN"
+        )]
+        pub aggregate_id: Option<String>,
+
+        /// Column holding the event type (Kafka header `type`) [default: type].
+        #[arg(
+            long = "column-event-type",
+            env = "OUTBOX_RELAY_COLUMN_EVENT_TYPE",
+            value_name = "COLUMN"
+        )]
+        pub event_type: Option<String>,
+
+        /// Column holding the Kafka value [default: payload].
+        #[arg(
+            long = "column-payload",
+            env = "OUTBOX_RELAY_COLUMN_PAYLOAD",
+            value_name = "COLUMN"
+        )]
+        pub payload: Option<String>,
+
+        /// Optional jsonb column whose entries become Kafka headers; ignored when the
+        /// table has no such column [default: headers].
+        #[arg(
+            long = "column-headers",
+            env = "OUTBOX_RELAY_COLUMN_HEADERS",
+            value_name = "COLUMN"
+        )]
+        pub headers: Option<String>,
+    }
+}
+
+section! {
+    /// `[http]`: the operator's endpoint and the health rules.
+    pub struct HttpSection {
+        /// Address of the HTTP endpoint serving /metrics (Prometheus) and /health; an
+        /// empty value turns it off, and the relay then exits on a definite error
+        /// instead of reporting it and retrying [default: 0.0.0.0:9187].
+        #[arg(long = "http-listen", env = "OUTBOX_RELAY_HTTP_LISTEN", value_name = "ADDR")]
+        pub listen: Option<String>,
+
+        /// Milliseconds without progress (of the stream while reading, or of the broker
+        /// while records are in flight) after which /health reports the relay unhealthy;
+        /// must exceed twice the heartbeat interval [default: 60000].
+        #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT_MS", value_name = "MS")]
+        pub stall_timeout_ms: Option<u64>,
+    }
+}
+
+section! {
+    /// `[kafka]`: where the relay writes to.
+    pub struct KafkaSection {
+        /// Kafka bootstrap servers (host:port,...).
+        #[arg(long = "kafka-brokers", env = "OUTBOX_RELAY_KAFKA_BROKERS", value_name = "LIST")]
+        pub brokers: Option<String>,
+
+        /// A librdkafka producer option, KEY=VALUE; repeatable (security.protocol,
+        /// sasl.*, ssl.*, linger.ms, ...). The delivery guarantees
+        /// (enable.idempotence, acks, message.timeout.ms, partitioner) cannot be
+        /// overridden.
+        #[arg(
+            long = "kafka-option",
+            env = "OUTBOX_RELAY_KAFKA_OPTIONS",
+            value_name = "KEY=VALUE",
+            value_delimiter = ','
+        )]
+        #[serde(deserialize_with = "options_table")]
+        pub options: Vec<KafkaOption>,
+
+        /// Records sent to the broker and not yet acknowledged, at most; the relay stops
+        /// reading WAL at this bound [default: 2000].
+        #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", value_name = "N")]
+        pub max_in_flight: Option<usize>,
+
+        /// Create missing topics through the admin API [default: true].
+        #[arg(long, env = "OUTBOX_RELAY_CREATE_TOPICS", value_name = "BOOL")]
+        pub create_topics: Option<bool>,
+
+        /// Partitions of a created topic [default: 1].
+        #[arg(long, env = "OUTBOX_RELAY_TOPIC_PARTITIONS", value_name = "N")]
+        pub topic_partitions: Option<i32>,
+
+        /// Replication factor of a created topic; -1 takes the broker's default
+        /// [default: -1].
+        #[arg(long, env = "OUTBOX_RELAY_TOPIC_REPLICATION_FACTOR", value_name = "N")]
+        pub topic_replication_factor: Option<i32>,
+    }
+}
+
+/// One librdkafka option: `KEY=VALUE` from a flag or the environment, an entry of
+/// `[kafka.options]` from the file. Debug prints the key only, since values may be
+/// secrets (`sasl.password`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaOption {
+    /// The key; for text without `=`, the text as given.
+    pub key: String,
+    /// `None`: the text had no `=`, which [`Sections::resolve`] reports.
+    pub value: Option<String>,
+}
+
+/// Flags and environment variables: `KEY=VALUE`, both sides trimmed.
+impl From<&str> for KafkaOption {
+    fn from(text: &str) -> KafkaOption {
+        match text.split_once('=') {
+            Some((key, value)) => KafkaOption {
+                key: key.trim().to_owned(),
+                value: Some(value.trim().to_owned()),
+            },
+            None => KafkaOption {
+                key: text.to_owned(),
+                value: None,
+            },
+        }
+    }
+}
+
+impl fmt::Debug for KafkaOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.value {
+            Some(_) => write!(f, "{:?}=..", self.key),
+            None => f.write_str("(not KEY=VALUE)"),
+        }
+    }
+}
+
+/// `[kafka.options]`: a table of strings, taken as it is.
+fn options_table<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<KafkaOption>, D::Error> {
+    let table = BTreeMap::<String, String>::deserialize(deserializer)?;
+    Ok(table
+        .into_iter()
+        .map(|(key, value)| KafkaOption {
+            key,
+            value: Some(value),
+        })
+        .collect())
+}
+
+/// A secret from a flag or an environment variable.
+fn secret(text: &str) -> Result<Secret, Infallible> {
+    Ok(Secret::new(text))
+}
+
+/// A secret from the file.
+fn optional_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Secret>, D::Error> {
+    String::deserialize(deserializer).map(|text| Some(Secret::new(text)))
+}

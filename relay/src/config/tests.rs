@@ -1,0 +1,433 @@
+use super::*;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+fn args(flags: &[&str]) -> Args {
+    let mut argv = vec!["outbox-relay"];
+    argv.extend_from_slice(flags);
+    Cli::try_parse_from(argv).expect("valid flags").args
+}
+
+const REQUIRED: [&str; 4] = [
+    "--postgres-url",
+    "postgres://u:p@h/db",
+    "--kafka-brokers",
+    "k:9092",
+];
+
+#[test]
+fn defaults_apply_without_a_file() {
+    let config = RelayConfig::from_args(&args(&REQUIRED)).unwrap();
+    assert_eq!(config.postgres.publication, DEFAULT_PUBLICATION);
+    assert_eq!(config.postgres.table.to_string(), DEFAULT_TABLE);
+    assert_eq!(
+        config.outbox.topic_template.to_string(),
+        DEFAULT_TOPIC_TEMPLATE
+    );
+    assert_eq!(config.outbox.columns, DEFAULT_COLUMNS);
+    assert_eq!(config.kafka.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+    assert_eq!(config.slot_name("Orders-DB"), "outbox_relay_orders_db");
+}
+
+#[test]
+fn flags_beat_the_file_which_beats_defaults() {
+    let dir = std::env::temp_dir().join(format!("relay-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        r#"
+[postgres]
+url = "postgres://file/db"
+slot = "from_file"
+table = "app.events"
+
+[outbox]
+topic_template = "events.${routedByValue}"
+[outbox.columns]
+payload = "body"
+
+[kafka]
+brokers = "file:9092"
+max_in_flight = 5
+[kafka.options]
+"linger.ms" = "20"
+"#,
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let config = RelayConfig::from_args(&args(&[
+        "--config",
+        path,
+        "--slot",
+        "from_flag",
+        "--kafka-option",
+        "linger.ms=1",
+        "--kafka-option",
+        "compression.type=lz4",
+    ]))
+    .unwrap();
+    assert_eq!(config.postgres.url.expose(), "postgres://file/db");
+    assert_eq!(config.postgres.slot.as_deref(), Some("from_flag"));
+    assert_eq!(config.postgres.table.quoted(), "\"app\".\"events\"");
+    assert_eq!(config.outbox.topic_template.render("order"), "events.order");
+    assert_eq!(config.outbox.columns.payload.as_str(), "body");
+    assert_eq!(config.outbox.columns.id.as_str(), "id");
+    assert_eq!(config.kafka.brokers, "file:9092");
+    assert_eq!(config.kafka.max_in_flight, 5);
+    assert_eq!(config.kafka.options["linger.ms"], "1");
+    assert_eq!(config.kafka.options["compression.type"], "lz4");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_example_file_is_valid_and_states_the_defaults() {
+    let path = testkit::crate_dir(env!("CARGO_MANIFEST_DIR")).join("relay.example.toml");
+    let path = path.to_str().expect("a UTF-8 path");
+    let config = RelayConfig::from_args(&args(&["--config", path])).unwrap();
+    let defaults = RelayConfig::new("", "");
+    assert_eq!(config.postgres.publication, defaults.postgres.publication);
+    assert_eq!(config.postgres.table, defaults.postgres.table);
+    assert_eq!(
+        config.postgres.status_interval,
+        defaults.postgres.status_interval
+    );
+    assert_eq!(
+        config.postgres.slot_busy_timeout,
+        defaults.postgres.slot_busy_timeout
+    );
+    assert_eq!(config.outbox.topic_template, defaults.outbox.topic_template);
+    assert_eq!(config.outbox.columns, defaults.outbox.columns);
+    assert_eq!(config.kafka.max_in_flight, defaults.kafka.max_in_flight);
+    assert_eq!(
+        config.kafka.topic_partitions,
+        defaults.kafka.topic_partitions
+    );
+    assert_eq!(
+        config.kafka.topic_replication_factor,
+        defaults.kafka.topic_replication_factor
+    );
+    assert_eq!(config.slot_name("orders"), "outbox_relay_orders");
+}
+
+#[test]
+fn unknown_file_keys_are_rejected() {
+    let dir = std::env::temp_dir().join(format!("relay-config-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, "[postgres]\nslott = \"x\"\n").unwrap();
+    let err = RelayConfig::from_args(&args(&["--config", file.to_str().unwrap()])).unwrap_err();
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(chain.contains("slott"), "{chain}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_and_invalid_values_are_named() {
+    let err = RelayConfig::from_args(&args(&[])).unwrap_err().to_string();
+    assert!(
+        err.contains("postgres.url") && err.contains("OUTBOX_RELAY_POSTGRES_URL"),
+        "{err}"
+    );
+
+    for (flags, expect) in [
+        (&["--slot", "Bad-Slot"][..], "slot"),
+        (
+            &["--topic-template", "a/{aggregatetype}"][..],
+            "topic_template",
+        ),
+        (&["--kafka-option", "acks=1"][..], "acks"),
+        (&["--kafka-option", "novalue"][..], "KEY=VALUE"),
+        (&["--column-payload", "id"][..], "configured twice"),
+        (&["--max-in-flight", "0"][..], "max_in_flight"),
+        (
+            &["--topic-replication-factor", "0"][..],
+            "topic_replication_factor",
+        ),
+        (&["--table", "a.b.c"][..], "table"),
+        (&["--message-prefix", "outbox"][..], "allow-list"),
+        (
+            &[
+                "--heartbeat-interval-ms",
+                "40000",
+                "--stall-timeout-ms",
+                "60000",
+            ][..],
+            "twice the heartbeat",
+        ),
+    ] {
+        let mut all = REQUIRED.to_vec();
+        all.extend_from_slice(flags);
+        let err = RelayConfig::from_args(&args(&all)).unwrap_err().to_string();
+        assert!(err.contains(expect), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let config = RelayConfig::new("postgres://u:hunter2@h/db", "k:1");
+    assert!(!format!("{config:?}").contains("hunter2"));
+}
+
+#[test]
+fn help_states_every_default() {
+    use clap::CommandFactory;
+    let help = Cli::command().render_long_help().to_string();
+    for default in [
+        DEFAULT_TOPIC_TEMPLATE.to_owned(),
+        DEFAULT_TABLE.to_owned(),
+        DEFAULT_PUBLICATION.to_owned(),
+        format!("{DEFAULT_SLOT_PREFIX}<database>"),
+        DEFAULT_STATUS_INTERVAL_MS.to_string(),
+        DEFAULT_SLOT_BUSY_TIMEOUT_MS.to_string(),
+        DEFAULT_HEARTBEAT_INTERVAL_MS.to_string(),
+        DEFAULT_MAX_IN_FLIGHT.to_string(),
+        DEFAULT_TOPIC_PARTITIONS.to_string(),
+        DEFAULT_TOPIC_REPLICATION_FACTOR.to_string(),
+        DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
+        DEFAULT_HTTP_LISTEN.to_owned(),
+        DEFAULT_STALL_TIMEOUT_MS.to_string(),
+    ] {
+        assert!(
+            help.contains(&format!("[default: {default}]")),
+            "--help lacks {default}"
+        );
+    }
+    let cols = DEFAULT_COLUMNS;
+    for col in [
+        cols.id,
+        cols.aggregate_type,
+        cols.aggregate_id,
+        cols.event_type,
+        cols.payload,
+        cols.headers,
+    ] {
+        assert!(
+            help.contains(&format!("[default: {col}]")),
+            "--help lacks {col}"
+        );
+    }
+}
+
+#[test]
+fn the_command_line_and_the_file_do_not_print_secrets() {
+    let parsed = args(&[
+        "--postgres-url",
+        "postgres://u:hunter2@h/db",
+        "--kafka-option",
+        "sasl.password=hunter2",
+        // Split at the comma: "hunter2" alone is not KEY=VALUE, and still hidden.
+        "--kafka-option",
+        "sasl.username=relay,hunter2",
+    ]);
+    let file: Sections = toml::from_str(
+        "[postgres]\nurl = \"postgres://u:hunter2@h/db\"\n\
+         [kafka.options]\n\"sasl.password\" = \"hunter2\"\n",
+    )
+    .unwrap();
+    let layered = file.clone().or(parsed.options.clone());
+    for (printed, has_options) in [
+        (format!("{parsed:?}"), true),
+        (format!("{:?}", parsed.options.postgres), false),
+        (format!("{:?}", parsed.options.kafka), true),
+        (format!("{file:?}"), true),
+        (format!("{:?}", file.postgres), false),
+        (format!("{layered:?}"), true),
+    ] {
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert_eq!(printed.contains("sasl.password"), has_options, "{printed}");
+    }
+}
+
+#[test]
+fn empty_values_turn_options_off() {
+    let mut flags = REQUIRED.to_vec();
+    flags.extend([
+        "--dead-letter-topic=",
+        "--http-listen=",
+        "--heartbeat-interval-ms",
+        "0",
+        "--message-prefix",
+        "events",
+        "--message-topics",
+        "a, b,",
+    ]);
+    let config = RelayConfig::from_args(&args(&flags)).unwrap();
+    assert_eq!(config.outbox.dead_letter_topic, None);
+    assert_eq!(config.http.listen, None);
+    assert_eq!(config.postgres.heartbeat_interval, None);
+    let messages = config.outbox.messages.unwrap();
+    assert_eq!(
+        (messages.prefix.as_str(), &messages.topics[..]),
+        ("events", &["a".to_owned(), "b".to_owned()][..])
+    );
+
+    let file: Sections = toml::from_str(
+        "[postgres]\nurl = \"postgres://h/db\"\nheartbeat_interval_ms = 0\n\
+         [outbox]\ndead_letter_topic = \"\"\nmessage_prefix = \"events\"\n\
+         message_topics = [\"a\", \"b\"]\n\
+         [kafka]\nbrokers = \"k:1\"\n[http]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let config = file.resolve().unwrap();
+    assert_eq!(config.outbox.dead_letter_topic, None);
+    assert_eq!(config.http.listen, None);
+    assert_eq!(config.postgres.heartbeat_interval, None);
+    assert_eq!(config.outbox.messages.unwrap().topics, ["a", "b"]);
+}
+
+#[test]
+fn every_file_key_is_read() {
+    let file: Sections = toml::from_str(
+        r#"
+[postgres]
+url = "postgres://u@h/db"
+slot = "s1"
+publication = "p1"
+create_publication = false
+table = "app.events"
+status_interval_ms = 1
+snapshot_mode = "never"
+heartbeat_interval_ms = 2
+slot_busy_timeout_ms = 3
+
+[outbox]
+topic_template = "t.{aggregatetype}"
+message_prefix = "m"
+message_topics = ["t.order"]
+payload_format = "json-string"
+dead_letter_topic = "dlq.x"
+
+[outbox.columns]
+id = "c1"
+aggregate_type = "c2"
+aggregate_id = "c3"
+event_type = "c4"
+payload = "c5"
+headers = "c6"
+
+[kafka]
+brokers = "k:1"
+max_in_flight = 4
+create_topics = false
+topic_partitions = 5
+topic_replication_factor = 6
+
+[kafka.options]
+"linger.ms" = "7"
+
+[http]
+listen = "127.0.0.1:8"
+stall_timeout_ms = 9
+"#,
+    )
+    .unwrap();
+    let c = file.resolve().unwrap();
+    let ms = Duration::from_millis;
+    let pg = &c.postgres;
+    assert_eq!(pg.url.expose(), "postgres://u@h/db");
+    assert_eq!(pg.slot.as_deref(), Some("s1"));
+    assert_eq!(pg.publication, "p1");
+    assert!(!pg.create_publication);
+    assert_eq!(pg.table.to_string(), "app.events");
+    assert_eq!(
+        (
+            pg.status_interval,
+            pg.heartbeat_interval,
+            pg.slot_busy_timeout
+        ),
+        (ms(1), Some(ms(2)), ms(3))
+    );
+    assert_eq!(pg.snapshot, InitialSnapshot::Never);
+    let outbox = &c.outbox;
+    assert_eq!(outbox.topic_template.to_string(), "t.{aggregatetype}");
+    assert_eq!(
+        outbox.messages,
+        Some(MessageRouting {
+            prefix: "m".to_owned(),
+            topics: vec!["t.order".to_owned()],
+        })
+    );
+    assert_eq!(outbox.payload_format, PayloadFormat::JsonString);
+    assert_eq!(outbox.dead_letter_topic.as_deref(), Some("dlq.x"));
+    let cols = &outbox.columns;
+    let names = [
+        &cols.id,
+        &cols.aggregate_type,
+        &cols.aggregate_id,
+        &cols.event_type,
+        &cols.payload,
+        &cols.headers,
+    ];
+    assert_eq!(
+        names.map(Ident::as_str),
+        ["c1", "c2", "c3", "c4", "c5", "c6"]
+    );
+    let kafka = &c.kafka;
+    assert_eq!(kafka.brokers, "k:1");
+    assert_eq!(kafka.options["linger.ms"], "7");
+    assert!(!kafka.create_topics);
+    assert_eq!(
+        (
+            kafka.max_in_flight,
+            kafka.topic_partitions,
+            kafka.topic_replication_factor
+        ),
+        (4, 5, 6)
+    );
+    assert_eq!(c.http.listen, Some("127.0.0.1:8".parse().unwrap()));
+    assert_eq!(c.http.stall_timeout, ms(9));
+}
+
+/// Deployments set these; renaming one silently drops a setting.
+#[test]
+fn flags_and_environment_variables_keep_their_names() {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let names: Vec<(String, String)> = command
+        .get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            let env = arg.get_env()?.to_str()?;
+            Some((long.to_owned(), env.to_owned()))
+        })
+        .collect();
+    let expected = [
+        ("config", "CONFIG"),
+        ("postgres-url", "POSTGRES_URL"),
+        ("slot", "SLOT"),
+        ("publication", "PUBLICATION"),
+        ("create-publication", "CREATE_PUBLICATION"),
+        ("table", "TABLE"),
+        ("status-interval-ms", "STATUS_INTERVAL_MS"),
+        ("snapshot-mode", "SNAPSHOT_MODE"),
+        ("heartbeat-interval-ms", "HEARTBEAT_INTERVAL_MS"),
+        ("slot-busy-timeout-ms", "SLOT_BUSY_TIMEOUT_MS"),
+        ("topic-template", "TOPIC_TEMPLATE"),
+        ("payload-format", "PAYLOAD_FORMAT"),
+        ("message-prefix", "MESSAGE_PREFIX"),
+        ("message-topics", "MESSAGE_TOPICS"),
+        ("column-id", "COLUMN_ID"),
+        ("column-aggregate-type", "COLUMN_AGGREGATE_TYPE"),
+        ("column-aggregate-id", "COLUMN_AGGREGATE_ID"),
+        ("column-event-type", "COLUMN_EVENT_TYPE"),
+        ("column-payload", "COLUMN_PAYLOAD"),
+        ("column-headers", "COLUMN_HEADERS"),
+        ("dead-letter-topic", "DEAD_LETTER_TOPIC"),
+        ("http-listen", "HTTP_LISTEN"),
+        ("stall-timeout-ms", "STALL_TIMEOUT_MS"),
+        ("kafka-brokers", "KAFKA_BROKERS"),
+        ("kafka-option", "KAFKA_OPTIONS"),
+        ("max-in-flight", "MAX_IN_FLIGHT"),
+        ("create-topics", "CREATE_TOPICS"),
+        ("topic-partitions", "TOPIC_PARTITIONS"),
+        ("topic-replication-factor", "TOPIC_REPLICATION_FACTOR"),
+    ]
+    .map(|(long, env)| (long.to_owned(), format!("OUTBOX_RELAY_{env}")));
+    assert_eq!(names, expected);
+}

@@ -1,0 +1,262 @@
+//! From layered options to a [`RelayConfig`]: defaults for what no source set,
+//! values parsed into their types, then the checks that span several options.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{
+    Columns, ColumnsSection, ConfigError, HttpConfig, HttpSection, Ident, KafkaConfig,
+    KafkaSection, MessageRouting, OutboxConfig, OutboxSection, PostgresConfig, PostgresSection,
+    RelayConfig, Secret, Sections, TableName, TopicTemplate,
+};
+
+impl Sections {
+    /// The validated configuration: every option left unset takes its default from
+    /// [`RelayConfig::new`]. The URL and the brokers have none.
+    pub fn resolve(self) -> Result<RelayConfig, ConfigError> {
+        let Sections {
+            mut postgres,
+            outbox,
+            http,
+            kafka,
+        } = self;
+        let url = postgres.url.take().ok_or(ConfigError::Missing {
+            option: "postgres.url",
+            flag: "postgres-url",
+            env: "OUTBOX_RELAY_POSTGRES_URL",
+        })?;
+        let brokers = kafka.brokers.clone().ok_or(ConfigError::Missing {
+            option: "kafka.brokers",
+            flag: "kafka-brokers",
+            env: "OUTBOX_RELAY_KAFKA_BROKERS",
+        })?;
+        let defaults = RelayConfig::new("", brokers);
+        let config = RelayConfig {
+            postgres: postgres.resolve(url, defaults.postgres)?,
+            outbox: outbox.resolve(defaults.outbox)?,
+            kafka: kafka.resolve(defaults.kafka)?,
+            http: http.resolve(defaults.http)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl PostgresSection {
+    fn resolve(self, url: Secret, default: PostgresConfig) -> Result<PostgresConfig, ConfigError> {
+        Ok(PostgresConfig {
+            url,
+            slot: self.slot,
+            publication: self.publication.unwrap_or(default.publication),
+            create_publication: self
+                .create_publication
+                .unwrap_or(default.create_publication),
+            table: match self.table {
+                Some(table) => TableName::parse(&table)?,
+                None => default.table,
+            },
+            status_interval: millis(self.status_interval_ms, default.status_interval),
+            heartbeat_interval: match self.heartbeat_interval_ms {
+                // 0 turns heartbeats off.
+                Some(0) => None,
+                Some(ms) => Some(Duration::from_millis(ms)),
+                None => default.heartbeat_interval,
+            },
+            snapshot: self.snapshot_mode.unwrap_or(default.snapshot),
+            slot_busy_timeout: millis(self.slot_busy_timeout_ms, default.slot_busy_timeout),
+        })
+    }
+}
+
+impl OutboxSection {
+    fn resolve(self, default: OutboxConfig) -> Result<OutboxConfig, ConfigError> {
+        Ok(OutboxConfig {
+            topic_template: match self.topic_template {
+                Some(template) => {
+                    TopicTemplate::parse(&template).map_err(|e| ConfigError::Invalid {
+                        option: "topic_template",
+                        reason: e.0,
+                    })?
+                }
+                None => default.topic_template,
+            },
+            // An empty prefix leaves message routing off.
+            messages: match self.message_prefix.filter(|p| !p.is_empty()) {
+                Some(prefix) => Some(MessageRouting {
+                    prefix,
+                    topics: self
+                        .message_topics
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|t| t.trim().to_owned())
+                        .filter(|t| !t.is_empty())
+                        .collect(),
+                }),
+                None => default.messages,
+            },
+            payload_format: self.payload_format.unwrap_or(default.payload_format),
+            dead_letter_topic: match self.dead_letter_topic {
+                // Empty: no dead letters, stop on such a row instead.
+                Some(topic) => Some(topic).filter(|t| !t.trim().is_empty()),
+                None => default.dead_letter_topic,
+            },
+            columns: self.columns.resolve(default.columns),
+        })
+    }
+}
+
+impl ColumnsSection {
+    fn resolve(self, default: Columns) -> Columns {
+        let column = |name: Option<String>, default| name.map_or(default, Ident::Owned);
+        Columns {
+            id: column(self.id, default.id),
+            aggregate_type: column(self.aggregate_type, default.aggregate_type),
+            aggregate_id: column(self.aggregate_id, default.aggregate_id),
+            event_type: column(self.event_type, default.event_type),
+            payload: column(self.payload, default.payload),
+            headers: column(self.headers, default.headers),
+        }
+    }
+}
+
+impl KafkaSection {
+    fn resolve(self, default: KafkaConfig) -> Result<KafkaConfig, ConfigError> {
+        // In layer order: a later value for a key replaces an earlier one.
+        let mut options = BTreeMap::new();
+        for option in self.options {
+            let Some(value) = option.value else {
+                return Err(ConfigError::Invalid {
+                    option: "kafka-option",
+                    reason: format!("{:?} is not KEY=VALUE", option.key),
+                });
+            };
+            options.insert(option.key, value);
+        }
+        Ok(KafkaConfig {
+            brokers: self.brokers.unwrap_or(default.brokers),
+            options,
+            max_in_flight: self.max_in_flight.unwrap_or(default.max_in_flight),
+            create_topics: self.create_topics.unwrap_or(default.create_topics),
+            topic_partitions: self.topic_partitions.unwrap_or(default.topic_partitions),
+            topic_replication_factor: self
+                .topic_replication_factor
+                .unwrap_or(default.topic_replication_factor),
+        })
+    }
+}
+
+impl HttpSection {
+    fn resolve(self, default: HttpConfig) -> Result<HttpConfig, ConfigError> {
+        Ok(HttpConfig {
+            listen: match self.listen {
+                // Empty: no endpoint.
+                Some(listen) if listen.trim().is_empty() => None,
+                Some(listen) => Some(listen.trim().parse().map_err(|_| ConfigError::Invalid {
+                    option: "http_listen",
+                    reason: format!("{listen:?} is not an address such as 0.0.0.0:9187"),
+                })?),
+                None => default.listen,
+            },
+            stall_timeout: millis(self.stall_timeout_ms, default.stall_timeout),
+        })
+    }
+}
+
+/// Milliseconds as a duration, or the default.
+fn millis(ms: Option<u64>, default: Duration) -> Duration {
+    ms.map_or(default, Duration::from_millis)
+}
+
+impl RelayConfig {
+    /// Checks values that types alone do not rule out.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |option, reason: String| Err(ConfigError::Invalid { option, reason });
+        if let Some(slot) = &self.postgres.slot {
+            if let Err(reason) = check_slot_name(slot) {
+                return invalid("slot", reason);
+            }
+        }
+        if self.postgres.publication.is_empty() {
+            return invalid("publication", "the name is empty".to_owned());
+        }
+        if self.postgres.status_interval.is_zero() {
+            return invalid("status_interval_ms", "must be above 0".to_owned());
+        }
+        if let Some(topic) = &self.outbox.dead_letter_topic {
+            if let Some(c) = topic
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            {
+                return invalid(
+                    "dead_letter_topic",
+                    format!("{topic:?} contains {c:?}, which is not valid in a topic name"),
+                );
+            }
+        }
+        if let Some(messages) = &self.outbox.messages {
+            if messages.topics.is_empty() {
+                return invalid(
+                    "message_topics",
+                    "routing logical messages needs an allow-list of topics: any database \
+                     role can emit a message"
+                        .to_owned(),
+                );
+            }
+            if messages.prefix == crate::heartbeat::HEARTBEAT_PREFIX {
+                return invalid(
+                    "message_prefix",
+                    format!("{} is the relay's heartbeat prefix", messages.prefix),
+                );
+            }
+        }
+        if let Some(heartbeat) = self.postgres.heartbeat_interval {
+            if self.http.stall_timeout < heartbeat * 2 {
+                return invalid(
+                    "stall_timeout_ms",
+                    format!(
+                        "{:?} is less than twice the heartbeat interval ({heartbeat:?}): an idle \
+                         relay would be reported as stalled",
+                        self.http.stall_timeout
+                    ),
+                );
+            }
+        }
+        if let Err((option, reason)) = self.kafka.validate() {
+            return invalid(option, reason);
+        }
+        let cols = &self.outbox.columns;
+        let names = [
+            &cols.id,
+            &cols.aggregate_type,
+            &cols.aggregate_id,
+            &cols.event_type,
+            &cols.payload,
+            &cols.headers,
+        ];
+        for (i, a) in names.iter().enumerate() {
+            if a.as_str().is_empty() {
+                return invalid("columns", "a column name is empty".to_owned());
+            }
+            if names[i + 1..].contains(a) {
+                return invalid("columns", format!("column {a} is configured twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Slot names are lower-case letters, digits and underscores, at most 63 bytes.
+fn check_slot_name(slot: &str) -> Result<(), String> {
+    if slot.is_empty() || slot.len() > 63 {
+        return Err(format!("{slot:?} must be 1 to 63 characters"));
+    }
+    if !slot
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "{slot:?} may contain only lower-case letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
