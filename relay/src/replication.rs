@@ -67,6 +67,7 @@ mod config;
 mod connection;
 mod error;
 pub mod protocol;
+mod server_error;
 mod tls;
 mod transport;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::error::ServerError;
+use super::server_error::ServerError;
 use crate::Lsn;
 
 /// The largest backend message accepted: 1 GiB, PostgreSQL's own limit for a

@@ -102,15 +102,36 @@ impl KafkaConfig {
                 ),
             ));
         }
-        if let Some(value) = self.options.get("message.max.bytes") {
-            if value.parse::<usize>().is_err() {
-                return Err((
-                    "kafka option",
-                    format!("message.max.bytes={value} is not a number of bytes"),
-                ));
+        for key in ["message.max.bytes", "queue.buffering.max.kbytes"] {
+            if let Some(value) = self.options.get(key) {
+                if value.parse::<usize>().is_err() {
+                    return Err(("kafka option", format!("{key}={value} is not a number")));
+                }
             }
         }
+        // A record larger than the producer queue could never be queued: it would
+        // wait for room for ever instead of being refused.
+        let queue_bytes = self.queue_kbytes() * 1024;
+        if self.message_max_bytes() > queue_bytes {
+            return Err((
+                "kafka option",
+                format!(
+                    "message.max.bytes ({}) is larger than the producer queue \
+                     (queue.buffering.max.kbytes = {} KiB): raise the queue or lower the record limit",
+                    self.message_max_bytes(),
+                    self.queue_kbytes()
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The producer queue's size in KiB (`queue.buffering.max.kbytes`).
+    pub fn queue_kbytes(&self) -> usize {
+        self.options
+            .get("queue.buffering.max.kbytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_QUEUE_KBYTES as usize)
     }
 
     /// The largest record the producer sends (`message.max.bytes`).
@@ -218,6 +239,25 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(printed.contains("sasl.password"), "{printed}");
         assert!(!printed.contains("hunter2"), "{printed}");
+    }
+
+    #[test]
+    fn a_record_limit_above_the_producer_queue_is_refused() {
+        let mut config = KafkaConfig {
+            brokers: "k:1".to_owned(),
+            ..KafkaConfig::default()
+        };
+        assert_eq!(config.validate(), Ok(()));
+        config
+            .options
+            .insert("message.max.bytes".to_owned(), "64000000".to_owned());
+        let (option, reason) = config.validate().unwrap_err();
+        assert_eq!(option, "kafka option");
+        assert!(reason.contains("queue.buffering.max.kbytes"), "{reason}");
+        config
+            .options
+            .insert("queue.buffering.max.kbytes".to_owned(), "65536".to_owned());
+        assert_eq!(config.validate(), Ok(()));
     }
 
     #[test]
