@@ -182,19 +182,15 @@ async fn relay(
         };
         let pause = match attempt {
             Ok(()) => return Ok(()),
-            Err(error) if error.sink_error().is_some_and(SinkError::is_transient) => {
-                let reason = error_chain(&error);
-                tracing::error!(error = %reason, retry_in = ?backoff, "the destination failed; stopped reading, retrying with a new sink");
-                health.destination_failed(reason);
-                metrics.reconnected();
-                let pause = backoff;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                pause
-            }
             Err(error) if error.is_transient() => {
                 let reason = error_chain(&error);
-                tracing::warn!(error = %reason, retry_in = ?backoff, "PostgreSQL unavailable; reconnecting");
-                health.reconnecting(reason);
+                if error.sink_error().is_some() {
+                    tracing::error!(error = %reason, retry_in = ?backoff, "the destination failed; stopped reading, retrying with a new sink");
+                    health.destination_failed(reason);
+                } else {
+                    tracing::warn!(error = %reason, retry_in = ?backoff, "PostgreSQL unavailable; reconnecting");
+                    health.reconnecting(reason);
+                }
                 metrics.reconnected();
                 let pause = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::{relay_subcommand, Collector, OutboxDb, Received, Relay, RelaySettings, Row};
 use testkit::{settings, TestDatabase};
 
@@ -137,20 +135,12 @@ async fn a_second_relay_on_the_same_slot_says_the_slot_is_in_use() {
             .clone()
             .with("OUTBOX_RELAY_SLOT_BUSY_TIMEOUT_MS", 2000),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = second.http_get("/health").await;
-        if status == 503 && body.contains("\"failed\"") {
-            assert!(body.contains("still in use by another process"), "{body}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/health answered {status} {body}; log:\n{}",
-            second.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let body = second
+        .wait_for_health("failed", |status, body| {
+            status == 503 && body.contains("\"failed\"")
+        })
+        .await;
+    assert!(body.contains("still in use by another process"), "{body}");
     assert_eq!(
         db.slot_pid().await,
         Some(Some(walsender)),

@@ -551,20 +551,12 @@ async fn a_bad_row_stops_the_relay(row: Row, expect_in_log: &str) {
         .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == good_id))
         .await;
     // The relay stops streaming and says why on /health (it stays up to report it).
-    let deadline = std::time::Instant::now() + NO_PROGRESS;
-    loop {
-        let (status, body) = relay.http_get("/health").await;
-        if status == 503 && body.contains("\"failed\"") {
-            assert!(body.contains(expect_in_log), "{body}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/health answered {status} {body}; log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let body = relay
+        .wait_for_health("failed", |status, body| {
+            status == 503 && body.contains("\"failed\"")
+        })
+        .await;
+    assert!(body.contains(expect_in_log), "{body}");
     let log = relay.log_text();
     assert!(
         log.contains(expect_in_log),

@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::{relay_subcommand, Collector, OutboxDb, Received, Relay, RelaySettings, Row};
@@ -61,26 +61,19 @@ async fn write_at(db: &OutboxDb, rows: &[Row], created_at: &str) {
     tx.commit().await.expect("commit");
 }
 
-/// Polls `/health` until `done(status, body)`; fails with the log after
-/// [`NO_PROGRESS`].
-async fn wait_for_health(relay: &Relay, what: &str, done: impl Fn(u16, &str) -> bool) -> String {
-    let deadline = Instant::now() + NO_PROGRESS;
-    loop {
-        let (status, body) = relay.http_get("/health").await;
-        if done(status, &body) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/health never showed {what}: {status} {body}; log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn ids(received: &[Received]) -> Vec<String> {
     received.iter().map(|r| r.id().to_owned()).collect()
+}
+
+/// Every row arrived, in order (a re-sent record right after its first copy
+/// aside).
+fn assert_all_arrived_in_order(received: &[Received], rows: &[Row]) {
+    let mut delivered = ids(received);
+    delivered.dedup();
+    assert_eq!(
+        delivered,
+        rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>()
+    );
 }
 
 fn code(record: &Received) -> &str {
@@ -153,10 +146,11 @@ async fn a_publication_of_the_partitions_instead_of_the_root_is_refused_naming_t
     );
 
     let relay = Relay::start(&settings);
-    let body = wait_for_health(&relay, "failed", |status, body| {
-        status == 503 && body.contains("\"failed\"")
-    })
-    .await;
+    let body = relay
+        .wait_for_health("failed", |status, body| {
+            status == 503 && body.contains("\"failed\"")
+        })
+        .await;
     assert!(body.contains("publish_via_partition_root"), "{body}");
     let slots: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE database = $1")
@@ -232,7 +226,9 @@ async fn aggregate_types_that_make_topic_names_kafka_refuses_are_dead_lettered()
             Some(&row.aggregate_type)
         );
     }
-    let body = wait_for_health(&relay, "streaming", |status, _| status == 200).await;
+    let body = relay
+        .wait_for_health("streaming", |status, _| status == 200)
+        .await;
     assert!(body.contains("\"streaming\""), "{body}");
 }
 
@@ -277,7 +273,9 @@ async fn a_bad_row_with_a_large_payload_is_dead_lettered_with_its_digest() {
     .expect("the payload's digest");
     assert_eq!(body["row"]["payload"]["sha256"], digest.as_str());
     assert!(body["row"]["payload"]["bytes"].as_u64() > Some(2 * 1024 * 1024));
-    wait_for_health(&relay, "streaming", |status, _| status == 200).await;
+    relay
+        .wait_for_health("streaming", |status, _| status == 200)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,7 +298,9 @@ async fn a_missing_topic_stops_reading_without_dead_letters_until_it_exists() {
     let relay = Relay::start(&settings);
     // Streaming, not in the snapshot: rows written from now on come through the
     // stream, and the slot's position says whether they were confirmed.
-    wait_for_health(&relay, "streaming", |status, _| status == 200).await;
+    relay
+        .wait_for_health("streaming", |status, _| status == 200)
+        .await;
     let rows: Vec<Row> = (0..5).map(|n| Row::event(0, n + 1)).collect();
     db.write(&rows, false).await;
     let written: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
@@ -308,10 +308,11 @@ async fn a_missing_topic_stops_reading_without_dead_letters_until_it_exists() {
         .await
         .expect("the WAL position");
 
-    let body = wait_for_health(&relay, "destination_failed", |status, body| {
-        status == 503 && body.contains("\"destination_failed\"")
-    })
-    .await;
+    let body = relay
+        .wait_for_health("destination_failed", |status, body| {
+            status == 503 && body.contains("\"destination_failed\"")
+        })
+        .await;
     assert!(body.to_lowercase().contains("topic"), "{body}");
     let mut letters = Collector::new(&brokers, std::slice::from_ref(&dlq), 1).await;
     letters.drain_for(Duration::from_secs(2)).await;
@@ -331,13 +332,10 @@ async fn a_missing_topic_stops_reading_without_dead_letters_until_it_exists() {
     create_topic_on(Some(&brokers), &settings.topic("order"), 3).await;
     let last = rows.last().expect("rows").id.to_string();
     let collector = Collector::through(&brokers, &[settings.topic("order")], &last).await;
-    let mut delivered = ids(&collector.received);
-    delivered.dedup();
-    assert_eq!(
-        delivered,
-        rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>()
-    );
-    wait_for_health(&relay, "streaming", |status, _| status == 200).await;
+    assert_all_arrived_in_order(&collector.received, &rows);
+    relay
+        .wait_for_health("streaming", |status, _| status == 200)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,15 +353,12 @@ async fn a_producer_in_librdkafkas_fatal_state_is_replaced_by_a_new_one() {
 
     let last = rows.last().expect("rows").id.to_string();
     let collector = Collector::through(&brokers, &[settings.topic("order")], &last).await;
-    let mut delivered = ids(&collector.received);
-    delivered.dedup();
-    assert_eq!(
-        delivered,
-        rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>()
-    );
+    assert_all_arrived_in_order(&collector.received, &rows);
     let log = relay.log_text();
     assert!(log.contains("fatal error"), "{log}");
-    wait_for_health(&relay, "streaming", |status, _| status == 200).await;
+    relay
+        .wait_for_health("streaming", |status, _| status == 200)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

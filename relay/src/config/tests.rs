@@ -198,15 +198,7 @@ fn help_states_every_default() {
             "--help lacks {default}"
         );
     }
-    let cols = DEFAULT_COLUMNS;
-    for col in [
-        cols.id,
-        cols.aggregate_type,
-        cols.aggregate_id,
-        cols.event_type,
-        cols.payload,
-        cols.headers,
-    ] {
+    for col in DEFAULT_COLUMNS.all() {
         assert!(
             help.contains(&format!("[default: {col}]")),
             "--help lacks {col}"
@@ -355,15 +347,7 @@ stall_timeout_ms = 9
     );
     assert_eq!(outbox.payload_format, PayloadFormat::JsonString);
     assert_eq!(outbox.dead_letter_topic.as_deref(), Some("dlq.x"));
-    let cols = &outbox.columns;
-    let names = [
-        &cols.id,
-        &cols.aggregate_type,
-        &cols.aggregate_id,
-        &cols.event_type,
-        &cols.payload,
-        &cols.headers,
-    ];
+    let names = outbox.columns.all();
     assert_eq!(
         names.map(Ident::as_str),
         ["c1", "c2", "c3", "c4", "c5", "c6"]

@@ -224,15 +224,7 @@ impl RelayConfig {
         if let Err((option, reason)) = self.kafka.validate() {
             return invalid(option, reason);
         }
-        let cols = &self.outbox.columns;
-        let names = [
-            &cols.id,
-            &cols.aggregate_type,
-            &cols.aggregate_id,
-            &cols.event_type,
-            &cols.payload,
-            &cols.headers,
-        ];
+        let names = self.outbox.columns.all();
         for (i, a) in names.iter().enumerate() {
             if a.as_str().is_empty() {
                 return invalid("columns", "a column name is empty".to_owned());

@@ -80,6 +80,20 @@ pub struct Columns {
     pub headers: Ident,
 }
 
+impl Columns {
+    /// Every column, in declaration order.
+    pub fn all(&self) -> [&Ident; 6] {
+        [
+            &self.id,
+            &self.aggregate_type,
+            &self.aggregate_id,
+            &self.event_type,
+            &self.payload,
+            &self.headers,
+        ]
+    }
+}
+
 /// A topic template: literal text around `{aggregatetype}` placeholders, split
 /// once into its pieces so rendering a record's topic is one allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]

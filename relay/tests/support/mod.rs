@@ -386,6 +386,24 @@ impl Relay {
     }
 
     /// The value of an unlabelled metric from /metrics.
+    /// Polls `/health` until `done(status, body)`, failing with the log after a
+    /// minute; returns the body.
+    pub async fn wait_for_health(&self, what: &str, done: impl Fn(u16, &str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.http_get("/health").await;
+            if done(status, &body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/health never showed {what}: {status} {body}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.http_get("/metrics").await;
         body.lines()
