@@ -149,7 +149,7 @@ pub enum Status {
     Failed,
     /// The destination refused to work (access denied, a topic missing, the
     /// client in a state it cannot leave): reading stopped, retrying with a new
-    /// sink. Unhealthy until the next session starts.
+    /// sink. Unhealthy until the destination acknowledges a record again.
     DestinationFailed,
 }
 
@@ -205,7 +205,6 @@ enum Phase {
     Streaming,
     Reconnecting(String),
     Failed(String),
-    DestinationFailed(String),
 }
 
 #[derive(Debug)]
@@ -217,6 +216,8 @@ struct State {
     broker_waiting_since: Instant,
     in_flight: usize,
     paused: bool,
+    /// Why the destination refused to work, until it acknowledges a record again.
+    destination_fault: Option<String>,
 }
 
 /// The relay's health, shared through an `Arc` between the replication loop (which
@@ -247,6 +248,7 @@ impl Health {
                 broker_waiting_since: now,
                 in_flight: 0,
                 paused: false,
+                destination_fault: None,
             }),
         }
     }
@@ -289,10 +291,12 @@ impl Health {
     }
 
     /// The broker acknowledged a delivery (success or a definite failure: either way
-    /// it answered).
+    /// it answered). Clears a destination fault: the destination works again.
     pub fn broker_progress(&self) {
         let now = self.clock.now();
-        self.state().broker_waiting_since = now;
+        let mut state = self.state();
+        state.broker_waiting_since = now;
+        state.destination_fault = None;
     }
 
     /// `n` records are in flight. Going from none to some starts the wait for an
@@ -323,13 +327,17 @@ impl Health {
     }
 
     /// The destination failed as a whole; the relay stopped reading and retries
-    /// with a new sink. Unhealthy with `reason` until the next
-    /// [`Health::streaming`]; does not replace a definite failure.
+    /// with a new sink. Unhealthy (`destination_failed`) with `reason` until the
+    /// destination acknowledges a record again ([`Health::broker_progress`]), new
+    /// sessions notwithstanding: a destination that refuses every record must not
+    /// look healthy between two attempts. A definite failure still comes first.
     pub fn destination_failed(&self, reason: String) {
-        let mut state = self.state();
-        if !matches!(state.phase, Phase::Failed(_)) {
-            state.phase = Phase::DestinationFailed(reason);
-        }
+        self.state().destination_fault = Some(reason);
+    }
+
+    /// Whether a destination fault is reported (the relay keeps backing off).
+    pub fn destination_fault(&self) -> Option<String> {
+        self.state().destination_fault.clone()
     }
 
     /// The session ended, or could not start, on a transient error and the relay is
@@ -345,7 +353,7 @@ impl Health {
             state.stream_waiting_since = now;
         }
         match state.phase {
-            Phase::Failed(_) | Phase::DestinationFailed(_) => {}
+            Phase::Failed(_) => {}
             Phase::Starting(_) => state.phase = Phase::Starting(Some(reason)),
             Phase::Streaming | Phase::Reconnecting(_) => {
                 state.phase = Phase::Reconnecting(reason);
@@ -372,9 +380,11 @@ impl Health {
 
         let (healthy, status, reason) = match &state.phase {
             Phase::Failed(reason) => (false, Status::Failed, Some(reason.clone())),
-            Phase::DestinationFailed(reason) => {
-                (false, Status::DestinationFailed, Some(reason.clone()))
-            }
+            _ if state.destination_fault.is_some() => (
+                false,
+                Status::DestinationFailed,
+                state.destination_fault.clone(),
+            ),
             Phase::Starting(reason) => (false, Status::Starting, reason.clone()),
             Phase::Reconnecting(reason) if stream_stalled => {
                 (false, Status::Reconnecting, Some(reason.clone()))
@@ -676,5 +686,30 @@ mod tests {
                 status.as_str()
             );
         }
+    }
+
+    #[test]
+    fn a_destination_fault_lasts_until_the_destination_acknowledges() {
+        let (health, _clock) = streaming();
+        health.destination_failed("topic missing".to_owned());
+        let report = health.report();
+        assert_eq!(
+            (report.healthy, report.status),
+            (false, Status::DestinationFailed)
+        );
+        assert_eq!(report.reason.as_deref(), Some("topic missing"));
+        // A new session starts: still the same fault.
+        health.streaming();
+        assert_eq!(health.report().status, Status::DestinationFailed);
+        health.records_in_flight(3);
+        assert_eq!(health.report().status, Status::DestinationFailed);
+        // A definite failure comes first.
+        health.failed("column missing".to_owned());
+        assert_eq!(health.report().status, Status::Failed);
+        health.streaming();
+        health.broker_progress();
+        let report = health.report();
+        assert_eq!((report.healthy, report.status), (true, Status::Streaming));
+        assert_eq!(health.destination_fault(), None);
     }
 }

@@ -233,7 +233,10 @@ async fn session(
         sink = returned;
     }
     let stream = start(client, connect, config, &slot).await?;
-    *backoff = FIRST_BACKOFF;
+    // A destination that keeps failing keeps its backoff across sessions.
+    if observe.1.destination_fault().is_none() {
+        *backoff = FIRST_BACKOFF;
+    }
     observe.1.streaming();
     tracing::info!(slot = %slot.name, from = %slot.confirmed, publication = %config.postgres.publication, "streaming");
     let metrics = observe.0.clone();
