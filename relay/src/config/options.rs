@@ -114,7 +114,9 @@ section! {
         #[arg(long, env = "OUTBOX_RELAY_TABLE", value_name = "TABLE")]
         pub table: Option<String>,
 
-        /// Milliseconds between standby status updates to the server [default: 10000].
+        /// Milliseconds between standby status updates to the server when nothing
+        /// new can be confirmed; progress is confirmed within 100 ms of being made
+        /// [default: 10000].
         #[arg(long, env = "OUTBOX_RELAY_STATUS_INTERVAL_MS", value_name = "MS")]
         pub status_interval_ms: Option<u64>,
 
