@@ -15,7 +15,8 @@
 //!    pushes back; the record was *not* taken and the caller offers it again after
 //!    the next event), or [`Handed::Refused`]. An accepted record later ends
 //!    [`Event::Acked`] — durable at the destination, as the destination defines
-//!    durable (Kafka: every in-sync replica has it) — or [`Event::Refused`].
+//!    durable (Kafka: every in-sync replica has it) — or [`Event::Refused`], which
+//!    hands the record's value back when the sink still has it.
 //! 2. **A refusal is about one record.** [`Refusal`] means this record can never be
 //!    accepted as it is (too large, a name the destination cannot have, invalid): the
 //!    relay dead-letters it and goes on. A fault of the destination as a whole
@@ -39,6 +40,8 @@
 
 use std::fmt;
 use std::future::poll_fn;
+
+use bytes::Bytes;
 use std::task::{Context, Poll};
 
 use crate::routing::OutboxRecord;
@@ -66,8 +69,10 @@ pub enum Handed {
 pub enum Event {
     /// The record is durable at the destination.
     Acked(Ticket),
-    /// The destination refused the record for good.
-    Refused(Ticket, Refusal),
+    /// The destination refused the record for good; with its value, when the sink
+    /// can give it back (the relay does not keep the values of records in flight:
+    /// the dead letter takes it from here).
+    Refused(Ticket, Refusal, Option<Bytes>),
     /// The sink can take records again (after [`Handed::Full`]).
     Ready,
 }

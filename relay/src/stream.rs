@@ -44,11 +44,13 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use crate::ack::{AckError, AckTracker, TxnId};
 use crate::config::RelayConfig;
@@ -186,8 +188,10 @@ pub struct Session<'a, W, S> {
     status_timer: Interval,
     /// When the last status update went out.
     last_status: Instant,
-    /// A prompt confirmation waiting for the rate limit.
-    confirm_at: Option<Instant>,
+    /// When a prompt confirmation is due (armed by [`Session::confirm_soon`]); one
+    /// timer for the session, reset rather than created per loop iteration.
+    confirm_timer: Pin<Box<Sleep>>,
+    confirm_armed: bool,
     received: Lsn,
     sent_flush: Lsn,
     open: Option<OpenTxn>,
@@ -235,7 +239,8 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
             tracker: AckTracker::new(confirmed),
             status_timer,
             last_status: Instant::now(),
-            confirm_at: None,
+            confirm_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            confirm_armed: false,
             received: confirmed,
             sent_flush: confirmed,
             open: None,
@@ -288,14 +293,14 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
             self.health.reading_paused(!can_read);
             self.health.records_in_flight(in_flight);
             self.metrics.set_in_flight(in_flight as u64);
-            let confirm_at = self.confirm_at;
+            let confirm_armed = self.confirm_armed;
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
                 settled = self.delivery.next(), if !self.delivery.is_empty() => {
                     self.settled(settled?)?;
                 }
-                () = sleep_until(confirm_at), if confirm_at.is_some() => self.send_status().await?,
+                () = &mut self.confirm_timer, if confirm_armed => self.send_status().await?,
                 _ = self.status_timer.tick() => self.send_status().await?,
                 message = self.stream.next(), if can_read => {
                     match message? {
@@ -569,7 +574,10 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         } else {
             self.last_status + CONFIRM_DELAY
         };
-        self.confirm_at = Some(self.confirm_at.map_or(at, |t| t.min(at)));
+        if !self.confirm_armed || at < self.confirm_timer.deadline() {
+            self.confirm_timer.as_mut().reset(at);
+            self.confirm_armed = true;
+        }
     }
 
     async fn send_status(&mut self) -> Result<(), StreamError> {
@@ -588,16 +596,9 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         self.sent_flush = flush;
         self.tracker.confirmed(flush);
         self.last_status = Instant::now();
-        self.confirm_at = None;
+        self.confirm_armed = false;
         self.metrics.set_confirmed_lsn(flush);
         Ok(())
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -35,6 +36,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::Message;
 
 use super::{Event, Handed, Refusal, RefusalKind, Sink, SinkError, Ticket};
 use crate::routing::OutboxRecord;
@@ -55,7 +57,9 @@ const QUEUE_RETRY: Duration = Duration::from_millis(10);
 /// The longest topic name Kafka accepts.
 pub const MAX_TOPIC_LENGTH: usize = 249;
 
-type Delivery = BoxFuture<'static, (Ticket, Result<(), KafkaError>)>;
+/// A delivery's outcome; a failed one with the record's value, handed back by
+/// librdkafka.
+type Delivery = BoxFuture<'static, (Ticket, Result<(), (KafkaError, Option<Bytes>)>)>;
 type Creation = BoxFuture<'static, Result<(), KafkaError>>;
 
 /// Whether Apache Kafka accepts `name` as a topic name: 1 to 249 characters of
@@ -281,8 +285,10 @@ impl Sink for KafkaSink {
         if self.creating.is_some() || self.retry.is_some() {
             return Ok(Handed::Full);
         }
-        if let Some(refusal) = self.refused_topics.get(&record.topic) {
-            return Ok(Handed::Refused(refusal.clone()));
+        if !self.refused_topics.is_empty() {
+            if let Some(refusal) = self.refused_topics.get(&record.topic) {
+                return Ok(Handed::Refused(refusal.clone()));
+            }
         }
         if let Some(admin) = &self.admin {
             if !self.known_topics.contains(&record.topic) {
@@ -314,8 +320,10 @@ impl Sink for KafkaSink {
                     async move {
                         let result = match future.await {
                             Ok(Ok(_)) => Ok(()),
-                            Ok(Err((error, _))) => Err(error),
-                            Err(_canceled) => Err(KafkaError::Canceled),
+                            Ok(Err((error, message))) => {
+                                Err((error, message.payload().map(Bytes::copy_from_slice)))
+                            }
+                            Err(_canceled) => Err((KafkaError::Canceled, None)),
                         };
                         (ticket, result)
                     }
@@ -354,10 +362,11 @@ impl Sink for KafkaSink {
         }
         match self.deliveries.poll_next_unpin(cx) {
             Poll::Ready(Some((ticket, Ok(())))) => Poll::Ready(Ok(Event::Acked(ticket))),
-            Poll::Ready(Some((ticket, Err(error)))) => match classify(&error) {
+            Poll::Ready(Some((ticket, Err((error, payload))))) => match classify(&error) {
                 Fault::Record(kind) => Poll::Ready(Ok(Event::Refused(
                     ticket,
                     Refusal::new(kind, error.to_string()),
+                    payload,
                 ))),
                 Fault::Destination => {
                     Poll::Ready(Err(self.destination_fault("delivering a record", error)))

@@ -151,10 +151,11 @@ impl MemoryHandle {
                 state.events.push_back(Event::Acked(ticket));
             }
             Some(kind) => {
-                state.log.remove(at);
+                let entry = state.log.remove(at);
                 state.events.push_back(Event::Refused(
                     ticket,
                     Refusal::new(kind, "refused by the memory sink"),
+                    entry.record.payload,
                 ));
             }
         }
