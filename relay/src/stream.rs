@@ -24,9 +24,9 @@
 //! Why a crash re-sends at most one in-flight window: reading pauses while the
 //! records handed over and not yet confirmed to the server reach `max_in_flight`
 //! ([`AckTracker::unconfirmed`]), and progress is confirmed as soon as the
-//! confirmable position advanced — at once when a quarter of the window waits for
+//! confirmable position advanced — at once when an eighth of the window waits for
 //! it, otherwise within [`CONFIRM_DELAY`] (so the server gets at most ten updates
-//! a second from the rate limit, and one per quarter window under load). A crash
+//! a second from the rate limit, and one per eighth of a window under load). A crash
 //! re-sends what was not confirmed: at most the window. A single transaction
 //! larger than the window is the exception: it can only be confirmed after its
 //! Commit, so reading goes on through it (bounded by the records in flight) and a
@@ -562,13 +562,13 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
     }
 
     /// Schedules a status update when the confirmable position advanced: at once
-    /// when a quarter of the window waits for it or the rate limit allows,
+    /// when an eighth of the window waits for it or the rate limit allows,
     /// otherwise at the end of the rate limit.
     fn confirm_soon(&mut self) {
         if self.tracker.confirmable() <= self.sent_flush {
             return;
         }
-        let urgent = self.tracker.confirmable_unsent() >= self.config.kafka.max_in_flight / 4;
+        let urgent = self.tracker.confirmable_unsent() >= self.config.kafka.max_in_flight / 8;
         let at = if urgent {
             Instant::now()
         } else {
