@@ -31,12 +31,7 @@ CREATE TABLE outbox_present PARTITION OF outbox FOR VALUES FROM ('2000-01-01') T
 ";
 
 async fn partitioned_db() -> OutboxDb {
-    let db = TestDatabase::create().await;
-    sqlx::raw_sql(PARTITIONED_OUTBOX)
-        .execute(db.pool())
-        .await
-        .expect("create the partitioned outbox table");
-    OutboxDb { db }
+    OutboxDb::with_ddl(PARTITIONED_OUTBOX).await
 }
 
 /// Inserts `rows` with `created_at` set, in one transaction.

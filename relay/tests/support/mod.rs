@@ -101,8 +101,13 @@ pub struct OutboxDb {
 
 impl OutboxDb {
     pub async fn new() -> OutboxDb {
+        OutboxDb::with_ddl(OUTBOX_DDL).await
+    }
+
+    /// A fresh database whose outbox table `ddl` creates.
+    pub async fn with_ddl(ddl: &str) -> OutboxDb {
         let db = TestDatabase::create().await;
-        sqlx::raw_sql(OUTBOX_DDL)
+        sqlx::raw_sql(ddl)
             .execute(db.pool())
             .await
             .expect("create the outbox table");
