@@ -195,9 +195,6 @@ pub trait Sink {
     /// The next event. Pending while nothing is in flight and nothing is being
     /// prepared. Cancel-safe (see the module doc).
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, SinkError>>;
-
-    /// Records accepted and without an outcome yet.
-    fn in_flight(&self) -> usize;
 }
 
 /// Waits for the sink's next event.

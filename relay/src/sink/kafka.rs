@@ -171,11 +171,6 @@ impl KafkaSink {
         })
     }
 
-    /// Waits until every record handed over is acknowledged or failed, up to `timeout`.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
-    }
-
     /// The sink error for a fault of the destination, naming librdkafka's fatal
     /// error when the producer is in that state.
     fn destination_fault(&self, doing: &str, error: KafkaError) -> SinkError {
@@ -374,10 +369,6 @@ impl Sink for KafkaSink {
             },
             Poll::Ready(None) | Poll::Pending => Poll::Pending,
         }
-    }
-
-    fn in_flight(&self) -> usize {
-        self.deliveries.len()
     }
 }
 

@@ -299,13 +299,4 @@ impl Sink for MemorySink {
         state.waker = Some(cx.waker().clone());
         Poll::Pending
     }
-
-    fn in_flight(&self) -> usize {
-        let state = self.handle.lock();
-        state
-            .log
-            .iter()
-            .filter(|e| e.state == Stored::Pending && e.generation == self.generation)
-            .count()
-    }
 }
