@@ -19,6 +19,11 @@
 //! - `sleep(MS)` or `sleep(MIN-MAX)`: the point waits that long (a uniformly drawn
 //!   duration for a range), on every hit; `*N` limits it to the first N hits.
 //!
+//! The points: `consumer.before-handler`, `consumer.before-commit` and
+//! `consumer.after-commit` (saga-core's consumer), `relay.after-ack` (between the
+//! broker's acknowledgement and the slot's confirmation) and `relay.kafka-fatal`
+//! (an `error` there puts the relay's producer in librdkafka's fatal state).
+//!
 //! Unarmed (the variable unset, the normal case), a point costs one load of an
 //! initialised `OnceLock` and a lookup in an empty list. [`init`] parses the
 //! variable and refuses a malformed one with a message; binaries call it first, so
