@@ -2,8 +2,9 @@
 //! transactions at a steady rate throughout; after a warm-up the broker is paused
 //! (SIGSTOP: a memory-storage broker must not be restarted) for the outage, then
 //! resumed. The relay's resident memory and records in flight are sampled every
-//! 250 ms. The relay must stop reading once `max_in_flight` records await their
-//! acknowledgement, so from then on its memory levels off instead of growing with
+//! 250 ms. The relay must stop reading once its window is full (`max_in_flight`
+//! records handed over and not yet confirmed, most of them awaiting their
+//! acknowledgement), so from then on its memory levels off instead of growing with
 //! the backlog; and everything must arrive afterwards.
 
 use std::path::Path;
@@ -92,7 +93,7 @@ pub(crate) async fn run(outage: Duration, relay_bin: &Path) -> anyhow::Result<Ou
             }
             Some(at) if at.elapsed() >= outage => break,
             Some(at) => {
-                if at_bound.is_none() && in_flight >= bound as u64 {
+                if at_bound.is_none() && relay.reading_paused().await {
                     at_bound = Some((rss, at.elapsed()));
                 }
                 if at_bound.is_some() {
@@ -113,7 +114,7 @@ pub(crate) async fn run(outage: Duration, relay_bin: &Path) -> anyhow::Result<Ou
     relay.stop().await;
     lab.close().await;
     let Some((rss_at_bound, bound_after)) = at_bound else {
-        bail!("the relay never had {bound} records in flight during the outage ({in_flight_max} at most)");
+        bail!("the relay never stopped reading at its window of {bound} during the outage ({in_flight_max} records in flight at most)");
     };
     Ok(Outage {
         outage,

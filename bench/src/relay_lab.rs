@@ -225,6 +225,20 @@ impl RelayProcess {
         }
     }
 
+    /// Whether it has stopped reading at its window (`/health`'s
+    /// `reading_paused`); false while it does not answer.
+    pub(crate) async fn reading_paused(&self) -> bool {
+        let url = self.metrics_url.replace("/metrics", "/health");
+        match self.http.get(&url).send().await {
+            Ok(response) => response
+                .text()
+                .await
+                .unwrap_or_default()
+                .contains("\"reading_paused\":true"),
+            Err(_) => false,
+        }
+    }
+
     /// Events routed and acknowledged so far.
     pub(crate) async fn routed(&self) -> u64 {
         metric_sum(&self.metrics().await, ROUTED)
