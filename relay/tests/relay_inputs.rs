@@ -34,28 +34,6 @@ async fn partitioned_db() -> OutboxDb {
     OutboxDb::with_ddl(PARTITIONED_OUTBOX).await
 }
 
-/// Inserts `rows` with `created_at` set, in one transaction.
-async fn write_at(db: &OutboxDb, rows: &[Row], created_at: &str) {
-    let mut tx = db.pool().begin().await.expect("begin");
-    for row in rows {
-        sqlx::query(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, headers, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7::timestamptz)",
-        )
-        .bind(row.id)
-        .bind(&row.aggregate_type)
-        .bind(&row.aggregate_id)
-        .bind(&row.event_type)
-        .bind(&row.payload)
-        .bind(&row.headers)
-        .bind(created_at)
-        .execute(&mut *tx)
-        .await
-        .expect("insert an outbox row");
-    }
-    tx.commit().await.expect("commit");
-}
-
 fn ids(received: &[Received]) -> Vec<String> {
     received.iter().map(|r| r.id().to_owned()).collect()
 }
@@ -100,7 +78,7 @@ async fn a_partitioned_outbox_table_is_published_through_its_root() {
     .await
     .expect("attach a partition");
     let future: Vec<Row> = (0..20).map(|n| Row::event(0, 51 + n)).collect();
-    write_at(&db, &future, "2150-06-01").await;
+    support::write_rows_at(db.pool(), &future, false, Some("2150-06-01")).await;
 
     let last = future.last().expect("rows").id.to_string();
     let collector = Collector::through(&brokers, &[settings.topic("order")], &last).await;

@@ -554,11 +554,21 @@ fn received(message: &rdkafka::message::BorrowedMessage<'_>) -> Received {
 /// Writes `rows` in one transaction; with `delete_after`, deletes them again in the
 /// same transaction (the insert is still in the WAL).
 pub async fn write_rows(pool: &PgPool, rows: &[Row], delete_after: bool) {
+    write_rows_at(pool, rows, delete_after, None).await;
+}
+
+/// [`write_rows`] with the rows' `created_at` set (`None`: the column's default).
+pub async fn write_rows_at(
+    pool: &PgPool,
+    rows: &[Row],
+    delete_after: bool,
+    created_at: Option<&str>,
+) {
     let mut tx = pool.begin().await.expect("begin");
     for row in rows {
         sqlx::query(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, headers) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, headers, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, coalesce($7::timestamptz, now()))",
         )
         .bind(row.id)
         .bind(&row.aggregate_type)
@@ -566,6 +576,7 @@ pub async fn write_rows(pool: &PgPool, rows: &[Row], delete_after: bool) {
         .bind(&row.event_type)
         .bind(&row.payload)
         .bind(&row.headers)
+        .bind(created_at)
         .execute(&mut *tx)
         .await
         .expect("insert an outbox row");
