@@ -55,8 +55,13 @@ pub const DEFAULT_SLOT_PREFIX: &str = "outbox_relay_";
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
 /// How often the relay emits a heartbeat message into its database, in milliseconds.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
-/// How long a slot held by another (perhaps dying) process is retried, in milliseconds.
-pub const DEFAULT_SLOT_BUSY_TIMEOUT_MS: u64 = 30_000;
+/// How often a standby looks at the slot, in milliseconds.
+pub const DEFAULT_STANDBY_POLL_INTERVAL_MS: u64 = 1_000;
+/// How long the slot's holder may go without a status update before a standby takes
+/// the slot over, in milliseconds.
+pub const DEFAULT_TAKEOVER_AFTER_MS: u64 = 30_000;
+/// Bytes of open streamed transactions kept in memory before they spill to files.
+pub const DEFAULT_STREAM_MEMORY_BYTES: u64 = 16 * 1024 * 1024;
 /// Where records the relay cannot deliver go.
 pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "outbox.dlq";
 /// Where `/metrics` and `/health` are served.
@@ -143,7 +148,17 @@ pub struct PostgresConfig {
     pub heartbeat_interval: Option<Duration>,
     /// What a new slot starts with.
     pub snapshot: InitialSnapshot,
-    pub slot_busy_timeout: Duration,
+    /// How often a standby looks at the slot.
+    pub standby_poll_interval: Duration,
+    /// `None`: never end another relay's server process.
+    pub takeover_after: Option<Duration>,
+    /// Whether to ask for in-progress transactions (protocol 2) where the server
+    /// can send them.
+    pub streaming: bool,
+    /// Bytes of open streamed transactions kept in memory.
+    pub stream_memory_bytes: u64,
+    /// Where open streamed transactions beyond that go.
+    pub spill_dir: PathBuf,
 }
 
 /// The operator's view: the HTTP endpoint and the health rules.
@@ -207,7 +222,11 @@ impl RelayConfig {
                 status_interval: Duration::from_millis(DEFAULT_STATUS_INTERVAL_MS),
                 heartbeat_interval: Some(Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS)),
                 snapshot: InitialSnapshot::Initial,
-                slot_busy_timeout: Duration::from_millis(DEFAULT_SLOT_BUSY_TIMEOUT_MS),
+                standby_poll_interval: Duration::from_millis(DEFAULT_STANDBY_POLL_INTERVAL_MS),
+                takeover_after: Some(Duration::from_millis(DEFAULT_TAKEOVER_AFTER_MS)),
+                streaming: true,
+                stream_memory_bytes: DEFAULT_STREAM_MEMORY_BYTES,
+                spill_dir: std::env::temp_dir().join("outbox-relay"),
             },
             outbox: OutboxConfig {
                 topic_template: TopicTemplate::parse(DEFAULT_TOPIC_TEMPLATE)

@@ -32,6 +32,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const FAILED_RETRY: Duration = Duration::from_secs(60);
 /// Pause between attempts on a busy slot.
 const SLOT_BUSY_RETRY: Duration = Duration::from_millis(500);
+const SLOT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
@@ -289,7 +290,7 @@ async fn start(
             Ok(stream) => return Ok(stream),
             Err(e) if e.sqlstate() == Some(OBJECT_IN_USE) => {
                 let waited = started.elapsed();
-                if waited >= config.postgres.slot_busy_timeout {
+                if waited >= SLOT_BUSY_TIMEOUT {
                     return Err(RelayError::SlotBusy {
                         slot: slot.name.clone(),
                         waited,

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer};
 
@@ -132,10 +133,34 @@ section! {
         #[arg(long, env = "OUTBOX_RELAY_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
         pub heartbeat_interval_ms: Option<u64>,
 
-        /// Milliseconds to keep retrying a slot that another process still holds (a
-        /// killed relay's server process lingers) [default: 30000].
-        #[arg(long, env = "OUTBOX_RELAY_SLOT_BUSY_TIMEOUT_MS", value_name = "MS")]
-        pub slot_busy_timeout_ms: Option<u64>,
+        /// Milliseconds between two looks at the slot while another relay holds it
+        /// (this relay is a standby) [default: 1000].
+        #[arg(long, env = "OUTBOX_RELAY_STANDBY_POLL_INTERVAL_MS", value_name = "MS")]
+        pub standby_poll_interval_ms: Option<u64>,
+
+        /// Milliseconds the slot's holder may go without a status update before a
+        /// standby ends its server process and takes the slot over (a hung relay); 0:
+        /// never [default: 30000].
+        #[arg(long, env = "OUTBOX_RELAY_TAKEOVER_AFTER_MS", value_name = "MS")]
+        pub takeover_after_ms: Option<u64>,
+
+        /// Ask the server (PostgreSQL 14 or newer) to stream transactions still in
+        /// progress once they outgrow its logical_decoding_work_mem, instead of
+        /// decoding them whole at commit; the relay buffers them until they commit
+        /// [default: true].
+        #[arg(long, env = "OUTBOX_RELAY_STREAMING", value_name = "BOOL")]
+        pub streaming: Option<bool>,
+
+        /// Bytes of streamed, not yet committed transactions the relay keeps in
+        /// memory; beyond that it writes them to files in --spill-dir
+        /// [default: 16777216].
+        #[arg(long, env = "OUTBOX_RELAY_STREAM_MEMORY_BYTES", value_name = "BYTES")]
+        pub stream_memory_bytes: Option<u64>,
+
+        /// Directory for streamed transactions that outgrew --stream-memory-bytes
+        /// [default: outbox-relay in the system's temporary directory].
+        #[arg(long, env = "OUTBOX_RELAY_SPILL_DIR", value_name = "DIR")]
+        pub spill_dir: Option<PathBuf>,
     }
 }
 

@@ -98,9 +98,19 @@ fn the_example_file_is_valid_and_states_the_defaults() {
         defaults.postgres.status_interval
     );
     assert_eq!(
-        config.postgres.slot_busy_timeout,
-        defaults.postgres.slot_busy_timeout
+        config.postgres.standby_poll_interval,
+        defaults.postgres.standby_poll_interval
     );
+    assert_eq!(
+        config.postgres.takeover_after,
+        defaults.postgres.takeover_after
+    );
+    assert_eq!(config.postgres.streaming, defaults.postgres.streaming);
+    assert_eq!(
+        config.postgres.stream_memory_bytes,
+        defaults.postgres.stream_memory_bytes
+    );
+    assert_eq!(config.postgres.spill_dir, defaults.postgres.spill_dir);
     assert_eq!(config.outbox.topic_template, defaults.outbox.topic_template);
     assert_eq!(config.outbox.columns, defaults.outbox.columns);
     assert_eq!(config.kafka.max_in_flight, defaults.kafka.max_in_flight);
@@ -184,7 +194,9 @@ fn help_states_every_default() {
         DEFAULT_PUBLICATION.to_owned(),
         format!("{DEFAULT_SLOT_PREFIX}<database>"),
         DEFAULT_STATUS_INTERVAL_MS.to_string(),
-        DEFAULT_SLOT_BUSY_TIMEOUT_MS.to_string(),
+        DEFAULT_STANDBY_POLL_INTERVAL_MS.to_string(),
+        DEFAULT_TAKEOVER_AFTER_MS.to_string(),
+        DEFAULT_STREAM_MEMORY_BYTES.to_string(),
         DEFAULT_HEARTBEAT_INTERVAL_MS.to_string(),
         DEFAULT_MAX_IN_FLIGHT.to_string(),
         DEFAULT_TOPIC_PARTITIONS.to_string(),
@@ -286,7 +298,11 @@ table = "app.events"
 status_interval_ms = 1
 snapshot_mode = "never"
 heartbeat_interval_ms = 2
-slot_busy_timeout_ms = 3
+standby_poll_interval_ms = 3
+takeover_after_ms = 10
+streaming = false
+stream_memory_bytes = 11
+spill_dir = "/var/spill"
 
 [outbox]
 topic_template = "t.{aggregatetype}"
@@ -331,10 +347,14 @@ stall_timeout_ms = 9
         (
             pg.status_interval,
             pg.heartbeat_interval,
-            pg.slot_busy_timeout
+            pg.standby_poll_interval,
+            pg.takeover_after
         ),
-        (ms(1), Some(ms(2)), ms(3))
+        (ms(1), Some(ms(2)), ms(3), Some(ms(10)))
     );
+    assert!(!pg.streaming);
+    assert_eq!(pg.stream_memory_bytes, 11);
+    assert_eq!(pg.spill_dir, std::path::Path::new("/var/spill"));
     assert_eq!(pg.snapshot, InitialSnapshot::Never);
     let outbox = &c.outbox;
     assert_eq!(outbox.topic_template.to_string(), "t.{aggregatetype}");
@@ -391,7 +411,11 @@ fn flags_and_environment_variables_keep_their_names() {
         ("status-interval-ms", "STATUS_INTERVAL_MS"),
         ("snapshot-mode", "SNAPSHOT_MODE"),
         ("heartbeat-interval-ms", "HEARTBEAT_INTERVAL_MS"),
-        ("slot-busy-timeout-ms", "SLOT_BUSY_TIMEOUT_MS"),
+        ("standby-poll-interval-ms", "STANDBY_POLL_INTERVAL_MS"),
+        ("takeover-after-ms", "TAKEOVER_AFTER_MS"),
+        ("streaming", "STREAMING"),
+        ("stream-memory-bytes", "STREAM_MEMORY_BYTES"),
+        ("spill-dir", "SPILL_DIR"),
         ("topic-template", "TOPIC_TEMPLATE"),
         ("payload-format", "PAYLOAD_FORMAT"),
         ("message-prefix", "MESSAGE_PREFIX"),

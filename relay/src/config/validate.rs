@@ -63,7 +63,21 @@ impl PostgresSection {
                 None => default.heartbeat_interval,
             },
             snapshot: self.snapshot_mode.unwrap_or(default.snapshot),
-            slot_busy_timeout: millis(self.slot_busy_timeout_ms, default.slot_busy_timeout),
+            standby_poll_interval: millis(
+                self.standby_poll_interval_ms,
+                default.standby_poll_interval,
+            ),
+            takeover_after: match self.takeover_after_ms {
+                // 0: a standby never ends another relay's server process.
+                Some(0) => None,
+                Some(ms) => Some(Duration::from_millis(ms)),
+                None => default.takeover_after,
+            },
+            streaming: self.streaming.unwrap_or(default.streaming),
+            stream_memory_bytes: self
+                .stream_memory_bytes
+                .unwrap_or(default.stream_memory_bytes),
+            spill_dir: self.spill_dir.unwrap_or(default.spill_dir),
         })
     }
 }
@@ -181,6 +195,26 @@ impl RelayConfig {
         }
         if self.postgres.status_interval.is_zero() {
             return invalid("status_interval_ms", "must be above 0".to_owned());
+        }
+        if self.postgres.standby_poll_interval.is_zero() {
+            return invalid("standby_poll_interval_ms", "must be above 0".to_owned());
+        }
+        if let Some(takeover) = self.postgres.takeover_after {
+            // The holder reports at least every status interval; a bound closer
+            // than twice that would end a healthy relay's session.
+            if takeover < self.postgres.status_interval * 2 {
+                return invalid(
+                    "takeover_after_ms",
+                    format!(
+                        "{takeover:?} is less than twice the status interval ({:?}): a standby \
+                         would take the slot from a healthy relay",
+                        self.postgres.status_interval
+                    ),
+                );
+            }
+        }
+        if self.postgres.stream_memory_bytes == 0 {
+            return invalid("stream_memory_bytes", "must be above 0".to_owned());
         }
         if let Some(topic) = &self.outbox.dead_letter_topic {
             if let Some(c) = topic
