@@ -8,7 +8,8 @@
 //! - [`sink`]: where records go, and the delivery contract; [`sink::kafka`] is the
 //!   production sink.
 //! - [`delivery`]: the one bounded delivery loop, dead letters included.
-//! - [`ack`]: which WAL position may be confirmed.
+//! - [`ack`]: which WAL position may be confirmed; [`resume`]: where inside a large
+//!   transaction a restart picks up.
 //! - [`stream`]: the replication loop tying them together.
 //! - [`snapshot`]: the rows already in the table when a slot is created.
 //! - [`runner`]: connect, prepare, stream, reconnect; [`run`] is the entry point.
@@ -27,6 +28,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;
 pub mod replication;
+pub mod resume;
 pub mod routing;
 pub mod runner;
 pub mod setup;

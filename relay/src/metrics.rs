@@ -52,6 +52,10 @@ pub const HEARTBEATS_SENT: &str = "outbox_relay_heartbeats_total";
 pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
 /// Gauge: 1 when `/health` reports healthy, 0 when not.
 pub const UP: &str = "outbox_relay_healthy";
+/// Gauge: transactions the server streams while in progress, not yet ended.
+pub const STREAMED_OPEN: &str = "outbox_relay_streamed_transactions_open";
+/// Counter: bytes of streamed transactions written to spill files.
+pub const SPILLED_BYTES: &str = "outbox_relay_spilled_bytes_total";
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -103,11 +107,15 @@ pub enum Family {
     Reconnects,
     /// [`UP`]
     Up,
+    /// [`STREAMED_OPEN`]
+    StreamedOpen,
+    /// [`SPILLED_BYTES`]
+    SpilledBytes,
 }
 
 impl Family {
     /// Every family, in the order they are rendered.
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 13] = [
         Family::EventsRouted,
         Family::EventsDeadLettered,
         Family::BytesRouted,
@@ -119,6 +127,8 @@ impl Family {
         Family::HeartbeatsSent,
         Family::Reconnects,
         Family::Up,
+        Family::StreamedOpen,
+        Family::SpilledBytes,
     ];
 
     /// The metric name.
@@ -135,6 +145,8 @@ impl Family {
             Family::HeartbeatsSent => HEARTBEATS_SENT,
             Family::Reconnects => RECONNECTS,
             Family::Up => UP,
+            Family::StreamedOpen => STREAMED_OPEN,
+            Family::SpilledBytes => SPILLED_BYTES,
         }
     }
 
@@ -145,12 +157,14 @@ impl Family {
             | Family::EventsDeadLettered
             | Family::BytesRouted
             | Family::HeartbeatsSent
-            | Family::Reconnects => Kind::Counter,
+            | Family::Reconnects
+            | Family::SpilledBytes => Kind::Counter,
             Family::RecordsInFlight
             | Family::SlotLagBytes
             | Family::BehindSourceMs
             | Family::ConfirmedLsn
-            | Family::Up => Kind::Gauge,
+            | Family::Up
+            | Family::StreamedOpen => Kind::Gauge,
             Family::CommitToAck => Kind::Histogram,
         }
     }
@@ -177,6 +191,10 @@ impl Family {
             Family::HeartbeatsSent => "Heartbeats written with pg_logical_emit_message.",
             Family::Reconnects => "Replication sessions started again after a transient error.",
             Family::Up => "1 when /health reports healthy, 0 when not.",
+            Family::StreamedOpen => {
+                "Transactions the server streams while in progress, kept until they end."
+            }
+            Family::SpilledBytes => "Bytes of streamed transactions written to spill files.",
         }
     }
 }
@@ -195,6 +213,8 @@ pub struct Metrics {
     confirmed_lsn: AtomicU64,
     heartbeats: AtomicU64,
     reconnects: AtomicU64,
+    streamed_open: AtomicU64,
+    spilled_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -253,6 +273,16 @@ impl Metrics {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `n` streamed transactions are open now.
+    pub fn set_streamed_open(&self, n: u64) {
+        self.streamed_open.store(n, Ordering::Relaxed);
+    }
+
+    /// `n` more bytes were written to spill files.
+    pub fn spilled_bytes(&self, n: u64) {
+        self.spilled_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Every metric in Prometheus text format 0.0.4: `# HELP` and `# TYPE` for each
     /// family, then its samples, every dead-letter reason included even at 0.
     /// [`UP`] is taken from `health`'s report at this moment.
@@ -296,6 +326,8 @@ impl Metrics {
                 Family::HeartbeatsSent => load(&self.heartbeats),
                 Family::Reconnects => load(&self.reconnects),
                 Family::Up => u64::from(health.report().healthy),
+                Family::StreamedOpen => load(&self.streamed_open),
+                Family::SpilledBytes => load(&self.spilled_bytes),
             };
             line(&mut out, format_args!("{name} {value}"));
         }
@@ -490,6 +522,8 @@ mod tests {
             HEARTBEATS_SENT,
             RECONNECTS,
             UP,
+            STREAMED_OPEN,
+            SPILLED_BYTES,
         ]
         .into_iter()
         .collect();

@@ -1,13 +1,18 @@
 //! Decoder for the messages of PostgreSQL's `pgoutput` logical decoding plugin,
-//! protocol version 1: Begin, Commit, Origin, Relation, Type, Insert, Update,
+//! protocol versions 1 and 2: Begin, Commit, Origin, Relation, Type, Insert, Update,
 //! Delete, Truncate and logical decoding Message (see "Logical Replication Message
-//! Formats" in the PostgreSQL documentation). The non-streamed layouts are the same
-//! in later protocol versions; the streaming and two-phase messages of versions 2+
-//! are reported as [`DecodeErrorKind::UnsupportedMessage`].
+//! Formats" in the PostgreSQL documentation), and the messages of streamed
+//! in-progress transactions of version 2: Stream Start, Stop, Commit and Abort
+//! ([`streaming`]). The two-phase messages of version 3 are reported as
+//! [`DecodeErrorKind::UnsupportedMessage`].
 //!
 //! The module is pure: one message's bytes (the payload of an `XLogData`) in, one
 //! [`LogicalMessage`] out. Column values and message contents are [`Bytes`] slices
-//! of the input, so a decoded message owns its data without copying it.
+//! of the input, so a decoded message owns its data without copying it. Inside a
+//! Stream Start..Stop block the change messages carry their transaction's id after
+//! the tag, so a session's messages are decoded in order by a [`Decoder`], which
+//! knows whether such a block is open; [`decode`] takes a message outside any
+//! block and [`decode_in_stream`] one inside.
 //!
 //! Decoding never panics, whatever the input: every read is bounds-checked, lengths
 //! taken from the input are validated before use and never size an allocation
@@ -22,9 +27,11 @@ use crate::Lsn;
 
 mod error;
 mod reader;
+pub mod streaming;
 
 pub use error::{ColumnTextError, DecodeError, DecodeErrorKind};
 use reader::Reader;
+pub use streaming::{decode_in_stream, Decoded, Decoder, StreamAbort, StreamCommit, StreamStart};
 
 /// Seconds from the Unix epoch to the PostgreSQL epoch (2000-01-01 00:00:00 UTC).
 pub const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
@@ -64,6 +71,15 @@ pub enum LogicalMessage {
     Truncate(Truncate),
     /// `M`: a logical decoding message (`pg_logical_emit_message`).
     Message(Message),
+    /// `S`: a block of an in-progress transaction's changes starts (protocol 2).
+    StreamStart(StreamStart),
+    /// `E`: the block of changes ends (protocol 2).
+    StreamStop,
+    /// `c`: a streamed transaction commits (protocol 2).
+    StreamCommit(StreamCommit),
+    /// `A`: a streamed transaction, or one of its subtransactions, aborts
+    /// (protocol 2).
+    StreamAbort(StreamAbort),
 }
 
 /// Start of a transaction.
@@ -352,7 +368,10 @@ pub fn pg_timestamp_to_system_time(micros: i64) -> Option<SystemTime> {
     }
 }
 
-/// Decodes one pgoutput message (the data of one `XLogData`).
+/// Decodes one pgoutput message (the data of one `XLogData`) sent outside a
+/// Stream Start..Stop block: every message of protocol 1, and the Stream Start,
+/// Commit and Abort of protocol 2 (a Stream Stop is decoded too; whether it may
+/// come here is the [`Decoder`]'s business).
 ///
 /// Column values and message content are slices of `buf`, sharing its storage.
 ///
@@ -374,9 +393,13 @@ pub fn decode(buf: &Bytes) -> Result<LogicalMessage, DecodeError> {
         b'D' => LogicalMessage::Delete(delete(&mut r)?),
         b'T' => LogicalMessage::Truncate(truncate(&mut r)?),
         b'M' => LogicalMessage::Message(message(&mut r)?),
-        // Stream Start/Stop/Commit/Abort (v2), Begin Prepare, Prepare, Commit
-        // Prepared, Rollback Prepared, Stream Prepare (v3).
-        b'S' | b'E' | b'c' | b'A' | b'b' | b'P' | b'K' | b'r' | b'p' => {
+        b'S' => LogicalMessage::StreamStart(streaming::start(&mut r)?),
+        b'E' => LogicalMessage::StreamStop,
+        b'c' => LogicalMessage::StreamCommit(streaming::commit(&mut r)?),
+        b'A' => LogicalMessage::StreamAbort(streaming::abort(&mut r)?),
+        // Begin Prepare, Prepare, Commit Prepared, Rollback Prepared, Stream
+        // Prepare (v3).
+        b'b' | b'P' | b'K' | b'r' | b'p' => {
             return Err(r.error_at(0, DecodeErrorKind::UnsupportedMessage(tag)));
         }
         other => return Err(r.error_at(0, DecodeErrorKind::UnknownMessage(other))),

@@ -17,6 +17,7 @@ use crate::health::{Health, HealthThresholds};
 use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
 use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError, ReplicationStream};
+use crate::resume::{self, ResumeLink, ResumeWriter};
 use crate::setup::{self, SetupError, SlotState};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::SinkError;
@@ -224,7 +225,8 @@ async fn session(
         .await
         .map_err(RelayError::Connect)?;
     let database = connect.dbname().to_owned();
-    let slot = setup::prepare(&mut client, config, &database).await?.slot;
+    let prepared = setup::prepare(&mut client, config, &database).await?;
+    let (slot, resume) = (prepared.slot, prepared.resume);
     if let Some(snapshot) = &slot.snapshot {
         // `client` created the slot and stays idle meanwhile: its exported snapshot
         // stays valid until START_REPLICATION.
@@ -241,7 +243,31 @@ async fn session(
     observe.1.streaming();
     tracing::info!(slot = %slot.name, from = %slot.confirmed, publication = %config.postgres.publication, "streaming");
     let metrics = observe.0.clone();
-    let session = Session::new(config, stream, sink, slot.confirmed, observe).run(shutdown);
+    let spill_dir = config.postgres.spill_dir.join(&slot.name);
+    if config.postgres.streaming {
+        match crate::stream::txbuffer::clear_leftovers(&spill_dir) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(dir = %spill_dir.display(), files = n, "deleted spill files a stopped relay left")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %spill_dir.display(), error = %e, "cannot clear the spill directory")
+            }
+        }
+    }
+    // Resume points, where the database lets the relay keep them; the writer
+    // stops when the session ends.
+    let (link, _writer) = if resume.available {
+        let (link, end) = ResumeLink::new(resume.point);
+        let writer = ResumeWriter::new(connect.clone(), config, slot.name.clone());
+        (Some(link), Some(resume::spawn(writer, end)))
+    } else {
+        (None, None)
+    };
+    let session = Session::new(config, stream, sink, slot.confirmed, observe)
+        .spill_to(spill_dir)
+        .resume_from(resume.point, link)
+        .run(shutdown);
     let drained = match config.postgres.heartbeat_interval {
         Some(interval) => {
             let heartbeat = Heartbeat::new(connect.clone(), slot.name.clone());
@@ -276,9 +302,19 @@ async fn start(
 ) -> Result<ReplicationStream, RelayError> {
     // publication_names is a list of identifiers: quoted, any name survives.
     let publication = crate::sql::ident(&config.postgres.publication);
-    let mut options: Vec<(&str, &str)> =
-        vec![("proto_version", "1"), ("publication_names", &publication)];
-    if server_major(&client) >= Some(14) {
+    let major = server_major(&client);
+    // Protocol 2 streams transactions still in progress (PostgreSQL 14+); with 1
+    // the server decodes a transaction whole before sending it.
+    let streaming = config.postgres.streaming && major >= Some(14);
+    let version = if streaming { "2" } else { "1" };
+    let mut options: Vec<(&str, &str)> = vec![
+        ("proto_version", version),
+        ("publication_names", &publication),
+    ];
+    if streaming {
+        options.push(("streaming", "on"));
+    }
+    if major >= Some(14) {
         options.push(("messages", "true"));
     }
     let started = Instant::now();

@@ -1,11 +1,13 @@
 //! What must exist before the relay streams: `wal_level=logical`, the outbox table
-//! with the configured columns, a publication that covers it, and the slot.
+//! with the configured columns, a publication that covers it, and the slot (and,
+//! where the relay may create it, the table of resume points).
 //!
 //! Each part is first *inspected* (read-only, used by `outbox-relay check`), then
 //! created when missing and allowed (`outbox-relay init` and every start).
 
 use crate::config::{InitialSnapshot, RelayConfig};
 use crate::replication::{ReplicationClient, ReplicationError, SnapshotMode};
+use crate::resume::{self, ResumeStart};
 use crate::sql;
 use crate::Lsn;
 
@@ -146,10 +148,14 @@ pub enum SlotInspection {
 pub struct Prepared {
     pub slot: SlotState,
     pub created_publication: bool,
+    /// The resume point table (created when missing and allowed) and the slot's
+    /// point ([`crate::resume`]).
+    pub resume: ResumeStart,
 }
 
 /// Checks the server and the outbox table, creates the publication (when allowed and
-/// missing) and the slot (when missing).
+/// missing), the slot (when missing) and the resume point table (when missing and
+/// allowed).
 pub async fn prepare(
     client: &mut ReplicationClient,
     config: &RelayConfig,
@@ -159,9 +165,16 @@ pub async fn prepare(
     let table = check_table(client, config, database).await?;
     let created_publication = ensure_publication(client, config, &table).await?;
     let slot = ensure_slot(client, config, database).await?;
+    let resume = resume::prepare(client, config, &slot.name, slot.created)
+        .await
+        .map_err(|source| SetupError::Server {
+            doing: "preparing the resume point table",
+            source,
+        })?;
     Ok(Prepared {
         slot,
         created_publication,
+        resume,
     })
 }
 

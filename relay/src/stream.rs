@@ -11,7 +11,15 @@
 //!   XLogData(Commit end=E) ──▶  tracker.commit(E)          tracker.acknowledged(txn)
 //!   Keepalive(P)           ──▶  tracker.idle_position(P)
 //!   ◀── standby status update (flush = tracker.confirmable()): promptly when it
-//!       advanced, and every status interval in any state
+//!       advanced, and every status interval in any state (that one asks for a
+//!       keepalive in reply)
+//!
+//!   protocol 2, a transaction streamed while in progress:
+//!   Stream Start(x) .. changes of x .. Stream Stop ──▶ kept ([`txbuffer`]): memory,
+//!                                                       then a file past the budget
+//!   Stream Abort(x, sub)   ──▶  drop x, or the changes of subtransaction sub
+//!   Stream Commit(x, end=E)──▶  tracker.begin(); replay x: route ──▶ delivery.push
+//!                               (reading waits meanwhile); tracker.commit(E)
 //! ```
 //!
 //! Why nothing is lost: the only position ever sent as `flush` is
@@ -40,7 +48,18 @@
 //! every state of the loop, reading or not, so `wal_sender_timeout` never fires.
 //!
 //! Order per key: records are pushed to the delivery loop in commit order, which
-//! offers them to the sink in that order.
+//! offers them to the sink in that order. A streamed transaction is replayed at
+//! its Stream Commit, which comes in commit order, and nothing else is read until
+//! its last record is pushed.
+//!
+//! Why a transaction larger than the window re-sends at most one window after a
+//! crash: with resume points on ([`crate::resume`]), the window counts the records
+//! handed over beyond the stored point, which a restart skips; without, the rule
+//! above (reading goes on through it, bounded by the records in flight) applies.
+//!
+//! Why `/health` does not call a server busy decoding a large transaction stalled:
+//! the periodic status update asks for a reply, which the server sends between
+//! the records it decodes, and every message counts as stream progress.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -52,7 +71,7 @@ use bytes::Bytes;
 
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
-use crate::ack::{AckError, AckTracker, TxnId};
+use crate::ack::{AckError, AckTracker, Tag, TxnId};
 use crate::config::RelayConfig;
 use crate::deadletter::{self, Reason};
 use crate::delivery::{Delivery, DeliveryError, Settled};
@@ -61,11 +80,17 @@ use crate::heartbeat::HEARTBEAT_PREFIX;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, LogicalMessage};
 use crate::replication::{ReplicationError, ReplicationMessage, ReplicationStream, StandbyStatus};
+use crate::resume::{ResumeLink, Stored};
 use crate::routing::{
     self, BadRow, ColumnValue, OutboxLayout, OutboxRecord, Position, SchemaError,
 };
 use crate::sink::Sink;
 use crate::Lsn;
+
+mod streamed;
+pub mod txbuffer;
+
+use txbuffer::{Buffers, OrderError, PushError, Replay};
 
 /// How long a graceful stop waits for in-flight records before giving up on them
 /// (they are not confirmed, so the next start sends them again).
@@ -138,6 +163,12 @@ pub enum StreamError {
     Delivery(#[from] DeliveryError),
     #[error("the replication stream broke transaction order")]
     Order(#[from] AckError),
+    #[error("the replication stream broke the order of streamed transactions")]
+    StreamOrder(#[from] OrderError),
+    #[error("cannot keep a change of a streamed transaction")]
+    Keep(#[from] PushError),
+    #[error("cannot read back a streamed transaction from its spill file")]
+    Replay(#[source] std::io::Error),
 }
 
 impl StreamError {
@@ -159,13 +190,23 @@ struct OpenTxn {
     commit_lsn: Lsn,
     commit_time: Option<SystemTime>,
     next_index: u32,
+    /// Records below this index were acknowledged in an earlier session (the
+    /// stored resume point): they are not routed again.
+    skip: u32,
 }
 
 /// The outbox relation as announced in this session.
 #[derive(Debug)]
 struct OutboxRelation {
     oid: u32,
-    layout: OutboxLayout,
+    layout: Arc<OutboxLayout>,
+}
+
+/// A committed streamed transaction being published.
+#[derive(Debug)]
+struct Replaying {
+    changes: Replay,
+    end_lsn: Lsn,
 }
 
 /// How a session ended.
@@ -183,8 +224,9 @@ pub struct Session<'a, W, S> {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     stream: W,
-    delivery: Delivery<S, TxnId>,
+    delivery: Delivery<S, Tag>,
     tracker: AckTracker,
+    decoder: pgoutput::Decoder,
     status_timer: Interval,
     /// When the last status update went out.
     last_status: Instant,
@@ -198,6 +240,17 @@ pub struct Session<'a, W, S> {
     outbox: Option<OutboxRelation>,
     /// Relation ids of other tables seen in this session (never cached across sessions).
     others: HashMap<u32, String>,
+    /// Streamed transactions not yet ended (protocol 2).
+    buffers: Buffers,
+    /// A committed streamed transaction being published; reading waits meanwhile.
+    replay: Option<Replaying>,
+    /// The resume point stored when the session began.
+    resume_start: Option<Position>,
+    resume: Option<ResumeLink>,
+    /// Whether resume points are being stored.
+    resume_working: bool,
+    /// The last point asked to be stored.
+    resume_wanted: Option<Position>,
 }
 
 impl<W, S> std::fmt::Debug for Session<'_, W, S> {
@@ -237,6 +290,7 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
             stream,
             delivery,
             tracker: AckTracker::new(confirmed),
+            decoder: pgoutput::Decoder::new(),
             status_timer,
             last_status: Instant::now(),
             confirm_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -246,7 +300,38 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
             open: None,
             outbox: None,
             others: HashMap::new(),
+            buffers: Buffers::new(
+                config.postgres.spill_dir.clone(),
+                usize::try_from(config.postgres.stream_memory_bytes).unwrap_or(usize::MAX),
+            ),
+            replay: None,
+            resume_start: None,
+            resume: None,
+            resume_working: false,
+            resume_wanted: None,
         }
+    }
+
+    /// Streamed transactions past the memory budget spill to files in `dir`
+    /// (default: the configured spill directory itself).
+    pub fn spill_to(mut self, dir: std::path::PathBuf) -> Self {
+        self.buffers = Buffers::new(
+            dir,
+            usize::try_from(self.config.postgres.stream_memory_bytes).unwrap_or(usize::MAX),
+        );
+        self
+    }
+
+    /// Resumes from `start`, the slot's stored resume point, and stores new ones
+    /// through `link` (none: a crash re-sends a large transaction whole).
+    pub fn resume_from(mut self, start: Option<Position>, link: Option<ResumeLink>) -> Self {
+        self.resume_start = start;
+        if let Some(point) = start {
+            self.tracker.resume_stored(point);
+        }
+        self.resume_working = link.is_some();
+        self.resume = link;
+        self
     }
 
     /// Streams until `shutdown` resolves (then drains, confirms and ends the stream)
@@ -269,12 +354,17 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         }
     }
 
-    /// Whether the loop may read another message: below the window of records
-    /// handed over and not yet confirmed ([`AckTracker::unconfirmed`]). An open
-    /// transaction that alone fills the window can only be confirmed after its
-    /// Commit, so reading goes on through it, bounded by the records in flight.
+    /// Whether the loop may read another message (or replay another change):
+    /// below the window of records handed over and not yet confirmed
+    /// ([`AckTracker::unconfirmed`], less what a stored resume point covers). An
+    /// open transaction that alone fills the window can only be confirmed after
+    /// its Commit; without resume points reading goes on through it, bounded by
+    /// the records in flight.
     fn can_read(&self) -> bool {
         let max = self.config.kafka.max_in_flight;
+        if self.resume_working {
+            return self.tracker.unconfirmed() < max;
+        }
         if self.tracker.open_records() >= max {
             self.tracker.in_flight() < max
         } else {
@@ -290,19 +380,23 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         loop {
             let in_flight = self.tracker.in_flight();
             let can_read = self.can_read();
+            let replaying = self.replay.is_some();
             self.health.reading_paused(!can_read);
             self.health.records_in_flight(in_flight);
             self.metrics.set_in_flight(in_flight as u64);
             let confirm_armed = self.confirm_armed;
+            let resuming = self.resume.is_some();
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
                 settled = self.delivery.next(), if !self.delivery.is_empty() => {
                     self.settled(settled?)?;
                 }
-                () = &mut self.confirm_timer, if confirm_armed => self.send_status().await?,
-                _ = self.status_timer.tick() => self.send_status().await?,
-                message = self.stream.next(), if can_read => {
+                () = &mut self.confirm_timer, if confirm_armed => self.send_status(false).await?,
+                _ = self.status_timer.tick() => self.send_status(true).await?,
+                stored = resume_changed(&mut self.resume), if resuming => self.resume_stored(stored),
+                () = std::future::ready(()), if can_read && replaying => self.replay_some()?,
+                message = self.stream.next(), if can_read && !replaying => {
                     match message? {
                         Some(message) => {
                             self.health.stream_progress();
@@ -333,7 +427,7 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
                     }
                 },
                 _ = self.status_timer.tick() => {
-                    if let Err(e) = self.send_status().await {
+                    if let Err(e) = self.send_status(false).await {
                         tracing::warn!(error = %e, "cannot confirm");
                         return;
                     }
@@ -341,7 +435,7 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        if let Err(e) = self.send_status().await {
+        if let Err(e) = self.send_status(false).await {
             tracing::warn!(error = %e, "cannot confirm");
         }
     }
@@ -354,7 +448,7 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         while !self.delivery.is_empty() {
             tokio::select! {
                 settled = self.delivery.next() => self.settled(settled?)?,
-                _ = self.status_timer.tick() => self.send_status().await?,
+                _ = self.status_timer.tick() => self.send_status(false).await?,
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(
                         in_flight = self.tracker.in_flight(),
@@ -364,7 +458,7 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
                 }
             }
         }
-        self.send_status().await?;
+        self.send_status(false).await?;
         let drained = Drained {
             confirmed: self.sent_flush,
             abandoned: self.tracker.in_flight(),
@@ -395,12 +489,15 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
                 ..
             } => {
                 self.received = self.received.max(wal_end);
-                self.tracker.idle_position(wal_end);
+                // An open streamed transaction is not complete: no idle position.
+                if self.buffers.is_empty() {
+                    self.tracker.idle_position(wal_end);
+                }
                 if self.tracker.pending_transactions() == 0 {
                     self.metrics.set_behind_source_ms(0);
                 }
                 if reply_requested {
-                    self.send_status().await?;
+                    self.send_status(false).await?;
                 }
                 Ok(())
             }
@@ -408,17 +505,16 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
     }
 
     fn handle_logical(&mut self, wal_start: Lsn, data: Bytes) -> Result<(), StreamError> {
-        let message =
-            pgoutput::decode(&data).map_err(|source| StreamError::Decode { wal_start, source })?;
-        match message {
+        let decoded = self
+            .decoder
+            .decode(&data)
+            .map_err(|source| StreamError::Decode { wal_start, source })?;
+        if let (Some(subxid), Some(xid)) = (decoded.xid, self.decoder.open_block()) {
+            return self.streamed_change(xid, subxid, decoded.message, &data);
+        }
+        match decoded.message {
             LogicalMessage::Begin(begin) => {
-                let id = self.tracker.begin()?;
-                self.open = Some(OpenTxn {
-                    id,
-                    commit_lsn: begin.final_lsn,
-                    commit_time: begin.commit_time(),
-                    next_index: 0,
-                });
+                self.open_txn(begin.final_lsn, begin.commit_time())?;
             }
             LogicalMessage::Commit(commit) => {
                 self.tracker.commit(commit.end_lsn)?;
@@ -427,13 +523,23 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
             }
             LogicalMessage::Relation(relation) => self.relation(relation)?,
             LogicalMessage::Insert(insert) => {
-                let is_outbox = self
+                let layout = self
                     .outbox
                     .as_ref()
-                    .is_some_and(|o| o.oid == insert.relation_id);
-                if is_outbox {
-                    self.route(&insert.tuple)?;
+                    .filter(|o| o.oid == insert.relation_id)
+                    .map(|o| o.layout.clone());
+                if let Some(layout) = layout {
+                    self.route(&layout, &insert.tuple)?;
                 }
+            }
+            LogicalMessage::StreamStart(start) => {
+                self.buffers.start(start.xid, start.first_segment)?;
+                self.metrics.set_streamed_open(self.buffers.len() as u64);
+            }
+            LogicalMessage::StreamCommit(commit) => self.stream_commit(&commit)?,
+            LogicalMessage::StreamAbort(abort) => {
+                self.buffers.abort(abort.xid, abort.subxid);
+                self.metrics.set_streamed_open(self.buffers.len() as u64);
             }
             LogicalMessage::Message(message) if message.prefix == HEARTBEAT_PREFIX => {
                 tracing::debug!(lsn = %message.lsn, "heartbeat returned");
@@ -460,18 +566,32 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         Ok(())
     }
 
-    fn relation(&mut self, relation: pgoutput::Relation) -> Result<(), StreamError> {
+    /// The outbox layout of `relation`; `None` when it is another table.
+    fn outbox_layout(
+        &self,
+        relation: &pgoutput::Relation,
+    ) -> Option<Result<OutboxLayout, SchemaError>> {
         let table = &self.config.postgres.table;
-        if relation.namespace == table.schema && relation.name == table.name {
-            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
-            let layout =
-                OutboxLayout::resolve(&self.config.outbox.columns, &table.to_string(), &names)?;
+        if relation.namespace != table.schema || relation.name != table.name {
+            return None;
+        }
+        let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+        Some(OutboxLayout::resolve(
+            &self.config.outbox.columns,
+            &table.to_string(),
+            &names,
+        ))
+    }
+
+    fn relation(&mut self, relation: pgoutput::Relation) -> Result<(), StreamError> {
+        if let Some(layout) = self.outbox_layout(&relation) {
+            let layout = layout?;
             if !layout.has_headers() {
-                tracing::debug!(table = %table, "the outbox table has no headers column");
+                tracing::debug!(table = %self.config.postgres.table, "the outbox table has no headers column");
             }
             self.outbox = Some(OutboxRelation {
                 oid: relation.id,
-                layout,
+                layout: Arc::new(layout),
             });
         } else {
             self.others.insert(
@@ -482,28 +602,60 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         Ok(())
     }
 
-    /// The next position in the open transaction.
-    fn next_position(&mut self) -> Result<(Position, Option<SystemTime>), StreamError> {
+    /// A transaction committing at `commit_lsn` opens (a Begin, or a streamed
+    /// transaction's replay); its records below the stored resume point, if that
+    /// is about it, are skipped.
+    fn open_txn(
+        &mut self,
+        commit_lsn: Lsn,
+        commit_time: Option<SystemTime>,
+    ) -> Result<(), StreamError> {
+        let skip = self
+            .resume_start
+            .filter(|p| p.commit_lsn == commit_lsn)
+            .map_or(0, |p| p.index);
+        if skip > 0 {
+            tracing::info!(commit_lsn = %commit_lsn, records = skip, "resuming inside a transaction: skipping the records acknowledged before");
+        }
+        let id = self.tracker.begin(commit_lsn, skip)?;
+        self.open = Some(OpenTxn {
+            id,
+            commit_lsn,
+            commit_time,
+            next_index: 0,
+            skip,
+        });
+        Ok(())
+    }
+
+    /// The next position in the open transaction; `None` when its record was
+    /// acknowledged in an earlier session.
+    fn next_position(&mut self) -> Result<Option<(Position, Option<SystemTime>)>, StreamError> {
         let open = self.open.as_mut().ok_or(AckError::NoneOpen)?;
         let position = Position {
             commit_lsn: open.commit_lsn,
             index: open.next_index,
         };
         open.next_index += 1;
-        Ok((position, open.commit_time))
+        Ok((position.index >= open.skip).then_some((position, open.commit_time)))
     }
 
-    fn route(&mut self, tuple: &[pgoutput::Column]) -> Result<(), StreamError> {
-        let (position, commit_time) = self.next_position()?;
-        let outbox = self.outbox.as_ref().ok_or(AckError::NoneOpen)?;
+    fn route(
+        &mut self,
+        layout: &OutboxLayout,
+        tuple: &[pgoutput::Column],
+    ) -> Result<(), StreamError> {
+        let Some((position, commit_time)) = self.next_position()? else {
+            return Ok(());
+        };
         let values: Vec<ColumnValue<'_>> = tuple.iter().map(column_value).collect();
-        let routed = outbox.layout.route(&self.config.outbox, &values, position);
+        let routed = layout.route(&self.config.outbox, &values, position);
         let (record, letter) = deadletter::or_letter(
             routed,
             self.config.outbox.dead_letter_topic.as_deref(),
-            outbox.layout.column_names(),
+            layout.column_names(),
             &values,
-            outbox.layout.aggregate_id(&values),
+            layout.aggregate_id(&values),
             position,
             self.delivery.letter_budget(),
         )
@@ -513,7 +665,9 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
 
     /// Routes a transactional logical message of the table-less outbox.
     fn route_message(&mut self, prefix: &str, content: &Bytes) -> Result<(), StreamError> {
-        let (position, commit_time) = self.next_position()?;
+        let Some((position, commit_time)) = self.next_position()? else {
+            return Ok(());
+        };
         let messages = self
             .config
             .outbox
@@ -546,18 +700,20 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         letter: Option<Reason>,
         commit_time: Option<SystemTime>,
     ) -> Result<(), StreamError> {
-        let txn = self.tracker.record_sent()?;
-        debug_assert_eq!(Some(txn), self.open.as_ref().map(|o| o.id));
-        self.delivery.push(txn, record, letter, commit_time)?;
+        let tag = self.tracker.record_sent()?;
+        debug_assert_eq!(Some(tag.txn), self.open.as_ref().map(|o| o.id));
+        debug_assert_eq!(tag.index, record.position.index);
+        self.delivery.push(tag, record, letter, commit_time)?;
         Ok(())
     }
 
-    fn settled(&mut self, settled: Settled<TxnId>) -> Result<(), StreamError> {
+    fn settled(&mut self, settled: Settled<Tag>) -> Result<(), StreamError> {
         // Fault point (scenarios): a crash after the broker acknowledged, before
         // the position is confirmed; the server sends it again.
         let _ = failpoints::hit_blocking("relay.after-ack");
         self.tracker.acknowledged(settled.tag)?;
         self.confirm_soon();
+        self.store_resume_soon();
         Ok(())
     }
 
@@ -580,14 +736,16 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         }
     }
 
-    async fn send_status(&mut self) -> Result<(), StreamError> {
+    /// Sends a status update; with `reply_requested` the server answers with a
+    /// keepalive, which counts as stream progress even while it is busy decoding.
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), StreamError> {
         let flush = self.tracker.confirmable().max(self.sent_flush);
         self.stream
             .send_status(StandbyStatus {
                 write: self.received.max(flush),
                 flush,
                 apply: flush,
-                reply_requested: false,
+                reply_requested,
             })
             .await?;
         if flush > self.sent_flush {
@@ -599,6 +757,14 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
         self.confirm_armed = false;
         self.metrics.set_confirmed_lsn(flush);
         Ok(())
+    }
+}
+
+/// The writer's next report; pending for ever without a writer. Cancel-safe.
+async fn resume_changed(link: &mut Option<ResumeLink>) -> Stored {
+    match link {
+        Some(link) => link.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -88,7 +88,7 @@ impl Wire {
     }
 }
 
-/// Encodes a message the way pgoutput (protocol version 1) does.
+/// Encodes a message the way pgoutput sends it outside a stream block.
 pub(crate) fn encode(message: &LogicalMessage) -> Bytes {
     match message {
         LogicalMessage::Begin(m) => Wire::tag(b'B')
@@ -142,6 +142,31 @@ pub(crate) fn encode(message: &LogicalMessage) -> Bytes {
             .lsn(m.lsn)
             .cstr(&m.prefix)
             .counted(&m.content),
+        LogicalMessage::StreamStart(m) => Wire::tag(b'S').u32(m.xid).u8(u8::from(m.first_segment)),
+        LogicalMessage::StreamStop => Wire::tag(b'E'),
+        LogicalMessage::StreamCommit(m) => Wire::tag(b'c')
+            .u32(m.xid)
+            .u8(m.flags)
+            .lsn(m.commit_lsn)
+            .lsn(m.end_lsn)
+            .i64(m.commit_timestamp),
+        LogicalMessage::StreamAbort(m) => Wire::tag(b'A').u32(m.xid).u32(m.subxid),
     }
     .build()
+}
+
+/// Encodes a message the way pgoutput sends it inside a stream block: a change
+/// message with the (sub)transaction's `xid` after its tag.
+pub(crate) fn encode_in_stream(xid: u32, message: &LogicalMessage) -> Bytes {
+    let plain = encode(message);
+    match message {
+        LogicalMessage::Relation(_)
+        | LogicalMessage::Type(_)
+        | LogicalMessage::Insert(_)
+        | LogicalMessage::Update(_)
+        | LogicalMessage::Delete(_)
+        | LogicalMessage::Truncate(_)
+        | LogicalMessage::Message(_) => Wire::tag(plain[0]).u32(xid).raw(&plain[1..]).build(),
+        _ => plain,
+    }
 }

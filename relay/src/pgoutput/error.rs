@@ -52,14 +52,27 @@ pub enum DecodeErrorKind {
     /// The first byte is not a known message tag.
     #[error("unknown message tag {:?} ({:#04x})", char::from(*.0), .0)]
     UnknownMessage(u8),
-    /// A message of a streamed or two-phase transaction, which protocol version 1
-    /// does not send.
+    /// A message of a two-phase transaction, which protocol versions 1 and 2 do
+    /// not send.
     #[error(
-        "message {:?} belongs to a streamed or two-phase transaction, \
-         which protocol version 1 does not send",
+        "message {:?} belongs to a two-phase transaction, \
+         which protocol versions 1 and 2 do not send",
         char::from(*.0)
     )]
     UnsupportedMessage(u8),
+    /// A message that cannot come where it came: inside a Stream Start..Stop block
+    /// (`inside`) or outside one.
+    #[error(
+        "message {:?} cannot come {} a stream block",
+        char::from(*.tag),
+        if *.inside { "inside" } else { "outside" }
+    )]
+    OutOfPlace {
+        /// The message's tag.
+        tag: u8,
+        /// Whether a stream block was open.
+        inside: bool,
+    },
     /// A tuple column's kind byte is not `n`, `u`, `t` or `b`.
     #[error("unknown tuple column kind {:?} ({:#04x})", char::from(*.0), .0)]
     UnknownColumnKind(u8),

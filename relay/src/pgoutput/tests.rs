@@ -19,7 +19,7 @@ const TEXT: u32 = 25;
 const JSONB: u32 = 3802;
 const INT4: u32 = 23;
 
-use super::encode::{encode, Wire};
+use super::encode::{encode, encode_in_stream, Wire};
 
 fn text(value: &str) -> Column {
     Column::Text(Bytes::copy_from_slice(value.as_bytes()))
@@ -435,4 +435,94 @@ fn timestamps_convert_from_the_postgres_epoch() {
     // 'infinity' and '-infinity'.
     assert_eq!(pg_timestamp_to_system_time(i64::MAX), None);
     assert_eq!(pg_timestamp_to_system_time(i64::MIN), None);
+}
+
+/// A session with a streamed transaction between ordinary ones: the decoder
+/// reads the xid after the tag only inside the block.
+#[test]
+fn a_decoder_knows_when_a_stream_block_is_open() {
+    let insert = LogicalMessage::Insert(Insert {
+        relation_id: 16_384,
+        tuple: vec![text("1")],
+    });
+    let start = LogicalMessage::StreamStart(StreamStart {
+        xid: 700,
+        first_segment: true,
+    });
+    let abort = LogicalMessage::StreamAbort(StreamAbort {
+        xid: 700,
+        subxid: 701,
+    });
+    let mut decoder = Decoder::new();
+    let mut next = |bytes: Bytes| decoder.decode(&bytes);
+    assert_eq!(
+        next(encode(&insert)),
+        Ok(Decoded {
+            xid: None,
+            message: insert.clone()
+        })
+    );
+    assert_eq!(next(encode(&start)).unwrap().message, start);
+    assert_eq!(
+        next(encode_in_stream(701, &insert)),
+        Ok(Decoded {
+            xid: Some(701),
+            message: insert.clone()
+        })
+    );
+    // A Begin cannot come inside a block; the block stays open.
+    let begin = Wire::tag(b'B').lsn(Lsn::new(1)).i64(0).u32(9).build();
+    assert_eq!(
+        next(begin.clone()).unwrap_err().kind(),
+        &DecodeErrorKind::OutOfPlace {
+            tag: b'B',
+            inside: true
+        }
+    );
+    assert_eq!(
+        next(encode(&LogicalMessage::StreamStop)).unwrap().message,
+        LogicalMessage::StreamStop
+    );
+    assert_eq!(next(encode(&abort)).unwrap().message, abort);
+    assert!(matches!(
+        next(begin).unwrap().message,
+        LogicalMessage::Begin(_)
+    ));
+    let e = next(encode(&LogicalMessage::StreamStop)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "malformed pgoutput message at byte 0: message 'E' cannot come outside a stream block"
+    );
+}
+
+#[test]
+fn stream_commit_and_abort_layouts() {
+    let commit = Wire::tag(b'c')
+        .u32(700)
+        .u8(0)
+        .lsn(Lsn::new(0x1_0000_0100))
+        .lsn(Lsn::new(0x1_0000_0128))
+        .i64(1_000_000)
+        .build();
+    let LogicalMessage::StreamCommit(commit) = decode_ok(&commit) else {
+        panic!("not a Stream Commit");
+    };
+    assert_eq!(
+        (commit.xid, commit.commit_lsn, commit.end_lsn),
+        (700, Lsn::new(0x1_0000_0100), Lsn::new(0x1_0000_0128))
+    );
+    assert_eq!(
+        commit.commit_time(),
+        Some(UNIX_EPOCH + Duration::from_secs(PG_EPOCH_UNIX_SECS as u64 + 1))
+    );
+    let LogicalMessage::StreamAbort(abort) = decode_ok(&Wire::tag(b'A').u32(700).u32(700).build())
+    else {
+        panic!("not a Stream Abort");
+    };
+    assert!(abort.is_whole());
+    let LogicalMessage::StreamStart(start) = decode_ok(&Wire::tag(b'S').u32(700).u8(0).build())
+    else {
+        panic!("not a Stream Start");
+    };
+    assert!(!start.first_segment);
 }

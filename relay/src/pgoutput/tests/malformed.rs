@@ -57,6 +57,15 @@ fn hand_built_samples() -> Vec<Bytes> {
             .u8(b'N')
             .tuple(&[Column::Binary(Bytes::from_static(&[0, 0, 0, 1]))])
             .build(),
+        Wire::tag(b'S').u32(7).u8(1).build(),
+        Wire::tag(b'c')
+            .u32(7)
+            .u8(0)
+            .lsn(Lsn::new(1))
+            .lsn(Lsn::new(2))
+            .i64(3)
+            .build(),
+        Wire::tag(b'A').u32(7).u32(8).build(),
     ]
 }
 
@@ -89,7 +98,7 @@ fn unknown_and_unsupported_tags() {
         e.to_string(),
         "malformed pgoutput message at byte 0: unknown message tag 'Z' (0x5a)"
     );
-    for tag in *b"SEcAbPKrp" {
+    for tag in *b"bPKrp" {
         let e = decode_err(&[tag, 0, 0, 0, 0]);
         assert_eq!(e.kind(), &DecodeErrorKind::UnsupportedMessage(tag));
     }

@@ -123,7 +123,43 @@ fn arb_message() -> impl Strategy<Value = LogicalMessage> {
                 })
             }
         ),
+        (any::<u32>(), any::<bool>()).prop_map(|(xid, first_segment)| {
+            LogicalMessage::StreamStart(StreamStart { xid, first_segment })
+        }),
+        Just(LogicalMessage::StreamStop),
+        (
+            any::<u32>(),
+            any::<u8>(),
+            arb_lsn(),
+            arb_lsn(),
+            any::<i64>()
+        )
+            .prop_map(|(xid, flags, commit_lsn, end_lsn, commit_timestamp)| {
+                LogicalMessage::StreamCommit(StreamCommit {
+                    xid,
+                    flags,
+                    commit_lsn,
+                    end_lsn,
+                    commit_timestamp,
+                })
+            }),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(xid, subxid)| LogicalMessage::StreamAbort(StreamAbort { xid, subxid })),
     ]
+}
+
+/// Whether a message carries its transaction's id inside a stream block.
+fn carries_xid(message: &LogicalMessage) -> bool {
+    matches!(
+        message,
+        LogicalMessage::Relation(_)
+            | LogicalMessage::Type(_)
+            | LogicalMessage::Insert(_)
+            | LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)
+            | LogicalMessage::Message(_)
+    )
 }
 
 proptest! {
@@ -147,6 +183,28 @@ proptest! {
     #[test]
     fn built_messages_round_trip(message in arb_message()) {
         prop_assert_eq!(decode(&encode(&message)), Ok(message));
+    }
+
+    #[test]
+    fn messages_inside_a_stream_block_round_trip(message in arb_message(), xid in any::<u32>()) {
+        let bytes = encode_in_stream(xid, &message);
+        let decoded = decode_in_stream(&bytes);
+        match &message {
+            m if carries_xid(m) => prop_assert_eq!(
+                decoded,
+                Ok(Decoded { xid: Some(xid), message })
+            ),
+            LogicalMessage::Origin(_) | LogicalMessage::StreamStop => {
+                prop_assert_eq!(decoded, Ok(Decoded { xid: None, message }))
+            }
+            _ => {
+                let tag = bytes[0];
+                prop_assert_eq!(
+                    decoded.map_err(|e| e.kind().clone()),
+                    Err(DecodeErrorKind::OutOfPlace { tag, inside: true })
+                );
+            }
+        }
     }
 
     #[test]
@@ -182,7 +240,18 @@ proptest! {
         let mut bytes = encode(&message).to_vec();
         let i = at.index(bytes.len());
         bytes[i] = byte;
-        let _ = decode(&Bytes::from(bytes));
+        let _ = decode(&Bytes::from(bytes.clone()));
+        let _ = decode_in_stream(&Bytes::from(bytes));
+    }
+
+    #[test]
+    fn arbitrary_bytes_inside_a_stream_block_never_panic(
+        tag in prop::sample::select(TAGS),
+        body in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let mut data = vec![tag];
+        data.extend_from_slice(&body);
+        let _ = decode_in_stream(&Bytes::from(data));
     }
 
     #[test]
