@@ -7,7 +7,12 @@
 //! - in the end every row is acknowledged, or dead-lettered with its reason;
 //! - per key, first deliveries come in commit order;
 //! - each restart re-sends at most one window (`max_in_flight`), or one
-//!   transaction when a transaction is larger than the window.
+//!   transaction when a transaction is larger than the window and resume points
+//!   are off.
+//!
+//! The world may also stream transactions while in progress (protocol 2):
+//! [`streaming`] has those properties, and the examples of Stream Abort, of
+//! aborted subtransactions and of keepalive replies.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -20,8 +25,12 @@ use proptest::prelude::*;
 use super::*;
 use crate::deadletter::{DEFAULT_DEAD_LETTER_TOPIC, HEADER_REASON_CODE};
 use crate::health::HealthThresholds;
-use crate::pgoutput::encode::encode;
-use crate::pgoutput::{Begin, Column, Commit, Insert, RelationColumn, ReplicaIdentity};
+use crate::pgoutput::encode::{encode, encode_in_stream};
+use crate::pgoutput::{
+    Begin, Column, Commit, Insert, RelationColumn, ReplicaIdentity, StreamAbort, StreamCommit,
+    StreamStart,
+};
+use crate::resume::{ResumeLink, Stored as ResumeStored, WriterEnd};
 use crate::sink::memory::{Entry, MemoryHandle, Stored};
 use crate::sink::{RefusalKind, SinkErrorKind};
 
@@ -52,6 +61,31 @@ struct Txn {
     commit_lsn: Lsn,
     end_lsn: Lsn,
     rows: Vec<Row>,
+    /// How the server streams it while in progress, if it does.
+    streamed: Option<Plan>,
+    /// Rows of a subtransaction that aborted: streamed, never to be published.
+    dead: Vec<Row>,
+}
+
+/// How a transaction is streamed (protocol 2): in `segments` blocks, the first
+/// sent before the transaction `back` places earlier in commit order.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    xid: u32,
+    segments: usize,
+    back: usize,
+    /// Whether its first block announces the outbox relation itself (the server
+    /// does; the relay must also do with the session's announcement).
+    announces: bool,
+}
+
+/// A streamed transaction that aborts, sent before the transaction at `slot` in
+/// commit order.
+#[derive(Debug, Clone)]
+struct Aborted {
+    xid: u32,
+    slot: usize,
+    rows: Vec<Row>,
 }
 
 /// A small deterministic generator for the driver's choices.
@@ -71,9 +105,12 @@ impl Rng {
 #[derive(Debug)]
 struct World {
     txns: Vec<Txn>,
+    aborted: Vec<Aborted>,
     confirmed: Lsn,
     handle: MemoryHandle,
     violations: Vec<String>,
+    /// The resume point stored, when resume points are on.
+    resume: Option<Option<Position>>,
 }
 
 impl World {
@@ -104,106 +141,6 @@ impl World {
 }
 
 const DLQ: &str = DEFAULT_DEAD_LETTER_TOPIC;
-
-fn aggregate_type(row: &Row) -> String {
-    match row.flaw {
-        Flaw::BadTopic => "bad type".to_owned(),
-        _ => format!("agg{}", row.key % 2),
-    }
-}
-
-fn topic(row: &Row) -> String {
-    format!("outbox.event.{}", aggregate_type(row))
-}
-
-fn text(value: &str) -> Column {
-    Column::Text(Bytes::copy_from_slice(value.as_bytes()))
-}
-
-fn xlog(wal_start: Lsn, wal_end: Lsn, message: &LogicalMessage) -> ReplicationMessage {
-    ReplicationMessage::XLogData {
-        wal_start,
-        wal_end,
-        server_time_micros: 0,
-        data: encode(message),
-    }
-}
-
-fn relation() -> LogicalMessage {
-    let column = |name: &str, type_oid: u32| RelationColumn {
-        flags: u8::from(name == "id"),
-        name: name.to_owned(),
-        type_oid,
-        type_modifier: -1,
-    };
-    LogicalMessage::Relation(pgoutput::Relation {
-        id: OUTBOX_OID,
-        namespace: "public".to_owned(),
-        name: "outbox".to_owned(),
-        replica_identity: ReplicaIdentity::Default,
-        columns: vec![
-            column("id", 2950),
-            column("aggregatetype", 25),
-            column("aggregateid", 25),
-            column("type", 25),
-            column("payload", 3802),
-            column("headers", 3802),
-        ],
-    })
-}
-
-/// The messages the server sends a session starting after `confirmed`.
-fn script(txns: &[Txn], confirmed: Lsn, rng: &mut Rng) -> VecDeque<ReplicationMessage> {
-    let mut messages = VecDeque::new();
-    messages.push_back(xlog(Lsn::ZERO, confirmed, &relation()));
-    for txn in txns.iter().filter(|t| t.end_lsn > confirmed) {
-        messages.push_back(xlog(
-            txn.commit_lsn,
-            txn.end_lsn,
-            &LogicalMessage::Begin(Begin {
-                final_lsn: txn.commit_lsn,
-                commit_timestamp: 0,
-                xid: 1,
-            }),
-        ));
-        for row in &txn.rows {
-            let key = match row.flaw {
-                Flaw::NullKey => Column::Null,
-                _ => text(&format!("key-{}", row.key)),
-            };
-            let insert = LogicalMessage::Insert(Insert {
-                relation_id: OUTBOX_OID,
-                tuple: vec![
-                    text(&row.id),
-                    text(&aggregate_type(row)),
-                    key,
-                    text("Changed"),
-                    text(&format!("{{\"seq\": {}}}", row.seq)),
-                    Column::Null,
-                ],
-            });
-            messages.push_back(xlog(txn.commit_lsn, txn.end_lsn, &insert));
-        }
-        messages.push_back(xlog(
-            txn.end_lsn,
-            txn.end_lsn,
-            &LogicalMessage::Commit(Commit {
-                flags: 0,
-                commit_lsn: txn.commit_lsn,
-                end_lsn: txn.end_lsn,
-                commit_timestamp: 0,
-            }),
-        ));
-        if rng.below(4) == 0 {
-            messages.push_back(ReplicationMessage::Keepalive {
-                wal_end: txn.end_lsn,
-                server_time_micros: 0,
-                reply_requested: rng.below(2) == 0,
-            });
-        }
-    }
-    messages
-}
 
 /// The scripted replication stream of one session.
 #[derive(Debug)]
@@ -256,6 +193,22 @@ enum Stop {
     Done,
 }
 
+/// The resume point store of the world: stores what the session asks for, late
+/// (so that a session which did not wait for it would get ahead of it).
+fn store_resume(world: &RefCell<World>, writer: &mut WriterEnd, rng: &mut Rng) {
+    if !writer.want.has_changed().unwrap_or(false) || rng.below(20) != 0 {
+        return;
+    }
+    let Some(point) = *writer.want.borrow_and_update() else {
+        return;
+    };
+    world.borrow_mut().resume = Some(Some(point));
+    writer.stored.send_replace(ResumeStored {
+        working: true,
+        point: Some(point),
+    });
+}
+
 /// Settles records at random while `faults` lasts, then acknowledges everything
 /// until the server holds the last transaction confirmed. A record refused once
 /// is refused every time it comes again (a destination's refusal is a property of
@@ -266,9 +219,13 @@ async fn drive(
     rng: &mut Rng,
     faults: &mut u32,
     poison: &mut HashMap<String, RefusalKind>,
+    mut writer: Option<WriterEnd>,
 ) -> Stop {
     loop {
         tokio::time::sleep(Duration::from_millis(rng.below(3))).await;
+        if let Some(writer) = &mut writer {
+            store_resume(world, writer, rng);
+        }
         let handle = world.borrow().handle.clone();
         let pending = handle.pending();
         for entry in &pending {
@@ -312,14 +269,36 @@ async fn drive(
     }
 }
 
+/// A directory of its own for one test's spill files, removed at the end.
+struct SpillDir(std::path::PathBuf);
+
+impl SpillDir {
+    fn new() -> SpillDir {
+        SpillDir(std::env::temp_dir().join(testkit::unique_name("spill")))
+    }
+
+    /// The spill files in it.
+    fn files(&self) -> usize {
+        std::fs::read_dir(&self.0).map_or(0, |d| d.count())
+    }
+}
+
+impl Drop for SpillDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn config() -> RelayConfig {
     let mut config = RelayConfig::new("postgres://h/db", "k:1");
     config.kafka.max_in_flight = MAX_IN_FLIGHT;
+    // Small enough that streamed transactions spill.
+    config.postgres.stream_memory_bytes = 600;
     config
 }
 
 /// Runs sessions until every transaction is confirmed; returns the restarts.
-async fn run_world(world: Rc<RefCell<World>>, seed: u64, mut faults: u32) -> u32 {
+async fn run_world(world: Rc<RefCell<World>>, seed: u64, mut faults: u32, spill: &SpillDir) -> u32 {
     let config = config();
     let mut rng = Rng(seed | 1);
     let observe = (
@@ -330,10 +309,10 @@ async fn run_world(world: Rc<RefCell<World>>, seed: u64, mut faults: u32) -> u32
     let mut poison = HashMap::new();
     loop {
         assert!(restarts < 500, "no end in sight");
-        let (confirmed, sink, messages) = {
+        let (confirmed, sink, messages, resume) = {
             let w = world.borrow();
-            let messages = script(&w.txns, w.confirmed, &mut rng);
-            (w.confirmed, w.handle.new_sink(), messages)
+            let messages = script(&w, w.confirmed, &mut rng);
+            (w.confirmed, w.handle.new_sink(), messages, w.resume)
         };
         let break_after = (faults > 0 && rng.below(5) == 0)
             .then(|| rng.below(messages.len() as u64 + 1) as usize);
@@ -342,20 +321,33 @@ async fn run_world(world: Rc<RefCell<World>>, seed: u64, mut faults: u32) -> u32
             messages,
             break_after,
         };
+        let (link, writer) = match resume {
+            Some(start) => {
+                let (link, writer) = ResumeLink::new(start);
+                (Some(link), Some(writer))
+            }
+            None => (None, None),
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let session = Session::new(&config, wal, sink, confirmed, observe.clone()).run(async {
-            let _ = stopped.await;
-        });
+        let session = Session::new(&config, wal, sink, confirmed, observe.clone())
+            .spill_to(spill.0.clone())
+            .resume_from(resume.flatten(), link)
+            .run(async {
+                let _ = stopped.await;
+            });
         tokio::pin!(session);
         let ended = tokio::select! {
             result = &mut session => Err(result),
-            stop = drive(&world, &mut rng, &mut faults, &mut poison) => Ok(stop),
+            stop = drive(&world, &mut rng, &mut faults, &mut poison, writer) => Ok(stop),
         };
         match ended {
             Ok(Stop::Done) => {
                 let _ = stop.send(());
                 let drained = session.await.expect("a clean stop");
                 assert_eq!(drained.abandoned, 0);
+                let metrics = observe.0.render(&observe.1);
+                let open = format!("\n{} 0\n", crate::metrics::STREAMED_OPEN);
+                assert!(metrics.contains(&open), "streamed transactions left open");
                 return restarts;
             }
             Ok(Stop::Crash) => {}
@@ -371,44 +363,102 @@ async fn run_world(world: Rc<RefCell<World>>, seed: u64, mut faults: u32) -> u32
     }
 }
 
-fn rows() -> impl Strategy<Value = Vec<Vec<(usize, Flaw)>>> {
-    let flaw = prop_oneof![
+fn flaw() -> impl Strategy<Value = Flaw> {
+    prop_oneof![
         18 => Just(Flaw::None),
         1 => Just(Flaw::NullKey),
         1 => Just(Flaw::BadTopic),
-    ];
-    prop::collection::vec(prop::collection::vec((0..KEYS, flaw), 0..6), 1..25)
+    ]
 }
 
-fn build(spec: Vec<Vec<(usize, Flaw)>>) -> Vec<Txn> {
+fn rows() -> impl Strategy<Value = Vec<Vec<(usize, Flaw)>>> {
+    prop::collection::vec(prop::collection::vec((0..KEYS, flaw()), 0..6), 1..25)
+}
+
+/// The shape of a world: its transactions in commit order (rows, how they are
+/// streamed, rows of an aborted subtransaction) and the aborted streamed
+/// transactions (before which transaction, how many rows).
+/// One transaction of a [`Spec`]: its rows, how it is streamed, and the rows of
+/// its aborted subtransaction.
+type TxnSpec = (Vec<(usize, Flaw)>, Option<Plan>, usize);
+
+#[derive(Debug, Clone, Default)]
+struct Spec {
+    txns: Vec<TxnSpec>,
+    aborted: Vec<(usize, usize)>,
+}
+
+impl Spec {
+    /// Transactions sent whole (protocol 1).
+    fn plain(txns: Vec<Vec<(usize, Flaw)>>) -> Spec {
+        Spec {
+            txns: txns.into_iter().map(|rows| (rows, None, 0)).collect(),
+            aborted: Vec::new(),
+        }
+    }
+}
+
+fn build(spec: Spec) -> (Vec<Txn>, Vec<Aborted>) {
     let mut seqs = [0u32; KEYS];
     let mut lsn = 0x1000u64;
     let mut n = 0;
-    spec.into_iter()
-        .map(|rows| {
+    let mut row = |key: usize, flaw: Flaw, live: bool| {
+        n += 1;
+        let seq = if live {
+            seqs[key] += 1;
+            seqs[key]
+        } else {
+            0
+        };
+        Row {
+            id: format!("{}-{n}", if live { "row" } else { "dead" }),
+            key,
+            seq,
+            flaw,
+        }
+    };
+    let txns = spec
+        .txns
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rows, streamed, dead))| {
             lsn += 0x100;
-            let commit_lsn = Lsn::new(lsn);
-            let end_lsn = Lsn::new(lsn + 0x28);
             let rows = rows
                 .into_iter()
-                .map(|(key, flaw)| {
-                    seqs[key] += 1;
-                    n += 1;
-                    Row {
-                        id: format!("row-{n}"),
-                        key,
-                        seq: seqs[key],
-                        flaw,
-                    }
-                })
+                .map(|(key, flaw)| row(key, flaw, true))
                 .collect();
+            let dead = match streamed {
+                Some(_) => (0..dead)
+                    .map(|d| row(d % KEYS, Flaw::None, false))
+                    .collect(),
+                None => Vec::new(),
+            };
             Txn {
-                commit_lsn,
-                end_lsn,
+                commit_lsn: Lsn::new(lsn),
+                end_lsn: Lsn::new(lsn + 0x28),
                 rows,
+                streamed: streamed.map(|plan| Plan {
+                    xid: 1000 + 10 * i as u32,
+                    ..plan
+                }),
+                dead,
             }
         })
-        .collect()
+        .collect::<Vec<_>>();
+    let slots = txns.len();
+    let aborted = spec
+        .aborted
+        .into_iter()
+        .enumerate()
+        .map(|(i, (slot, rows))| Aborted {
+            xid: 100_000 + i as u32,
+            slot: slot % (slots + 1),
+            rows: (0..rows)
+                .map(|r| row(r % KEYS, Flaw::None, false))
+                .collect(),
+        })
+        .collect();
+    (txns, aborted)
 }
 
 fn check(world: &World, restarts: u32) {
@@ -422,6 +472,16 @@ fn check(world: &World, restarts: u32) {
     assert_eq!(world.confirmed, world.last_end());
     let stored = world.handle.stored();
     let rows: Vec<&Row> = world.txns.iter().flat_map(|t| &t.rows).collect();
+    let dead: std::collections::HashSet<&str> = world
+        .txns
+        .iter()
+        .flat_map(|t| &t.dead)
+        .chain(world.aborted.iter().flat_map(|a| &a.rows))
+        .map(|r| r.id.as_str())
+        .collect();
+    if let Some(entry) = stored.iter().find(|e| dead.contains(e.record.id.as_str())) {
+        panic!("a row of an aborted (sub)transaction was published: {entry:?}");
+    }
     let mut max_rows = 0;
     for txn in &world.txns {
         max_rows = max_rows.max(txn.rows.len());
@@ -490,27 +550,38 @@ fn check(world: &World, restarts: u32) {
             .len()
     };
     let copies = stored.len() - distinct(true) - distinct(false);
-    let bound = restarts as usize * MAX_IN_FLIGHT.max(max_rows);
+    // With resume points a restart skips what was acknowledged of a transaction
+    // larger than the window.
+    let per_restart = match world.resume {
+        Some(_) => MAX_IN_FLIGHT,
+        None => MAX_IN_FLIGHT.max(max_rows),
+    };
+    let bound = restarts as usize * per_restart;
     assert!(
         copies <= bound,
         "{copies} copies after {restarts} restarts (bound {bound})"
     );
 }
 
-fn run_case(spec: Vec<Vec<(usize, Flaw)>>, seed: u64, faults: u32) -> (World, u32) {
+fn run_case(spec: Spec, seed: u64, faults: u32, resume: bool) -> (World, u32) {
+    let (txns, aborted) = build(spec);
     let world = Rc::new(RefCell::new(World {
-        txns: build(spec),
+        txns,
+        aborted,
         confirmed: Lsn::new(0x1000),
         handle: MemoryHandle::new(5, 4_000),
         violations: Vec::new(),
+        resume: resume.then_some(None),
     }));
+    let spill = SpillDir::new();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime");
-    let restarts = runtime.block_on(run_world(world.clone(), seed, faults));
+    let restarts = runtime.block_on(run_world(world.clone(), seed, faults, &spill));
     drop(runtime);
+    assert_eq!(spill.files(), 0, "spill files left behind");
     let world = Rc::try_unwrap(world).expect("one owner").into_inner();
     (world, restarts)
 }
@@ -520,7 +591,7 @@ proptest! {
 
     #[test]
     fn nothing_is_confirmed_early_lost_or_reordered(spec in rows(), seed in any::<u64>(), faults in 0u32..600) {
-        let (world, restarts) = run_case(spec, seed, faults);
+        let (world, restarts) = run_case(Spec::plain(spec), seed, faults, false);
         check(&world, restarts);
     }
 }
@@ -528,8 +599,13 @@ proptest! {
 #[test]
 fn a_calm_run_confirms_everything_without_restarts() {
     let spec = vec![vec![(0, Flaw::None), (1, Flaw::None)]; 30];
-    let (world, restarts) = run_case(spec, 7, 0);
+    let (world, restarts) = run_case(Spec::plain(spec), 7, 0, false);
     assert_eq!(restarts, 0);
     check(&world, restarts);
     assert_eq!(world.handle.stored().len(), 60);
 }
+
+mod script;
+mod streaming;
+
+use script::*;
