@@ -76,14 +76,13 @@ pub fn table(config: &RelayConfig) -> String {
     )
 }
 
-/// Creates the resume table when it is missing and reads the slot's point; a slot
-/// created just now (`created`) starts without one. Lacking the privilege to
-/// create the table is not an error: resume points are then off.
+/// Creates the resume table when it is missing and reads the slot's point.
+/// Lacking the privilege to create the table is not an error: resume points are
+/// then off.
 pub async fn prepare(
     client: &mut ReplicationClient,
     config: &RelayConfig,
     slot: &str,
-    created: bool,
 ) -> Result<ResumeStart, ReplicationError> {
     let table = table(config);
     let exists = format!(
@@ -116,17 +115,6 @@ pub async fn prepare(
         }
     }
     let slot_literal = sql::literal(slot);
-    if created {
-        client
-            .simple_query(&format!(
-                "DELETE FROM {table} WHERE slot_name = {slot_literal}"
-            ))
-            .await?;
-        return Ok(ResumeStart {
-            available: true,
-            point: None,
-        });
-    }
     let rows = client
         .simple_query(&format!(
             "SELECT commit_lsn::text, records::text FROM {table} WHERE slot_name = {slot_literal}"

@@ -164,13 +164,20 @@ pub async fn prepare(
     check_wal_level(client).await?;
     let table = check_table(client, config, database).await?;
     let created_publication = ensure_publication(client, config, &table).await?;
-    let slot = ensure_slot(client, config, database).await?;
-    let resume = resume::prepare(client, config, &slot.name, slot.created)
+    // Before the slot: a slot created now exports a snapshot that any later
+    // command on this connection would end.
+    let mut resume = resume::prepare(client, config, &config.slot_name(database))
         .await
         .map_err(|source| SetupError::Server {
             doing: "preparing the resume point table",
             source,
         })?;
+    let slot = ensure_slot(client, config, database).await?;
+    if slot.created {
+        // A point of an earlier slot of that name names a commit before this
+        // slot's start: it would match nothing, but it is no point of this slot.
+        resume.point = None;
+    }
     Ok(Prepared {
         slot,
         created_publication,
