@@ -313,6 +313,7 @@ async fn wait_for_slot(
     let poll = config.postgres.standby_poll_interval;
     let mut announced: Option<u32> = None;
     let mut blind_warned = false;
+    let mut silence = standby::Silence::default();
     loop {
         let view = standby::inspect(client, slot).await?;
         let Some(holder) = view.holder else {
@@ -328,14 +329,15 @@ async fn wait_for_slot(
             announced = Some(holder.pid);
         }
         health.standby(format!("slot {slot} is held by {holder}"));
-        match (config.postgres.takeover_after, holder.silent_for) {
-            (Some(bound), Some(silent)) if silent >= bound => {
-                if standby::end_silent_holder(client, slot, holder.pid, bound).await? {
-                    tracing::warn!(slot, holder = %holder, bound = ?bound, "the slot's holder sent no status update within the bound; ended its server process to take the slot over");
+        let silent = silence.observe(&holder, std::time::Instant::now());
+        match config.postgres.takeover_after {
+            Some(bound) if holder.visible && silent >= bound => {
+                if standby::end_silent_holder(client, slot, &holder).await? {
+                    tracing::warn!(slot, holder = %holder, silent = ?silent, "the slot's holder sent no status update within the takeover bound; ended its server process to take the slot over");
                     metrics.took_over();
                 }
             }
-            (Some(_), None) if !blind_warned => {
+            Some(_) if !holder.visible && !blind_warned => {
                 tracing::warn!(slot, "cannot see when the slot's holder last sent a status update (this role lacks pg_read_all_stats): a hung holder is ended only by the server's wal_sender_timeout");
                 blind_warned = true;
             }

@@ -13,13 +13,15 @@
 //!   stream; the same.
 //! - the holder **hangs** (a paused process, a frozen node): its server process lives
 //!   on and keeps the slot until `wal_sender_timeout`. `pg_stat_replication.reply_time`
-//!   tells when the holder last sent a status update; a healthy relay sends one at
+//!   changes with every status update the holder sends; a healthy relay sends one at
 //!   least every `status_interval` (validated to be under half the bound), whether
-//!   it reads or waits for its sink. After `takeover_after` without one, the standby
-//!   ends that server process with `pg_terminate_backend` (allowed for the same role,
-//!   or with `pg_signal_backend`) and takes the slot. The query only ends the process
-//!   if it still holds the slot and is still silent, so a holder that woke up in
-//!   between is left alone.
+//!   it reads or waits for its sink. A standby that has seen the same `reply_time`
+//!   for `takeover_after`, on its own monotonic clock, ends that server process with
+//!   `pg_terminate_backend` (allowed for the same role, or with `pg_signal_backend`)
+//!   and takes the slot. `reply_time` is the holder's clock, so it is compared with
+//!   itself only, never with another clock: skew between machines changes nothing.
+//!   The query ends the process only if it still holds the slot with that same
+//!   `reply_time`, so a holder that woke up in between is left alone.
 //!
 //! Why nothing is lost: a relay that takes the slot starts from the slot's confirmed
 //! position, read just before `START_REPLICATION`, and everything after it is sent
@@ -34,7 +36,7 @@
 //! and waits for the server's `wal_sender_timeout` to end the holder's process.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::{sql, Lsn};
@@ -49,8 +51,13 @@ pub struct Holder {
     pub application_name: Option<String>,
     /// The client's address, when visible (`None` also for a Unix socket).
     pub client_addr: Option<String>,
-    /// Time since its last status update (or since it connected, before the first
-    /// one); `None` when this role may not see it.
+    /// Its last status update's timestamp (the holder's clock, as text); `None`
+    /// before the first one.
+    pub reply_time: Option<String>,
+    /// Whether this role may see the holder's details (`pg_read_all_stats`).
+    pub visible: bool,
+    /// The server's clock minus `reply_time` (or minus its start, before the first
+    /// update), for reports; `None` when not visible.
     pub silent_for: Option<Duration>,
 }
 
@@ -111,7 +118,8 @@ pub async fn inspect(client: &mut ReplicationClient, slot: &str) -> Result<SlotV
     let query = format!(
         "SELECT s.active_pid, s.confirmed_flush_lsn, r.application_name, \
                 host(r.client_addr), \
-                extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start)) \
+                extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start)), \
+                r.reply_time, r.state \
          FROM pg_replication_slots s \
          LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
          WHERE s.slot_name = {}",
@@ -151,6 +159,8 @@ fn parse_view(slot: &str, row: &[Option<String>]) -> Result<SlotView, StandbyErr
                 .map_err(|_| unexpected(format!("active_pid {pid:?}")))?,
             application_name: field(2),
             client_addr: field(3),
+            reply_time: field(5),
+            visible: field(6).is_some(),
             silent_for: match field(4) {
                 None => None,
                 Some(secs) => {
@@ -166,21 +176,23 @@ fn parse_view(slot: &str, row: &[Option<String>]) -> Result<SlotView, StandbyErr
     Ok(SlotView { confirmed, holder })
 }
 
-/// Ends `pid`'s server process if it still holds `slot` and has sent no status
-/// update for `silent_for`. Returns whether it did.
+/// Ends `holder`'s server process if it still holds `slot` and its last status
+/// update is still the one in `holder`. Returns whether it did.
 pub async fn end_silent_holder(
     client: &mut ReplicationClient,
     slot: &str,
-    pid: u32,
-    silent_for: Duration,
+    holder: &Holder,
 ) -> Result<bool, StandbyError> {
+    let same_reply = match &holder.reply_time {
+        Some(time) => format!("r.reply_time = {}::timestamptz", sql::literal(time)),
+        None => "r.reply_time IS NULL".to_owned(),
+    };
     let query = format!(
         "SELECT pg_terminate_backend(r.pid) \
          FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
-         WHERE s.slot_name = {} AND r.pid = {pid} \
-           AND coalesce(r.reply_time, r.backend_start) <= now() - interval '{} milliseconds'",
+         WHERE s.slot_name = {} AND r.pid = {} AND {same_reply}",
         sql::literal(slot),
-        silent_for.as_millis()
+        holder.pid
     );
     let rows = client
         .simple_query(&query)
@@ -195,6 +207,28 @@ pub async fn end_silent_holder(
         .is_some_and(|ended| ended == "t"))
 }
 
+/// How long a holder has been silent, on the standby's own clock: since its
+/// `reply_time` was first seen as it is now.
+#[derive(Debug, Default)]
+pub struct Silence {
+    seen: Option<(u32, Option<String>, Instant)>,
+}
+
+impl Silence {
+    /// `holder` as seen now; how long it has looked like this.
+    pub fn observe(&mut self, holder: &Holder, now: Instant) -> Duration {
+        match &self.seen {
+            Some((pid, reply, since)) if *pid == holder.pid && *reply == holder.reply_time => {
+                now.saturating_duration_since(*since)
+            }
+            _ => {
+                self.seen = Some((holder.pid, holder.reply_time.clone(), now));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +239,11 @@ mod tests {
 
     #[test]
     fn a_free_slot_has_no_holder() {
-        let view = parse_view("s", &row(&[None, Some("0/16B3748"), None, None, None])).unwrap();
+        let view = parse_view(
+            "s",
+            &row(&[None, Some("0/16B3748"), None, None, None, None, None]),
+        )
+        .unwrap();
         assert_eq!(view.holder, None);
         assert_eq!(view.confirmed, Some("0/16B3748".parse().unwrap()));
     }
@@ -220,6 +258,8 @@ mod tests {
                 Some("outbox-relay"),
                 Some("10.0.0.7"),
                 Some("12.5"),
+                Some("2026-12-06 08:00:00+00"),
+                Some("streaming"),
             ]),
         )
         .unwrap();
@@ -234,15 +274,70 @@ mod tests {
 
     #[test]
     fn a_holder_without_visible_details_is_still_a_holder() {
-        let view = parse_view("s", &row(&[Some("7"), Some("0/1"), None, None, None])).unwrap();
+        let view = parse_view(
+            "s",
+            &row(&[Some("7"), Some("0/1"), None, None, None, None, None]),
+        )
+        .unwrap();
         let holder = view.holder.unwrap();
         assert_eq!(holder.silent_for, None);
+        assert!(!holder.visible);
         assert_eq!(holder.to_string(), "server process 7");
     }
 
     #[test]
     fn garbage_is_refused() {
-        assert!(parse_view("s", &row(&[Some("x"), None, None, None, None])).is_err());
-        assert!(parse_view("s", &row(&[None, Some("nope"), None, None, None])).is_err());
+        let nothing = [None, None, None, None, None];
+        let mut bad_pid = row(&[Some("x"), None]);
+        bad_pid.extend(row(&nothing));
+        assert!(parse_view("s", &bad_pid).is_err());
+        let mut bad_lsn = row(&[None, Some("nope")]);
+        bad_lsn.extend(row(&nothing));
+        assert!(parse_view("s", &bad_lsn).is_err());
+    }
+
+    fn holder(pid: u32, reply: Option<&str>) -> Holder {
+        Holder {
+            pid,
+            application_name: None,
+            client_addr: None,
+            reply_time: reply.map(str::to_owned),
+            visible: true,
+            silent_for: None,
+        }
+    }
+
+    #[test]
+    fn silence_counts_from_the_first_sight_of_a_reply_and_restarts_with_a_new_one() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut silence = Silence::default();
+        assert_eq!(
+            silence.observe(&holder(7, Some("t1")), at(0)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            silence.observe(&holder(7, Some("t1")), at(2_500)),
+            Duration::from_millis(2_500)
+        );
+        // A new status update: silent no longer.
+        assert_eq!(
+            silence.observe(&holder(7, Some("t2")), at(3_000)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            silence.observe(&holder(7, Some("t2")), at(4_000)),
+            Duration::from_secs(1)
+        );
+        // Another holder starts its own count.
+        assert_eq!(
+            silence.observe(&holder(8, Some("t2")), at(9_000)),
+            Duration::ZERO
+        );
+        assert_eq!(silence.observe(&holder(8, None), at(9_500)), Duration::ZERO);
+        assert_eq!(
+            silence.observe(&holder(8, None), at(10_000)),
+            Duration::from_millis(500)
+        );
     }
 }
