@@ -247,9 +247,9 @@ async fn session(
             sink = returned;
         }
         match start(client, config, &slot).await? {
-            Started::Streaming(stream) => break stream,
+            Some(stream) => break stream,
             // Another relay took the slot between the look and the start.
-            Started::Busy => {
+            None => {
                 slot.created = false;
                 client = ReplicationClient::connect(connect)
                     .await
@@ -332,7 +332,8 @@ async fn wait_for_slot(
         let silent = silence.observe(&holder, std::time::Instant::now());
         match config.postgres.takeover_after {
             Some(bound) if holder.visible && silent >= bound => {
-                if standby::end_silent_holder(client, slot, &holder).await? {
+                let ended = standby::end_silent_holder(client, slot, &holder).await?;
+                if ended {
                     tracing::warn!(slot, holder = %holder, silent = ?silent, "the slot's holder sent no status update within the takeover bound; ended its server process to take the slot over");
                     metrics.took_over();
                 }
@@ -350,19 +351,13 @@ async fn wait_for_slot(
     }
 }
 
-/// What START_REPLICATION did.
-enum Started {
-    Streaming(ReplicationStream),
-    /// Another process holds the slot.
-    Busy,
-}
-
-/// START_REPLICATION from the slot's confirmed position.
+/// START_REPLICATION from the slot's confirmed position; `None` when another
+/// process holds the slot.
 async fn start(
     client: ReplicationClient,
     config: &RelayConfig,
     slot: &SlotState,
-) -> Result<Started, RelayError> {
+) -> Result<Option<ReplicationStream>, RelayError> {
     // publication_names is a list of identifiers: quoted, any name survives.
     let publication = crate::sql::ident(&config.postgres.publication);
     let mut options: Vec<(&str, &str)> =
@@ -374,10 +369,10 @@ async fn start(
         .start_logical_replication(&slot.name, slot.confirmed, &options)
         .await
     {
-        Ok(stream) => Ok(Started::Streaming(stream)),
+        Ok(stream) => Ok(Some(stream)),
         Err(e) if e.sqlstate() == Some(OBJECT_IN_USE) => {
             tracing::info!(slot = %slot.name, error = %e, "the slot was taken meanwhile");
-            Ok(Started::Busy)
+            Ok(None)
         }
         Err(source) => Err(RelayError::Start {
             slot: slot.name.clone(),
