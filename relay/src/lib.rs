@@ -12,7 +12,9 @@
 //!   transaction a restart picks up.
 //! - [`stream`]: the replication loop tying them together.
 //! - [`snapshot`]: the rows already in the table when a slot is created.
-//! - [`runner`]: connect, prepare, stream, reconnect; [`run`] is the entry point.
+//! - [`standby`]: several relays on one slot: who holds it, taking it over.
+//! - [`runner`]: connect, prepare, stand by or stream, reconnect; [`run`] is the
+//!   entry point.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -35,6 +37,7 @@ pub mod setup;
 pub mod sink;
 pub mod snapshot;
 pub mod sql;
+pub mod standby;
 pub mod stream;
 
 pub use config::RelayConfig;

@@ -200,9 +200,20 @@ impl ResumeLink {
     }
 }
 
-/// Runs `writer` on a task of its own, ended when the returned guard is dropped.
-pub fn spawn(writer: ResumeWriter, end: WriterEnd) -> WriterTask {
-    WriterTask(tokio::spawn(writer.run(end)))
+/// A session's link to a writer of its slot's resume points on a task of its own
+/// (stopped when the [`WriterTask`] is dropped); none when resume points are off.
+pub fn start(
+    connect: &ConnectConfig,
+    config: &RelayConfig,
+    slot: &str,
+    resume: ResumeStart,
+) -> (Option<ResumeLink>, Option<WriterTask>) {
+    if !resume.available {
+        return (None, None);
+    }
+    let (link, end) = ResumeLink::new(resume.point);
+    let writer = ResumeWriter::new(connect.clone(), config, slot.to_owned());
+    (Some(link), Some(WriterTask(tokio::spawn(writer.run(end)))))
 }
 
 /// A running [`ResumeWriter`]; dropping it stops the writer.

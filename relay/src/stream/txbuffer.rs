@@ -442,6 +442,20 @@ fn create_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
+/// Deletes the spill files in `dir` that a stopped relay left, before a session
+/// starts; failures are logged (spilling will report them if they matter).
+pub fn clear_stale(dir: &Path) {
+    match clear_leftovers(dir) {
+        Ok(0) => {}
+        Ok(files) => {
+            tracing::info!(dir = %dir.display(), files, "deleted spill files a stopped relay left");
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot clear the spill directory")
+        }
+    }
+}
+
 /// Deletes the spill files in `dir` (a killed relay's); how many.
 pub fn clear_leftovers(dir: &Path) -> io::Result<usize> {
     let entries = match std::fs::read_dir(dir) {
