@@ -301,7 +301,7 @@ pub fn check_binary(container: &Container, repo: &Repo) -> Vec<String> {
 }
 
 /// Every environment variable set on a built container is one its binary reads, and
-/// every one it reads with a default at localhost is set.
+/// where it serves, every one it reads with a default at localhost is set.
 pub fn check_environment(container: &Container, repo: &Repo) -> Vec<String> {
     let mut problems = Vec::new();
     let (Some(_), Some(program)) = (&container.build, container.program()) else {
@@ -323,7 +323,11 @@ pub fn check_environment(container: &Container, repo: &Repo) -> Vec<String> {
         }
     }
     // What the binary would otherwise reach at localhost is, in a container, not
-    // there: kafka, postgres and the other services have names of their own.
+    // there: kafka, postgres and the other services have names of their own. A
+    // one-shot job (`migrate`, `seed`) talks to its database only.
+    if !container.serves() {
+        return problems;
+    }
     for (name, default) in &read_by_binary {
         if let Some(default) = default.as_deref().filter(|d| is_loopback(d)) {
             if !container.env.contains_key(name) {

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 pub fn repo_root() -> PathBuf {
     testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
@@ -210,31 +211,82 @@ pub fn parse_package(dir: &Path, manifest: &str) -> Package {
 pub fn env_vars_read(dirs: &[PathBuf]) -> BTreeMap<String, Option<String>> {
     let mut vars = BTreeMap::new();
     for dir in dirs {
-        for file in rust_files(dir) {
-            let text = read(&file);
-            for pattern in ["env = \"", "from_env(\"", "env::var(\"", "env::var_os(\""] {
-                for (at, _) in text.match_indices(pattern) {
-                    let rest = &text[at + pattern.len()..];
-                    let Some(end) = rest.find('"') else {
-                        continue;
-                    };
-                    let default = if pattern == "env = \"" {
-                        clap_default(&text, at)
-                    } else {
-                        None
-                    };
-                    let entry = vars.entry(rest[..end].to_owned()).or_insert(None);
-                    if default.is_some() {
-                        *entry = default;
-                    }
-                }
-            }
-            if text.contains("from_default_env()") {
-                vars.entry("RUST_LOG".to_owned()).or_insert(None);
+        for (name, default) in &scan(dir).env {
+            let entry = vars.entry(name.clone()).or_insert(None);
+            if default.is_some() {
+                entry.clone_from(default);
             }
         }
     }
     vars
+}
+
+/// Flags the Rust sources under `dirs` declare with clap: `--name` for each
+/// `#[arg(long = "name")]`, and for a bare `#[arg(long)]` the field's name in kebab
+/// case; `-c` for each `short = 'c'`.
+pub fn flags_read(dirs: &[PathBuf]) -> BTreeSet<String> {
+    dirs.iter()
+        .flat_map(|dir| scan(dir).flags.clone())
+        .collect()
+}
+
+/// HTTP paths the Rust sources under `dirs` route: each `.route("/path", ...)`.
+pub fn routes_served(dirs: &[PathBuf]) -> BTreeSet<String> {
+    dirs.iter()
+        .flat_map(|dir| scan(dir).routes.clone())
+        .collect()
+}
+
+/// What the Rust sources under one folder read and serve.
+#[derive(Default)]
+struct Scan {
+    env: BTreeMap<String, Option<String>>,
+    flags: BTreeSet<String>,
+    routes: BTreeSet<String>,
+}
+
+/// The scan of `dir`, made once per test process: the checks look at the same
+/// sources for every container.
+fn scan(dir: &Path) -> Arc<Scan> {
+    static SCANNED: OnceLock<Mutex<BTreeMap<PathBuf, Arc<Scan>>>> = OnceLock::new();
+    let mut scanned = SCANNED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let found = scanned.entry(dir.to_path_buf()).or_insert_with(|| {
+        let mut scan = Scan::default();
+        for file in rust_files(dir) {
+            let text = read(&file);
+            scan_env(&text, &mut scan.env);
+            scan.flags.extend(clap_flags(&text));
+            scan.routes.extend(routes(&text));
+        }
+        Arc::new(scan)
+    });
+    Arc::clone(found)
+}
+
+fn scan_env(text: &str, vars: &mut BTreeMap<String, Option<String>>) {
+    for pattern in ["env = \"", "from_env(\"", "env::var(\"", "env::var_os(\""] {
+        for (at, _) in text.match_indices(pattern) {
+            let rest = &text[at + pattern.len()..];
+            let Some(end) = rest.find('"') else {
+                continue;
+            };
+            let default = if pattern == "env = \"" {
+                clap_default(text, at)
+            } else {
+                None
+            };
+            let entry = vars.entry(rest[..end].to_owned()).or_insert(None);
+            if default.is_some() {
+                *entry = default;
+            }
+        }
+    }
+    if text.contains("from_default_env()") {
+        vars.entry("RUST_LOG".to_owned()).or_insert(None);
+    }
 }
 
 /// The `default_value = "..."` of the `#[arg(...)]` attribute around `at`.
@@ -245,19 +297,6 @@ pub fn clap_default(text: &str, at: usize) -> Option<String> {
     let pattern = "default_value = \"";
     let value = &attribute[attribute.find(pattern)? + pattern.len()..];
     Some(value[..value.find('"')?].to_owned())
-}
-
-/// Flags the Rust sources under `dirs` declare with clap: `--name` for each
-/// `#[arg(long = "name")]`, and for a bare `#[arg(long)]` the field's name in kebab
-/// case; `-c` for each `short = 'c'`.
-pub fn flags_read(dirs: &[PathBuf]) -> BTreeSet<String> {
-    let mut flags = BTreeSet::new();
-    for dir in dirs {
-        for file in rust_files(dir) {
-            flags.extend(clap_flags(&read(&file)));
-        }
-    }
-    flags
 }
 
 /// The flags the `#[arg(...)]` attributes of one source file declare.
@@ -305,21 +344,12 @@ fn next_field(text: &str) -> Option<&str> {
     })
 }
 
-/// HTTP paths the Rust sources under `dirs` route: each `.route("/path", ...)`.
-pub fn routes_served(dirs: &[PathBuf]) -> BTreeSet<String> {
-    let mut routes = BTreeSet::new();
-    for dir in dirs {
-        for file in rust_files(dir) {
-            let text = read(&file);
-            for (at, _) in text.match_indices(".route(\"") {
-                let rest = &text[at + ".route(\"".len()..];
-                if let Some(end) = rest.find('"') {
-                    routes.insert(rest[..end].to_owned());
-                }
-            }
-        }
-    }
-    routes
+/// The paths of the `.route("/path", ...)` calls of one source file.
+fn routes(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.match_indices(".route(\"").filter_map(|(at, _)| {
+        let rest = &text[at + ".route(\"".len()..];
+        Some(rest[..rest.find('"')?].to_owned())
+    })
 }
 
 pub fn rust_files(dir: &Path) -> Vec<PathBuf> {
