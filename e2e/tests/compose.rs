@@ -29,7 +29,7 @@ use serde_yaml::{Mapping, Value};
 use support::container::{
     check_binary, check_environment as check_environment_of, check_flags, check_image,
     check_relays_alike, parse_database_url, quoted_list, relay_config, relay_flags, scalar,
-    Container, Repo, Role,
+    Container, Repo, Role, StreamingRelay,
 };
 use support::dockerfile::Dockerfile;
 use support::workspace::{clap_default, flags_read, read, repo_root};
@@ -319,7 +319,11 @@ fn check_relays(compose: &Value, repo: &mut Repo) -> Vec<String> {
         match relay_config(relay, &BTreeMap::new()) {
             Ok(config) => {
                 if let Some(database) = parse_database_url(config.postgres.url.expose()) {
-                    relays.push((relay.who.clone(), database, config));
+                    relays.push(StreamingRelay {
+                        who: relay.who.clone(),
+                        database,
+                        config,
+                    });
                 }
             }
             Err(e) => problems.push(format!(

@@ -39,7 +39,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 use support::container::{
     check_binary, check_environment, check_flags, check_image, check_relays_alike, expect_problem,
-    parse_database_url, relay_config, routes_of, scalar, Container, Repo, Role,
+    parse_database_url, relay_config, routes_of, scalar, Container, Repo, Role, StreamingRelay,
 };
 use support::workspace::repo_root;
 
@@ -687,7 +687,11 @@ fn check_relays(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
                 ));
             }
             if let Some(database) = parse_database_url(config.postgres.url.expose()) {
-                resolved.push((who.clone(), database, config));
+                resolved.push(StreamingRelay {
+                    who: who.clone(),
+                    database,
+                    config,
+                });
             }
         }
     }

@@ -472,7 +472,7 @@ fn scratch_file(name: &str) -> PathBuf {
 /// alike take the same slot, so one streams and the others stand by; relays that
 /// differ take different slots (each publishing everything) or route differently
 /// depending on which one streams.
-pub fn relay_identity(config: &RelayConfig, database: &str) -> BTreeMap<&'static str, String> {
+pub fn relay_identity(config: &RelayConfig, database: &str) -> Identity {
     let postgres = &config.postgres;
     [
         ("slot", config.slot_name(database)),
@@ -485,16 +485,26 @@ pub fn relay_identity(config: &RelayConfig, database: &str) -> BTreeMap<&'static
     .into()
 }
 
-/// Relays streaming one database are configured alike. `relays` holds each relay's
-/// name, database (host and name) and configuration.
-pub fn check_relays_alike(relays: &[(String, (String, String), RelayConfig)]) -> Vec<String> {
-    let mut by_database: BTreeMap<&(String, String), Vec<(&str, BTreeMap<&str, String>)>> =
-        BTreeMap::new();
-    for (who, database, config) in relays {
+/// What relays of one database must agree on, by name.
+pub type Identity = BTreeMap<&'static str, String>;
+
+/// A relay, the database it streams and its configuration.
+pub struct StreamingRelay {
+    /// How problems name it.
+    pub who: String,
+    /// Host and database name.
+    pub database: (String, String),
+    pub config: RelayConfig,
+}
+
+/// Relays streaming one database are configured alike.
+pub fn check_relays_alike(relays: &[StreamingRelay]) -> Vec<String> {
+    let mut by_database: BTreeMap<&(String, String), Vec<(&str, Identity)>> = BTreeMap::new();
+    for relay in relays {
         by_database
-            .entry(database)
+            .entry(&relay.database)
             .or_default()
-            .push((who.as_str(), relay_identity(config, &database.1)));
+            .push((&relay.who, relay_identity(&relay.config, &relay.database.1)));
     }
     let mut problems = Vec::new();
     for ((host, database), group) in by_database {
