@@ -8,6 +8,8 @@
 //! - [`latency`]: commit → broker acknowledgement at offered loads of 1 k and
 //!   5 k events/s, beside the broker-only producer's own latency at that rate;
 //! - [`outage`]: the relay's memory through a broker outage under load;
+//! - [`takeover`]: three relays on one slot; how fast a standby takes over from
+//!   an active relay that is killed, stopped or hung, and what it re-sends;
 //! - [`sagas`]: order sagas through the four services and their relays: at
 //!   saturation, at 100/s, and 1,000 in flight at once.
 //!
@@ -21,6 +23,7 @@ mod latency;
 mod outage;
 mod relay_lab;
 mod sagas;
+mod takeover;
 mod throughput;
 
 use std::collections::BTreeSet;
@@ -44,8 +47,9 @@ struct Cli {
     /// Events per throughput workload [default: 100000, 2000 with --quick].
     #[arg(long)]
     events: Option<u64>,
-    /// Only these parts (comma-separated): throughput, latency, outage, sagas.
-    #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "sagas"])]
+    /// Only these parts (comma-separated): throughput, latency, outage, takeover,
+    /// sagas.
+    #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "takeover", "sagas"])]
     only: Vec<String>,
     /// Only these throughput workloads, as ROWSxBYTES (comma-separated), e.g.
     /// 100x3000 for 100-row transactions of 3 KB payloads [default: 1x300,
@@ -127,6 +131,7 @@ struct Plan {
     events: u64,
     latency_seconds: f64,
     outage: Duration,
+    takeover: takeover::Plan,
     sagas: sagas::Sizes,
 }
 
@@ -137,6 +142,13 @@ impl Plan {
                 events: events.unwrap_or(2_000),
                 latency_seconds: 2.0,
                 outage: Duration::from_secs(6),
+                takeover: takeover::Plan {
+                    kills: 1,
+                    terms: 1,
+                    stops: 1,
+                    status_interval: Duration::from_secs(1),
+                    takeover_after: Duration::from_secs(4),
+                },
                 sagas: sagas::Sizes {
                     saturation: 200,
                     latency_seconds: 2.0,
@@ -148,6 +160,18 @@ impl Plan {
                 events: events.unwrap_or(100_000),
                 latency_seconds: 20.0,
                 outage: Duration::from_secs(30),
+                // The relay's defaults.
+                takeover: takeover::Plan {
+                    kills: 3,
+                    terms: 3,
+                    stops: 1,
+                    status_interval: Duration::from_millis(
+                        outbox_relay::config::DEFAULT_STATUS_INTERVAL_MS,
+                    ),
+                    takeover_after: Duration::from_millis(
+                        outbox_relay::config::DEFAULT_TAKEOVER_AFTER_MS,
+                    ),
+                },
                 sagas: sagas::Sizes {
                     saturation: 3_000,
                     latency_seconds: 20.0,
@@ -196,7 +220,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let plan = Plan::new(cli.quick, cli.events);
     let parts: BTreeSet<&str> = if cli.only.is_empty() {
-        ["throughput", "latency", "outage", "sagas"].into()
+        ["throughput", "latency", "outage", "takeover", "sagas"].into()
     } else {
         cli.only.iter().map(String::as_str).collect()
     };
@@ -276,6 +300,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         print_outage(&outage);
         if !outage.complete() {
             bail!("broker outage: a number is missing: {outage:?}");
+        }
+    }
+
+    if parts.contains("takeover") {
+        eprintln!("==> takeover: {} relays on one slot", takeover::RELAYS);
+        let result = takeover::run(plan.takeover, &relay_bin)
+            .await
+            .context("takeover")?;
+        print_takeover(&result);
+        if !result.complete() {
+            bail!("takeover: a number is missing: {result:?}");
         }
     }
 
@@ -385,6 +420,39 @@ fn print_outage(o: &outage::Outage) {
         o.backlog,
         o.recovery.as_secs_f64(),
         o.events
+    );
+}
+
+fn print_takeover(t: &takeover::Takeover) {
+    println!(
+        "\nTakeover: {} relays on one slot, {} events/s of one-row transactions; status \
+         interval {:.0} s, takeover bound {:.0} s; ms from the signal to the standby streaming",
+        takeover::RELAYS,
+        takeover::RATE,
+        t.plan.status_interval.as_secs_f64(),
+        t.plan.takeover_after.as_secs_f64()
+    );
+    for (cause, times) in &t.times {
+        let ms: Vec<String> = times
+            .iter()
+            .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+            .collect();
+        let worst = times.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        println!(
+            "{:<8} {:>8.0} max   ({})",
+            cause.name(),
+            worst,
+            ms.join(", ")
+        );
+    }
+    println!(
+        "{} events, every one delivered; {} records: {} duplicates over {} takeovers \
+         (max_in_flight {} per takeover)",
+        t.events,
+        t.records,
+        t.duplicates(),
+        t.takeovers(),
+        t.max_in_flight
     );
 }
 

@@ -159,6 +159,13 @@ impl RelayLab {
         Ok(u64::try_from(n)?)
     }
 
+    /// The ids of the rows in the outbox table, as the relay sends them (header `id`).
+    pub(crate) async fn event_ids(&self) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT id::text FROM outbox")
+            .fetch_all(&self.db)
+            .await?)
+    }
+
     /// Stops everything.
     pub(crate) async fn close(self) {
         self.db.close().await;
@@ -239,6 +246,45 @@ impl RelayProcess {
         }
     }
 
+    /// The `status` of its `/health` report; `None` while it does not answer.
+    pub(crate) async fn status(&self) -> Option<String> {
+        let url = self.metrics_url.replace("/metrics", "/health");
+        let response = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .ok()?;
+        let body = response.text().await.ok()?;
+        let status = body.split("\"status\":\"").nth(1)?;
+        Some(status.split('"').next()?.to_owned())
+    }
+
+    /// Sends signal `name` (`STOP`, `CONT`).
+    pub(crate) fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{name} {} failed", self.pid);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, and waits for the exit.
+    pub(crate) async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, and waits for the exit (20 s at most).
+    pub(crate) async fn terminate(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+    }
+
     /// Events routed and acknowledged so far.
     pub(crate) async fn routed(&self) -> u64 {
         metric_sum(&self.metrics().await, ROUTED)
@@ -283,10 +329,7 @@ impl RelayProcess {
     /// SIGTERM, and waits for it to exit (20 s at most).
     pub(crate) async fn stop(mut self) {
         self.sample();
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+        self.terminate().await;
     }
 }
 

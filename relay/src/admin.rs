@@ -244,10 +244,16 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
             active_pid,
             wal_status,
         }) => {
-            let active = active_pid.map_or_else(
-                || "not in use".to_owned(),
-                |pid| format!("in use by server process {pid}"),
-            );
+            let active = match active_pid {
+                None => "free (no relay streams from it)".to_owned(),
+                Some(pid) => match crate::standby::inspect(&mut client, &slot).await {
+                    Ok(crate::standby::SlotView {
+                        holder: Some(holder),
+                        ..
+                    }) => format!("held by {holder}"),
+                    _ => format!("held by server process {pid}"),
+                },
+            };
             report.pass(
                 "slot",
                 format!("{slot} confirmed {confirmed}, {active}, wal_status {wal_status}"),

@@ -29,11 +29,26 @@
 //!    acknowledgements.
 //!
 //! Before the first session has started ([`Health::starting`] until
-//! [`Health::streaming`]) the relay reports `starting` and is not healthy, also while
-//! it retries a failed first connection (the last error is the reason): it is not
-//! ready, in the Kubernetes readiness sense. Give a liveness probe on `/health` an
-//! initial delay or a startup probe, so that a slow first connection is not mistaken
-//! for a dead process.
+//! [`Health::streaming`] or [`Health::standby`]) the relay reports `starting` and is
+//! neither healthy nor ready, also while it retries a failed first connection (the
+//! last error is the reason). Give a liveness probe on `/health` an initial delay or
+//! a startup probe, so that a slow first connection is not mistaken for a dead
+//! process.
+//!
+//! **A standby is healthy.** Relays configured alike for one slot (the sidecars of a
+//! replicated service) take turns: the one holding the slot streams (role
+//! `active`), the others report `standby`, healthy and ready, and take the slot
+//! when it is free (see [`crate::standby`]). Waiting is their job; nothing is
+//! expected of their stream or their broker.
+//!
+//! **Liveness and readiness differ.** `/health` (the liveness probe, and what
+//! monitoring alerts on) answers 503 whenever one of the rules above holds: a
+//! restart may help a stalled relay, and a person should look at a failed one.
+//! `/ready` (the readiness probe) answers 503 only before the relay has found its
+//! place and after a definite failure: a sidecar that is not ready takes its whole
+//! pod out of service, which a broker outage must not do to a service that keeps
+//! writing its outbox meanwhile, while a rollout should wait for a new relay that
+//! cannot start.
 //!
 //! **An idle database is not unhealthy.** When no transaction touches the outbox,
 //! the stream still progresses: the relay periodically writes a heartbeat
@@ -151,6 +166,9 @@ pub enum Status {
     /// client in a state it cannot leave): reading stopped, retrying with a new
     /// sink. Unhealthy until the destination acknowledges a record again.
     DestinationFailed,
+    /// Another relay holds the slot; this one watches it and takes over when it is
+    /// free (the reason names the holder). Healthy and ready.
+    Standby,
 }
 
 impl Status {
@@ -164,6 +182,7 @@ impl Status {
             Status::Reconnecting => "reconnecting",
             Status::Failed => "failed",
             Status::DestinationFailed => "destination_failed",
+            Status::Standby => "standby",
         }
     }
 }
@@ -174,11 +193,41 @@ impl fmt::Display for Status {
     }
 }
 
-/// What `/health` answers, as JSON.
+/// Which part a relay plays among the relays configured alike for one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// It holds the slot and streams.
+    Active,
+    /// Another process holds the slot; this relay takes over when it is free.
+    Standby,
+}
+
+impl Role {
+    /// Both roles, in the order metrics list them.
+    pub const ALL: [Role; 2] = [Role::Active, Role::Standby];
+
+    /// The name reports and metrics use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// What `/health` and `/ready` answer, as JSON.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HealthReport {
     /// Whether the relay is doing its job; `/health` answers 200 if so, 503 if not.
     pub healthy: bool,
+    /// Whether the relay has found its place: it streams (perhaps through a
+    /// transient fault it retries) or stands by. `false` before the first session
+    /// and after a definite failure. `/ready` answers 200 if so, 503 if not.
+    pub ready: bool,
+    /// The relay's part now: `active` while it streams, `standby` while another
+    /// process holds the slot, `null` in between.
+    pub role: Option<Role>,
     /// The state the relay is in.
     pub status: Status,
     /// Why the relay is unhealthy or reconnecting; `None` when there is nothing to
@@ -203,6 +252,8 @@ enum Phase {
     /// Before the first session; with the last connection error, if any.
     Starting(Option<String>),
     Streaming,
+    /// Another process holds the slot (described by the string).
+    Standby(String),
     Reconnecting(String),
     Failed(String),
 }
@@ -283,6 +334,22 @@ impl Health {
         state.stream_waiting_since = now;
     }
 
+    /// Another process holds the slot (`holder` says which); the relay watches it.
+    /// Healthy and ready (`standby`): waiting is this relay's job now, and nothing
+    /// it streamed or delivered is expected to progress. Clears `starting`,
+    /// `reconnecting`, `failed` and a destination fault: that destination is the
+    /// active relay's concern now.
+    pub fn standby(&self, holder: String) {
+        let now = self.clock.now();
+        let mut state = self.state();
+        state.phase = Phase::Standby(holder);
+        state.stream_waiting_since = now;
+        state.broker_waiting_since = now;
+        state.in_flight = 0;
+        state.paused = false;
+        state.destination_fault = None;
+    }
+
     /// A message arrived from the server: data, a keepalive, or the relay's own
     /// heartbeat coming back.
     pub fn stream_progress(&self) {
@@ -355,7 +422,7 @@ impl Health {
         match state.phase {
             Phase::Failed(_) => {}
             Phase::Starting(_) => state.phase = Phase::Starting(Some(reason)),
-            Phase::Streaming | Phase::Reconnecting(_) => {
+            Phase::Streaming | Phase::Standby(_) | Phase::Reconnecting(_) => {
                 state.phase = Phase::Reconnecting(reason);
             }
         }
@@ -380,6 +447,7 @@ impl Health {
 
         let (healthy, status, reason) = match &state.phase {
             Phase::Failed(reason) => (false, Status::Failed, Some(reason.clone())),
+            Phase::Standby(holder) => (true, Status::Standby, Some(holder.clone())),
             _ if state.destination_fault.is_some() => (
                 false,
                 Status::DestinationFailed,
@@ -409,8 +477,16 @@ impl Health {
             ),
             Phase::Streaming => (true, Status::Streaming, None),
         };
+        let ready = !matches!(state.phase, Phase::Starting(_) | Phase::Failed(_));
+        let role = match state.phase {
+            Phase::Streaming => Some(Role::Active),
+            Phase::Standby(_) => Some(Role::Standby),
+            _ => None,
+        };
         HealthReport {
             healthy,
+            ready,
+            role,
             status,
             reason,
             seconds_since_stream_progress: stream_wait.as_secs(),
@@ -665,6 +741,8 @@ mod tests {
             json,
             serde_json::json!({
                 "healthy": false,
+                "ready": false,
+                "role": null,
                 "status": "failed",
                 "reason": "slot dropped",
                 "seconds_since_stream_progress": 0,
@@ -680,6 +758,8 @@ mod tests {
             Status::BrokerUnreachable,
             Status::Reconnecting,
             Status::Failed,
+            Status::DestinationFailed,
+            Status::Standby,
         ] {
             assert_eq!(
                 serde_json::to_value(status).expect("serializable"),
@@ -711,5 +791,58 @@ mod tests {
         let report = health.report();
         assert_eq!((report.healthy, report.status), (true, Status::Streaming));
         assert_eq!(health.destination_fault(), None);
+    }
+
+    #[test]
+    fn a_standby_is_healthy_and_ready_however_long_it_waits() {
+        let (health, clock) = health();
+        assert!(!health.report().ready);
+        health.standby("held by server process 7".to_owned());
+        clock.advance(STREAM * 10);
+        let report = assert_status(&health, true, Status::Standby);
+        assert!(report.ready);
+        assert_eq!(report.role, Some(Role::Standby));
+        assert_eq!(report.reason.as_deref(), Some("held by server process 7"));
+        // Taking over makes it active.
+        health.streaming();
+        let report = assert_status(&health, true, Status::Streaming);
+        assert_eq!(report.role, Some(Role::Active));
+    }
+
+    #[test]
+    fn standing_by_ends_a_failure_and_a_destination_fault() {
+        let (health, _clock) = streaming();
+        health.destination_failed("denied".to_owned());
+        health.standby("held by server process 7".to_owned());
+        assert_status(&health, true, Status::Standby);
+        health.failed("column missing".to_owned());
+        assert_status(&health, false, Status::Failed);
+        health.standby("held by server process 8".to_owned());
+        assert_status(&health, true, Status::Standby);
+    }
+
+    #[test]
+    fn readiness_is_lost_only_before_a_role_and_on_a_definite_failure() {
+        let (health, clock) = health();
+        health.reconnecting("refused".to_owned());
+        assert!(!health.report().ready, "starting");
+        health.streaming();
+        assert!(health.report().ready);
+        // Transient trouble keeps the pod in service, unhealthy or not.
+        health.records_in_flight(5);
+        clock.advance(BROKER);
+        let report = assert_status(&health, false, Status::BrokerUnreachable);
+        assert!(report.ready);
+        health.destination_failed("denied".to_owned());
+        assert!(health.report().ready);
+        health.reconnecting("connection reset".to_owned());
+        clock.advance(STREAM);
+        let report = health.report();
+        assert!(
+            report.ready && !report.healthy && report.role.is_none(),
+            "{report:?}"
+        );
+        health.failed("column missing".to_owned());
+        assert!(!health.report().ready);
     }
 }

@@ -1,4 +1,4 @@
-//! The HTTP server for `/metrics` and `/health`.
+//! The HTTP server for `/metrics`, `/health` and `/ready`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,8 +23,10 @@ struct Shared {
 ///
 /// - `GET /metrics`: 200, Prometheus text format 0.0.4
 ///   (`text/plain; version=0.0.4`), from [`Metrics::render`].
-/// - `GET /health`: the [`Health::report`] as JSON, with 200 when healthy and 503
-///   when not.
+/// - `GET /health` (liveness): the [`Health::report`] as JSON, with 200 when
+///   healthy and 503 when not.
+/// - `GET /ready` (readiness): the same report, with 200 when ready and 503 when
+///   not (see [`crate::health`] for why the two differ).
 /// - Any other path: 404; another method on these paths: 405.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -33,11 +35,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(addr = %addr, "serving /metrics and /health");
+        tracing::info!(addr = %addr, "serving /metrics, /health and /ready");
     }
     let router = Router::new()
         .route("/metrics", get(get_metrics))
         .route("/health", get(get_health))
+        .route("/ready", get(get_ready))
         .with_state(Shared { metrics, health });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
@@ -54,7 +57,18 @@ async fn get_metrics(State(shared): State<Shared>) -> Response {
 
 async fn get_health(State(shared): State<Shared>) -> Response {
     let report = shared.health.report();
-    let status = if report.healthy {
+    let ok = report.healthy;
+    answer(ok, report)
+}
+
+async fn get_ready(State(shared): State<Shared>) -> Response {
+    let report = shared.health.report();
+    let ok = report.ready;
+    answer(ok, report)
+}
+
+fn answer(ok: bool, report: crate::health::HealthReport) -> Response {
+    let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

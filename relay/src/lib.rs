@@ -11,7 +11,9 @@
 //! - [`ack`]: which WAL position may be confirmed.
 //! - [`stream`]: the replication loop tying them together.
 //! - [`snapshot`]: the rows already in the table when a slot is created.
-//! - [`runner`]: connect, prepare, stream, reconnect; [`run`] is the entry point.
+//! - [`standby`]: several relays on one slot: who holds it, taking it over.
+//! - [`runner`]: connect, prepare, stand by or stream, reconnect; [`run`] is the
+//!   entry point.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -33,6 +35,7 @@ pub mod setup;
 pub mod sink;
 pub mod snapshot;
 pub mod sql;
+pub mod standby;
 pub mod stream;
 
 pub use config::RelayConfig;

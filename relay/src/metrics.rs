@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::deadletter::Reason;
-use crate::health::Health;
+use crate::health::{Health, Role};
 use crate::Lsn;
 
 /// Counter: outbox events delivered to their topic and acknowledged by the broker.
@@ -52,6 +52,11 @@ pub const HEARTBEATS_SENT: &str = "outbox_relay_heartbeats_total";
 pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
 /// Gauge: 1 when `/health` reports healthy, 0 when not.
 pub const UP: &str = "outbox_relay_healthy";
+/// Gauge, by `role` (`active`, `standby`): 1 for the part the relay plays now.
+pub const ROLE: &str = "outbox_relay_role";
+/// Counter: slot holders that sent no status update for the takeover bound, whose
+/// server process this relay ended to take the slot.
+pub const TAKEOVERS: &str = "outbox_relay_takeovers_total";
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -103,11 +108,15 @@ pub enum Family {
     Reconnects,
     /// [`UP`]
     Up,
+    /// [`ROLE`]
+    Role,
+    /// [`TAKEOVERS`]
+    Takeovers,
 }
 
 impl Family {
     /// Every family, in the order they are rendered.
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 13] = [
         Family::EventsRouted,
         Family::EventsDeadLettered,
         Family::BytesRouted,
@@ -119,6 +128,8 @@ impl Family {
         Family::HeartbeatsSent,
         Family::Reconnects,
         Family::Up,
+        Family::Role,
+        Family::Takeovers,
     ];
 
     /// The metric name.
@@ -135,6 +146,8 @@ impl Family {
             Family::HeartbeatsSent => HEARTBEATS_SENT,
             Family::Reconnects => RECONNECTS,
             Family::Up => UP,
+            Family::Role => ROLE,
+            Family::Takeovers => TAKEOVERS,
         }
     }
 
@@ -145,12 +158,14 @@ impl Family {
             | Family::EventsDeadLettered
             | Family::BytesRouted
             | Family::HeartbeatsSent
-            | Family::Reconnects => Kind::Counter,
+            | Family::Reconnects
+            | Family::Takeovers => Kind::Counter,
             Family::RecordsInFlight
             | Family::SlotLagBytes
             | Family::BehindSourceMs
             | Family::ConfirmedLsn
-            | Family::Up => Kind::Gauge,
+            | Family::Up
+            | Family::Role => Kind::Gauge,
             Family::CommitToAck => Kind::Histogram,
         }
     }
@@ -177,6 +192,14 @@ impl Family {
             Family::HeartbeatsSent => "Heartbeats written with pg_logical_emit_message.",
             Family::Reconnects => "Replication sessions started again after a transient error.",
             Family::Up => "1 when /health reports healthy, 0 when not.",
+            Family::Role => {
+                "1 for the part the relay plays now: active (streams) or standby \
+                 (another process holds the slot)."
+            }
+            Family::Takeovers => {
+                "Slot holders ended by this relay after sending no status update for \
+                 the takeover bound."
+            }
         }
     }
 }
@@ -195,6 +218,7 @@ pub struct Metrics {
     confirmed_lsn: AtomicU64,
     heartbeats: AtomicU64,
     reconnects: AtomicU64,
+    takeovers: AtomicU64,
 }
 
 impl Metrics {
@@ -253,6 +277,11 @@ impl Metrics {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// This relay ended a silent slot holder's server process to take the slot.
+    pub fn took_over(&self) {
+        self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Every metric in Prometheus text format 0.0.4: `# HELP` and `# TYPE` for each
     /// family, then its samples, every dead-letter reason included even at 0.
     /// [`UP`] is taken from `health`'s report at this moment.
@@ -287,6 +316,20 @@ impl Metrics {
                     self.commit_to_ack.render(&mut out, name);
                     continue;
                 }
+                Family::Role => {
+                    let role = health.report().role;
+                    for each in Role::ALL {
+                        line(
+                            &mut out,
+                            format_args!(
+                                "{name}{{role=\"{label}\"}} {value}",
+                                label = each.as_str(),
+                                value = u64::from(role == Some(each)),
+                            ),
+                        );
+                    }
+                    continue;
+                }
                 Family::EventsRouted => load(&self.events_routed),
                 Family::BytesRouted => load(&self.bytes_routed),
                 Family::RecordsInFlight => load(&self.in_flight),
@@ -295,6 +338,7 @@ impl Metrics {
                 Family::ConfirmedLsn => load(&self.confirmed_lsn),
                 Family::HeartbeatsSent => load(&self.heartbeats),
                 Family::Reconnects => load(&self.reconnects),
+                Family::Takeovers => load(&self.takeovers),
                 Family::Up => u64::from(health.report().healthy),
             };
             line(&mut out, format_args!("{name} {value}"));
@@ -490,15 +534,22 @@ mod tests {
             HEARTBEATS_SENT,
             RECONNECTS,
             UP,
+            ROLE,
+            TAKEOVERS,
         ]
         .into_iter()
         .collect();
         assert_eq!(names, expected);
-        // One sample per family, but a reason per dead-letter sample and a bucket
-        // per bound (and +Inf), a sum and a count for the histogram.
+        // One sample per family, but a reason per dead-letter sample, a role per
+        // role sample, and a bucket per bound (and +Inf), a sum and a count for the
+        // histogram.
         assert_eq!(
             samples.len(),
-            Family::ALL.len() - 2 + Reason::ALL.len() + COMMIT_TO_ACK_BUCKETS.len() + 3
+            Family::ALL.len() - 3
+                + Reason::ALL.len()
+                + Role::ALL.len()
+                + COMMIT_TO_ACK_BUCKETS.len()
+                + 3
         );
         for reason in ["too_large", "bad_row", "bad_route", "undeliverable"] {
             let labels = format!("reason=\"{reason}\"");
@@ -638,6 +689,26 @@ mod tests {
         assert_eq!(value(&parse(&metrics.render(&health)), UP, ""), "1");
         health.failed("the outbox table lacks column payload".to_owned());
         assert_eq!(value(&parse(&metrics.render(&health)), UP, ""), "0");
+    }
+
+    #[test]
+    fn role_follows_health() {
+        let (health, _clock) = health();
+        let metrics = Metrics::new();
+        let roles = |health: &Health| {
+            let samples = parse(&metrics.render(health));
+            (
+                value(&samples, ROLE, "role=\"active\"").to_owned(),
+                value(&samples, ROLE, "role=\"standby\"").to_owned(),
+            )
+        };
+        assert_eq!(roles(&health), ("0".to_owned(), "0".to_owned()));
+        health.standby("held by server process 7".to_owned());
+        assert_eq!(roles(&health), ("0".to_owned(), "1".to_owned()));
+        health.streaming();
+        assert_eq!(roles(&health), ("1".to_owned(), "0".to_owned()));
+        health.reconnecting("reset".to_owned());
+        assert_eq!(roles(&health), ("0".to_owned(), "0".to_owned()));
     }
 
     #[test]

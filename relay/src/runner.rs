@@ -9,7 +9,6 @@ use std::sync::Arc;
 use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 
 use crate::config::{ConfigError, RelayConfig};
 use crate::delivery::DeliveryError;
@@ -21,6 +20,7 @@ use crate::setup::{self, SetupError, SlotState};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::SinkError;
 use crate::snapshot::SnapshotError;
+use crate::standby::{self, StandbyError};
 use crate::stream::{Session, StreamError};
 
 /// SQLSTATE of "replication slot is active for PID ...".
@@ -30,9 +30,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Pause before starting again after a definite error (reported on `/health`).
 pub const FAILED_RETRY: Duration = Duration::from_secs(60);
-/// Pause between attempts on a busy slot.
-const SLOT_BUSY_RETRY: Duration = Duration::from_millis(500);
-const SLOT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
@@ -45,16 +42,8 @@ pub enum RelayError {
     Connect(#[source] ReplicationError),
     #[error(transparent)]
     Setup(#[from] SetupError),
-    #[error(
-        "slot {slot} is still in use by another process after {waited:?} (another relay on \
-         the same slot?)"
-    )]
-    SlotBusy {
-        slot: String,
-        waited: Duration,
-        #[source]
-        source: ReplicationError,
-    },
+    #[error(transparent)]
+    Standby(#[from] StandbyError),
     #[error("cannot start streaming from slot {slot}")]
     Start {
         slot: String,
@@ -81,6 +70,7 @@ impl RelayError {
         match self {
             RelayError::Connect(e) | RelayError::Start { source: e, .. } => e.is_transient(),
             RelayError::Setup(e) => e.is_transient(),
+            RelayError::Standby(e) => e.is_transient(),
             RelayError::Stream(e) => e.is_transient(),
             RelayError::Snapshot(e) => e.is_transient(),
             RelayError::Sink(e) => e.is_transient(),
@@ -124,7 +114,7 @@ pub async fn run(
                 .await
                 .map_err(|source| RelayError::Http { address, source })?;
             let bound = listener.local_addr().unwrap_or(address);
-            tracing::info!(address = %bound, "serving /metrics and /health");
+            tracing::info!(address = %bound, "serving /metrics, /health and /ready");
             Some(tokio::spawn(crate::http::serve(
                 listener,
                 metrics.clone(),
@@ -216,7 +206,7 @@ async fn session(
     config: &RelayConfig,
     connect: &ConnectConfig,
     mut sink: KafkaSink,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Shared<BoxFuture<'static, ()>>,
     backoff: &mut Duration,
     observe: (Arc<Metrics>, Arc<Health>),
 ) -> Result<(), RelayError> {
@@ -224,16 +214,49 @@ async fn session(
         .await
         .map_err(RelayError::Connect)?;
     let database = connect.dbname().to_owned();
-    let slot = setup::prepare(&mut client, config, &database).await?.slot;
-    if let Some(snapshot) = &slot.snapshot {
-        // `client` created the slot and stays idle meanwhile: its exported snapshot
-        // stays valid until START_REPLICATION.
-        let (_, returned) =
-            crate::snapshot::publish(config, connect, sink, &slot.name, snapshot, observe.clone())
-                .await?;
-        sink = returned;
-    }
-    let stream = start(client, connect, config, &slot).await?;
+    let mut slot = setup::prepare(&mut client, config, &database).await?.slot;
+    let stream = loop {
+        // A slot this session created is free; any other may have a holder.
+        if !slot.created {
+            match wait_for_slot(&mut client, config, &slot.name, &observe, shutdown.clone()).await?
+            {
+                Waited::Shutdown => {
+                    client.close().await;
+                    return Ok(());
+                }
+                Waited::Free { stood_by: false } => {}
+                // The holder may have changed the slot (confirmed further, finished
+                // a snapshot): read it again.
+                Waited::Free { stood_by: true } => {
+                    slot = setup::prepare(&mut client, config, &database).await?.slot;
+                }
+            }
+        }
+        if let Some(snapshot) = slot.snapshot.take() {
+            // `client` created the slot and stays idle meanwhile: its exported
+            // snapshot stays valid until START_REPLICATION.
+            let (_, returned) = crate::snapshot::publish(
+                config,
+                connect,
+                sink,
+                &slot.name,
+                &snapshot,
+                observe.clone(),
+            )
+            .await?;
+            sink = returned;
+        }
+        match start(client, config, &slot).await? {
+            Some(stream) => break stream,
+            // Another relay took the slot between the look and the start.
+            None => {
+                slot.created = false;
+                client = ReplicationClient::connect(connect)
+                    .await
+                    .map_err(RelayError::Connect)?;
+            }
+        }
+    };
     // A destination that keeps failing keeps its backoff across sessions.
     if observe.1.destination_fault().is_none() {
         *backoff = FIRST_BACKOFF;
@@ -266,14 +289,75 @@ async fn session(
     Ok(())
 }
 
-/// START_REPLICATION, retrying for a bounded time while the slot is held by another
-/// process: after a crash the old walsender lingers until the server notices.
+/// How waiting for the slot ended.
+enum Waited {
+    /// The slot has no holder; `stood_by` when it had one at first.
+    Free {
+        stood_by: bool,
+    },
+    Shutdown,
+}
+
+/// Stands by while another process holds `slot`, looking at it every
+/// `standby_poll_interval`, and ends a holder that sent no status update for
+/// `takeover_after` (see [`crate::standby`]). Logs when the holder changes, not on
+/// every look.
+async fn wait_for_slot(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+    slot: &str,
+    observe: &(Arc<Metrics>, Arc<Health>),
+    shutdown: Shared<BoxFuture<'static, ()>>,
+) -> Result<Waited, RelayError> {
+    let (metrics, health) = observe;
+    let poll = config.postgres.standby_poll_interval;
+    let mut announced: Option<u32> = None;
+    let mut blind_warned = false;
+    let mut silence = standby::Silence::default();
+    loop {
+        let view = standby::inspect(client, slot).await?;
+        let Some(holder) = view.holder else {
+            if announced.is_some() {
+                tracing::info!(slot, "the slot is free; taking it");
+            }
+            return Ok(Waited::Free {
+                stood_by: announced.is_some(),
+            });
+        };
+        if announced != Some(holder.pid) {
+            tracing::info!(slot, holder = %holder, poll_interval = ?poll, "standing by: another process holds the slot");
+            announced = Some(holder.pid);
+        }
+        health.standby(format!("slot {slot} is held by {holder}"));
+        let silent = silence.observe(&holder, std::time::Instant::now());
+        match config.postgres.takeover_after {
+            Some(bound) if holder.visible && silent >= bound => {
+                let ended = standby::end_silent_holder(client, slot, &holder).await?;
+                if ended {
+                    tracing::warn!(slot, holder = %holder, silent = ?silent, "the slot's holder sent no status update within the takeover bound; ended its server process to take the slot over");
+                    metrics.took_over();
+                }
+            }
+            Some(_) if !holder.visible && !blind_warned => {
+                tracing::warn!(slot, "cannot see when the slot's holder last sent a status update (this role lacks pg_read_all_stats): a hung holder is ended only by the server's wal_sender_timeout");
+                blind_warned = true;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(poll) => {}
+            () = shutdown.clone() => return Ok(Waited::Shutdown),
+        }
+    }
+}
+
+/// START_REPLICATION from the slot's confirmed position; `None` when another
+/// process holds the slot.
 async fn start(
-    mut client: ReplicationClient,
-    connect: &ConnectConfig,
+    client: ReplicationClient,
     config: &RelayConfig,
     slot: &SlotState,
-) -> Result<ReplicationStream, RelayError> {
+) -> Result<Option<ReplicationStream>, RelayError> {
     // publication_names is a list of identifiers: quoted, any name survives.
     let publication = crate::sql::ident(&config.postgres.publication);
     let mut options: Vec<(&str, &str)> =
@@ -281,35 +365,19 @@ async fn start(
     if server_major(&client) >= Some(14) {
         options.push(("messages", "true"));
     }
-    let started = Instant::now();
-    loop {
-        match client
-            .start_logical_replication(&slot.name, slot.confirmed, &options)
-            .await
-        {
-            Ok(stream) => return Ok(stream),
-            Err(e) if e.sqlstate() == Some(OBJECT_IN_USE) => {
-                let waited = started.elapsed();
-                if waited >= SLOT_BUSY_TIMEOUT {
-                    return Err(RelayError::SlotBusy {
-                        slot: slot.name.clone(),
-                        waited,
-                        source: e,
-                    });
-                }
-                tracing::info!(slot = %slot.name, error = %e, "slot busy; retrying");
-                tokio::time::sleep(SLOT_BUSY_RETRY).await;
-                client = ReplicationClient::connect(connect)
-                    .await
-                    .map_err(RelayError::Connect)?;
-            }
-            Err(source) => {
-                return Err(RelayError::Start {
-                    slot: slot.name.clone(),
-                    source,
-                })
-            }
+    match client
+        .start_logical_replication(&slot.name, slot.confirmed, &options)
+        .await
+    {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) if e.sqlstate() == Some(OBJECT_IN_USE) => {
+            tracing::info!(slot = %slot.name, error = %e, "the slot was taken meanwhile");
+            Ok(None)
         }
+        Err(source) => Err(RelayError::Start {
+            slot: slot.name.clone(),
+            source,
+        }),
     }
 }
 

@@ -59,6 +59,12 @@ pub enum SetupError {
     SnapshotTable(String, #[source] ReplicationError),
     #[error("slot {0} is being created by another process (another relay on the same slot?)")]
     SlotCreating(String),
+    #[error("another process was {doing} at the same moment (another relay starting?)")]
+    Raced {
+        doing: &'static str,
+        #[source]
+        source: ReplicationError,
+    },
     #[error("unexpected answer to {query}: {answer}")]
     Unexpected { query: &'static str, answer: String },
     #[error("{doing} failed")]
@@ -74,7 +80,7 @@ impl SetupError {
     pub fn is_transient(&self) -> bool {
         match self {
             SetupError::Server { source, .. } => source.is_transient(),
-            SetupError::SlotCreating(_) => true,
+            SetupError::SlotCreating(_) | SetupError::Raced { .. } => true,
             _ => false,
         }
     }
@@ -174,6 +180,21 @@ async fn query(
         .simple_query(sql)
         .await
         .map_err(|source| SetupError::Server { doing, source })
+}
+
+/// Relays configured alike start together (the sidecars of a replicated service):
+/// creating what is missing, one of them loses the race with "already exists"
+/// (`duplicate_object`, or `unique_violation` from the catalog for
+/// `CREATE TABLE IF NOT EXISTS`). That is transient: the next attempt finds it.
+fn raced(error: SetupError) -> SetupError {
+    match error {
+        SetupError::Server { doing, source }
+            if matches!(source.sqlstate(), Some("42710" | "23505")) =>
+        {
+            SetupError::Raced { doing, source }
+        }
+        other => other,
+    }
 }
 
 /// The server's `wal_level` must be `logical`.
@@ -299,7 +320,9 @@ async fn ensure_publication(
                 sql::ident(publication),
                 table.quoted()
             );
-            query(client, "creating the publication", &sql).await?;
+            query(client, "creating the publication", &sql)
+                .await
+                .map_err(raced)?;
             tracing::info!(publication = %publication, table = %table, "created publication");
             Ok(true)
         }
@@ -400,9 +423,11 @@ async fn ensure_slot(
             let created = client
                 .create_logical_slot(&slot, PLUGIN, mode, false)
                 .await
-                .map_err(|source| SetupError::Server {
-                    doing: "creating the slot",
-                    source,
+                .map_err(|source| {
+                    raced(SetupError::Server {
+                        doing: "creating the slot",
+                        source,
+                    })
                 })?;
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created slot");
             let snapshot = snapshots.then(|| PendingSnapshot {
@@ -442,6 +467,7 @@ async fn begin_snapshot(
     );
     query(client, "creating the snapshot record table", &create)
         .await
+        .map_err(raced)
         .map_err(|e| match e {
             SetupError::Server { source, .. } if source.sqlstate() == Some("42501") => {
                 SetupError::SnapshotTable(table.clone(), source)

@@ -1,6 +1,6 @@
-//! `/metrics` and `/health` over real HTTP/1.1 on a loopback socket, spoken by hand
-//! through a `TcpStream` so that the test sees exactly the bytes a scraper or a
-//! Kubernetes probe would.
+//! `/metrics`, `/health` and `/ready` over real HTTP/1.1 on a loopback socket,
+//! spoken by hand through a `TcpStream` so that the test sees exactly the bytes a
+//! scraper or a Kubernetes probe would.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -286,9 +286,49 @@ async fn health_is_503_when_the_stream_stalls() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn ready_is_200_for_a_standby_and_through_transient_trouble_503_before_a_role_and_on_failure(
+) -> anyhow::Result<()> {
+    let clock = ManualClock::new();
+    let thresholds = HealthThresholds::default();
+    let server = Server::start(Health::with_clock(thresholds, Arc::new(clock.clone()))).await?;
+    server.health.starting();
+    let response = get(server.addr, "/ready").await?;
+    assert_eq!(response.status, 503, "{response:?}");
+    assert_eq!(response.json()?["ready"], false);
+
+    server
+        .health
+        .standby("slot s is held by server process 7".to_owned());
+    for path in ["/health", "/ready"] {
+        let response = get(server.addr, path).await?;
+        assert_eq!(response.status, 200, "{path}: {response:?}");
+        let json = response.json()?;
+        assert_eq!(json["status"], "standby", "{json}");
+        assert_eq!(json["role"], "standby", "{json}");
+        assert_eq!(
+            json["reason"], "slot s is held by server process 7",
+            "{json}"
+        );
+    }
+
+    // Active, and the broker stops answering: not healthy, still ready.
+    server.health.streaming();
+    server.health.records_in_flight(3);
+    clock.advance(thresholds.broker_stall);
+    assert_eq!(get(server.addr, "/health").await?.status, 503);
+    let response = get(server.addr, "/ready").await?;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.json()?["role"], "active");
+
+    server.health.failed("slot dropped".to_owned());
+    assert_eq!(get(server.addr, "/ready").await?.status, 503);
+    server.shut_down().await
+}
+
+#[tokio::test]
 async fn other_paths_are_404_and_other_methods_405() -> anyhow::Result<()> {
     let server = Server::start(Health::new(HealthThresholds::default())).await?;
-    for path in ["/", "/metric", "/health/x", "/ready"] {
+    for path in ["/", "/metric", "/health/x", "/ready/x"] {
         let response = get(server.addr, path).await?;
         assert_eq!(response.status, 404, "{path}: {response:?}");
     }

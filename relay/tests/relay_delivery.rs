@@ -3,134 +3,16 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
-use support::{scale, seed, Collector, OutboxDb, Received, Relay, RelaySettings, Rng, Row};
+use support::{
+    check_records, scale, seed, write_workload, Collector, OutboxDb, Received, Relay,
+    RelaySettings, Rng, Row, KEYS,
+};
 use testkit::{settings, PrivateBroker};
 
-const KEYS: usize = 50;
 const NO_PROGRESS: Duration = Duration::from_secs(60);
-
-/// Writes `transactions` transactions of 1 to 100 rows over [`KEYS`] keys, each key's
-/// events numbered in commit order; every seventh transaction deletes its rows again
-/// before committing.
-async fn write_workload(
-    pool: &sqlx::PgPool,
-    rng: &mut Rng,
-    transactions: usize,
-    seqs: &mut [usize],
-) -> Vec<Row> {
-    let mut written = Vec::new();
-    for t in 0..transactions {
-        let size = rng.range(1, 100) as usize;
-        let rows: Vec<Row> = (0..size)
-            .map(|_| {
-                let key = rng.range(0, KEYS as u64 - 1) as usize;
-                seqs[key] += 1;
-                Row::event(key, seqs[key])
-            })
-            .collect();
-        support::write_rows(pool, &rows, t % 7 == 3).await;
-        written.extend(rows);
-    }
-    written
-}
-
-/// Checks every record against the row it came from, and order per key.
-fn check_records(
-    settings: &RelaySettings,
-    written: &[Row],
-    received: &[Received],
-    exactly_once: bool,
-) {
-    let rows: HashMap<String, &Row> = written.iter().map(|r| (r.id.to_string(), r)).collect();
-    let mut first: HashMap<&str, &Received> = HashMap::new();
-    for record in received {
-        let row = rows
-            .get(record.id())
-            .unwrap_or_else(|| panic!("a record with an unknown id: {record:?}"));
-        assert_eq!(record.topic, settings.topic(&row.aggregate_type));
-        assert_eq!(record.key, row.aggregate_id);
-        assert_eq!(
-            record.headers.get("type").map(String::as_str),
-            Some("Changed")
-        );
-        assert_eq!(
-            record.headers.get("traceparent"),
-            row.headers
-                .as_ref()
-                .and_then(|h| h["traceparent"].as_str())
-                .map(str::to_owned)
-                .as_ref()
-        );
-        assert_eq!(
-            record.payload.as_ref(),
-            Some(&row.payload),
-            "record {} arrived with another value",
-            record.id()
-        );
-        match first.get(record.id()) {
-            None => {
-                first.insert(record.id(), record);
-            }
-            Some(original) => {
-                assert!(!exactly_once, "{} delivered twice", record.id());
-                assert_eq!(
-                    original.position(),
-                    record.position(),
-                    "a duplicate of {} carries another position",
-                    record.id()
-                );
-                assert_eq!(original.payload, record.payload);
-            }
-        }
-    }
-    let missing: Vec<&String> = rows
-        .keys()
-        .filter(|id| !first.contains_key(id.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} events never arrived, e.g. {:?}",
-        missing.len(),
-        rows.len(),
-        missing.first()
-    );
-
-    // Order per key: in partition order, the first deliveries of a key's events come
-    // in the order the events were committed.
-    let mut by_partition: BTreeMap<(String, i32), Vec<&Received>> = BTreeMap::new();
-    for record in received {
-        by_partition
-            .entry((record.topic.clone(), record.partition))
-            .or_default()
-            .push(record);
-    }
-    let mut key_partition: HashMap<&str, (String, i32)> = HashMap::new();
-    let mut last_seq: HashMap<String, u64> = HashMap::new();
-    let mut seen: HashSet<&str> = HashSet::new();
-    for (place, mut records) in by_partition {
-        records.sort_by_key(|r| r.offset);
-        for record in records {
-            let other = key_partition
-                .entry(&record.key)
-                .or_insert_with(|| place.clone());
-            assert_eq!(*other, place, "key {} in two partitions", record.key);
-            if !seen.insert(record.id()) {
-                continue;
-            }
-            let seq = rows[record.id()].payload["seq"].as_u64().expect("seq");
-            let last = last_seq.entry(record.key.clone()).or_default();
-            assert!(
-                seq > *last,
-                "key {}: event {seq} arrived after {last}",
-                record.key
-            );
-            *last = seq;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_committed_row_arrives_in_order_per_key() {

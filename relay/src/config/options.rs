@@ -260,7 +260,8 @@ section! {
 section! {
     /// `[http]`: the operator's endpoint and the health rules.
     pub struct HttpSection {
-        /// Address of the HTTP endpoint serving /metrics (Prometheus) and /health; an
+        /// Address of the HTTP endpoint serving /metrics (Prometheus), /health
+        /// (liveness) and /ready (readiness); an
         /// empty value turns it off, and the relay then exits on a definite error
         /// instead of reporting it and retrying [default: 0.0.0.0:9187].
         #[arg(long = "http-listen", env = "OUTBOX_RELAY_HTTP_LISTEN", value_name = "ADDR")]

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -314,6 +314,15 @@ impl Relay {
         }
     }
 
+    /// Sends signal `name` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -342,7 +351,7 @@ impl Relay {
             let log = self.log_text();
             let found = log
                 .lines()
-                .filter(|l| l.contains("serving /metrics and /health"))
+                .filter(|l| l.contains("serving /metrics"))
                 .find_map(|l| l.split("address=").nth(1))
                 .and_then(|rest| rest.split_whitespace().next())
                 .map(str::to_owned);
@@ -359,25 +368,32 @@ impl Relay {
 
     /// GET `path` from the relay's HTTP endpoint: (status, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
+        self.try_http_get(path, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// GET `path`, or why it failed (no connection, no answer within `timeout`).
+    pub async fn try_http_get(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(u16, String), String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let address = self.http_address().await;
-        let mut stream = tokio::net::TcpStream::connect(&address)
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(&address).await?;
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(timeout, exchange)
             .await
-            .expect("connect to the relay's HTTP endpoint");
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("send the request");
-        let mut response = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            stream.read_to_string(&mut response),
-        )
-        .await
-        .expect("the response arrives")
-        .expect("read the response");
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
         let status = response
             .split_whitespace()
             .nth(1)
@@ -387,7 +403,15 @@ impl Relay {
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_owned())
             .unwrap_or_default();
-        (status, body)
+        Ok((status, body))
+    }
+
+    /// The `status` field of `/health`, or `None` when the relay does not answer
+    /// within `timeout` (stopped, dead, not listening).
+    pub async fn health_status(&self, timeout: Duration) -> Option<String> {
+        let (_, body) = self.try_http_get("/health", timeout).await.ok()?;
+        let report: Value = serde_json::from_str(&body).ok()?;
+        report["status"].as_str().map(str::to_owned)
     }
 
     /// The value of an unlabelled metric from /metrics.
@@ -590,4 +614,126 @@ pub async fn write_rows_at(
             .expect("delete the outbox rows");
     }
     tx.commit().await.expect("commit");
+}
+
+pub const KEYS: usize = 50;
+
+/// Writes `transactions` transactions of 1 to 100 rows over [`KEYS`] keys, each key's
+/// events numbered in commit order; every seventh transaction deletes its rows again
+/// before committing.
+pub async fn write_workload(
+    pool: &sqlx::PgPool,
+    rng: &mut Rng,
+    transactions: usize,
+    seqs: &mut [usize],
+) -> Vec<Row> {
+    let mut written = Vec::new();
+    for t in 0..transactions {
+        let size = rng.range(1, 100) as usize;
+        let rows: Vec<Row> = (0..size)
+            .map(|_| {
+                let key = rng.range(0, KEYS as u64 - 1) as usize;
+                seqs[key] += 1;
+                Row::event(key, seqs[key])
+            })
+            .collect();
+        write_rows(pool, &rows, t % 7 == 3).await;
+        written.extend(rows);
+    }
+    written
+}
+
+/// Checks every record against the row it came from, and order per key.
+pub fn check_records(
+    settings: &RelaySettings,
+    written: &[Row],
+    received: &[Received],
+    exactly_once: bool,
+) {
+    let rows: HashMap<String, &Row> = written.iter().map(|r| (r.id.to_string(), r)).collect();
+    let mut first: HashMap<&str, &Received> = HashMap::new();
+    for record in received {
+        let row = rows
+            .get(record.id())
+            .unwrap_or_else(|| panic!("a record with an unknown id: {record:?}"));
+        assert_eq!(record.topic, settings.topic(&row.aggregate_type));
+        assert_eq!(record.key, row.aggregate_id);
+        assert_eq!(
+            record.headers.get("type").map(String::as_str),
+            Some("Changed")
+        );
+        assert_eq!(
+            record.headers.get("traceparent"),
+            row.headers
+                .as_ref()
+                .and_then(|h| h["traceparent"].as_str())
+                .map(str::to_owned)
+                .as_ref()
+        );
+        assert_eq!(
+            record.payload.as_ref(),
+            Some(&row.payload),
+            "record {} arrived with another value",
+            record.id()
+        );
+        match first.get(record.id()) {
+            None => {
+                first.insert(record.id(), record);
+            }
+            Some(original) => {
+                assert!(!exactly_once, "{} delivered twice", record.id());
+                assert_eq!(
+                    original.position(),
+                    record.position(),
+                    "a duplicate of {} carries another position",
+                    record.id()
+                );
+                assert_eq!(original.payload, record.payload);
+            }
+        }
+    }
+    let missing: Vec<&String> = rows
+        .keys()
+        .filter(|id| !first.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} events never arrived, e.g. {:?}",
+        missing.len(),
+        rows.len(),
+        missing.first()
+    );
+
+    // Order per key: in partition order, the first deliveries of a key's events come
+    // in the order the events were committed.
+    let mut by_partition: BTreeMap<(String, i32), Vec<&Received>> = BTreeMap::new();
+    for record in received {
+        by_partition
+            .entry((record.topic.clone(), record.partition))
+            .or_default()
+            .push(record);
+    }
+    let mut key_partition: HashMap<&str, (String, i32)> = HashMap::new();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (place, mut records) in by_partition {
+        records.sort_by_key(|r| r.offset);
+        for record in records {
+            let other = key_partition
+                .entry(&record.key)
+                .or_insert_with(|| place.clone());
+            assert_eq!(*other, place, "key {} in two partitions", record.key);
+            if !seen.insert(record.id()) {
+                continue;
+            }
+            let seq = rows[record.id()].payload["seq"].as_u64().expect("seq");
+            let last = last_seq.entry(record.key.clone()).or_default();
+            assert!(
+                seq > *last,
+                "key {}: event {seq} arrived after {last}",
+                record.key
+            );
+            *last = seq;
+        }
+    }
 }
