@@ -338,13 +338,20 @@ struct PodContainer<'a> {
     files: BTreeMap<String, String>,
 }
 
-/// The pods of the manifests, each container resolved; and what could not be
-/// resolved (an image the Dockerfile does not build, a reference to a missing
-/// Secret, ConfigMap or key).
-fn pods<'a>(docs: &'a [Value], repo: &mut Repo) -> (Vec<Pod<'a>>, Vec<String>) {
+/// What could not be read while resolving the containers of the pods.
+#[derive(Default)]
+struct Unresolved {
+    /// Images the Dockerfile does not build.
+    images: Vec<String>,
+    /// Secrets, ConfigMaps, keys and volumes referred to and missing.
+    references: Vec<String>,
+}
+
+/// The pods of the manifests, each container resolved, and what could not be.
+fn pods<'a>(docs: &'a [Value], repo: &mut Repo) -> (Vec<Pod<'a>>, Unresolved) {
     let dockerfile = repo.root.join("Dockerfile");
     let mut pods = Vec::new();
-    let mut problems = Vec::new();
+    let mut problems = Unresolved::default();
     for workload in docs {
         let Some(template) = at(workload, &["spec", "template"]) else {
             continue;
@@ -360,9 +367,9 @@ fn pods<'a>(docs: &'a [Value], repo: &mut Repo) -> (Vec<Pod<'a>>, Vec<String>) {
                     "{who}, container `{}`",
                     text(c, &["name"]).unwrap_or_default()
                 );
-                let (build, argv) = image_argv(c, &dockerfile, repo, &cwho, &mut problems);
-                let env = container_env(docs, c, &cwho, &mut problems);
-                let files = mounted_files(docs, spec, c, &cwho, &mut problems);
+                let (build, argv) = image_argv(c, &dockerfile, repo, &cwho, &mut problems.images);
+                let env = container_env(docs, c, &cwho, &mut problems.references);
+                let files = mounted_files(docs, spec, c, &cwho, &mut problems.references);
                 containers.push(PodContainer {
                     spec: c,
                     init,
@@ -604,35 +611,43 @@ fn relays<'a>(pod: &'a Pod<'a>) -> Vec<(&'a PodContainer<'a>, Result<RelayConfig
 
 type Check = fn(&Manifests, &mut Repo) -> Vec<String>;
 
+/// What a check of each container looks at.
+type ContainerCheck = fn(&Container, &Repo) -> Vec<String>;
+
+/// `checks` on every container, after the problems `unresolved` picks from what
+/// could not be read.
+fn check_containers(
+    docs: &Manifests,
+    repo: &mut Repo,
+    unresolved: fn(Unresolved) -> Vec<String>,
+    checks: &[ContainerCheck],
+) -> Vec<String> {
+    let (pods, found) = pods(docs, repo);
+    let mut problems = unresolved(found);
+    for c in pods.iter().flat_map(|p| &p.containers) {
+        for check in checks {
+            problems.extend(check(&c.container, repo));
+        }
+    }
+    problems
+}
+
 /// Every image is one the Dockerfile builds, and installs the program its container
 /// runs; the program is a binary of the workspace and has the subcommand given.
 fn check_images(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
-    let (pods, resolving) = pods(docs, repo);
-    let mut problems: Vec<String> = resolving
-        .into_iter()
-        .filter(|p| p.contains("image"))
-        .collect();
-    for c in pods.iter().flat_map(|p| &p.containers) {
-        problems.extend(check_image(&c.container, repo));
-        problems.extend(check_binary(&c.container, repo));
-    }
-    problems
+    check_containers(docs, repo, |u| u.images, &[check_image, check_binary])
 }
 
 /// Every environment variable is one the program reads, every one it reads with a
 /// default at localhost is set, every Secret, ConfigMap and key a value or file
 /// comes from exists, and every flag is one the program has.
 fn check_environment_and_flags(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
-    let (pods, resolving) = pods(docs, repo);
-    let mut problems: Vec<String> = resolving
-        .into_iter()
-        .filter(|p| !p.contains("image"))
-        .collect();
-    for c in pods.iter().flat_map(|p| &p.containers) {
-        problems.extend(check_environment(&c.container, repo));
-        problems.extend(check_flags(&c.container, repo));
-    }
-    problems
+    check_containers(
+        docs,
+        repo,
+        |u| u.references,
+        &[check_environment, check_flags],
+    )
 }
 
 /// Every relay's flags, environment and mounted configuration file make a
