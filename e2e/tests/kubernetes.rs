@@ -56,7 +56,8 @@ const IMAGES: [(&str, &str); 2] = [
 ];
 /// The setting that says where the tools are (`scripts/env up` writes it).
 const TOOLS_SETTING: &str = "OUTBOX_K8S_TOOLS";
-/// Paths the relay's probes ask: liveness, readiness, start.
+/// The paths of the probes the health semantics call for: the relay's liveness and
+/// readiness, and a service's readiness.
 const RELAY_LIVENESS_PATH: &str = "/health";
 const RELAY_READINESS_PATH: &str = "/ready";
 const SERVICE_READINESS_PATH: &str = "/health";
