@@ -12,81 +12,27 @@
 //! for, a database that docker/postgres-init.sql creates; mounted files must exist;
 //! host ports must not collide, and a healthcheck must probe the port its server
 //! listens on. Each check is its own test and names the service and what is wrong
-//! with it. The last tests break a copy of the file in memory and expect the checks
-//! to say so.
+//! with it. Relays on one database are configured alike (one streams, the others
+//! stand by): their configuration is resolved by the relay's own code and compared.
+//! The last tests break a copy of the file in memory and expect the checks to say so.
+//!
+//! What these checks share with those of the Kubernetes manifests is in
+//! `support/`: the workspace, the Dockerfile and what a container runs.
+
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::ops::Deref;
+use std::path::Path;
 
 use serde_yaml::{Mapping, Value};
-
-/// The subcommands every service binary has (services/README.md).
-const SERVICE_SUBCOMMANDS: [&str; 3] = ["serve", "migrate", "seed"];
-/// The relay's subcommands (relay/src/main.rs); without one it runs.
-const RELAY_SUBCOMMANDS: [&str; 3] = ["run", "init", "check"];
-/// The relay's package and binary.
-const RELAY_BINARY: &str = "outbox-relay";
-/// Where the images install the binaries (and so where a command finds them).
-const BIN_DIR: &str = "/usr/local/bin";
-/// Where the service crates live; their shared options are in `services/kit`.
-const SERVICES_DIR: &str = "services";
-const SERVICE_KIT_SRC: &str = "services/kit/src";
-
-// ---------------------------------------------------------------------------------
-// The repository
-
-fn repo_root() -> PathBuf {
-    testkit::crate_dir(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ sits in the workspace root")
-        .to_path_buf()
-}
-
-fn read(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
-/// Everything the compose file is checked against.
-struct Repo {
-    root: PathBuf,
-    workspace: Workspace,
-    /// Databases docker/postgres-init.sql creates.
-    databases: BTreeSet<String>,
-    /// Dockerfiles by path, parsed as services refer to them.
-    dockerfiles: BTreeMap<PathBuf, Option<Dockerfile>>,
-}
-
-impl Repo {
-    fn load() -> Repo {
-        let root = repo_root();
-        let workspace = Workspace::load(&root);
-        let databases = created_databases(&read(&root.join("docker/postgres-init.sql")));
-        let mut dockerfiles = BTreeMap::new();
-        let default = root.join("Dockerfile");
-        dockerfiles.insert(default.clone(), Some(Dockerfile::parse(&read(&default))));
-        Repo {
-            root,
-            workspace,
-            databases,
-            dockerfiles,
-        }
-    }
-
-    fn dockerfile(&mut self, path: &Path) -> Option<&Dockerfile> {
-        self.dockerfiles
-            .entry(path.to_path_buf())
-            .or_insert_with(|| fs::read_to_string(path).ok().map(|t| Dockerfile::parse(&t)))
-            .as_ref()
-    }
-
-    fn relative(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    }
-}
+use support::container::{
+    check_binary, check_environment as check_environment_of, check_flags, check_image,
+    check_relays_alike, parse_database_url, quoted_list, relay_config, relay_flags, scalar,
+    Container, Repo, Role, StreamingRelay,
+};
+use support::dockerfile::Dockerfile;
+use support::workspace::{clap_default, flags_read, read, repo_root};
 
 fn load_compose(root: &Path) -> Value {
     let path = root.join("docker-compose.yml");
@@ -148,516 +94,24 @@ fn created_databases(sql: &str) -> BTreeSet<String> {
 }
 
 // ---------------------------------------------------------------------------------
-// The workspace: packages, their binaries and their workspace dependencies
-
-struct Package {
-    name: String,
-    dir: PathBuf,
-    /// Binaries the manifest declares or the layout implies, with the file that is
-    /// (or must be) their `main`.
-    bins: BTreeMap<String, PathBuf>,
-    /// Workspace-or-not dependency names of `[dependencies]`.
-    deps: BTreeSet<String>,
-}
-
-impl Package {
-    fn builds(&self, binary: &str) -> bool {
-        self.bins.get(binary).is_some_and(|main| main.is_file())
-    }
-}
-
-struct Workspace {
-    packages: Vec<Package>,
-}
-
-impl Workspace {
-    fn load(root: &Path) -> Workspace {
-        let manifest = read(&root.join("Cargo.toml"));
-        let packages = workspace_members(&manifest)
-            .into_iter()
-            .map(|member| {
-                let dir = root.join(&member);
-                parse_package(&dir, &read(&dir.join("Cargo.toml")))
-            })
-            .collect();
-        Workspace { packages }
-    }
-
-    fn package(&self, name: &str) -> Option<&Package> {
-        self.packages.iter().find(|p| p.name == name)
-    }
-
-    /// The package that builds `binary`, else the one named after it (whose
-    /// `src/main.rs` may not be written yet).
-    fn package_of_binary(&self, binary: &str) -> Option<&Package> {
-        self.packages
-            .iter()
-            .find(|p| p.builds(binary))
-            .or_else(|| self.package(binary))
-    }
-
-    /// Source directories whose code runs in `package`'s binary: its own and those
-    /// of the workspace packages it depends on, transitively.
-    fn source_dirs(&self, package: &Package) -> Vec<PathBuf> {
-        let mut seen = BTreeSet::new();
-        let mut stack = vec![package];
-        let mut dirs = Vec::new();
-        while let Some(p) = stack.pop() {
-            if !seen.insert(p.name.clone()) {
-                continue;
-            }
-            dirs.push(p.dir.join("src"));
-            stack.extend(p.deps.iter().filter_map(|d| self.package(d)));
-        }
-        dirs
-    }
-}
-
-/// The quoted entries of `members = [...]` in the root manifest.
-fn workspace_members(manifest: &str) -> Vec<String> {
-    let start = manifest
-        .find("members")
-        .expect("the root Cargo.toml lists workspace members");
-    let rest = &manifest[start..];
-    let open = rest.find('[').expect("members = [");
-    let close = rest.find(']').expect("members = [...]");
-    rest[open + 1..close]
-        .split(',')
-        .map(|s| strip_toml_comment(s).trim().trim_matches('"').to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-fn strip_toml_comment(line: &str) -> &str {
-    let mut quoted = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            '#' if !quoted => return &line[..i],
-            _ => {}
-        }
-    }
-    line
-}
-
-/// The little of a package manifest this test needs: the name, `[[bin]]` targets,
-/// and dependency names. Line-based: the workspace's manifests keep one key a line.
-fn parse_package(dir: &Path, manifest: &str) -> Package {
-    let mut name = None;
-    // (name, path) of each [[bin]]
-    let mut declared: Vec<(Option<String>, Option<String>)> = Vec::new();
-    let mut deps = BTreeSet::new();
-    let mut section = String::new();
-    for line in manifest.lines() {
-        let line = strip_toml_comment(line).trim();
-        if let Some(header) = line.strip_prefix("[[") {
-            section = header.trim_end_matches("]]").trim().to_owned();
-            if section == "bin" {
-                declared.push((None, None));
-            }
-            continue;
-        }
-        if let Some(header) = line.strip_prefix('[') {
-            section = header.trim_end_matches(']').trim().to_owned();
-            // `[dependencies.foo]`
-            if let Some(dep) = section.strip_prefix("dependencies.") {
-                deps.insert(dep.trim_matches('"').to_owned());
-            }
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        let key = key.trim();
-        let value = value.trim().trim_matches('"').to_owned();
-        match section.as_str() {
-            "package" if key == "name" => name = Some(value),
-            "bin" => {
-                if let Some(bin) = declared.last_mut() {
-                    match key {
-                        "name" => bin.0 = Some(value),
-                        "path" => bin.1 = Some(value),
-                        _ => {}
-                    }
-                }
-            }
-            s if s == "dependencies"
-                || (s.starts_with("target.") && s.ends_with(".dependencies")) =>
-            {
-                // `foo = ...`, `foo.workspace = true`
-                let dep = key
-                    .split('.')
-                    .next()
-                    .unwrap_or(key)
-                    .trim()
-                    .trim_matches('"');
-                deps.insert(dep.to_owned());
-            }
-            _ => {}
-        }
-    }
-    let name = name.unwrap_or_else(|| panic!("{}/Cargo.toml has no package name", dir.display()));
-
-    let src = dir.join("src");
-    let mut bins = BTreeMap::new();
-    // Cargo's automatic targets: src/main.rs is the binary named after the package,
-    // src/bin/x.rs and src/bin/x/main.rs the binary x.
-    bins.insert(name.clone(), src.join("main.rs"));
-    if let Ok(entries) = fs::read_dir(src.join("bin")) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "rs") {
-                if let Some(stem) = path.file_stem() {
-                    bins.insert(stem.to_string_lossy().into_owned(), path.clone());
-                }
-            } else if path.join("main.rs").is_file() {
-                bins.insert(
-                    entry.file_name().to_string_lossy().into_owned(),
-                    path.join("main.rs"),
-                );
-            }
-        }
-    }
-    for (bin, path) in declared {
-        let bin = bin.unwrap_or_else(|| name.clone());
-        let main = match path {
-            Some(path) => dir.join(path),
-            None if bin == name => src.join("main.rs"),
-            None => src.join("bin").join(format!("{bin}.rs")),
-        };
-        bins.insert(bin, main);
-    }
-    Package {
-        name,
-        dir: dir.to_path_buf(),
-        bins,
-        deps,
-    }
-}
-
-/// Environment variables the Rust sources under `dirs` read, with the default of
-/// those that have one: clap's `env = "NAME"` (and the `default_value` beside it in
-/// the same attribute), `EnvFilter::try_from_env("NAME")`, `std::env::var("NAME")`,
-/// and `RUST_LOG` where a filter is built from the default variable.
-fn env_vars_read(dirs: &[PathBuf]) -> BTreeMap<String, Option<String>> {
-    let mut vars = BTreeMap::new();
-    for dir in dirs {
-        for file in rust_files(dir) {
-            let text = read(&file);
-            for pattern in ["env = \"", "from_env(\"", "env::var(\"", "env::var_os(\""] {
-                for (at, _) in text.match_indices(pattern) {
-                    let rest = &text[at + pattern.len()..];
-                    let Some(end) = rest.find('"') else {
-                        continue;
-                    };
-                    let default = if pattern == "env = \"" {
-                        clap_default(&text, at)
-                    } else {
-                        None
-                    };
-                    let entry = vars.entry(rest[..end].to_owned()).or_insert(None);
-                    if default.is_some() {
-                        *entry = default;
-                    }
-                }
-            }
-            if text.contains("from_default_env()") {
-                vars.entry("RUST_LOG".to_owned()).or_insert(None);
-            }
-        }
-    }
-    vars
-}
-
-/// The `default_value = "..."` of the `#[arg(...)]` attribute around `at`.
-fn clap_default(text: &str, at: usize) -> Option<String> {
-    let start = text[..at].rfind("#[")?;
-    let end = at + text[at..].find(")]")?;
-    let attribute = &text[start..end];
-    let pattern = "default_value = \"";
-    let value = &attribute[attribute.find(pattern)? + pattern.len()..];
-    Some(value[..value.find('"')?].to_owned())
-}
-
-/// A default that, inside a container, names the container itself.
-fn is_loopback(value: &str) -> bool {
-    ["localhost", "127.0.0.1", "[::1]"]
-        .iter()
-        .any(|host| value.contains(host))
-}
-
-fn rust_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                files.push(path);
-            }
-        }
-    }
-    files
-}
-
-// ---------------------------------------------------------------------------------
-// The Dockerfile: stages, the binaries each installs, ENTRYPOINT and CMD
-
-struct Stage {
-    name: Option<String>,
-    /// The stage this one is built `FROM`, when it is one of the file's.
-    parent: Option<usize>,
-    /// Files copied into /usr/local/bin by this stage itself.
-    installs: BTreeSet<String>,
-    entrypoint: Option<Vec<String>>,
-    cmd: Option<Vec<String>>,
-}
-
-struct Dockerfile {
-    stages: Vec<Stage>,
-    /// Binaries some `cargo build ... --bin NAME` builds.
-    cargo_bins: BTreeSet<String>,
-}
-
-impl Dockerfile {
-    fn parse(text: &str) -> Dockerfile {
-        let mut stages: Vec<Stage> = Vec::new();
-        let mut cargo_bins = BTreeSet::new();
-        for instruction in logical_lines(text) {
-            let (keyword, rest) = instruction
-                .split_once(char::is_whitespace)
-                .unwrap_or((instruction.as_str(), ""));
-            let rest = rest.trim();
-            let words: Vec<&str> = rest.split_whitespace().collect();
-            match keyword.to_ascii_uppercase().as_str() {
-                "FROM" => {
-                    let args: Vec<&str> = words
-                        .iter()
-                        .copied()
-                        .filter(|w| !w.starts_with("--"))
-                        .collect();
-                    let base = args.first().copied().unwrap_or_default();
-                    let name = match args.as_slice() {
-                        [_, as_, name, ..] if as_.eq_ignore_ascii_case("as") => {
-                            Some((*name).to_owned())
-                        }
-                        _ => None,
-                    };
-                    let parent = stages.iter().position(|s| s.name.as_deref() == Some(base));
-                    stages.push(Stage {
-                        name,
-                        parent,
-                        installs: BTreeSet::new(),
-                        entrypoint: None,
-                        cmd: None,
-                    });
-                }
-                "COPY" | "ADD" => {
-                    let paths: Vec<&str> = words
-                        .iter()
-                        .copied()
-                        .filter(|w| !w.starts_with("--"))
-                        .collect();
-                    if let (Some((dest, sources)), Some(stage)) =
-                        (paths.split_last(), stages.last_mut())
-                    {
-                        if dest.trim_end_matches('/') == BIN_DIR {
-                            // Into the directory: the files keep their names.
-                            stage
-                                .installs
-                                .extend(sources.iter().map(|s| basename(s).to_owned()));
-                        } else if let Some(file) = dest.strip_prefix(&format!("{BIN_DIR}/")) {
-                            stage.installs.insert(file.to_owned());
-                        }
-                    }
-                }
-                "ENTRYPOINT" => {
-                    if let Some(stage) = stages.last_mut() {
-                        stage.entrypoint = Some(exec_form(rest));
-                        // As in Docker: a new ENTRYPOINT drops an inherited CMD.
-                        stage.cmd.get_or_insert_with(Vec::new);
-                    }
-                }
-                "CMD" => {
-                    if let Some(stage) = stages.last_mut() {
-                        stage.cmd = Some(exec_form(rest));
-                    }
-                }
-                "RUN" => {
-                    for (i, word) in words.iter().enumerate() {
-                        if *word == "--bin" {
-                            if let Some(bin) = words.get(i + 1) {
-                                cargo_bins.insert((*bin).to_owned());
-                            }
-                        } else if let Some(bin) = word.strip_prefix("--bin=") {
-                            cargo_bins.insert(bin.to_owned());
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Dockerfile { stages, cargo_bins }
-    }
-
-    /// The stage a build with `target` makes: the named one, or the last without.
-    fn stage(&self, target: Option<&str>) -> Option<usize> {
-        match target {
-            Some(target) => self
-                .stages
-                .iter()
-                .position(|s| s.name.as_deref() == Some(target)),
-            None => self.stages.len().checked_sub(1),
-        }
-    }
-
-    fn stage_names(&self) -> Vec<&str> {
-        self.stages
-            .iter()
-            .filter_map(|s| s.name.as_deref())
-            .collect()
-    }
-
-    /// What is in /usr/local/bin of the image `stage` makes.
-    fn binaries(&self, stage: usize) -> BTreeSet<String> {
-        let mut all = BTreeSet::new();
-        let mut at = Some(stage);
-        while let Some(i) = at {
-            all.extend(self.stages[i].installs.iter().cloned());
-            at = self.stages[i].parent;
-        }
-        all
-    }
-
-    fn inherited<T>(&self, stage: usize, get: impl Fn(&Stage) -> Option<&T>) -> Option<&T> {
-        let mut at = Some(stage);
-        while let Some(i) = at {
-            if let Some(found) = get(&self.stages[i]) {
-                return Some(found);
-            }
-            at = self.stages[i].parent;
-        }
-        None
-    }
-
-    fn entrypoint(&self, stage: usize) -> Vec<String> {
-        self.inherited(stage, |s| s.entrypoint.as_ref())
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn cmd(&self, stage: usize) -> Vec<String> {
-        self.inherited(stage, |s| s.cmd.as_ref())
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-/// Instructions with their continuation lines joined, comments dropped.
-fn logical_lines(text: &str) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && !current.is_empty()) {
-            continue;
-        }
-        match trimmed.strip_suffix('\\') {
-            Some(part) => {
-                current.push_str(part);
-                current.push(' ');
-            }
-            None => {
-                current.push_str(trimmed);
-                if !current.trim().is_empty() {
-                    lines.push(current.trim().to_owned());
-                }
-                current.clear();
-            }
-        }
-    }
-    lines
-}
-
-/// `["a", "b"]` as it is; the shell form runs under `/bin/sh -c`.
-fn exec_form(text: &str) -> Vec<String> {
-    if text.starts_with('[') {
-        if let Ok(words) = serde_yaml::from_str::<Vec<String>>(text) {
-            return words;
-        }
-    }
-    vec!["/bin/sh".to_owned(), "-c".to_owned(), text.to_owned()]
-}
-
-fn basename(path: &str) -> &str {
-    path.trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or(path)
-}
-
-// ---------------------------------------------------------------------------------
 // docker-compose.yml, service by service
 
-/// What a compose service runs, as far as the file and the Dockerfile tell.
+/// A compose service: its definition, and the container it runs.
 struct Resolved<'a> {
     name: String,
     def: &'a Value,
-    /// The Dockerfile and stage it is built from; `None` for a pulled image.
-    build: Option<(PathBuf, usize)>,
-    /// The container's argv: ENTRYPOINT and CMD of the image as the file overrides them.
-    argv: Vec<String>,
-    role: Role,
+    container: Container,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// A shop service binary (a package under services/).
-    Service,
-    /// outbox-relay.
-    Relay,
-    /// Anything else: a pulled image, or a program this test does not know.
-    Other,
+impl Deref for Resolved<'_> {
+    type Target = Container;
+
+    fn deref(&self) -> &Container {
+        &self.container
+    }
 }
 
 impl Resolved<'_> {
-    fn program(&self) -> Option<&str> {
-        self.argv.first().map(|p| basename(p))
-    }
-
-    fn subcommand(&self) -> Option<&str> {
-        self.argv
-            .get(1)
-            .map(String::as_str)
-            .filter(|a| !a.starts_with('-'))
-    }
-
-    /// A long-running server rather than a one-shot job.
-    fn serves(&self) -> bool {
-        match self.role {
-            Role::Service => matches!(self.subcommand(), None | Some("serve")),
-            Role::Relay => matches!(self.subcommand(), None | Some("run")),
-            Role::Other => false,
-        }
-    }
-
-    fn env(&self, name: &str) -> Option<String> {
-        environment(self.def).get(name).cloned().flatten()
-    }
-
-    fn database_url(&self) -> Option<String> {
-        match self.role {
-            Role::Service => self.env("DATABASE_URL"),
-            Role::Relay => self.env("OUTBOX_RELAY_POSTGRES_URL"),
-            Role::Other => None,
-        }
-    }
-
     fn http_listen(&self) -> Option<String> {
         match self.role {
             Role::Service => self.env("HTTP_LISTEN"),
@@ -667,15 +121,6 @@ impl Resolved<'_> {
             ),
             Role::Other => None,
         }
-    }
-}
-
-fn scalar(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
     }
 }
 
@@ -795,32 +240,15 @@ fn resolve<'a>(compose: &'a Value, repo: &mut Repo) -> (Vec<Resolved<'a>>, Vec<S
             };
             let entrypoint = def.get("entrypoint").and_then(words);
             let command = def.get("command").and_then(words);
-            argv = match entrypoint {
-                // An entrypoint in the file drops the image's CMD too.
-                Some(entrypoint) => [entrypoint, command.unwrap_or_default()].concat(),
-                None => [
-                    file.entrypoint(stage),
-                    command.unwrap_or_else(|| file.cmd(stage)),
-                ]
-                .concat(),
-            };
+            argv = file.argv(stage, entrypoint, command);
             build = Some((path, stage));
         }
-        let program = argv.first().map(|p| basename(p).to_owned());
-        let role = match program.as_deref() {
-            Some(RELAY_BINARY) => Role::Relay,
-            Some(program) => match repo.workspace.package_of_binary(program) {
-                Some(p) if p.dir.starts_with(repo.root.join(SERVICES_DIR)) => Role::Service,
-                _ => Role::Other,
-            },
-            None => Role::Other,
-        };
+        let who = format!("service `{name}`");
+        let container = Container::new(who, build, argv, environment(def), repo);
         resolved.push(Resolved {
             name,
             def,
-            build,
-            argv,
-            role,
+            container,
         });
     }
     (resolved, problems)
@@ -851,60 +279,7 @@ fn check_images(compose: &Value, repo: &mut Repo) -> Vec<String> {
                 }
             }
         }
-        let Some((path, stage)) = &service.build else {
-            continue;
-        };
-        let file = repo.dockerfiles[path]
-            .as_ref()
-            .expect("resolved services have a parsed Dockerfile");
-        let stage_name = file.stages[*stage].name.as_deref().unwrap_or("(last)");
-        let Some(program) = service.program() else {
-            problems.push(format!(
-                "service `{}`: has no command, and stage `{stage_name}` has no ENTRYPOINT or CMD",
-                service.name
-            ));
-            continue;
-        };
-        let installed = file.binaries(*stage);
-        if !installed.contains(program) {
-            problems.push(format!(
-                "service `{}`: runs `{program}`, which stage `{stage_name}` does not install in \
-                 {BIN_DIR} (it installs: {})",
-                service.name,
-                installed.iter().cloned().collect::<Vec<_>>().join(", ")
-            ));
-        } else if !file.cargo_bins.contains(program) {
-            problems.push(format!(
-                "service `{}`: runs `{program}`, which stage `{stage_name}` installs but no \
-                 `cargo build --bin {program}` in {} builds",
-                service.name,
-                repo.relative(path)
-            ));
-        }
-        let subcommand = service.subcommand();
-        match service.role {
-            Role::Service => {
-                if !subcommand.is_some_and(|s| SERVICE_SUBCOMMANDS.contains(&s)) {
-                    problems.push(format!(
-                        "service `{}`: `{program}` needs a subcommand, one of {}; the command \
-                         gives {:?}",
-                        service.name,
-                        SERVICE_SUBCOMMANDS.join(", "),
-                        subcommand.unwrap_or_default()
-                    ));
-                }
-            }
-            Role::Relay => {
-                if let Some(s) = subcommand.filter(|s| !RELAY_SUBCOMMANDS.contains(s)) {
-                    problems.push(format!(
-                        "service `{}`: `{program}` has no subcommand `{s}` (it has {})",
-                        service.name,
-                        RELAY_SUBCOMMANDS.join(", ")
-                    ));
-                }
-            }
-            Role::Other => {}
-        }
+        problems.extend(check_image(service, repo));
     }
     problems
 }
@@ -913,80 +288,51 @@ fn check_images(compose: &Value, repo: &mut Repo) -> Vec<String> {
 /// `[[bin]]` or the package's `src/main.rs`, present in the tree.
 fn check_binaries(compose: &Value, repo: &mut Repo) -> Vec<String> {
     let (resolved, _) = resolve(compose, repo);
-    let mut problems = Vec::new();
-    for service in resolved.iter().filter(|s| s.build.is_some()) {
-        let Some(program) = service.program() else {
-            continue;
-        };
-        match repo.workspace.package_of_binary(program) {
-            Some(p) if p.builds(program) => {}
-            Some(p) => problems.push(format!(
-                "service `{}`: runs `{program}`, but package `{}` ({}) does not build it yet: \
-                 {} does not exist",
-                service.name,
-                p.name,
-                repo.relative(&p.dir),
-                repo.relative(&p.bins[program])
-            )),
-            None => problems.push(format!(
-                "service `{}`: runs `{program}`, which no workspace package builds \
-                 (no [[bin]] or package of that name)",
-                service.name
-            )),
-        }
-    }
-    problems
+    resolved
+        .iter()
+        .flat_map(|s| check_binary(s, repo))
+        .collect()
 }
 
 /// Every environment variable set on a built service is one its binary reads, and
-/// every one it reads with a default at localhost is set.
+/// every one it reads with a default at localhost is set; every flag it passes is one
+/// its binary has.
 fn check_environment(compose: &Value, repo: &mut Repo) -> Vec<String> {
     let (resolved, _) = resolve(compose, repo);
+    resolved
+        .iter()
+        .flat_map(|s| [check_environment_of(s, repo), check_flags(s, repo)].concat())
+        .collect()
+}
+
+/// Every relay's configuration is one the relay accepts, and relays that stream one
+/// database are configured alike, so that they share its slot: one streams, the
+/// others stand by.
+fn check_relays(compose: &Value, repo: &mut Repo) -> Vec<String> {
+    let (resolved, _) = resolve(compose, repo);
     let mut problems = Vec::new();
-    for service in resolved.iter().filter(|s| s.build.is_some()) {
-        let Some(program) = service.program() else {
-            continue;
-        };
-        let Some(package) = repo.workspace.package_of_binary(program) else {
-            continue;
-        };
-        let mut dirs = repo.workspace.source_dirs(package);
-        if service.role == Role::Service {
-            // The options all services share are the kit's.
-            let kit = repo.root.join(SERVICE_KIT_SRC);
-            if !dirs.contains(&kit) {
-                dirs.push(kit);
-            }
-        }
-        let read_by_binary = env_vars_read(&dirs);
-        let set = environment(service.def);
-        for name in set.keys() {
-            if !read_by_binary.contains_key(name) {
-                problems.push(format!(
-                    "service `{}`: environment variable `{name}` is not read by `{program}`: \
-                     no `env = \"{name}\"` (nor an env::var or log filter reading it) in {}",
-                    service.name,
-                    dirs.iter()
-                        .map(|d| repo.relative(d))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            }
-        }
-        // What the binary would otherwise reach at localhost is, in a container, not
-        // there: kafka, postgres and the other services have names of their own.
-        for (name, default) in &read_by_binary {
-            if let Some(default) = default.as_deref().filter(|d| is_loopback(d)) {
-                if !set.contains_key(name) {
-                    problems.push(format!(
-                        "service `{}`: `{program}` reads `{name}`, whose default {default} is \
-                         the container itself; set it to the address of a service of the file",
-                        service.name
-                    ));
+    let mut relays = Vec::new();
+    for relay in resolved
+        .iter()
+        .filter(|s| s.role == Role::Relay && s.serves())
+    {
+        match relay_config(relay, &BTreeMap::new()) {
+            Ok(config) => {
+                if let Some(database) = parse_database_url(config.postgres.url.expose()) {
+                    relays.push(StreamingRelay {
+                        who: relay.who.clone(),
+                        database,
+                        config,
+                    });
                 }
             }
+            Err(e) => problems.push(format!(
+                "{}: the relay refuses its configuration: {e}",
+                relay.who
+            )),
         }
     }
+    problems.extend(check_relays_alike(&relays));
     problems
 }
 
@@ -1018,35 +364,30 @@ fn check_dependencies(compose: &Value, _repo: &mut Repo) -> Vec<String> {
     problems
 }
 
-/// `postgres://user:password@host:port/database?...` → (host, database).
-fn parse_database_url(url: &str) -> Option<(String, String)> {
-    let rest = url.split_once("://")?.1;
-    let (authority, path) = rest.split_once('/')?;
-    let host_port = authority.rsplit('@').next()?;
-    let host = host_port.split(':').next()?.to_owned();
-    let database = path.split('?').next()?.to_owned();
-    Some((host, database))
+/// The databases docker/postgres-init.sql creates.
+fn postgres_databases(repo: &Repo) -> BTreeSet<String> {
+    created_databases(&read(&repo.root.join("docker/postgres-init.sql")))
 }
 
-/// Each service has a database of its own, created by docker/postgres-init.sql, on
-/// a server it waits for; each serving service has exactly one relay, which streams
-/// that same database and starts after the service is healthy.
+/// Each service has a database of its own (shared only by replicas of the service:
+/// the same program), created by docker/postgres-init.sql, on a server it waits
+/// for; beside each serving service is exactly one relay, which streams that same
+/// database and starts after the service is healthy.
 fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
+    let databases = postgres_databases(repo);
     let (resolved, _) = resolve(compose, repo);
     let by_name: BTreeMap<&str, &Resolved> =
         resolved.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut problems = Vec::new();
-    // database → the serving service and the relays on it
-    let mut owners: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    let mut relays: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    // database → the serving services (replicas) on it, with their programs
+    let mut owners: BTreeMap<String, Vec<(&str, &str)>> = BTreeMap::new();
+    // serving service → the relays beside it
+    let mut sidecars: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for service in &resolved {
         if service.role == Role::Other {
             continue;
         }
-        let variable = match service.role {
-            Role::Relay => "OUTBOX_RELAY_POSTGRES_URL",
-            _ => "DATABASE_URL",
-        };
+        let variable = service.database_variable();
         let Some(url) = service.database_url() else {
             problems.push(format!("service `{}`: sets no {variable}", service.name));
             continue;
@@ -1058,16 +399,12 @@ fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
             ));
             continue;
         };
-        if !repo.databases.contains(&database) {
+        if !databases.contains(&database) {
             problems.push(format!(
                 "service `{}`: {variable} names database `{database}`, which \
                  docker/postgres-init.sql does not create (it creates: {})",
                 service.name,
-                repo.databases
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                databases.iter().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
         let deps = depends_on(service.def);
@@ -1084,12 +421,11 @@ fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
             continue;
         }
         match service.role {
-            Role::Service => owners.entry(database).or_default().push(&service.name),
+            Role::Service => owners
+                .entry(database)
+                .or_default()
+                .push((&service.name, service.program().unwrap_or_default())),
             Role::Relay => {
-                relays
-                    .entry(database.clone())
-                    .or_default()
-                    .push(&service.name);
                 // The service it sits beside: the serving service it waits for.
                 let beside: Vec<&Resolved> = deps
                     .iter()
@@ -1098,6 +434,10 @@ fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
                     .collect();
                 match beside.as_slice() {
                     [owner] => {
+                        sidecars
+                            .entry(owner.name.as_str())
+                            .or_default()
+                            .push(&service.name);
                         let owner_db = owner
                             .database_url()
                             .and_then(|u| parse_database_url(&u))
@@ -1139,35 +479,31 @@ fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
             Role::Other => {}
         }
     }
-    for (database, names) in &owners {
-        if names.len() > 1 {
+    for (database, services) in &owners {
+        let programs: BTreeSet<&str> = services.iter().map(|(_, program)| *program).collect();
+        if programs.len() > 1 {
+            let names: Vec<&str> = services.iter().map(|(name, _)| *name).collect();
             problems.push(format!(
-                "services {} share database `{database}`; each service owns its own",
-                quoted_list(names)
+                "services {} share database `{database}`; each service owns its own (only \
+                 replicas of one service, running the same program, share it)",
+                quoted_list(&names)
             ));
         }
-        match relays.get(database).map(Vec::as_slice) {
-            None | Some([]) => problems.push(format!(
-                "service `{}`: no relay streams its database `{database}`",
-                names[0]
-            )),
-            Some([_]) => {}
-            // Two relays on one database with the default slot name fight over it.
-            Some(many) => problems.push(format!(
-                "relays {} all stream database `{database}`; one relay per database",
-                quoted_list(many)
-            )),
+        for (name, _) in services {
+            match sidecars.get(name).map(Vec::as_slice) {
+                None | Some([]) => problems.push(format!(
+                    "service `{name}`: no relay sits beside it (waits for it) to stream its \
+                     database `{database}`"
+                )),
+                Some([_]) => {}
+                Some(many) => problems.push(format!(
+                    "service `{name}`: relays {} all sit beside it; one relay per replica",
+                    quoted_list(many)
+                )),
+            }
         }
     }
     problems
-}
-
-fn quoted_list(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Bind mounts and env files exist; named volumes are declared.
@@ -1374,6 +710,11 @@ fn each_service_and_its_relay_share_a_database_of_its_own() {
 }
 
 #[test]
+fn relays_accept_their_configuration_and_those_of_one_database_share_its_slot() {
+    assert_clean(check_relays, "relays");
+}
+
+#[test]
 fn mounted_files_exist_and_volumes_are_declared() {
     assert_clean(check_mounts, "mounts");
 }
@@ -1396,15 +737,21 @@ fn the_file_has_the_shop() {
             .filter(|s| s.role == role && s.serves())
             .count()
     };
-    assert_eq!(servers(Role::Service), 4, "four services serve");
-    assert_eq!(servers(Role::Relay), 4, "one relay per service database");
+    let programs: BTreeSet<&str> = resolved
+        .iter()
+        .filter(|s| s.role == Role::Service && s.serves())
+        .filter_map(|s| s.program())
+        .collect();
+    assert_eq!(programs.len(), 4, "four services serve: {programs:?}");
+    assert_eq!(servers(Role::Service), 5, "one of them twice");
+    assert_eq!(servers(Role::Relay), 5, "a relay beside each");
     let seeds = resolved
         .iter()
         .filter(|s| s.role == Role::Service && s.subcommand() == Some("seed"))
         .count();
     assert!(seeds > 0, "demo data is seeded");
     assert_eq!(
-        repo.databases,
+        postgres_databases(&repo),
         ["order", "customer", "payment", "inventory"]
             .map(str::to_owned)
             .into(),
@@ -1426,23 +773,7 @@ fn service_mut<'a>(compose: &'a mut Value, name: &str) -> &'a mut Mapping {
 fn expect_problem(check: Check, mutate: impl FnOnce(&mut Value), expect: &[&str]) {
     let mut repo = Repo::load();
     let compose = load_compose(&repo.root);
-    let matches = |problems: &[String]| {
-        problems
-            .iter()
-            .any(|p| expect.iter().all(|part| p.contains(part)))
-    };
-    let before = check(&compose, &mut repo);
-    assert!(
-        !matches(&before),
-        "the unbroken file already has a problem with {expect:?}: {before:#?}"
-    );
-    let mut broken = compose.clone();
-    mutate(&mut broken);
-    let after = check(&broken, &mut repo);
-    assert!(
-        matches(&after),
-        "no problem with {expect:?} reported for the broken file: {after:#?}"
-    );
+    support::container::expect_problem(&mut repo, &compose, check, mutate, expect);
 }
 
 #[test]
@@ -1580,6 +911,89 @@ fn a_relay_on_another_database_than_its_service_is_reported() {
 }
 
 #[test]
+fn an_unknown_flag_is_reported() {
+    expect_problem(
+        check_environment,
+        |c| {
+            service_mut(c, "relay-order").insert(
+                "command".into(),
+                serde_yaml::from_str("[run, --configuration, /etc/relay.toml]").unwrap(),
+            );
+        },
+        &["`relay-order`", "no flag `--configuration`", "--config"],
+    );
+    expect_problem(
+        check_environment,
+        |c| {
+            service_mut(c, "payment")["command"] =
+                serde_yaml::from_str("[payment-service, serve, --charge-limt=10]").unwrap();
+        },
+        &["`payment`", "no flag `--charge-limt`", "--charge-limit"],
+    );
+}
+
+#[test]
+fn relays_of_one_database_configured_apart_or_refused_are_reported() {
+    // Another slot: both relays would stream, each publishing every row.
+    expect_problem(
+        check_relays,
+        |c| {
+            service_mut(c, "relay-inventory-2")["environment"]
+                .as_mapping_mut()
+                .expect("relay-inventory-2 has an environment")
+                .insert("OUTBOX_RELAY_SLOT".into(), "inventory_2".into());
+        },
+        &[
+            "`relay-inventory-2`",
+            "`relay-inventory`",
+            "slot",
+            "inventory_2",
+        ],
+    );
+    // Another topic template: what is published would depend on who streams.
+    expect_problem(
+        check_relays,
+        |c| {
+            service_mut(c, "relay-inventory")["environment"]["OUTBOX_RELAY_TOPIC_TEMPLATE"] =
+                "shop.{aggregatetype}".into();
+        },
+        &["`relay-inventory`", "outbox routing", "shop."],
+    );
+    // A value the relay refuses at start.
+    expect_problem(
+        check_relays,
+        |c| {
+            service_mut(c, "relay-payment")["environment"]
+                .as_mapping_mut()
+                .expect("relay-payment has an environment")
+                .insert(
+                    "OUTBOX_RELAY_STANDBY_POLL_INTERVAL_MS".into(),
+                    "soon".into(),
+                );
+        },
+        &["`relay-payment`", "refuses its configuration", "soon"],
+    );
+    // A replica without a relay of its own.
+    expect_problem(
+        check_databases,
+        |c| {
+            service_mut(c, "relay-inventory-2")["depends_on"]
+                .as_mapping_mut()
+                .expect("relay-inventory-2 depends on services")
+                .remove("inventory-2");
+            service_mut(c, "relay-inventory-2")["depends_on"]
+                .as_mapping_mut()
+                .expect("relay-inventory-2 depends on services")
+                .insert(
+                    "inventory".into(),
+                    serde_yaml::from_str("{condition: service_healthy}").unwrap(),
+                );
+        },
+        &["`inventory-2`", "no relay sits beside it"],
+    );
+}
+
+#[test]
 fn a_missing_mounted_file_and_a_port_clash_are_reported() {
     expect_problem(
         check_mounts,
@@ -1595,6 +1009,14 @@ fn a_missing_mounted_file_and_a_port_clash_are_reported() {
             service_mut(c, "relay-order")["ports"][0] = "8080:9187".into();
         },
         &["8080", "`order`", "`relay-order`"],
+    );
+    // The second replica on the first one's host port.
+    expect_problem(
+        check_ports,
+        |c| {
+            service_mut(c, "inventory-2")["ports"][0] = "8082:8082".into();
+        },
+        &["8082", "`inventory`", "`inventory-2`"],
     );
     expect_problem(
         check_ports,
@@ -1650,6 +1072,15 @@ fn the_parsers_read_what_the_files_may_say() {
     ] {
         assert_eq!(parse_port(&port.into()), Some(expect), "{port}");
     }
+
+    // The flag scanner, against the relay's command line itself.
+    let mut scanned = flags_read(&[repo_root().join("relay/src")]);
+    scanned.extend(["--help", "-h", "--version", "-V"].map(str::to_owned));
+    assert_eq!(
+        scanned,
+        relay_flags(),
+        "flags scanned in relay/src against clap's"
+    );
 
     let mut merged: Value =
         serde_yaml::from_str("a: &a {x: 1, y: 1}\nb: &b {<<: *a, y: 2}\nc: {<<: [*b], z: 3}\n")

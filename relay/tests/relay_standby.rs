@@ -127,11 +127,17 @@ async fn a_standby_takes_over_when_the_active_relay_is_killed_stopped_or_hangs()
                     status == 200 && body.contains("\"status\":\"standby\"")
                 })
                 .await;
-            let (_, metrics) = relays[next].http_get("/metrics").await;
-            assert!(
-                metrics.contains("outbox_relay_takeovers_total 1"),
-                "the hung holder was ended by the new one: {metrics}"
-            );
+            // One of the standbys ended the hung holder (both may have).
+            let mut ended = 0.0;
+            for (i, relay) in relays.iter().enumerate() {
+                if i != active {
+                    ended += relay
+                        .metric("outbox_relay_takeovers_total")
+                        .await
+                        .unwrap_or(0.0);
+                }
+            }
+            assert!(ended >= 1.0, "no standby ended the hung holder");
         } else {
             // The replaced pod comes back, as a standby.
             relays[active] = Relay::start(&settings);

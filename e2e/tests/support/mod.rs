@@ -1,6 +1,13 @@
-//! A shop on fresh databases and fresh topics, for one test.
+//! Support for the end-to-end tests: a shop on fresh databases and fresh topics for
+//! one test (here), and what the checks of the deployment files share: the workspace
+//! (`workspace`), the Dockerfile (`dockerfile`) and what a container runs
+//! (`container`).
 
 #![allow(dead_code, unreachable_pub)]
+
+pub mod container;
+pub mod dockerfile;
+pub mod workspace;
 
 use std::time::Duration;
 

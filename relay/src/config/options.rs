@@ -139,8 +139,8 @@ section! {
         pub standby_poll_interval_ms: Option<u64>,
 
         /// Milliseconds the slot's holder may go without a status update before a
-        /// standby ends its server process and takes the slot over (a hung relay); 0:
-        /// never [default: 30000].
+        /// standby ends its server process and takes the slot over (a hung relay);
+        /// 0: never; unset, at least three status intervals [default: 30000].
         #[arg(long, env = "OUTBOX_RELAY_TAKEOVER_AFTER_MS", value_name = "MS")]
         pub takeover_after_ms: Option<u64>,
 

@@ -439,3 +439,23 @@ fn flags_and_environment_variables_keep_their_names() {
     .map(|(long, env)| (long.to_owned(), format!("OUTBOX_RELAY_{env}")));
     assert_eq!(names, expected);
 }
+
+#[test]
+fn an_unset_takeover_bound_keeps_clear_of_a_long_status_interval() {
+    let long: Sections = toml::from_str(
+        "[postgres]\nurl = \"postgres://u@h/db\"\nstatus_interval_ms = 600000\n[kafka]\nbrokers = \"k:1\"\n",
+    )
+    .unwrap();
+    let config = long.resolve().unwrap();
+    assert_eq!(
+        config.postgres.takeover_after,
+        Some(Duration::from_secs(1800))
+    );
+    // Set explicitly, a bound a healthy relay could exceed is refused.
+    let short: Sections = toml::from_str(
+        "[postgres]\nurl = \"postgres://u@h/db\"\nstatus_interval_ms = 600000\ntakeover_after_ms = 30000\n[kafka]\nbrokers = \"k:1\"\n",
+    )
+    .unwrap();
+    let error = short.resolve().unwrap_err().to_string();
+    assert!(error.contains("takeover_after_ms"), "{error}");
+}

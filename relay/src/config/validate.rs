@@ -44,6 +44,7 @@ impl Sections {
 
 impl PostgresSection {
     fn resolve(self, url: Secret, default: PostgresConfig) -> Result<PostgresConfig, ConfigError> {
+        let status_interval = millis(self.status_interval_ms, default.status_interval);
         Ok(PostgresConfig {
             url,
             slot: self.slot,
@@ -55,7 +56,7 @@ impl PostgresSection {
                 Some(table) => TableName::parse(&table)?,
                 None => default.table,
             },
-            status_interval: millis(self.status_interval_ms, default.status_interval),
+            status_interval,
             heartbeat_interval: match self.heartbeat_interval_ms {
                 // 0 turns heartbeats off.
                 Some(0) => None,
@@ -71,7 +72,10 @@ impl PostgresSection {
                 // 0: a standby never ends another relay's server process.
                 Some(0) => None,
                 Some(ms) => Some(Duration::from_millis(ms)),
-                None => default.takeover_after,
+                // Unset, it keeps clear of a long status interval.
+                None => default
+                    .takeover_after
+                    .map(|bound| bound.max(status_interval * 3)),
             },
             streaming: self.streaming.unwrap_or(default.streaming),
             stream_memory_bytes: self
