@@ -10,6 +10,10 @@
 //! - [`outage`]: the relay's memory through a broker outage under load;
 //! - [`takeover`]: three relays on one slot; how fast a standby takes over from
 //!   an active relay that is killed, stopped or hung, and what it re-sends;
+//! - [`large_tx`]: one transaction of a million rows, streamed by the server
+//!   while in progress (protocol 2) against protocol 1: the relay's memory, what
+//!   the server spilled, COMMIT → last acknowledgement, duplicates after a SIGKILL
+//!   halfway;
 //! - [`sagas`]: order sagas through the four services and their relays: at
 //!   saturation, at 100/s, and 1,000 in flight at once.
 //!
@@ -19,6 +23,7 @@
 
 #![allow(clippy::print_stdout)] // the tables are the program's output
 
+mod large_tx;
 mod latency;
 mod outage;
 mod relay_lab;
@@ -48,9 +53,13 @@ struct Cli {
     #[arg(long)]
     events: Option<u64>,
     /// Only these parts (comma-separated): throughput, latency, outage, takeover,
-    /// sagas.
-    #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "takeover", "sagas"])]
+    /// sagas, large-tx.
+    #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "takeover", "sagas", "large-tx"])]
     only: Vec<String>,
+    /// Rows of the large-tx part's transactions [default: 1000000, 20000 with
+    /// --quick].
+    #[arg(long, value_name = "N")]
+    large_tx_rows: Option<u64>,
     /// Only these throughput workloads, as ROWSxBYTES (comma-separated), e.g.
     /// 100x3000 for 100-row transactions of 3 KB payloads [default: 1x300,
     /// 100x300, 1x3000, 100x3000].
@@ -133,10 +142,13 @@ struct Plan {
     outage: Duration,
     takeover: takeover::Plan,
     sagas: sagas::Sizes,
+    /// Rows of the large transactions, and the server's
+    /// `logical_decoding_work_mem` for them (`None`: its default, 64 MB).
+    large_tx: (u64, Option<&'static str>),
 }
 
 impl Plan {
-    fn new(quick: bool, events: Option<u64>) -> Plan {
+    fn new(quick: bool, events: Option<u64>, large_tx_rows: Option<u64>) -> Plan {
         if quick {
             Plan {
                 events: events.unwrap_or(2_000),
@@ -154,6 +166,9 @@ impl Plan {
                     latency_seconds: 2.0,
                     in_flight: 200,
                 },
+                // Small enough to be quick, with the server's minimum work
+                // memory so that it is streamed all the same.
+                large_tx: (large_tx_rows.unwrap_or(20_000), Some("64kB")),
             }
         } else {
             Plan {
@@ -177,6 +192,7 @@ impl Plan {
                     latency_seconds: 20.0,
                     in_flight: 1_000,
                 },
+                large_tx: (large_tx_rows.unwrap_or(1_000_000), None),
             }
         }
     }
@@ -218,9 +234,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let plan = Plan::new(cli.quick, cli.events);
+    let plan = Plan::new(cli.quick, cli.events, cli.large_tx_rows);
     let parts: BTreeSet<&str> = if cli.only.is_empty() {
-        ["throughput", "latency", "outage", "takeover", "sagas"].into()
+        [
+            "throughput",
+            "latency",
+            "outage",
+            "takeover",
+            "sagas",
+            "large-tx",
+        ]
+        .into()
     } else {
         cli.only.iter().map(String::as_str).collect()
     };
@@ -322,6 +346,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         print_sagas(&result);
         if !result.complete() {
             bail!("sagas: a number is missing: {result:?}");
+        }
+    }
+    if parts.contains("large-tx") {
+        let (rows, work_mem) = plan.large_tx;
+        eprintln!("==> large transactions of {rows} rows");
+        let result = large_tx::run(rows, work_mem, &relay_bin)
+            .await
+            .context("large transactions")?;
+        print_large_tx(&result);
+        if !result.complete() {
+            bail!("large transactions: a number is missing: {result:?}");
         }
     }
     println!("\n(the run took {:.0} s)", started.elapsed().as_secs_f64());
@@ -454,6 +489,58 @@ fn print_takeover(t: &takeover::Takeover) {
         t.takeovers(),
         t.max_in_flight
     );
+}
+
+fn print_large_tx(l: &large_tx::LargeTx) {
+    let bytes = |n: f64| {
+        if n >= 1e6 {
+            format!("{:.0} MB", n / 1e6)
+        } else {
+            format!("{:.0} kB", n / 1e3)
+        }
+    };
+    println!(
+        "\nLarge transactions: one transaction of {} rows (about {} of payload) written by one \
+         statement, relayed with the relay's defaults; server logical_decoding_work_mem {}\n\
+         {:<12} {:>8} {:>11} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        l.rows,
+        bytes((l.rows * large_tx::PAYLOAD_BYTES as u64) as f64),
+        l.work_mem.unwrap_or("64MB (the default)"),
+        "protocol",
+        "write s",
+        "COMMIT->ack",
+        "relay RSS",
+        "srv spill",
+        "srv strm",
+        "relay spl",
+        "killed at",
+        "resumed",
+        "dups"
+    );
+    for v in &l.variants {
+        println!(
+            "{:<12} {:>8.1} {:>9.1} s {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+            if v.streaming { "2 streaming" } else { "1" },
+            v.write_s,
+            v.commit_to_last_ack_s,
+            mib(v.peak_rss_kib),
+            bytes(v.server_spill_bytes as f64),
+            bytes(v.server_stream_bytes as f64),
+            bytes(v.relay_spill_bytes as f64),
+            v.killed_at,
+            v.resume_point.map_or("-".to_owned(), |n| n.to_string()),
+            v.duplicates
+        );
+    }
+    if let [two, one] = &l.variants[..] {
+        println!(
+            "protocol 2 / protocol 1: COMMIT -> last ack {:.2}, relay peak RSS {:.2}; duplicates \
+             after a SIGKILL halfway against max_in_flight {}",
+            two.commit_to_last_ack_s / one.commit_to_last_ack_s,
+            two.peak_rss_kib as f64 / one.peak_rss_kib as f64,
+            l.max_in_flight
+        );
+    }
 }
 
 fn print_sagas(s: &sagas::Sagas) {

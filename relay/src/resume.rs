@@ -52,6 +52,9 @@ pub const MIN_WRITE_GAP: Duration = Duration::from_millis(10);
 pub const IDLE_CLOSE: Duration = Duration::from_secs(30);
 /// The pause before retrying a failed write.
 const RETRY: Duration = Duration::from_secs(1);
+/// A write that takes longer fails (the session then stops counting on resume
+/// points: its reading must not wait on a table someone locked).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// SQLSTATE of "permission denied".
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
@@ -226,6 +229,15 @@ impl Drop for WriterTask {
     }
 }
 
+/// Why a point was not stored.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Server(#[from] ReplicationError),
+    #[error("storing a resume point took more than {WRITE_TIMEOUT:?}")]
+    TimedOut,
+}
+
 /// Writes the resume points a session asks for, on a connection of its own.
 #[derive(Debug)]
 pub struct ResumeWriter {
@@ -246,7 +258,7 @@ impl ResumeWriter {
     }
 
     /// Stores one point, connecting when needed.
-    async fn write(&mut self, point: Position) -> Result<(), ReplicationError> {
+    async fn write(&mut self, point: Position) -> Result<(), WriteError> {
         let client = match &mut self.client {
             Some(client) => client,
             None => {
@@ -290,7 +302,10 @@ impl ResumeWriter {
                 continue;
             };
             loop {
-                match self.write(point).await {
+                let written = tokio::time::timeout(WRITE_TIMEOUT, self.write(point))
+                    .await
+                    .unwrap_or(Err(WriteError::TimedOut));
+                match written {
                     Ok(()) => {
                         if failing {
                             tracing::info!("storing resume points works again");
@@ -308,9 +323,8 @@ impl ResumeWriter {
                             failing = true;
                         }
                         stored.send_modify(|s| s.working = false);
-                        if let Some(client) = self.client.take() {
-                            client.close().await;
-                        }
+                        // Dropped, not closed: it may be stuck.
+                        self.client = None;
                         tokio::time::sleep(RETRY).await;
                         match want.has_changed() {
                             Err(_) => return,

@@ -77,7 +77,7 @@ impl<W: WalStream, S: Sink> Session<'_, W, S> {
         let changes = self
             .buffers
             .commit(commit.xid)
-            .ok_or(OrderError::NotStarted(commit.xid))?
+            .ok_or(OrderError::CommittedUnstarted(commit.xid))?
             .map_err(StreamError::Replay)?;
         self.metrics.set_streamed_open(self.buffers.len() as u64);
         self.open_txn(commit.commit_lsn, commit.commit_time())?;

@@ -68,6 +68,8 @@ pub enum OrderError {
     StartedTwice(u32),
     #[error("a later segment of transaction {0} came without its first")]
     NotStarted(u32),
+    #[error("transaction {0} was committed without a Stream Start")]
+    CommittedUnstarted(u32),
 }
 
 /// One kept change, as replayed.
