@@ -386,13 +386,7 @@ pub fn decode(buf: &Bytes) -> Result<LogicalMessage, DecodeError> {
         b'B' => LogicalMessage::Begin(begin(&mut r)?),
         b'C' => LogicalMessage::Commit(commit(&mut r)?),
         b'O' => LogicalMessage::Origin(origin(&mut r)?),
-        b'R' => LogicalMessage::Relation(relation(&mut r)?),
-        b'Y' => LogicalMessage::Type(data_type(&mut r)?),
-        b'I' => LogicalMessage::Insert(insert(&mut r)?),
-        b'U' => LogicalMessage::Update(update(&mut r)?),
-        b'D' => LogicalMessage::Delete(delete(&mut r)?),
-        b'T' => LogicalMessage::Truncate(truncate(&mut r)?),
-        b'M' => LogicalMessage::Message(message(&mut r)?),
+        b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M' => change(tag, &mut r)?,
         b'S' => LogicalMessage::StreamStart(streaming::start(&mut r)?),
         b'E' => LogicalMessage::StreamStop,
         b'c' => LogicalMessage::StreamCommit(streaming::commit(&mut r)?),
@@ -406,6 +400,21 @@ pub fn decode(buf: &Bytes) -> Result<LogicalMessage, DecodeError> {
     };
     r.finish()?;
     Ok(message)
+}
+
+/// The body of a change message (tag `R`, `Y`, `I`, `U`, `D`, `T` or `M`), laid
+/// out alike inside a stream block and outside but for the xid before it.
+fn change(tag: u8, r: &mut Reader<'_>) -> Result<LogicalMessage, DecodeError> {
+    Ok(match tag {
+        b'R' => LogicalMessage::Relation(relation(r)?),
+        b'Y' => LogicalMessage::Type(data_type(r)?),
+        b'I' => LogicalMessage::Insert(insert(r)?),
+        b'U' => LogicalMessage::Update(update(r)?),
+        b'D' => LogicalMessage::Delete(delete(r)?),
+        b'T' => LogicalMessage::Truncate(truncate(r)?),
+        b'M' => LogicalMessage::Message(message(r)?),
+        other => return Err(r.error_at(0, DecodeErrorKind::UnknownMessage(other))),
+    })
 }
 
 fn begin(r: &mut Reader<'_>) -> Result<Begin, DecodeError> {

@@ -542,14 +542,7 @@ impl<'a, W: WalStream, S: Sink> Session<'a, W, S> {
             LogicalMessage::Message(message) if message.prefix == HEARTBEAT_PREFIX => {
                 tracing::debug!(lsn = %message.lsn, "heartbeat returned");
             }
-            LogicalMessage::Message(message)
-                if self
-                    .config
-                    .outbox
-                    .messages
-                    .as_ref()
-                    .is_some_and(|m| m.prefix == message.prefix) =>
-            {
+            LogicalMessage::Message(message) if self.routes_messages_of(&message.prefix) => {
                 if message.transactional() && self.open.is_some() {
                     self.route_message(&message.prefix, &message.content)?;
                 } else {

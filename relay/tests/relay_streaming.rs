@@ -152,6 +152,29 @@ impl World {
         }
     }
 
+    /// Begins a transaction of `events` (`dead`: never to be published) and waits
+    /// until the server streamed it and the relay holds it open.
+    async fn open_streamed(
+        &self,
+        relay: &Relay,
+        events: &[(i64, i64)],
+        dead: bool,
+    ) -> Transaction<'static, Postgres> {
+        let (_, streamed, _) = self.slot_stats().await;
+        let mut tx = self.pool().begin().await.expect("begin");
+        insert(&mut tx, events, dead).await;
+        self.wait_streamed_beyond(streamed).await;
+        wait_metric(relay, "outbox_relay_streamed_transactions_open", 1.0).await;
+        tx
+    }
+
+    /// The relay holds no streamed transaction, and no spill file is left.
+    async fn assert_nothing_held(&self, relay: &Relay) {
+        wait_metric(relay, "outbox_relay_streamed_transactions_open", 0.0).await;
+        let files = self.spill_files();
+        assert!(files.is_empty(), "spill files left: {files:?}");
+    }
+
     /// Spill files left in the relay's spill directory.
     fn spill_files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
@@ -194,6 +217,11 @@ async fn insert(tx: &mut Transaction<'_, Postgres>, events: &[(i64, i64)], dead:
     .execute(&mut **tx)
     .await
     .expect("insert outbox rows");
+}
+
+/// `n` events that must never arrive, numbered apart from the plan's.
+fn dead_events(n: i64) -> Vec<(i64, i64)> {
+    (0..n).map(|i| (i % KEYS, 1_000_000 + i)).collect()
 }
 
 /// Commits `n` events of the plan in a transaction of their own.
@@ -293,11 +321,8 @@ async fn a_streamed_transaction_is_published_at_its_commit_in_bounded_memory() {
 
     let (streams_before, _, _) = world.slot_stats().await;
     let big = plan.events(2_000 * scale());
-    let mut tx = world.pool().begin().await.expect("begin");
-    insert(&mut tx, &big, false).await;
     // The server streams it, and the relay holds it open, before the commit.
-    world.wait_streamed_beyond(0).await;
-    wait_metric(&relay, "outbox_relay_streamed_transactions_open", 1.0).await;
+    let tx = world.open_streamed(&relay, &big, false).await;
     tx.commit().await.expect("commit");
     plan.committed(&big);
     let mut collector = world.collector().await;
@@ -316,12 +341,7 @@ async fn a_streamed_transaction_is_published_at_its_commit_in_bounded_memory() {
         spilled.unwrap_or_default() > 0.0,
         "the relay kept ~600 kB in a 64 KiB budget without spilling"
     );
-    wait_metric(&relay, "outbox_relay_streamed_transactions_open", 0.0).await;
-    assert!(
-        world.spill_files().is_empty(),
-        "left: {:?}",
-        world.spill_files()
-    );
+    world.assert_nothing_held(&relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,24 +351,16 @@ async fn an_aborted_streamed_transaction_publishes_nothing() {
     let relay = world.start().await;
     let mut plan = Plan::default();
 
-    let doomed = plan.events(2_000);
-    let mut tx = world.pool().begin().await.expect("begin");
-    insert(&mut tx, &doomed, true).await;
-    world.wait_streamed_beyond(0).await;
-    wait_metric(&relay, "outbox_relay_streamed_transactions_open", 1.0).await;
+    // Events that never happened take no numbers.
+    let doomed = dead_events(2_000);
+    let tx = world.open_streamed(&relay, &doomed, true).await;
     tx.rollback().await.expect("rollback");
     // Committed after the abort: once it arrived, the abort was handled.
-    let mut plan = Plan::default();
     commit_small(world.pool(), &mut plan, 3).await;
     let mut collector = world.collector().await;
     collect_all(&mut collector, &plan).await;
     check(&collector.received, &plan);
-    wait_metric(&relay, "outbox_relay_streamed_transactions_open", 0.0).await;
-    assert!(
-        world.spill_files().is_empty(),
-        "left: {:?}",
-        world.spill_files()
-    );
+    world.assert_nothing_held(&relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,7 +379,7 @@ async fn the_changes_of_an_aborted_subtransaction_are_left_out() {
         .await
         .unwrap();
     // Events of the savepoint take no numbers: they never happened.
-    let doomed: Vec<(i64, i64)> = (0..1_000).map(|i| (i % KEYS, 1_000_000 + i)).collect();
+    let doomed = dead_events(1_000);
     let (_, streamed, _) = world.slot_stats().await;
     insert(&mut tx, &doomed, true).await;
     // Some of them were streamed before the rollback.
@@ -510,10 +522,7 @@ async fn transactions_confirmed_past_an_open_streamed_one_do_not_lose_it() {
 
     let early = plan.events(16);
     let big = plan.events(2_000);
-    let mut tx = world.pool().begin().await.expect("begin");
-    insert(&mut tx, &big, false).await;
-    world.wait_streamed_beyond(0).await;
-    wait_metric(&relay, "outbox_relay_streamed_transactions_open", 1.0).await;
+    let tx = world.open_streamed(&relay, &big, false).await;
     commit_in_parts(world.pool(), &early).await;
     let after_early = current_lsn(world.pool()).await;
     let deadline = Instant::now() + NO_PROGRESS;

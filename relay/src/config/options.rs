@@ -157,8 +157,9 @@ section! {
         #[arg(long, env = "OUTBOX_RELAY_STREAM_MEMORY_BYTES", value_name = "BYTES")]
         pub stream_memory_bytes: Option<u64>,
 
-        /// Directory for streamed transactions that outgrew --stream-memory-bytes
-        /// [default: outbox-relay in the system's temporary directory].
+        /// Directory for streamed transactions that outgrew --stream-memory-bytes, a
+        /// folder per slot in it [default: outbox-relay in the system's temporary
+        /// directory].
         #[arg(long, env = "OUTBOX_RELAY_SPILL_DIR", value_name = "DIR")]
         pub spill_dir: Option<PathBuf>,
     }

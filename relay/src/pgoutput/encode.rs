@@ -159,14 +159,23 @@ pub(crate) fn encode(message: &LogicalMessage) -> Bytes {
 /// message with the (sub)transaction's `xid` after its tag.
 pub(crate) fn encode_in_stream(xid: u32, message: &LogicalMessage) -> Bytes {
     let plain = encode(message);
-    match message {
-        LogicalMessage::Relation(_)
-        | LogicalMessage::Type(_)
-        | LogicalMessage::Insert(_)
-        | LogicalMessage::Update(_)
-        | LogicalMessage::Delete(_)
-        | LogicalMessage::Truncate(_)
-        | LogicalMessage::Message(_) => Wire::tag(plain[0]).u32(xid).raw(&plain[1..]).build(),
-        _ => plain,
+    if carries_xid(message) {
+        Wire::tag(plain[0]).u32(xid).raw(&plain[1..]).build()
+    } else {
+        plain
     }
+}
+
+/// Whether a message carries its transaction's id inside a stream block.
+pub(crate) fn carries_xid(message: &LogicalMessage) -> bool {
+    matches!(
+        message,
+        LogicalMessage::Relation(_)
+            | LogicalMessage::Type(_)
+            | LogicalMessage::Insert(_)
+            | LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)
+            | LogicalMessage::Message(_)
+    )
 }

@@ -22,10 +22,7 @@
 
 use bytes::Bytes;
 
-use super::{
-    data_type, delete, insert, message, origin, relation, truncate, update, DecodeError,
-    DecodeErrorKind, LogicalMessage, Reader,
-};
+use super::{change, origin, DecodeError, DecodeErrorKind, LogicalMessage, Reader};
 use crate::Lsn;
 
 /// Start of a block of a streamed transaction's changes.
@@ -155,18 +152,12 @@ impl Decoder {
 pub fn decode_in_stream(buf: &Bytes) -> Result<Decoded, DecodeError> {
     let mut r = Reader::new(buf);
     let tag = r.u8("message tag")?;
-    let xid = match tag {
-        b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M' => Some(r.u32("transaction id")?),
-        _ => None,
-    };
+    let mut xid = None;
     let message = match tag {
-        b'R' => LogicalMessage::Relation(relation(&mut r)?),
-        b'Y' => LogicalMessage::Type(data_type(&mut r)?),
-        b'I' => LogicalMessage::Insert(insert(&mut r)?),
-        b'U' => LogicalMessage::Update(update(&mut r)?),
-        b'D' => LogicalMessage::Delete(delete(&mut r)?),
-        b'T' => LogicalMessage::Truncate(truncate(&mut r)?),
-        b'M' => LogicalMessage::Message(message(&mut r)?),
+        b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M' => {
+            xid = Some(r.u32("transaction id")?);
+            change(tag, &mut r)?
+        }
         b'O' => LogicalMessage::Origin(origin(&mut r)?),
         b'E' => LogicalMessage::StreamStop,
         b'B' | b'C' | b'S' | b'c' | b'A' => {

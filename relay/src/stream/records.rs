@@ -115,6 +115,16 @@ impl<W: WalStream, S: Sink> Session<'_, W, S> {
         self.push(record, letter, commit_time)
     }
 
+    /// Whether logical messages with `prefix` are outbox events (a table-less
+    /// outbox).
+    pub(super) fn routes_messages_of(&self, prefix: &str) -> bool {
+        self.config
+            .outbox
+            .messages
+            .as_ref()
+            .is_some_and(|m| m.prefix == prefix)
+    }
+
     /// Routes a transactional logical message of the table-less outbox.
     pub(super) fn route_message(
         &mut self,

@@ -49,14 +49,7 @@ impl<W: WalStream, S: Sink> Session<'_, W, S> {
                     .push(xid, subxid, Some((insert.relation_id, session)), data)?
             }
             LogicalMessage::Message(message) if message.prefix == HEARTBEAT_PREFIX => 0,
-            LogicalMessage::Message(message)
-                if self
-                    .config
-                    .outbox
-                    .messages
-                    .as_ref()
-                    .is_some_and(|m| m.prefix == message.prefix) =>
-            {
+            LogicalMessage::Message(message) if self.routes_messages_of(&message.prefix) => {
                 if !message.transactional() {
                     tracing::warn!(lsn = %message.lsn, prefix = %message.prefix, "ignoring a non-transactional logical message");
                     return Ok(());

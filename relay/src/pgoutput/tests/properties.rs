@@ -1,6 +1,7 @@
 //! Properties: arbitrary bytes never panic; built messages round-trip.
 
 use super::*;
+use crate::pgoutput::encode::carries_xid;
 
 const TAGS: &[u8] = b"BCORYIUDTMSEcAbPKrp";
 
@@ -146,20 +147,6 @@ fn arb_message() -> impl Strategy<Value = LogicalMessage> {
         (any::<u32>(), any::<u32>())
             .prop_map(|(xid, subxid)| LogicalMessage::StreamAbort(StreamAbort { xid, subxid })),
     ]
-}
-
-/// Whether a message carries its transaction's id inside a stream block.
-fn carries_xid(message: &LogicalMessage) -> bool {
-    matches!(
-        message,
-        LogicalMessage::Relation(_)
-            | LogicalMessage::Type(_)
-            | LogicalMessage::Insert(_)
-            | LogicalMessage::Update(_)
-            | LogicalMessage::Delete(_)
-            | LogicalMessage::Truncate(_)
-            | LogicalMessage::Message(_)
-    )
 }
 
 proptest! {
