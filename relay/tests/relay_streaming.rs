@@ -594,3 +594,53 @@ async fn wait_metric(relay: &Relay, name: &str, value: f64) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A relay whose role may not create tables in the outbox table's schema (on
+/// PostgreSQL 15 and later, anyone but the database's owner) warns and works
+/// without resume points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_privilege_to_create_the_resume_table_the_relay_works_without() {
+    let _serial = SERIAL.lock().await;
+    let db = OutboxDb::new().await;
+    // The test's role owns everything it could be refused, so the outbox table
+    // goes into a schema whose owner gave up creating in it.
+    sqlx::raw_sql(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.outbox (LIKE public.outbox INCLUDING ALL);
+         REVOKE CREATE ON SCHEMA app FROM CURRENT_USER;",
+    )
+    .execute(db.pool())
+    .await
+    .expect("an outbox table in a schema nobody may create in");
+    let brokers = settings().kafka_brokers.clone();
+    let settings = RelaySettings::new(&db, &brokers)
+        .with("OUTBOX_RELAY_TABLE", "app.outbox")
+        .with("OUTBOX_RELAY_SNAPSHOT_MODE", "never");
+    let relay = Relay::start(&settings);
+    db.wait_for_streaming().await;
+
+    let mut plan = Plan::default();
+    let events = plan.events(5);
+    let mut tx = db.pool().begin().await.expect("begin");
+    sqlx::query("SET LOCAL search_path = app")
+        .execute(&mut *tx)
+        .await
+        .expect("write to app.outbox");
+    insert(&mut tx, &events, false).await;
+    tx.commit().await.expect("commit");
+    plan.committed(&events);
+    let mut collector = Collector::new(&brokers, &[settings.topic("order")], 3).await;
+    collect_all(&mut collector, &plan).await;
+    assert_eq!(check(&collector.received, &plan), 0);
+    let log = relay.log_text();
+    assert!(
+        log.contains("cannot create the resume point table"),
+        "no warning; log:\n{log}"
+    );
+    let table: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('app.outbox_relay_resume')::text")
+            .fetch_one(db.pool())
+            .await
+            .expect("look for the table");
+    assert_eq!(table, None);
+}
