@@ -177,6 +177,42 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
         ),
         Err(e) => report.fail("role", error_chain(&e)),
     }
+    if config.postgres.takeover_after.is_some() {
+        let sees = client
+            .simple_query(
+                "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') \
+                 FROM pg_roles WHERE rolname = current_user",
+            )
+            .await;
+        match sees {
+            Ok(rows)
+                if rows
+                    .first()
+                    .and_then(|r| r.first())
+                    .cloned()
+                    .flatten()
+                    .as_deref()
+                    == Some("t") =>
+            {
+                report.pass(
+                    "takeover",
+                    "a standby can see when the slot's holder last reported, and ends a hung one",
+                );
+            }
+            // Not a failure: one relay works without it, and the server's
+            // wal_sender_timeout still ends a hung holder.
+            Ok(_) => report.pass(
+                "takeover",
+                format!(
+                    "note: {user} cannot see pg_stat_replication.reply_time, so a standby \
+                     cannot tell a hung slot holder; wal_sender_timeout ends it instead \
+                     (GRANT pg_read_all_stats TO {user} for takeover after takeover_after_ms)",
+                    user = connect.user()
+                ),
+            ),
+            Err(e) => report.fail("takeover", error_chain(&e)),
+        }
+    }
     let table = match setup::check_table(&mut client, config, &database).await {
         Ok(table) => {
             let kind = if table.partitioned {
