@@ -125,13 +125,7 @@ pub async fn inspect(client: &mut ReplicationClient, slot: &str) -> Result<SlotV
          WHERE s.slot_name = {}",
         sql::literal(slot)
     );
-    let rows = client
-        .simple_query(&query)
-        .await
-        .map_err(|source| StandbyError::Query {
-            slot: slot.to_owned(),
-            source,
-        })?;
+    let rows = run(client, slot, &query).await?;
     let row = rows
         .first()
         .ok_or_else(|| StandbyError::Missing(slot.to_owned()))?;
@@ -194,17 +188,25 @@ pub async fn end_silent_holder(
         sql::literal(slot),
         holder.pid
     );
-    let rows = client
-        .simple_query(&query)
-        .await
-        .map_err(|source| StandbyError::Query {
-            slot: slot.to_owned(),
-            source,
-        })?;
+    let rows = run(client, slot, &query).await?;
     Ok(rows
         .first()
         .and_then(|row| row.first().cloned().flatten())
         .is_some_and(|ended| ended == "t"))
+}
+
+async fn run(
+    client: &mut ReplicationClient,
+    slot: &str,
+    query: &str,
+) -> Result<Vec<Vec<Option<String>>>, StandbyError> {
+    client
+        .simple_query(query)
+        .await
+        .map_err(|source| StandbyError::Query {
+            slot: slot.to_owned(),
+            source,
+        })
 }
 
 /// How long a holder has been silent, on the standby's own clock: since its
