@@ -150,24 +150,9 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
         Ok(()) => report.pass("wal_level", "logical"),
         Err(e) => report.fail("wal_level", error_chain(&e)),
     }
-    match client
-        .simple_query(
-            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
-        )
-        .await
-    {
-        Ok(rows)
-            if rows
-                .first()
-                .and_then(|r| r.first())
-                .cloned()
-                .flatten()
-                .as_deref()
-                == Some("t") =>
-        {
-            report.pass("role", format!("{} may replicate", connect.user()));
-        }
-        Ok(_) => report.fail(
+    match role_may(&mut client, "rolreplication OR rolsuper").await {
+        Ok(true) => report.pass("role", format!("{} may replicate", connect.user())),
+        Ok(false) => report.fail(
             "role",
             format!(
                 "{} lacks the REPLICATION attribute: ALTER ROLE {} REPLICATION",
@@ -176,6 +161,27 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
             ),
         ),
         Err(e) => report.fail("role", error_chain(&e)),
+    }
+    if config.postgres.takeover_after.is_some() {
+        let sees = "rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')";
+        match role_may(&mut client, sees).await {
+            Ok(true) => report.pass(
+                "takeover",
+                "a standby can see when the slot's holder last reported, and ends a hung one",
+            ),
+            // Not a failure: one relay works without it, and the server's
+            // wal_sender_timeout still ends a hung holder.
+            Ok(false) => report.pass(
+                "takeover",
+                format!(
+                    "note: {user} cannot see pg_stat_replication.reply_time, so a standby \
+                     cannot tell a hung slot holder; wal_sender_timeout ends it instead \
+                     (GRANT pg_read_all_stats TO {user} for takeover after takeover_after_ms)",
+                    user = connect.user()
+                ),
+            ),
+            Err(e) => report.fail("takeover", error_chain(&e)),
+        }
     }
     let table = match setup::check_table(&mut client, config, &database).await {
         Ok(table) => {
@@ -283,6 +289,25 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
         Err(e) => report.fail("slot", error_chain(&e)),
     }
     client.close().await;
+}
+
+/// Whether `condition` (SQL over `pg_roles`) holds for the connected role.
+async fn role_may(
+    client: &mut ReplicationClient,
+    condition: &str,
+) -> Result<bool, crate::replication::ReplicationError> {
+    let rows = client
+        .simple_query(&format!(
+            "SELECT {condition} FROM pg_roles WHERE rolname = current_user"
+        ))
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first())
+        .cloned()
+        .flatten()
+        .as_deref()
+        == Some("t"))
 }
 
 async fn check_brokers(config: &RelayConfig, report: &mut CheckReport) {

@@ -125,13 +125,7 @@ pub async fn inspect(client: &mut ReplicationClient, slot: &str) -> Result<SlotV
          WHERE s.slot_name = {}",
         sql::literal(slot)
     );
-    let rows = client
-        .simple_query(&query)
-        .await
-        .map_err(|source| StandbyError::Query {
-            slot: slot.to_owned(),
-            source,
-        })?;
+    let rows = run(client, slot, &query).await?;
     let row = rows
         .first()
         .ok_or_else(|| StandbyError::Missing(slot.to_owned()))?;
@@ -194,17 +188,25 @@ pub async fn end_silent_holder(
         sql::literal(slot),
         holder.pid
     );
-    let rows = client
-        .simple_query(&query)
-        .await
-        .map_err(|source| StandbyError::Query {
-            slot: slot.to_owned(),
-            source,
-        })?;
+    let rows = run(client, slot, &query).await?;
     Ok(rows
         .first()
         .and_then(|row| row.first().cloned().flatten())
         .is_some_and(|ended| ended == "t"))
+}
+
+async fn run(
+    client: &mut ReplicationClient,
+    slot: &str,
+    query: &str,
+) -> Result<Vec<Vec<Option<String>>>, StandbyError> {
+    client
+        .simple_query(query)
+        .await
+        .map_err(|source| StandbyError::Query {
+            slot: slot.to_owned(),
+            source,
+        })
 }
 
 /// How long a holder has been silent, on the standby's own clock: since its
@@ -312,32 +314,24 @@ mod tests {
         let start = Instant::now();
         let at = |ms| start + Duration::from_millis(ms);
         let mut silence = Silence::default();
-        assert_eq!(
-            silence.observe(&holder(7, Some("t1")), at(0)),
-            Duration::ZERO
-        );
-        assert_eq!(
-            silence.observe(&holder(7, Some("t1")), at(2_500)),
-            Duration::from_millis(2_500)
-        );
-        // A new status update: silent no longer.
-        assert_eq!(
-            silence.observe(&holder(7, Some("t2")), at(3_000)),
-            Duration::ZERO
-        );
-        assert_eq!(
-            silence.observe(&holder(7, Some("t2")), at(4_000)),
-            Duration::from_secs(1)
-        );
-        // Another holder starts its own count.
-        assert_eq!(
-            silence.observe(&holder(8, Some("t2")), at(9_000)),
-            Duration::ZERO
-        );
-        assert_eq!(silence.observe(&holder(8, None), at(9_500)), Duration::ZERO);
-        assert_eq!(
-            silence.observe(&holder(8, None), at(10_000)),
-            Duration::from_millis(500)
-        );
+        // (holder, its last reply, when seen, silence expected)
+        let sightings = [
+            (7, Some("t1"), 0, 0),
+            (7, Some("t1"), 2_500, 2_500),
+            // A new status update: silent no longer.
+            (7, Some("t2"), 3_000, 0),
+            (7, Some("t2"), 4_000, 1_000),
+            // Another holder starts its own count.
+            (8, Some("t2"), 9_000, 0),
+            (8, None, 9_500, 0),
+            (8, None, 10_000, 500),
+        ];
+        for (pid, reply, seen, expected) in sightings {
+            assert_eq!(
+                silence.observe(&holder(pid, reply), at(seen)),
+                Duration::from_millis(expected),
+                "holder {pid} with {reply:?} at {seen} ms"
+            );
+        }
     }
 }

@@ -500,7 +500,11 @@ impl Collector {
         for topic in topics {
             wait_for_topic_on(Some(brokers), topic, partitions).await;
         }
+        // The local broker holds every fetch for fetch.wait.max.ms even with data
+        // waiting: with librdkafka's 500 ms, a topic written in many small batches
+        // (several relays, a light load) takes minutes to read.
         let consumer: StreamConsumer = consumer_config_on(Some(brokers), &unique_name("group"))
+            .set("fetch.wait.max.ms", "10")
             .create()
             .expect("create the consumer");
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
