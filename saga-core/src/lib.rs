@@ -8,8 +8,8 @@
 //! - [`barrier`]: the participant's barrier that turns duplicate deliveries, null
 //!   compensations and hanging actions into no-ops.
 //! - [`schema`]: the shared tables (`outbox`, `processed_messages`, `saga_state`,
-//!   `saga_barrier`, `outbox_relay_snapshots`) as migrations a service embeds beside
-//!   its own.
+//!   `saga_barrier`, `outbox_relay_snapshots`, `outbox_relay_resume`) as migrations a
+//!   service embeds beside its own.
 //! - [`status`]: the lifecycle states a saga and its steps go through.
 //! - [`testing`]: a participant's handler tested against a real database without a
 //!   broker: commands as the consumer hands them over, the replies in the outbox.

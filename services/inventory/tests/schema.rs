@@ -17,6 +17,7 @@ async fn migrations_create_shared_and_own_tables() {
         "goods_reservations",
         "outbox",
         "outbox_relay_snapshots",
+        "outbox_relay_resume",
         "processed_messages",
         "saga_barrier",
         "saga_state",

@@ -16,6 +16,7 @@ async fn migrations_create_shared_and_own_tables() {
         "payments",
         "outbox",
         "outbox_relay_snapshots",
+        "outbox_relay_resume",
         "processed_messages",
         "saga_barrier",
         "saga_state",
