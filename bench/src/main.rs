@@ -354,7 +354,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let result = large_tx::run(rows, work_mem, &relay_bin)
             .await
             .context("large transactions")?;
-        print_large_tx(&result);
+        large_tx::print(&result);
         if !result.complete() {
             bail!("large transactions: a number is missing: {result:?}");
         }
@@ -489,58 +489,6 @@ fn print_takeover(t: &takeover::Takeover) {
         t.takeovers(),
         t.max_in_flight
     );
-}
-
-fn print_large_tx(l: &large_tx::LargeTx) {
-    let bytes = |n: f64| {
-        if n >= 1e6 {
-            format!("{:.0} MB", n / 1e6)
-        } else {
-            format!("{:.0} kB", n / 1e3)
-        }
-    };
-    println!(
-        "\nLarge transactions: one transaction of {} rows (about {} of payload) written by one \
-         statement, relayed with the relay's defaults; server logical_decoding_work_mem {}\n\
-         {:<12} {:>8} {:>11} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
-        l.rows,
-        bytes((l.rows * large_tx::PAYLOAD_BYTES as u64) as f64),
-        l.work_mem.unwrap_or("64MB (the default)"),
-        "protocol",
-        "write s",
-        "COMMIT->ack",
-        "relay RSS",
-        "srv spill",
-        "srv strm",
-        "relay spl",
-        "killed at",
-        "resumed",
-        "dups"
-    );
-    for v in &l.variants {
-        println!(
-            "{:<12} {:>8.1} {:>9.1} s {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
-            if v.streaming { "2 streaming" } else { "1" },
-            v.write_s,
-            v.commit_to_last_ack_s,
-            mib(v.peak_rss_kib),
-            bytes(v.server_spill_bytes as f64),
-            bytes(v.server_stream_bytes as f64),
-            bytes(v.relay_spill_bytes as f64),
-            v.killed_at,
-            v.resume_point.map_or("-".to_owned(), |n| n.to_string()),
-            v.duplicates
-        );
-    }
-    if let [two, one] = &l.variants[..] {
-        println!(
-            "protocol 2 / protocol 1: COMMIT -> last ack {:.2}, relay peak RSS {:.2}; duplicates \
-             after a SIGKILL halfway against max_in_flight {}",
-            two.commit_to_last_ack_s / one.commit_to_last_ack_s,
-            two.peak_rss_kib as f64 / one.peak_rss_kib as f64,
-            l.max_in_flight
-        );
-    }
 }
 
 fn print_sagas(s: &sagas::Sagas) {
