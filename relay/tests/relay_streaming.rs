@@ -487,6 +487,12 @@ async fn killed_halfway_resends_at_most_a_window(streaming: bool) {
         "no resume point stored after {routed} records: {stored:?}"
     );
 
+    let (_, streamed, _) = world.slot_stats().await;
+    assert_eq!(
+        streamed > 0,
+        streaming,
+        "protocol 2 with streaming exactly when asked for"
+    );
     let relay = world.start().await;
     let mut collector = world.collector().await;
     collect_all(&mut collector, &plan).await;
