@@ -325,16 +325,34 @@ async fn wait_for_slot(
     let poll = config.postgres.standby_poll_interval;
     let mut announced: Option<u32> = None;
     let mut blind_warned = false;
+    let mut snapshot_wait = false;
     let mut silence = standby::Silence::default();
     loop {
         let view = standby::inspect(client, slot).await?;
         let Some(holder) = view.holder else {
-            if announced.is_some() {
+            // A free slot whose initial snapshot another relay is publishing is
+            // that relay's (see setup::SNAPSHOT_LOCK_CLASS); an unfinished one is
+            // claimed here, and published by this session.
+            if setup::snapshot_pending(client, config, slot).await?
+                && !setup::claim_snapshot(client, slot).await?
+            {
+                if !snapshot_wait {
+                    tracing::info!(slot, poll_interval = ?poll, "standing by: another relay is publishing the slot's initial snapshot");
+                    snapshot_wait = true;
+                }
+                health.standby(format!(
+                    "another relay is publishing slot {slot}'s initial snapshot"
+                ));
+                tokio::select! {
+                    () = tokio::time::sleep(poll) => continue,
+                    () = shutdown.clone() => return Ok(Waited::Shutdown),
+                }
+            }
+            let stood_by = announced.is_some() || snapshot_wait;
+            if stood_by {
                 tracing::info!(slot, "the slot is free; taking it");
             }
-            return Ok(Waited::Free {
-                stood_by: announced.is_some(),
-            });
+            return Ok(Waited::Free { stood_by });
         };
         if announced != Some(holder.pid) {
             tracing::info!(slot, holder = %holder, poll_interval = ?poll, "standing by: another process holds the slot");

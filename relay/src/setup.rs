@@ -435,6 +435,11 @@ async fn ensure_slot(
             // The snapshot is recorded as begun before the slot exists: a crash
             // between the two must not leave a slot whose snapshot never happened.
             if snapshots {
+                // Held until this connection ends: relays starting beside this one
+                // stand by instead of streaming while the snapshot is published.
+                if !claim_snapshot(client, &slot).await? {
+                    return Err(SetupError::SlotCreating(slot));
+                }
                 begin_snapshot(client, config, &slot).await?;
             }
             let mode = if snapshots {
@@ -503,6 +508,40 @@ async fn begin_snapshot(
     );
     query(client, "recording the initial snapshot", &record).await?;
     Ok(())
+}
+
+/// Class of the session-level advisory lock (the key is the slot name's hash) that
+/// a relay holds on its setup connection from taking up a slot's initial snapshot
+/// (creating the slot, or finding its snapshot unfinished) until that connection
+/// ends. The slot itself is free while the snapshot is read, so without the lock a
+/// relay standing by beside the publishing one would start streaming, and a key's
+/// snapshot row and a newer change of it could be published by two relays at once.
+/// A publisher that dies releases the lock with its connection; the next relay
+/// takes the unfinished snapshot up.
+pub const SNAPSHOT_LOCK_CLASS: i32 = 0x6f62_7278;
+
+/// Takes `slot`'s snapshot lock ([`SNAPSHOT_LOCK_CLASS`]) unless another session
+/// holds it; whether it did.
+pub async fn claim_snapshot(
+    client: &mut ReplicationClient,
+    slot: &str,
+) -> Result<bool, SetupError> {
+    let sql = format!(
+        "SELECT pg_try_advisory_lock({SNAPSHOT_LOCK_CLASS}, hashtext({}))",
+        sql::literal(slot)
+    );
+    let rows = query(client, "claiming the initial snapshot", &sql).await?;
+    Ok(single(&rows, "pg_try_advisory_lock")? == "t")
+}
+
+/// Whether `slot`'s initial snapshot is configured and not yet complete.
+pub async fn snapshot_pending(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+    slot: &str,
+) -> Result<bool, SetupError> {
+    Ok(config.postgres.snapshot == InitialSnapshot::Initial
+        && pending_snapshot(client, config, slot).await?.is_some())
 }
 
 /// `Some(position)` when the slot has a snapshot record without completion

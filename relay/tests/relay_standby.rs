@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::{
-    check_records, write_workload, Collector, OutboxDb, Received, Relay, RelaySettings, Rng, KEYS,
+    check_records, write_workload, Collector, OutboxDb, Received, Relay, RelaySettings, Rng, Row,
+    KEYS,
 };
 use testkit::settings;
 
@@ -206,4 +207,61 @@ async fn check_names_the_slot_holder() {
         takeover.contains("ends a hung one") || takeover.contains("pg_read_all_stats"),
         "{report}"
     );
+}
+
+/// The slot is free while its initial snapshot is read, yet it belongs to the relay
+/// publishing that snapshot: a relay starting beside it stands by instead of
+/// streaming changes of the same keys at the same time, and takes the snapshot up
+/// when the publisher is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stands_by_while_another_publishes_the_initial_snapshot() {
+    let db = OutboxDb::new().await;
+    let brokers = settings().kafka_brokers.clone();
+    let settings = RelaySettings::new(&db, &brokers);
+    // Rows before the slot: `init` creates it and leaves the snapshot to the first
+    // start.
+    let rows: Vec<Row> = (0..20).map(|seq| Row::event(seq % 4, seq)).collect();
+    db.write(&rows, false).await;
+    let (code, out, err) = support::relay_subcommand(&settings, "init");
+    assert_eq!(code, 0, "{out}{err}");
+
+    // What a relay publishing the snapshot holds on its setup connection.
+    let mut publisher = db.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
+        .bind(outbox_relay::setup::SNAPSHOT_LOCK_CLASS)
+        .bind(db.slot())
+        .execute(&mut *publisher)
+        .await
+        .unwrap();
+    let relay = Relay::start(&settings);
+    let body = relay
+        .wait_for_health("standby", |status, body| {
+            status == 200 && body.contains("\"status\":\"standby\"")
+        })
+        .await;
+    assert!(body.contains("initial snapshot"), "{body}");
+    assert_eq!(
+        db.slot_pid().await,
+        Some(None),
+        "the slot was taken meanwhile"
+    );
+
+    // The publisher goes away unfinished: this relay publishes the snapshot.
+    publisher.close().await.unwrap();
+    relay
+        .wait_for_health("streaming", |status, body| {
+            status == 200 && body.contains("\"status\":\"streaming\"")
+        })
+        .await;
+    let topics = [settings.topic("order"), settings.topic("customer")];
+    let last = rows.last().unwrap().id.to_string();
+    let collector = Collector::through(&brokers, &topics, &last).await;
+    let got: HashSet<&str> = collector.received.iter().map(Received::id).collect();
+    for row in &rows {
+        assert!(
+            got.contains(row.id.to_string().as_str()),
+            "{} missing",
+            row.id
+        );
+    }
 }
