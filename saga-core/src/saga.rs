@@ -21,7 +21,7 @@ pub use definition::{
 };
 pub use engine::{
     Orchestrator, ReplyDisposition, SagaError, SagaInstance, StepState,
-    DEFAULT_COMPENSATION_TIMEOUT,
+    DEFAULT_COMPENSATION_TIMEOUT, SKIPPED_RETRY,
 };
 pub use participant::{
     participate, read_command, reply, unknown_command, CommandEnvelope, Effect, Outcome,

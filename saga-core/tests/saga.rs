@@ -1088,3 +1088,42 @@ async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts
         (SagaStatus::Aborted, Some("REJECTED".to_owned()))
     );
 }
+
+/// A saga that cannot be read any more (its data no longer fits the definition: a
+/// bad deploy, a hand edit) never stops the sweep: every other saga whose deadline
+/// passed is handled, and the bad one is skipped and reported, however early its
+/// deadline.
+#[tokio::test]
+async fn a_saga_that_cannot_be_read_is_skipped_and_the_sweep_goes_on() {
+    let fixture = Fixture::new(Some(STEP_TIMEOUT)).await;
+    let bad = fixture.start(order()).await;
+    fixture.clock.advance(Duration::from_secs(1));
+    let good = fixture.start(order()).await;
+    sqlx::query("UPDATE saga_state SET payload = '\"not an order\"' WHERE id = $1")
+        .bind(bad)
+        .execute(fixture.pool())
+        .await
+        .unwrap();
+
+    fixture.clock.advance(STEP_TIMEOUT);
+    let handled = fixture
+        .orchestrator
+        .sweep(fixture.pool(), 100)
+        .await
+        .expect("one bad saga does not fail the sweep");
+    assert_eq!(handled, 1, "the good saga's timeout was handled");
+    assert_eq!(fixture.status(good).await, SagaStatus::Aborting);
+    let skipped = fixture.orchestrator.skipped_sagas();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0, bad);
+
+    // Skipped, it no longer takes a place among the sweep's first `limit` sagas:
+    // its deadline is still the oldest, so a sweep of one that picked it again would
+    // handle nothing.
+    fixture.start(order()).await;
+    fixture.clock.advance(STEP_TIMEOUT);
+    assert_eq!(
+        fixture.orchestrator.sweep(fixture.pool(), 1).await.unwrap(),
+        1
+    );
+}

@@ -22,6 +22,12 @@
 //! - A compensation that fails is tried again after a doubling backoff (the
 //!   timeout sweeper finds it by `deadline`); past the definition's bound the saga
 //!   is `COMPENSATION_FAILED`, where operators find it ([`SagaAdmin`]).
+//! - One saga never holds up the others: the sweeper handles each due saga in its
+//!   own transaction, and one whose state this definition cannot handle (data that
+//!   no longer parses, a step it does not know) is rolled back, logged, listed
+//!   ([`Orchestrator::skipped_sagas`]) and left out of the sweeper's query for a
+//!   while, so neither its error nor its old deadline keeps the sagas behind it from
+//!   their timeouts and compensation retries.
 //!
 //! Where "now" comes from:
 //! - Every "now" the orchestrator uses comes from its [`Clock`] ([`SystemClock`]
@@ -40,9 +46,9 @@
 //!
 //! [`SagaAdmin`]: crate::saga::SagaAdmin
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -169,6 +175,19 @@ pub struct Orchestrator<D> {
     conflicts: AtomicU64,
     /// What "now" is for every deadline this orchestrator sets or checks.
     clock: Arc<dyn Clock>,
+    /// Sagas the sweep could not handle (see [`Orchestrator::sweep`]): why, and
+    /// when to try again.
+    skipped: Mutex<HashMap<Uuid, Skipped>>,
+}
+
+/// How long the sweep leaves a saga it could not handle before trying it again.
+pub const SKIPPED_RETRY: Duration = Duration::from_secs(300);
+
+/// A saga the sweep skipped.
+#[derive(Debug, Clone)]
+struct Skipped {
+    reason: String,
+    retry_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl<D> std::fmt::Debug for Orchestrator<D> {
@@ -193,6 +212,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             reply_topic: reply_topic.into(),
             conflicts: AtomicU64::new(0),
             clock: Arc::new(SystemClock),
+            skipped: Mutex::new(HashMap::new()),
         }
     }
 
@@ -209,6 +229,20 @@ impl<D: SagaData + Clone> Orchestrator<D> {
     /// instance, or a reply racing the sweeper) since this orchestrator was made.
     pub fn version_conflicts(&self) -> u64 {
         self.conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Sagas whose passed deadline the sweep could not handle (their state cannot
+    /// be read or moved by this definition), with the reason, oldest first. They
+    /// are left as they are for an operator, and tried again every
+    /// [`SKIPPED_RETRY`].
+    pub fn skipped_sagas(&self) -> Vec<(Uuid, String)> {
+        let skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list: Vec<(Uuid, String)> = skipped
+            .iter()
+            .map(|(id, s)| (*id, s.reason.clone()))
+            .collect();
+        list.sort();
+        list
     }
 
     /// The definition this orchestrator runs.
@@ -410,15 +444,25 @@ impl<D: SagaData + Clone> Orchestrator<D> {
 
     /// Handles every saga of this type whose deadline passed by the orchestrator's
     /// clock, each in its own transaction; a saga changed concurrently is left for
-    /// the next sweep.
+    /// the next sweep. A saga whose state this definition cannot handle is skipped,
+    /// logged and listed by [`Orchestrator::skipped_sagas`] for [`SKIPPED_RETRY`],
+    /// so that it never holds up the others; a database error ends the sweep.
     pub async fn sweep(&self, pool: &PgPool, limit: i64) -> Result<usize, SagaError> {
+        let now = self.clock.now();
+        let passed: Vec<Uuid> = {
+            let mut skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
+            // Skipped sagas come back after a while: an operator may have mended them.
+            skipped.retain(|_, s| s.retry_at > now);
+            skipped.keys().copied().collect()
+        };
         let due: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM saga_state WHERE saga_type = $1 AND status IN ('STARTED', 'ABORTING') \
-             AND deadline <= $3 ORDER BY deadline LIMIT $2",
+             AND deadline <= $3 AND NOT (id = ANY($4)) ORDER BY deadline LIMIT $2",
         )
         .bind(&self.definition.name)
         .bind(limit)
-        .bind(self.clock.now())
+        .bind(now)
+        .bind(&passed)
         .fetch_all(pool)
         .await?;
         let mut handled = 0;
@@ -430,7 +474,22 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                     handled += usize::from(changed);
                 }
                 Err(SagaError::Conflict(_)) => tx.rollback().await?,
-                Err(e) => return Err(e),
+                // The database's trouble, not the saga's: the next sweep tries again.
+                Err(e) if e.is_transient() => return Err(e),
+                // This saga's own trouble (its state does not fit the definition):
+                // one bad saga must not hold up the timeouts and compensation
+                // retries of every other, so it is left for an operator and the
+                // sweep goes on.
+                Err(e) => {
+                    tx.rollback().await?;
+                    let reason = e.to_string();
+                    tracing::error!(saga = %self.definition.name, saga_id = %id, error = %reason, retry_in = ?SKIPPED_RETRY, "cannot handle the saga's passed deadline; skipped it");
+                    let retry_at = now + SKIPPED_RETRY;
+                    self.skipped
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id, Skipped { reason, retry_at });
+                }
             }
         }
         Ok(handled)

@@ -164,6 +164,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .extra_metrics(move || {
             let admin = admin.clone();
             let conflicts = counted.version_conflicts();
+            let skipped = counted.skipped_sagas().len();
             async move {
                 let mut text = admin.prometheus().await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "saga metrics unavailable");
@@ -172,8 +173,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 text.push_str(&format!(
                     "# HELP saga_version_conflicts_total Saga saves that lost to a concurrent change of the same saga (retried, or left to the next sweep).\n\
                      # TYPE saga_version_conflicts_total counter\n\
-                     saga_version_conflicts_total{{saga=\"{}\"}} {conflicts}\n",
-                    placement::SAGA_TYPE
+                     saga_version_conflicts_total{{saga=\"{saga}\"}} {conflicts}\n\
+                     # HELP saga_skipped Sagas whose passed deadline the sweeper cannot handle (their state does not fit the definition), left for an operator.\n\
+                     # TYPE saga_skipped gauge\n\
+                     saga_skipped{{saga=\"{saga}\"}} {skipped}\n",
+                    saga = placement::SAGA_TYPE
                 ));
                 text
             }
