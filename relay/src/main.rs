@@ -34,7 +34,9 @@ enum Command {
         args: Args,
     },
     /// Create the publication and the slot, then exit. Run it before the service
-    /// writes its first row: rows committed before the slot exists are never streamed.
+    /// writes its first row: rows committed before the slot exists are not in its
+    /// stream; with snapshot_mode=initial (the default) the first start publishes
+    /// the rows already in the table instead.
     Init {
         #[command(flatten)]
         args: Args,
