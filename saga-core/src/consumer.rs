@@ -122,6 +122,7 @@
 mod dead_letter;
 mod message;
 mod offsets;
+pub mod scope;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -253,14 +254,13 @@ impl ConsumerConfig {
         Ok(())
     }
 
-    /// The brokers and the pass-through options: the admin client's configuration.
-    fn client_config(&self) -> ClientConfig {
+    /// The brokers and the pass-through options a client of `kind` reads (see
+    /// [`scope`]); for [`scope::Kind::Producer`], the admin client's configuration.
+    fn client_config(&self, kind: scope::Kind) -> ClientConfig {
         let mut client = ClientConfig::new();
         // Identifies the group's clients in broker logs; a pass-through may replace it.
         client.set("client.id", &self.group_id);
-        for (key, value) in &self.options {
-            client.set(key, value);
-        }
+        scope::set_options(&mut client, kind, &self.options);
         client.set("bootstrap.servers", &self.brokers);
         client
     }
@@ -268,7 +268,7 @@ impl ConsumerConfig {
     /// The consumer's configuration; the options the contracts rest on come last, so
     /// pass-through options cannot replace them.
     fn consumer_config(&self) -> ClientConfig {
-        let mut client = self.client_config();
+        let mut client = self.client_config(scope::Kind::Consumer);
         client
             .set("group.id", &self.group_id)
             // Commit what has been *stored*, periodically, on revocation and on close.
@@ -285,7 +285,7 @@ impl ConsumerConfig {
 
     /// The dead-letter producer's configuration.
     fn producer_config(&self) -> ClientConfig {
-        let mut client = self.client_config();
+        let mut client = self.client_config(scope::Kind::Producer);
         client
             // No duplicates or reordering from librdkafka's internal retries.
             .set("enable.idempotence", "true")
@@ -652,8 +652,11 @@ impl<H: MessageHandler> Consumer<H> {
             topic: topic.clone(),
             source,
         };
-        let admin: AdminClient<DefaultClientContext> =
-            self.config.client_config().create().map_err(error)?;
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .client_config(scope::Kind::Producer)
+            .create()
+            .map_err(error)?;
         dead_letter::ensure_topic(&admin, topic)
             .await
             .map_err(error)

@@ -67,9 +67,13 @@ pub async fn ensure(
     partitions: i32,
 ) -> Result<(), KafkaError> {
     let mut config = ClientConfig::new();
-    for (key, value) in options {
-        config.set(key, value);
-    }
+    // An admin client is a producer underneath: consumer-only options would only
+    // make it warn.
+    saga_core::consumer::scope::set_options(
+        &mut config,
+        saga_core::consumer::scope::Kind::Producer,
+        options,
+    );
     config.set("bootstrap.servers", brokers);
     let admin: AdminClient<DefaultClientContext> = config.create()?;
     let new_topics: Vec<NewTopic<'_>> = topics
