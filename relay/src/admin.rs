@@ -252,11 +252,8 @@ async fn check_postgres(config: &RelayConfig, report: &mut CheckReport) {
         }) => {
             let active = match active_pid {
                 None => "free (no relay streams from it)".to_owned(),
-                Some(pid) => match crate::standby::inspect(&mut client, &slot).await {
-                    Ok(crate::standby::SlotView {
-                        holder: Some(holder),
-                        ..
-                    }) => format!("held by {holder}"),
+                Some(pid) => match crate::standby::holder(&mut client, &slot).await {
+                    Ok(Some(holder)) => format!("held by {holder}"),
                     _ => format!("held by server process {pid}"),
                 },
             };

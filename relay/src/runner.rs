@@ -328,13 +328,34 @@ async fn wait_for_slot(
     let mut snapshot_wait = false;
     let mut silence = standby::Silence::default();
     loop {
-        let view = standby::inspect(client, slot).await?;
-        let Some(holder) = view.holder else {
+        match standby::holder(client, slot).await? {
+            Some(holder) => {
+                if announced != Some(holder.pid) {
+                    tracing::info!(slot, holder = %holder, poll_interval = ?poll, "standing by: another process holds the slot");
+                    announced = Some(holder.pid);
+                }
+                health.standby(format!("slot {slot} is held by {holder}"));
+                let silent = silence.observe(&holder, std::time::Instant::now());
+                match config.postgres.takeover_after {
+                    Some(bound) if holder.visible && silent >= bound => {
+                        let ended = standby::end_silent_holder(client, slot, &holder).await?;
+                        if ended {
+                            tracing::warn!(slot, holder = %holder, silent = ?silent, "the slot's holder sent no status update within the takeover bound; ended its server process to take the slot over");
+                            metrics.took_over();
+                        }
+                    }
+                    Some(_) if !holder.visible && !blind_warned => {
+                        tracing::warn!(slot, "cannot see when the slot's holder last sent a status update (this role lacks pg_read_all_stats): a hung holder is ended only by the server's wal_sender_timeout");
+                        blind_warned = true;
+                    }
+                    _ => {}
+                }
+            }
             // A free slot whose initial snapshot another relay is publishing is
             // that relay's (see setup::SNAPSHOT_LOCK_CLASS); an unfinished one is
             // claimed here, and published by this session.
-            if setup::snapshot_pending(client, config, slot).await?
-                && !setup::claim_snapshot(client, slot).await?
+            None if setup::snapshot_pending(client, config, slot).await?
+                && !setup::claim_snapshot(client, slot).await? =>
             {
                 if !snapshot_wait {
                     tracing::info!(slot, poll_interval = ?poll, "standing by: another relay is publishing the slot's initial snapshot");
@@ -343,36 +364,14 @@ async fn wait_for_slot(
                 health.standby(format!(
                     "another relay is publishing slot {slot}'s initial snapshot"
                 ));
-                tokio::select! {
-                    () = tokio::time::sleep(poll) => continue,
-                    () = shutdown.clone() => return Ok(Waited::Shutdown),
+            }
+            None => {
+                let stood_by = announced.is_some() || snapshot_wait;
+                if stood_by {
+                    tracing::info!(slot, "the slot is free; taking it");
                 }
+                return Ok(Waited::Free { stood_by });
             }
-            let stood_by = announced.is_some() || snapshot_wait;
-            if stood_by {
-                tracing::info!(slot, "the slot is free; taking it");
-            }
-            return Ok(Waited::Free { stood_by });
-        };
-        if announced != Some(holder.pid) {
-            tracing::info!(slot, holder = %holder, poll_interval = ?poll, "standing by: another process holds the slot");
-            announced = Some(holder.pid);
-        }
-        health.standby(format!("slot {slot} is held by {holder}"));
-        let silent = silence.observe(&holder, std::time::Instant::now());
-        match config.postgres.takeover_after {
-            Some(bound) if holder.visible && silent >= bound => {
-                let ended = standby::end_silent_holder(client, slot, &holder).await?;
-                if ended {
-                    tracing::warn!(slot, holder = %holder, silent = ?silent, "the slot's holder sent no status update within the takeover bound; ended its server process to take the slot over");
-                    metrics.took_over();
-                }
-            }
-            Some(_) if !holder.visible && !blind_warned => {
-                tracing::warn!(slot, "cannot see when the slot's holder last sent a status update (this role lacks pg_read_all_stats): a hung holder is ended only by the server's wal_sender_timeout");
-                blind_warned = true;
-            }
-            _ => {}
         }
         tokio::select! {
             () = tokio::time::sleep(poll) => {}

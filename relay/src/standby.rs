@@ -39,7 +39,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::replication::{ReplicationClient, ReplicationError};
-use crate::{sql, Lsn};
+use crate::sql;
 
 /// The process holding a slot, as `pg_replication_slots` and `pg_stat_replication`
 /// show it.
@@ -77,15 +77,6 @@ impl fmt::Display for Holder {
     }
 }
 
-/// A slot as a standby sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SlotView {
-    /// Its confirmed position; `None` while it is being created.
-    pub confirmed: Option<Lsn>,
-    /// Who streams from it; `None` when it is free.
-    pub holder: Option<Holder>,
-}
-
 /// Reading the slot or ending its holder failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyError {
@@ -111,12 +102,15 @@ impl StandbyError {
     }
 }
 
-/// Reads `slot`'s confirmed position and holder.
-pub async fn inspect(client: &mut ReplicationClient, slot: &str) -> Result<SlotView, StandbyError> {
+/// Who streams from `slot`; `None` when it is free.
+pub async fn holder(
+    client: &mut ReplicationClient,
+    slot: &str,
+) -> Result<Option<Holder>, StandbyError> {
     // reply_time is PostgreSQL 12+; backend_start covers a holder that has not
     // replied yet. Both are NULL for a role without pg_read_all_stats.
     let query = format!(
-        "SELECT s.active_pid, s.confirmed_flush_lsn, r.application_name, \
+        "SELECT s.active_pid, r.application_name, \
                 host(r.client_addr), \
                 extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start)), \
                 r.reply_time, r.state \
@@ -129,21 +123,14 @@ pub async fn inspect(client: &mut ReplicationClient, slot: &str) -> Result<SlotV
     let row = rows
         .first()
         .ok_or_else(|| StandbyError::Missing(slot.to_owned()))?;
-    parse_view(slot, row)
+    parse_holder(slot, row)
 }
 
-fn parse_view(slot: &str, row: &[Option<String>]) -> Result<SlotView, StandbyError> {
+fn parse_holder(slot: &str, row: &[Option<String>]) -> Result<Option<Holder>, StandbyError> {
     let field = |i: usize| row.get(i).cloned().flatten();
     let unexpected = |answer: String| StandbyError::Unexpected {
         slot: slot.to_owned(),
         answer,
-    };
-    let confirmed = match field(1) {
-        Some(text) => Some(
-            text.parse::<Lsn>()
-                .map_err(|_| unexpected(format!("confirmed_flush_lsn {text:?}")))?,
-        ),
-        None => None,
     };
     let holder = match field(0) {
         None => None,
@@ -151,11 +138,11 @@ fn parse_view(slot: &str, row: &[Option<String>]) -> Result<SlotView, StandbyErr
             pid: pid
                 .parse()
                 .map_err(|_| unexpected(format!("active_pid {pid:?}")))?,
-            application_name: field(2),
-            client_addr: field(3),
-            reply_time: field(5),
-            visible: field(6).is_some(),
-            silent_for: match field(4) {
+            application_name: field(1),
+            client_addr: field(2),
+            reply_time: field(4),
+            visible: field(5).is_some(),
+            silent_for: match field(3) {
                 None => None,
                 Some(secs) => {
                     let secs: f64 = secs
@@ -167,7 +154,7 @@ fn parse_view(slot: &str, row: &[Option<String>]) -> Result<SlotView, StandbyErr
             },
         }),
     };
-    Ok(SlotView { confirmed, holder })
+    Ok(holder)
 }
 
 /// Ends `holder`'s server process if it still holds `slot` and its last status
@@ -241,22 +228,16 @@ mod tests {
 
     #[test]
     fn a_free_slot_has_no_holder() {
-        let view = parse_view(
-            "s",
-            &row(&[None, Some("0/16B3748"), None, None, None, None, None]),
-        )
-        .unwrap();
-        assert_eq!(view.holder, None);
-        assert_eq!(view.confirmed, Some("0/16B3748".parse().unwrap()));
+        let holder = parse_holder("s", &row(&[None, None, None, None, None, None])).unwrap();
+        assert_eq!(holder, None);
     }
 
     #[test]
     fn a_held_slot_names_its_holder() {
-        let view = parse_view(
+        let holder = parse_holder(
             "s",
             &row(&[
                 Some("4242"),
-                Some("0/16B3748"),
                 Some("outbox-relay"),
                 Some("10.0.0.7"),
                 Some("12.5"),
@@ -264,8 +245,8 @@ mod tests {
                 Some("streaming"),
             ]),
         )
+        .unwrap()
         .unwrap();
-        let holder = view.holder.unwrap();
         assert_eq!(holder.pid, 4242);
         assert_eq!(holder.silent_for, Some(Duration::from_millis(12_500)));
         assert_eq!(
@@ -276,12 +257,9 @@ mod tests {
 
     #[test]
     fn a_holder_without_visible_details_is_still_a_holder() {
-        let view = parse_view(
-            "s",
-            &row(&[Some("7"), Some("0/1"), None, None, None, None, None]),
-        )
-        .unwrap();
-        let holder = view.holder.unwrap();
+        let holder = parse_holder("s", &row(&[Some("7"), None, None, None, None, None]))
+            .unwrap()
+            .unwrap();
         assert_eq!(holder.silent_for, None);
         assert!(!holder.visible);
         assert_eq!(holder.to_string(), "server process 7");
@@ -289,16 +267,13 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        let nothing = [None, None, None, None, None];
-        let mut bad_pid = row(&[Some("x"), None]);
-        bad_pid.extend(row(&nothing));
-        assert!(parse_view("s", &bad_pid).is_err());
-        let mut bad_lsn = row(&[None, Some("nope")]);
-        bad_lsn.extend(row(&nothing));
-        assert!(parse_view("s", &bad_lsn).is_err());
+        let bad_pid = row(&[Some("x"), None, None, None, None, None]);
+        assert!(parse_holder("s", &bad_pid).is_err());
+        let bad_seconds = row(&[Some("7"), None, None, Some("soon"), None, None]);
+        assert!(parse_holder("s", &bad_seconds).is_err());
     }
 
-    fn holder(pid: u32, reply: Option<&str>) -> Holder {
+    fn seen(pid: u32, reply: Option<&str>) -> Holder {
         Holder {
             pid,
             application_name: None,
@@ -326,11 +301,11 @@ mod tests {
             (8, None, 9_500, 0),
             (8, None, 10_000, 500),
         ];
-        for (pid, reply, seen, expected) in sightings {
+        for (pid, reply, when, expected) in sightings {
             assert_eq!(
-                silence.observe(&holder(pid, reply), at(seen)),
+                silence.observe(&seen(pid, reply), at(when)),
                 Duration::from_millis(expected),
-                "holder {pid} with {reply:?} at {seen} ms"
+                "holder {pid} with {reply:?} at {when} ms"
             );
         }
     }
