@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 
 use crate::relay_lab::{RelayLab, RelayProcess};
 use crate::Workload;
@@ -27,7 +27,6 @@ use crate::Workload;
 /// Payload bytes per row.
 pub(crate) const PAYLOAD_BYTES: usize = 300;
 /// The topic of the lab's rows (the relay's default template).
-const TOPIC: &str = "outbox.event.bench";
 /// The relay's slot in the lab's database `bench`.
 const SLOT: &str = "outbox_relay_bench";
 /// The longest the relay may take for one large transaction.
@@ -227,16 +226,10 @@ fn records_in_topic(brokers: &str) -> anyhow::Result<u64> {
     let consumer: BaseConsumer = testkit::consumer_config_on(Some(brokers), "bench-large-tx")
         .create()
         .context("creating a consumer")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(TOPIC), timeout)?;
-    let mut records = 0;
-    for topic in metadata.topics() {
-        for partition in topic.partitions() {
-            let (low, high) = consumer.fetch_watermarks(TOPIC, partition.id(), timeout)?;
-            records += u64::try_from(high - low).unwrap_or(0);
-        }
-    }
-    Ok(records)
+    Ok(crate::relay_lab::watermarks(&consumer)?
+        .into_iter()
+        .map(|(_, low, high)| u64::try_from(high - low).unwrap_or(0))
+        .sum())
 }
 
 /// The part's table.

@@ -9,12 +9,31 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use testkit::process::{cpu_seconds, memory_kib, metric_sum};
 use testkit::{PrivateBroker, PrivateCluster};
 
 use crate::Workload;
+
+/// The topic the lab's events go to: the relay's default template with the
+/// writers' aggregate type, `bench`.
+pub(crate) const TOPIC: &str = "outbox.event.bench";
+
+/// [`TOPIC`]'s partitions, each with its low and high watermark.
+pub(crate) fn watermarks(consumer: &BaseConsumer) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(TOPIC), timeout)?;
+    let mut partitions = Vec::new();
+    for topic in metadata.topics() {
+        for partition in topic.partitions() {
+            let (low, high) = consumer.fetch_watermarks(TOPIC, partition.id(), timeout)?;
+            partitions.push((partition.id(), low, high));
+        }
+    }
+    Ok(partitions)
+}
 
 /// The relay's routed-events counter.
 pub(crate) const ROUTED: &str = outbox_relay::metrics::EVENTS_ROUTED;

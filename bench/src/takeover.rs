@@ -18,7 +18,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::relay_lab::{RelayLab, RelayProcess};
+use crate::relay_lab::{RelayLab, RelayProcess, TOPIC};
 
 /// The writer's rate, events per second.
 pub(crate) const RATE: u32 = 500;
@@ -168,7 +168,7 @@ pub(crate) async fn run(plan: Plan, relay_bin: &Path) -> anyhow::Result<Takeover
     let events = ids.len() as u64;
     let deadline = Instant::now() + Duration::from_secs(300);
     let records = loop {
-        let (records, seen) = read_topic(&lab, TOPIC).await?;
+        let (records, seen) = read_topic(&lab).await?;
         let missing = ids.iter().filter(|id| !seen.contains(*id)).count();
         if missing == 0 {
             break records;
@@ -238,32 +238,20 @@ async fn wait_streaming(
     }
 }
 
-/// The topic the relays route the lab's events to (the default template).
-const TOPIC: &str = "outbox.event.bench";
-
-/// Reads `topic` from the beginning up to its end now: the records, and the event
+/// Reads [`TOPIC`] from the beginning up to its end now: the records, and the event
 /// ids (header `id`) among them.
-async fn read_topic(lab: &RelayLab, topic: &str) -> anyhow::Result<(u64, HashSet<String>)> {
+async fn read_topic(lab: &RelayLab) -> anyhow::Result<(u64, HashSet<String>)> {
     let brokers = lab.broker.bootstrap();
-    let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = testkit::consumer_config_on(Some(&brokers), "bench-takeover")
             .create()
             .context("creating a consumer")?;
-        let timeout = Duration::from_secs(10);
-        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
         let mut ends = HashMap::new();
         let mut assignment = TopicPartitionList::new();
-        for partition in 0..i32::try_from(partitions)? {
-            let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;
+        for (partition, low, high) in crate::relay_lab::watermarks(&consumer)? {
             if high > low {
                 ends.insert(partition, high);
-                assignment.add_partition_offset(&topic, partition, Offset::Offset(low))?;
+                assignment.add_partition_offset(TOPIC, partition, Offset::Offset(low))?;
             }
         }
         let mut records = 0;
@@ -275,7 +263,7 @@ async fn read_topic(lab: &RelayLab, topic: &str) -> anyhow::Result<(u64, HashSet
         let deadline = Instant::now() + Duration::from_secs(120);
         while !ends.is_empty() {
             if Instant::now() > deadline {
-                bail!("reading {topic} did not reach its end: {ends:?} left");
+                bail!("reading {TOPIC} did not reach its end: {ends:?} left");
             }
             let Some(message) = consumer.poll(Duration::from_millis(500)) else {
                 continue;
