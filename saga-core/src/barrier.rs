@@ -16,31 +16,73 @@
 //! # The table
 //!
 //! `saga_barrier (saga_id, branch, op, reason, created_at, reply_outcome, reply_type,
-//! reply_payload)` with primary key `(saga_id, branch, op)` (migrations
-//! `sql/shared/0005_saga_barrier.sql` and `0006_saga_barrier_answer.sql`). `branch`
-//! names the saga step at this participant (e.g. `reserve-credit`), not one attempt:
-//! a retried attempt of the same step is a duplicate. `op` is the operation the row
-//! stands for, `reason` the operation that wrote it. The `reply_*` columns hold the
-//! answer the participant gave to that operation ([`record_answer`]); they are NULL
-//! on rows written before migration 0006 and on the action row a null compensation
-//! writes (a late action is never answered).
+//! reply_payload, attempt, undone)` with primary key `(saga_id, branch, op)`
+//! (migrations `sql/shared/0005_saga_barrier.sql`, `0006_saga_barrier_answer.sql`,
+//! `0008_saga_barrier_attempt.sql`). `branch` names the saga step at this participant
+//! (e.g. `reserve-credit`). `op` is the operation the row stands for, `reason` the
+//! operation that wrote it. `attempt` is the orchestrator's number of the command the
+//! row now stands for (header [`crate::saga::HEADER_ATTEMPT`]; 1 when absent).
+//! `undone` is set on the action row once the step's compensation entered. The
+//! `reply_*` columns hold the answer the participant gave to that operation
+//! ([`record_answer`]); they are NULL on rows written before migration 0006 and on
+//! the action row a null compensation writes (a late action is never answered).
 //!
 //! # The rules
 //!
-//! **Action**: `INSERT (saga, branch, 'action', reason 'action') ON CONFLICT DO
-//! NOTHING`. One row inserted → [`BarrierOutcome::Proceed`]. No row inserted → the
-//! action row exists: if its reason is `compensate`, the compensation came first
-//! (and ran, or was recorded as a null compensation) → [`BarrierOutcome::Hanging`],
-//! the late action must not run; otherwise the action ran before →
+//! **Action**, attempt `n`: `INSERT (saga, branch, 'action', reason 'action', n) ON
+//! CONFLICT DO NOTHING`. One row inserted → [`BarrierOutcome::Proceed`]. No row
+//! inserted → the action row exists. If it stands for an earlier attempt that was
+//! refused (its stored answer is a failure), was written by the action itself and
+//! is not `undone`, this attempt takes the row over (`attempt = n`, answer cleared)
+//! → [`BarrierOutcome::Proceed`]: a retry is a new try. Otherwise, if the row's
+//! reason is `compensate`, the compensation came first (and ran, or was recorded as a
+//! null compensation) → [`BarrierOutcome::Hanging`], the late action must not run;
+//! otherwise the action ran before, with success or in this very attempt →
 //! [`BarrierOutcome::Duplicate`].
 //!
-//! **Compensate**: first `INSERT (saga, branch, 'action', reason 'compensate') ON
-//! CONFLICT DO NOTHING`. If that inserted, the action never ran: the compensate row
-//! is recorded too and the outcome is [`BarrierOutcome::NullCompensation`] (nothing
-//! to undo; and the action row now in place makes a late action
-//! [`BarrierOutcome::Hanging`]). Otherwise `INSERT (saga, branch, 'compensate',
-//! reason 'compensate') ON CONFLICT DO NOTHING`: one row → [`BarrierOutcome::Proceed`]
-//! (undo the action's effect), no row → [`BarrierOutcome::Duplicate`].
+//! **Compensate**, attempt `m`: first claim the action row: insert it with reason
+//! `compensate`, or mark the existing one `undone` (an upsert, which returns the
+//! row's reason). If the action row was inserted (or an earlier compensation
+//! inserted it), the action never ran. Then `INSERT (saga, branch, 'compensate',
+//! reason 'compensate', m) ON CONFLICT DO NOTHING`: one row and the action never ran
+//! → [`BarrierOutcome::NullCompensation`] (nothing to undo; and the action row now in
+//! place makes a late action [`BarrierOutcome::Hanging`]); one row and the action ran
+//! → [`BarrierOutcome::Proceed`] (undo the action's effect). No row: a later attempt
+//! after a refused compensation takes the row over as above →
+//! [`BarrierOutcome::Proceed`]; anything else → [`BarrierOutcome::Duplicate`].
+//!
+//! # Attempts
+//!
+//! The orchestrator sends a step's command again in two cases, and the participant
+//! must tell them apart:
+//!
+//! - **The reply did not come in time** (a timeout). The first command may have run:
+//!   running it again could apply the effect twice. The barrier answers a repeat of
+//!   an action or compensation that succeeded with the stored answer, whatever its
+//!   attempt number.
+//! - **The participant refused** (a failure reply: credit limit exceeded, a
+//!   compensation that could not be applied yet) and the definition retries
+//!   (`with_retries`, compensation retries, an operator's `retry-compensation`). A
+//!   refusal committed nothing but its barrier row and answer, so running the
+//!   effect again is safe, and is the point: the world may have changed. A higher
+//!   attempt number than the row's makes it a new try; the same number (a
+//!   redelivery of one command) stays a duplicate.
+//!
+//! Why a new try is still exactly once: only a row whose stored answer is a
+//! failure is taken over, so at most one attempt ever succeeds; the take-over is an
+//! `UPDATE` of the row, so two copies of one attempt serialise on its row lock and
+//! the second finds `attempt = n` (a duplicate), answered with what the first
+//! committed; an older attempt arriving late finds a higher `attempt` and is a
+//! duplicate too.
+//!
+//! Why a new try of an action never runs after its compensation: the compensation
+//! writes `undone` on the action row (a row update, not just a look). If the
+//! compensation commits first, the action's take-over `UPDATE` re-checks its
+//! condition on the row's new version (READ COMMITTED), finds `undone` and does
+//! nothing; the action then counts as a duplicate of its refused attempt, and the
+//! orchestrator, no longer waiting for it, ignores the answer. If the action's
+//! take-over comes first, the compensation's upsert waits for it; when the action
+//! commits, the compensation's later statements see its effect and undo it.
 //!
 //! # Why it holds
 //!
@@ -67,9 +109,9 @@
 //!   does not let `ON CONFLICT DO NOTHING` skip a row the snapshot cannot see: the
 //!   INSERT fails with a serialization failure (SQLSTATE 40001), which the caller
 //!   retries like any other.
-//! - **Order of the two compensate inserts.** The action row is claimed first, so a
-//!   compensation and an action for the same branch always meet on that row, and
-//!   the compensate row only ever exists beside an action row.
+//! - **Order of the two compensate statements.** The action row is claimed first,
+//!   so a compensation and an action for the same branch always meet on that row,
+//!   and the compensate row only ever exists beside an action row.
 //!
 //! # Answering a duplicate
 //!
@@ -151,8 +193,29 @@ impl BarrierOutcome {
     }
 }
 
-const INSERT: &str = "INSERT INTO saga_barrier (saga_id, branch, op, reason) \
-                      VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+const INSERT: &str = "INSERT INTO saga_barrier (saga_id, branch, op, reason, attempt) \
+                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+
+/// The compensation's claim on the action row: inserts it (reason `compensate`: the
+/// action never ran) or marks the existing one `undone`, and returns the row's
+/// reason either way. Updating the row (rather than `DO NOTHING`) takes its row
+/// lock and writes a new version, which is what makes a later attempt of the action
+/// ([`RETRY`]) see the compensation even when the two race.
+const CLAIM_ACTION: &str =
+    "INSERT INTO saga_barrier (saga_id, branch, op, reason, attempt, undone) \
+                            VALUES ($1, $2, 'action', 'compensate', 1, true) \
+                            ON CONFLICT (saga_id, branch, op) DO UPDATE SET undone = true \
+                            RETURNING reason";
+
+/// A later attempt after a refusal takes the row over: the row now stands for this
+/// attempt, and its answer is written again by [`record_answer`]. Only a refusal
+/// (stored answer `failure`) is tried again: a success ran the effect, which must
+/// not run twice; a row without an answer (older than answers) stays a duplicate;
+/// an action row whose compensation entered (`undone`) never runs again.
+const RETRY: &str = "UPDATE saga_barrier \
+                     SET attempt = $4, reply_outcome = NULL, reply_type = NULL, reply_payload = NULL \
+                     WHERE saga_id = $1 AND branch = $2 AND op = $3 AND attempt < $4 \
+                     AND reply_outcome = 'failure' AND reason = op AND NOT undone";
 
 const RECORD_ANSWER: &str = "UPDATE saga_barrier \
                              SET reply_outcome = $4, reply_type = $5, reply_payload = $6 \
@@ -164,21 +227,38 @@ const RECORDED_ANSWER: &str = "SELECT reply_outcome, reply_type, reply_payload F
 const ACTION_REASON: &str = "SELECT reason FROM saga_barrier \
                              WHERE saga_id = $1 AND branch = $2 AND op = 'action'";
 
-/// Call first inside the participant's transaction; run the business effect only on
-/// [`BarrierOutcome::Proceed`].
-///
-/// The row written here commits or rolls back with the caller's transaction (see the
-/// module documentation). An error aborts that transaction; a serialization failure
-/// or lost connection is transient and the whole transaction may be retried.
+/// [`enter_attempt`] for the first attempt: what a command without an attempt
+/// number (sent by an orchestrator that did not number them) is taken to be.
 pub async fn enter(
     conn: &mut sqlx::PgConnection,
     saga_id: &str,
     branch: &str,
     op: BarrierOp,
 ) -> Result<BarrierOutcome, sqlx::Error> {
+    enter_attempt(conn, saga_id, branch, op, 1).await
+}
+
+/// Call first inside the participant's transaction; run the business effect only on
+/// [`BarrierOutcome::Proceed`]. `attempt` is the orchestrator's number of this
+/// command among the commands it sent for `op` of the step (1 for the first).
+///
+/// The row written here commits or rolls back with the caller's transaction (see the
+/// module documentation). An error aborts that transaction; a serialization failure
+/// or lost connection is transient and the whole transaction may be retried.
+pub async fn enter_attempt(
+    conn: &mut sqlx::PgConnection,
+    saga_id: &str,
+    branch: &str,
+    op: BarrierOp,
+    attempt: u32,
+) -> Result<BarrierOutcome, sqlx::Error> {
+    let attempt = i32::try_from(attempt.max(1)).unwrap_or(i32::MAX);
     let outcome = match op {
         BarrierOp::Action => {
-            if insert(conn, saga_id, branch, BarrierOp::Action, BarrierOp::Action).await? {
+            // A first delivery, or a new try after a refusal.
+            if insert(conn, saga_id, branch, op, op, attempt).await?
+                || retry(conn, saga_id, branch, op, attempt).await?
+            {
                 BarrierOutcome::Proceed
             } else {
                 // A separate statement: under READ COMMITTED it sees the row the
@@ -196,25 +276,19 @@ pub async fn enter(
             }
         }
         BarrierOp::Compensate => {
-            let action_never_ran = insert(
-                conn,
-                saga_id,
-                branch,
-                BarrierOp::Action,
-                BarrierOp::Compensate,
-            )
-            .await?;
-            let compensate_recorded = insert(
-                conn,
-                saga_id,
-                branch,
-                BarrierOp::Compensate,
-                BarrierOp::Compensate,
-            )
-            .await?;
-            if action_never_ran {
-                BarrierOutcome::NullCompensation
-            } else if compensate_recorded {
+            let action_reason: String = sqlx::query_scalar(CLAIM_ACTION)
+                .bind(saga_id)
+                .bind(branch)
+                .fetch_one(&mut *conn)
+                .await?;
+            let action_ran = action_reason == BarrierOp::Action.as_str();
+            if insert(conn, saga_id, branch, op, op, attempt).await? {
+                if action_ran {
+                    BarrierOutcome::Proceed
+                } else {
+                    BarrierOutcome::NullCompensation
+                }
+            } else if action_ran && retry(conn, saga_id, branch, op, attempt).await? {
                 BarrierOutcome::Proceed
             } else {
                 BarrierOutcome::Duplicate
@@ -225,6 +299,7 @@ pub async fn enter(
         saga_id = %saga_id,
         branch = %branch,
         op = %op,
+        attempt,
         outcome = ?outcome,
         "barrier entered"
     );
@@ -238,12 +313,32 @@ async fn insert(
     branch: &str,
     op: BarrierOp,
     reason: BarrierOp,
+    attempt: i32,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(INSERT)
         .bind(saga_id)
         .bind(branch)
         .bind(op.as_str())
         .bind(reason.as_str())
+        .bind(attempt)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Whether `attempt` takes the existing `op` row over as a new try ([`RETRY`]).
+async fn retry(
+    conn: &mut sqlx::PgConnection,
+    saga_id: &str,
+    branch: &str,
+    op: BarrierOp,
+    attempt: i32,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(RETRY)
+        .bind(saga_id)
+        .bind(branch)
+        .bind(op.as_str())
+        .bind(attempt)
         .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected() == 1)

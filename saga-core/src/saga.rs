@@ -2,8 +2,8 @@
 //! against `saga_state`, helpers for participants, and the operator's view.
 //!
 //! Messages follow the envelope of DESIGN.md: key = saga id, headers `id`, `type`,
-//! `saga-id`, `saga-step`, `request-id` (unique per attempt), plus `reply-to` on
-//! commands and `outcome` (`success` or `failure`) on replies (and `saga-replay:
+//! `saga-id`, `saga-step`, `request-id` (unique per command sent), plus `reply-to`
+//! and `saga-attempt` on commands and `outcome` (`success` or `failure`) on replies (and `saga-replay:
 //! true` on a reply that answers a duplicate command again).
 
 mod admin;
@@ -16,8 +16,9 @@ mod participant;
 pub use admin::{SagaAdmin, SagaSummary};
 pub use clock::{Clock, SystemClock};
 pub use definition::{
-    Command, CommandFn, DefinitionError, LocalFn, Reply, SagaBuilder, SagaData, SagaDefinition,
-    Step, StepBuilder, StepFailed, DEFAULT_COMPENSATION_ATTEMPTS, DEFAULT_COMPENSATION_BACKOFF,
+    Command, CommandFn, CompensationRetry, DefinitionError, LocalFn, Reply, SagaBuilder, SagaData,
+    SagaDefinition, Step, StepBuilder, StepFailed, DEFAULT_COMPENSATION_BACKOFF,
+    DEFAULT_COMPENSATION_GIVE_UP_AFTER, DEFAULT_COMPENSATION_MAX_BACKOFF,
 };
 pub use engine::{
     Orchestrator, ReplyDisposition, SagaError, SagaInstance, StepState,
@@ -38,6 +39,10 @@ pub const HEADER_SAGA_STEP: &str = "saga-step";
 pub const HEADER_REQUEST_ID: &str = "request-id";
 /// Header on commands: the topic the participant replies to.
 pub const HEADER_REPLY_TO: &str = "reply-to";
+/// Header on commands: the command's number among those sent for the step's action
+/// (or, on a compensation, for its compensation), from 1. A participant runs a
+/// higher attempt again after refusing a lower one ([`crate::barrier`]); absent, 1.
+pub const HEADER_ATTEMPT: &str = "saga-attempt";
 /// Header on commands: `true` for a compensation.
 pub const HEADER_COMPENSATION: &str = "compensation";
 /// Header on replies: `success` or `failure`.

@@ -30,8 +30,8 @@ use uuid::Uuid;
 use crate::consumer::{HandlerError, IncomingMessage, MessageHandler, HEADER_ID, HEADER_TYPE};
 use crate::outbox::Outbox;
 use crate::saga::{
-    Clock, HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLAY, HEADER_REPLY_TO, HEADER_REQUEST_ID,
-    HEADER_SAGA_ID, HEADER_SAGA_STEP,
+    Clock, HEADER_ATTEMPT, HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLAY, HEADER_REPLY_TO,
+    HEADER_REQUEST_ID, HEADER_SAGA_ID, HEADER_SAGA_STEP,
 };
 
 /// A saga command as an orchestrator sends it: the step's request (or, with
@@ -44,6 +44,7 @@ pub struct SagaCommand {
     command_type: String,
     compensation: bool,
     request_id: Uuid,
+    attempt: u32,
     reply_to: String,
     payload: Value,
 }
@@ -59,6 +60,7 @@ impl SagaCommand {
             command_type: command_type.to_owned(),
             compensation: false,
             request_id: Uuid::now_v7(),
+            attempt: 1,
             reply_to: "reply".to_owned(),
             payload: Value::Object(Default::default()),
         }
@@ -73,6 +75,13 @@ impl SagaCommand {
     /// The attempt's request id (a resend of a step is a new attempt with a new id).
     pub fn request_id(mut self, request_id: Uuid) -> SagaCommand {
         self.request_id = request_id;
+        self
+    }
+
+    /// The attempt's number (1, the default, for the first command of the step's
+    /// action or compensation; a retry after a refusal sends a higher one).
+    pub fn attempt(mut self, attempt: u32) -> SagaCommand {
+        self.attempt = attempt;
         self
     }
 
@@ -107,6 +116,7 @@ impl SagaCommand {
             (HEADER_REQUEST_ID, self.request_id.to_string()),
             (HEADER_REPLY_TO, self.reply_to.clone()),
             (HEADER_COMPENSATION, self.compensation.to_string()),
+            (HEADER_ATTEMPT, self.attempt.to_string()),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_owned(), value))

@@ -419,3 +419,146 @@ async fn answers_are_kept_on_the_row_of_their_operation() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// `enter_attempt` in a transaction of its own that commits; a `Proceed` records
+/// `answer` on the row as the participant does.
+async fn attempt_committed(
+    pool: &PgPool,
+    op: BarrierOp,
+    attempt: u32,
+    answer: &ParticipantReply,
+) -> anyhow::Result<BarrierOutcome> {
+    let mut tx = pool.begin().await?;
+    let outcome = barrier::enter_attempt(&mut tx, SAGA, BRANCH, op, attempt).await?;
+    if outcome == BarrierOutcome::Proceed {
+        barrier::record_answer(&mut tx, SAGA, BRANCH, op, answer).await?;
+    }
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+#[tokio::test]
+async fn a_later_attempt_after_a_refusal_proceeds_and_one_success_ends_the_tries(
+) -> anyhow::Result<()> {
+    let db = database().await?;
+    let refused = ParticipantReply::failure("CreditLimitExceeded", serde_json::json!({}));
+    let reserved = ParticipantReply::success("CreditReserved", serde_json::json!({}));
+    let attempt = |n, answer| attempt_committed(db.pool(), BarrierOp::Action, n, answer);
+    assert_eq!(attempt(1, &refused).await?, BarrierOutcome::Proceed);
+    // The same attempt again is a duplicate of the refusal.
+    assert_eq!(attempt(1, &refused).await?, BarrierOutcome::Duplicate);
+    // A retry is a new try, refused again, then a third one succeeds.
+    assert_eq!(attempt(2, &refused).await?, BarrierOutcome::Proceed);
+    assert_eq!(attempt(3, &reserved).await?, BarrierOutcome::Proceed);
+    let mut conn = db.connect().await;
+    assert_eq!(
+        barrier::recorded_answer(&mut conn, SAGA, BRANCH, BarrierOp::Action).await?,
+        Some(reserved.clone())
+    );
+    // After a success, every attempt is a duplicate: late ones and later ones.
+    for n in [2, 3, 4] {
+        assert_eq!(
+            attempt(n, &reserved).await?,
+            BarrierOutcome::Duplicate,
+            "{n}"
+        );
+    }
+    assert_eq!(barrier_rows(db.pool()).await?, [row("action", "action")]);
+
+    // The compensation's attempts follow the same rule on their own row.
+    let stuck = ParticipantReply::failure("ReleaseFailed", serde_json::json!({}));
+    let released = ParticipantReply::success("CreditReleased", serde_json::json!({}));
+    let compensate = |n, answer| attempt_committed(db.pool(), BarrierOp::Compensate, n, answer);
+    assert_eq!(compensate(1, &stuck).await?, BarrierOutcome::Proceed);
+    assert_eq!(compensate(1, &stuck).await?, BarrierOutcome::Duplicate);
+    assert_eq!(compensate(2, &released).await?, BarrierOutcome::Proceed);
+    assert_eq!(compensate(3, &released).await?, BarrierOutcome::Duplicate);
+    // Undone, the action is no longer retried by a later attempt.
+    assert_eq!(attempt(9, &reserved).await?, BarrierOutcome::Duplicate);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retry_after_the_compensation_never_runs() -> anyhow::Result<()> {
+    let db = database().await?;
+    let refused = ParticipantReply::failure("CreditLimitExceeded", serde_json::json!({}));
+    let released = ParticipantReply::success("CreditReleased", serde_json::json!({}));
+    assert_eq!(
+        attempt_committed(db.pool(), BarrierOp::Action, 1, &refused).await?,
+        BarrierOutcome::Proceed
+    );
+    assert_eq!(
+        attempt_committed(db.pool(), BarrierOp::Compensate, 1, &released).await?,
+        BarrierOutcome::Proceed
+    );
+    assert_eq!(
+        attempt_committed(db.pool(), BarrierOp::Action, 2, &refused).await?,
+        BarrierOutcome::Duplicate
+    );
+    Ok(())
+}
+
+/// A retry of a refused action racing the step's compensation: whichever commits
+/// first, an effect the retry applied is undone by the compensation, and a
+/// compensation that came first keeps the retry from running at all.
+#[tokio::test]
+async fn a_retry_and_the_compensation_at_once_leave_nothing_applied() -> anyhow::Result<()> {
+    const ROUNDS: usize = 20;
+    let db = database().await?;
+    sqlx::query("CREATE TABLE effects (saga_id text NOT NULL)")
+        .execute(db.pool())
+        .await?;
+    let refused = ParticipantReply::failure("CreditLimitExceeded", serde_json::json!({}));
+    let mut retry_ran = 0;
+    for round in 0..ROUNDS {
+        let saga = format!("saga-{round}");
+        let mut tx = db.pool().begin().await?;
+        assert_eq!(
+            barrier::enter_attempt(&mut tx, &saga, BRANCH, BarrierOp::Action, 1).await?,
+            BarrierOutcome::Proceed
+        );
+        barrier::record_answer(&mut tx, &saga, BRANCH, BarrierOp::Action, &refused).await?;
+        tx.commit().await?;
+
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let mut tasks = Vec::new();
+        for op in [BarrierOp::Action, BarrierOp::Compensate] {
+            let start = start.clone();
+            let mut conn = db.connect().await;
+            let saga = saga.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tx = conn.begin().await?;
+                start.wait().await;
+                let outcome = barrier::enter_attempt(&mut tx, &saga, BRANCH, op, 2).await?;
+                if outcome == BarrierOutcome::Proceed {
+                    let effect = match op {
+                        BarrierOp::Action => "INSERT INTO effects (saga_id) VALUES ($1)",
+                        BarrierOp::Compensate => "DELETE FROM effects WHERE saga_id = $1",
+                    };
+                    sqlx::query(effect).bind(&saga).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                anyhow::Ok(outcome)
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await??);
+        }
+        if outcomes[0] == BarrierOutcome::Proceed {
+            retry_ran += 1;
+        }
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE saga_id = $1")
+            .bind(&saga)
+            .fetch_one(db.pool())
+            .await?;
+        assert_eq!(left, 0, "round {round}: {outcomes:?} left an effect");
+        assert_eq!(
+            outcomes[1],
+            BarrierOutcome::Proceed,
+            "round {round}: the compensation of an action that ran proceeds"
+        );
+    }
+    println!("the retry ran first in {retry_ran} of {ROUNDS} rounds");
+    Ok(())
+}

@@ -147,6 +147,9 @@ async fn an_applied_command_resent_under_a_new_request_id_is_answered_again_once
     Ok(())
 }
 
+/// A refusal delivered again (the same attempt under a new request id: the
+/// orchestrator's reply did not come in time) is answered with the refusal and
+/// does not run again.
 #[tokio::test]
 async fn a_refusal_resent_is_refused_again() -> anyhow::Result<()> {
     let db = database().await?;
@@ -161,6 +164,44 @@ async fn a_refusal_resent_is_refused_again() -> anyhow::Result<()> {
     assert_eq!(replies[0].kind, "GoodsShort");
     assert_eq!(replies[0].header("outcome"), Some("failure"));
     assert_replayed(&replies[0], &replies[1], second);
+    Ok(())
+}
+
+/// A retry after a refusal (the orchestrator's next attempt) runs the effect again
+/// and is answered first hand; duplicates of either attempt are replays.
+#[tokio::test]
+async fn a_retry_after_a_refusal_runs_again() -> anyhow::Result<()> {
+    let db = database().await?;
+    let saga = Uuid::now_v7().to_string();
+    let attempt = |n: u32, request: Uuid| {
+        SagaCommand::new(&saga, STEP, "ReserveTooMuch")
+            .topic("inventory.request")
+            .reply_to(REPLY_TO)
+            .request_id(request)
+            .attempt(n)
+            .message()
+    };
+    let (first, second, late) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    handle(db.pool(), &attempt(1, first)).await?;
+    handle(db.pool(), &attempt(2, second)).await?;
+    assert_eq!(
+        effects(db.pool(), &saga).await?,
+        ["ReserveTooMuch", "ReserveTooMuch"],
+        "the retry did not run"
+    );
+    handle(db.pool(), &attempt(2, Uuid::now_v7())).await?;
+    handle(db.pool(), &attempt(1, late)).await?;
+    assert_eq!(effects(db.pool(), &saga).await?.len(), 2);
+    let replies = replies(db.pool(), &saga).await?;
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    assert_eq!(request_id(&replies[1]), second.to_string());
+    assert_eq!(
+        replies[1].header("saga-replay"),
+        None,
+        "answered first hand"
+    );
+    assert_eq!(replies[2].header("saga-replay"), Some("true"));
+    assert_replayed(&replies[1], &replies[3], late);
     Ok(())
 }
 

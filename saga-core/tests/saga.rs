@@ -12,15 +12,17 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use saga_core::consumer::IncomingMessage;
 use saga_core::outbox::Outbox;
+use saga_core::saga::Clock;
 use saga_core::saga::{
-    Command, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaDefinition, SagaError,
-    StepFailed,
+    Command, CompensationRetry, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaDefinition,
+    SagaError, StepFailed,
 };
 use saga_core::schema;
 use saga_core::status::SagaStatus;
 use saga_core::testing::ManualClock;
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
+use sqlx::types::chrono;
 use sqlx::{PgConnection, PgPool};
 use testkit::TestDatabase;
 use uuid::Uuid;
@@ -33,6 +35,14 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The first backoff before a failed compensation is tried again.
 const COMPENSATION_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How the tests' compensations are retried: from 5 s, doubling up to 20 s, for a
+/// minute.
+const COMPENSATION_RETRY: CompensationRetry = CompensationRetry {
+    first_backoff: COMPENSATION_BACKOFF,
+    max_backoff: Duration::from_secs(20),
+    give_up_after: Duration::from_secs(60),
+};
 
 /// How far before a deadline the tests check that it has not passed yet.
 const JUST_BEFORE: Duration = Duration::from_millis(1);
@@ -114,7 +124,7 @@ fn command(topic: &str, kind: &str, order: &Order) -> Command {
 
 fn definition(timeout: Option<Duration>) -> SagaDefinition<Order> {
     let builder = SagaDefinition::<Order>::builder("test-order")
-        .compensation_retries(2, COMPENSATION_BACKOFF)
+        .compensation_retry(COMPENSATION_RETRY)
         .step("create")
         .invoke_local(create)
         .with_compensation(reject)
@@ -153,6 +163,8 @@ struct Sent {
     step: String,
     request_id: String,
     compensation: bool,
+    /// The command's attempt number, as the orchestrator wrote it.
+    attempt: String,
 }
 
 impl Fixture {
@@ -223,6 +235,10 @@ impl Fixture {
                 step: headers["saga-step"].as_str().unwrap().to_owned(),
                 request_id: headers["request-id"].as_str().unwrap().to_owned(),
                 compensation: headers["compensation"] == "true",
+                attempt: headers["saga-attempt"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
             })
             .collect()
     }
@@ -568,6 +584,9 @@ async fn two_orchestrators_applying_one_reply_resolve_through_the_version() {
     assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveCredit"]);
 }
 
+/// A refused compensation is tried again, after a backoff doubling up to its cap,
+/// until the retries' time is up; only then is the saga `COMPENSATION_FAILED`. An
+/// operator's retry is a new attempt with the retries' full time again.
 #[tokio::test]
 async fn a_compensation_that_keeps_failing_ends_in_compensation_failed_until_an_operator_retries() {
     let f = Fixture::new(None).await;
@@ -582,32 +601,159 @@ async fn a_compensation_that_keeps_failing_ends_in_compensation_failed_until_an_
     .await
     .unwrap();
     let admin = SagaAdmin::new(f.pool().clone());
-    // Two attempts, each refused; the second is sent by the sweeper after the backoff.
-    let first = f.last().await;
-    f.reply(&first, false, "ReleaseFailed", serde_json::json!({}))
-        .await
-        .unwrap();
-    assert_eq!(f.status(id).await, SagaStatus::Aborting);
+    let f = &f;
+    let refuse = |sent: Sent| async move {
+        f.reply(&sent, false, "ReleaseFailed", serde_json::json!({}))
+            .await
+            .unwrap()
+    };
+    // Refused at 0 s, then (after 5, 10, 20 and 20 s of backoff) at 5, 15, 35 and
+    // 55 s: still within the minute, so it is tried again 20 s later, at 75 s.
+    let mut attempts = vec![f.last().await];
+    for backoff in [5, 10, 20, 20, 20] {
+        assert_eq!(
+            refuse(attempts.last().unwrap().clone()).await,
+            ReplyDisposition::Applied
+        );
+        assert_eq!(f.status(id).await, SagaStatus::Aborting);
+        assert!(admin.failed().await.unwrap().is_empty());
+        assert_eq!(
+            f.sweep_after(&f.orchestrator, Duration::from_secs(backoff))
+                .await,
+            1
+        );
+        attempts.push(f.last().await);
+    }
     assert_eq!(
-        f.sweep_after(&f.orchestrator, COMPENSATION_BACKOFF).await,
-        1
+        attempts
+            .iter()
+            .map(|s| (s.kind.as_str(), s.compensation, s.attempt.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("ReleaseGoods", true, "1"),
+            ("ReleaseGoods", true, "2"),
+            ("ReleaseGoods", true, "3"),
+            ("ReleaseGoods", true, "4"),
+            ("ReleaseGoods", true, "5"),
+            ("ReleaseGoods", true, "6"),
+        ],
+        "each try is a new attempt"
     );
-    let second = f.last().await;
-    assert_eq!(second.kind, "ReleaseGoods");
-    assert_ne!(second.request_id, first.request_id);
-    f.reply(&second, false, "ReleaseFailed", serde_json::json!({}))
-        .await
-        .unwrap();
+    let mut requests: Vec<&str> = attempts.iter().map(|s| s.request_id.as_str()).collect();
+    requests.dedup();
+    assert_eq!(requests.len(), attempts.len(), "each try is a new request");
+    // Refused 75 s after the compensation began: past the minute, for good.
+    refuse(attempts.last().unwrap().clone()).await;
     assert_eq!(f.status(id).await, SagaStatus::CompensationFailed);
     let failed = admin.failed().await.unwrap();
     assert_eq!(failed.iter().map(|s| s.id).collect::<Vec<_>>(), [id]);
+    f.clock.advance(Duration::from_secs(3600));
+    assert_eq!(f.orchestrator.sweep(f.pool(), 100).await.unwrap(), 0);
 
+    // The operator's retry is attempt 7, and a refusal of it is retried again
+    // (the minute starts anew) rather than failing for good at once.
     admin.retry_compensation(&f.orchestrator, id).await.unwrap();
-    let third = f.last().await;
-    assert_eq!(third.kind, "ReleaseGoods");
-    f.ok(&third).await;
+    let seventh = f.last().await;
+    assert_eq!(
+        (seventh.kind.as_str(), seventh.attempt.as_str()),
+        ("ReleaseGoods", "7")
+    );
+    refuse(seventh).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborting);
+    assert_eq!(
+        f.sweep_after(&f.orchestrator, Duration::from_secs(20))
+            .await,
+        1
+    );
+    let eighth = f.last().await;
+    assert_eq!(eighth.attempt, "8");
+    f.ok(&eighth).await;
     assert_eq!(f.status(id).await, SagaStatus::Aborted);
     assert!(admin.failed().await.unwrap().is_empty());
+}
+
+/// With the default retries, a compensation outlasts an outage of its participant
+/// of hours: it is sent again and again (no reply within its step's timeout, then
+/// a backoff that stops growing at a minute), and when the participant is back and
+/// works through its backlog the saga is `ABORTED`, not `COMPENSATION_FAILED`.
+#[tokio::test]
+async fn a_compensation_outlasts_an_outage_of_its_participant() {
+    let f = Fixture::new(None).await;
+    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
+        .execute(f.pool())
+        .await
+        .unwrap();
+    let defaults = SagaDefinition::<Order>::builder("test-order")
+        .step("create")
+        .invoke_local(create)
+        .with_compensation(reject)
+        .step("reserve-goods")
+        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
+        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
+        .with_timeout(STEP_TIMEOUT)
+        .build()
+        .unwrap();
+    assert_eq!(defaults.compensation_retry(), CompensationRetry::default());
+    let orchestrator = f.orchestrator(defaults);
+    let order = order();
+    let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
+    // The participant runs the step, then goes down before its reply is sent: the
+    // step times out and its compensation is sent to a participant that is down.
+    participant_handles(&f, &f.last().await).await;
+    sqlx::query("DELETE FROM outbox WHERE aggregatetype = 'order.reply'")
+        .execute(f.pool())
+        .await
+        .unwrap();
+    assert_eq!(f.sweep_after(&orchestrator, STEP_TIMEOUT).await, 1);
+
+    let outage = Duration::from_secs(2 * 3600);
+    let mut down_for = STEP_TIMEOUT;
+    let mut sweeps = 0;
+    while down_for < outage {
+        // No reply: each try times out after the step's timeout; the sweeper then
+        // schedules the next one after the backoff, and sends it when it is due.
+        f.clock.advance(STEP_TIMEOUT);
+        assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+        let (status, _) = f.outcome(&orchestrator, id, &order).await;
+        assert_eq!(status, SagaStatus::Aborting, "after {down_for:?} down");
+        let deadline: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT deadline FROM saga_state WHERE id = $1")
+                .bind(id)
+                .fetch_one(f.pool())
+                .await
+                .unwrap();
+        let backoff = (deadline - f.clock.now()).to_std().unwrap();
+        assert!(
+            backoff <= saga_core::saga::DEFAULT_COMPENSATION_MAX_BACKOFF,
+            "backoff {backoff:?}"
+        );
+        f.clock.advance(backoff);
+        assert_eq!(orchestrator.sweep(f.pool(), 100).await.unwrap(), 1);
+        down_for += STEP_TIMEOUT + backoff;
+        sweeps += 1;
+    }
+    let sent = commands_in_outbox(&f).await;
+    let releases: Vec<&Sent> = sent.iter().filter(|s| s.compensation).collect();
+    assert_eq!(releases.len(), sweeps + 1, "one command per try");
+    assert!(sweeps > 60, "{sweeps} tries in {outage:?}");
+
+    // Back, the participant works through its backlog: the first release runs, the
+    // others are duplicates answered again; the last try's answer ends the saga.
+    for release in &releases {
+        participant_handles(&f, release).await;
+    }
+    assert_eq!(effects_of(&f).await, ["ReleaseGoods", "ReserveGoods"]);
+    let mut applied = 0;
+    for reply in replies_in_outbox(f.pool()).await {
+        if apply_reply(&orchestrator, f.pool(), &reply).await == ReplyDisposition::Applied {
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(
+        f.outcome(&orchestrator, id, &order).await,
+        (SagaStatus::Aborted, Some("REJECTED".to_owned()))
+    );
 }
 
 #[tokio::test]
@@ -707,6 +853,7 @@ fn command_message(sent: &Sent, kind: &str) -> IncomingMessage {
     headers.insert("request-id".to_owned(), sent.request_id.clone());
     headers.insert("reply-to".to_owned(), "order.reply".to_owned());
     headers.insert("compensation".to_owned(), sent.compensation.to_string());
+    headers.insert("saga-attempt".to_owned(), sent.attempt.clone());
     IncomingMessage {
         topic: "inventory.request".to_owned(),
         partition: 0,
@@ -904,6 +1051,178 @@ async fn a_step_with_retries_is_sent_again_before_it_fails() {
     );
 }
 
+/// The participant's effect for the tests where it refuses: a command whose type
+/// is listed in `refusals` is refused (and taken off the list: the next try finds
+/// the world changed), any other is applied like [`reserve`].
+fn reserve_unless_refused<'c>(
+    tx: &'c mut PgConnection,
+    command: &'c saga_core::saga::CommandEnvelope,
+) -> saga_core::saga::Effect<'c> {
+    Box::pin(async move {
+        let refused = sqlx::query("DELETE FROM refusals WHERE kind = $1")
+            .bind(&command.command_type)
+            .execute(&mut *tx)
+            .await
+            .map_err(saga_core::consumer::HandlerError::transient)?
+            .rows_affected()
+            > 0;
+        if refused {
+            return Ok(saga_core::saga::ParticipantReply::failure(
+                format!("{}Refused", command.command_type),
+                serde_json::json!({}),
+            ));
+        }
+        reserve(tx, command).await
+    })
+}
+
+/// Runs `sent` through the participant's barrier with [`reserve_unless_refused`]
+/// and hands its (latest) reply to `orchestrator`.
+async fn round_trip(
+    f: &Fixture,
+    orchestrator: &Orchestrator<Order>,
+    sent: &Sent,
+) -> IncomingMessage {
+    let mut tx = f.pool().begin().await.unwrap();
+    saga_core::saga::participate(
+        &mut tx,
+        &Outbox::new(),
+        &command_message(sent, &sent.kind),
+        reserve_unless_refused,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let reply = replies_in_outbox(f.pool())
+        .await
+        .pop()
+        .expect("the participant answered");
+    assert_eq!(
+        reply.headers["request-id"], sent.request_id,
+        "the answer is to this command"
+    );
+    assert_eq!(
+        apply_reply(orchestrator, f.pool(), &reply).await,
+        ReplyDisposition::Applied
+    );
+    reply
+}
+
+async fn refuse_next(f: &Fixture, kind: &str) {
+    sqlx::query("INSERT INTO refusals (kind) VALUES ($1)")
+        .bind(kind)
+        .execute(f.pool())
+        .await
+        .unwrap();
+}
+
+/// A step the participant refused is sent again by `with_retries` as a new
+/// attempt, which the participant's barrier lets run: the retry succeeds once the
+/// participant's world changed. Redeliveries of either attempt run nothing.
+#[tokio::test]
+async fn a_refused_step_retried_runs_again_at_the_participant() {
+    let f = Fixture::new(None).await;
+    sqlx::raw_sql(
+        "CREATE TABLE reservations (saga_id text, note text); CREATE TABLE refusals (kind text)",
+    )
+    .execute(f.pool())
+    .await
+    .unwrap();
+    let retrying = SagaDefinition::<Order>::builder("test-order")
+        .step("create")
+        .invoke_local(create)
+        .with_compensation(reject)
+        .step("reserve-goods")
+        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
+        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
+        .with_retries(1)
+        .build()
+        .unwrap();
+    let orchestrator = f.orchestrator(retrying);
+    let order = order();
+    let id = start_saga(f.pool(), &orchestrator, order.clone()).await;
+
+    refuse_next(&f, "ReserveGoods").await;
+    let first = f.last().await;
+    let refusal = round_trip(&f, &orchestrator, &first).await;
+    assert_eq!(refusal.headers["outcome"], "failure");
+    let second = f.last().await;
+    assert_eq!(
+        (second.kind.as_str(), second.attempt.as_str()),
+        ("ReserveGoods", "2")
+    );
+    let answer = round_trip(&f, &orchestrator, &second).await;
+    assert_eq!(answer.headers["outcome"], "success");
+    assert_eq!(effects_of(&f).await, ["ReserveGoods"]);
+    assert_eq!(
+        f.outcome(&orchestrator, id, &order).await,
+        (SagaStatus::Completed, Some("PENDING".to_owned()))
+    );
+
+    // Both attempts delivered again: duplicates, nothing runs twice.
+    participant_handles(&f, &first).await;
+    participant_handles(&f, &second).await;
+    assert_eq!(effects_of(&f).await, ["ReserveGoods"]);
+    let replies = replies_in_outbox(f.pool()).await;
+    let replays: Vec<(&str, &str)> = replies[2..]
+        .iter()
+        .map(|r| {
+            (
+                r.headers["outcome"].as_str(),
+                r.headers["saga-replay"].as_str(),
+            )
+        })
+        .collect();
+    // The row keeps the answer of the attempt that succeeded; the late copy of the
+    // refused attempt gets it too, under its own (stale) request id.
+    assert_eq!(replays, [("success", "true"), ("success", "true")]);
+    for reply in &replies[2..] {
+        assert_eq!(
+            apply_reply(&orchestrator, f.pool(), reply).await,
+            ReplyDisposition::Stale
+        );
+    }
+}
+
+/// A compensation the participant refused is tried again after its backoff as a
+/// new attempt, which runs: the saga is `ABORTED` with the step undone once.
+#[tokio::test]
+async fn a_refused_compensation_retried_runs_again_at_the_participant() {
+    let f = Fixture::new(None).await;
+    sqlx::raw_sql(
+        "CREATE TABLE reservations (saga_id text, note text); CREATE TABLE refusals (kind text)",
+    )
+    .execute(f.pool())
+    .await
+    .unwrap();
+    let id = f.start(order()).await;
+    let goods = f.last().await;
+    round_trip(&f, &f.orchestrator, &goods).await;
+    refuse_next(&f, "ReserveCredit").await;
+    refuse_next(&f, "ReleaseGoods").await;
+    round_trip(&f, &f.orchestrator, &f.last().await).await;
+    let release = f.last().await;
+    assert_eq!(
+        (release.kind.as_str(), release.attempt.as_str()),
+        ("ReleaseGoods", "1")
+    );
+    round_trip(&f, &f.orchestrator, &release).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborting);
+    assert_eq!(
+        f.sweep_after(&f.orchestrator, COMPENSATION_BACKOFF).await,
+        1
+    );
+    let again = f.last().await;
+    assert_eq!(
+        (again.kind.as_str(), again.attempt.as_str()),
+        ("ReleaseGoods", "2")
+    );
+    let answer = round_trip(&f, &f.orchestrator, &again).await;
+    assert_eq!(answer.headers["outcome"], "success");
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+    assert_eq!(effects_of(&f).await, ["ReleaseGoods", "ReserveGoods"]);
+}
+
 /// The participant's replies in the outbox, in order, as the orchestrator receives
 /// them.
 async fn replies_in_outbox(pool: &PgPool) -> Vec<IncomingMessage> {
@@ -1033,7 +1352,7 @@ async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts
         .await
         .unwrap();
     let compensating = SagaDefinition::<Order>::builder("test-order")
-        .compensation_retries(3, COMPENSATION_BACKOFF)
+        .compensation_retry(COMPENSATION_RETRY)
         .step("create")
         .invoke_local(create)
         .with_compensation(reject)

@@ -105,8 +105,9 @@ impl SagaAdmin {
             .map_err(SagaError::from)
     }
 
-    /// Tries the failed compensation of a `COMPENSATION_FAILED` saga again (with a
-    /// fresh attempt count), then carries on compensating.
+    /// Tries the failed compensation of a `COMPENSATION_FAILED` saga again, then
+    /// carries on compensating: a new attempt (the participant runs it even if it
+    /// refused the last one), with the retries' full time before it gives up again.
     pub async fn retry_compensation<D: SagaData + Clone>(
         &self,
         orchestrator: &Orchestrator<D>,
@@ -119,7 +120,9 @@ impl SagaAdmin {
             |instance| {
                 if let Some(step) = instance.current_step.clone() {
                     let state = instance.steps.entry(step).or_default();
-                    state.attempts = 0;
+                    // The attempt count goes on (the next command must be a new
+                    // attempt to the participant's barrier); the time starts anew.
+                    state.compensating_since = None;
                     state.request_id = None;
                     state.status = Some(StepStatus::Compensating.as_str().to_owned());
                 }

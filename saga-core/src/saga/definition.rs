@@ -118,8 +118,7 @@ impl<D> fmt::Debug for Step<D> {
 pub struct SagaDefinition<D> {
     pub(crate) name: String,
     pub(crate) steps: Vec<Step<D>>,
-    pub(crate) compensation_attempts: u32,
-    pub(crate) compensation_backoff: Duration,
+    pub(crate) compensation_retry: CompensationRetry,
 }
 
 impl<D> fmt::Debug for SagaDefinition<D> {
@@ -127,6 +126,7 @@ impl<D> fmt::Debug for SagaDefinition<D> {
         f.debug_struct("SagaDefinition")
             .field("name", &self.name)
             .field("steps", &self.steps)
+            .field("compensation_retry", &self.compensation_retry)
             .finish()
     }
 }
@@ -137,8 +137,7 @@ impl<D: SagaData> SagaDefinition<D> {
         SagaBuilder {
             name: name.into(),
             steps: Vec::new(),
-            compensation_attempts: DEFAULT_COMPENSATION_ATTEMPTS,
-            compensation_backoff: DEFAULT_COMPENSATION_BACKOFF,
+            compensation_retry: CompensationRetry::default(),
             error: None,
         }
     }
@@ -153,16 +152,58 @@ impl<D: SagaData> SagaDefinition<D> {
         &self.steps
     }
 
+    /// How a failing compensation is retried.
+    pub fn compensation_retry(&self) -> CompensationRetry {
+        self.compensation_retry
+    }
+
     pub(crate) fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
     }
 }
 
-/// How often a failing compensation is tried before the saga is
-/// `COMPENSATION_FAILED`.
-pub const DEFAULT_COMPENSATION_ATTEMPTS: u32 = 5;
+/// How long a step's compensation is retried before the saga is
+/// `COMPENSATION_FAILED`: a day. An outage of a participant (a deployment, a broken
+/// node, a database failover) lasts minutes to hours; undoing a saga must outlast it
+/// rather than hand every saga of the outage to an operator.
+pub const DEFAULT_COMPENSATION_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 /// The first delay before a failed compensation is tried again; it doubles.
 pub const DEFAULT_COMPENSATION_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest delay between two tries of a compensation.
+pub const DEFAULT_COMPENSATION_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How a failing compensation is tried again: after `first_backoff`, doubling up to
+/// `max_backoff`, until `give_up_after` has passed since the step's compensation
+/// began; the next failure after that makes the saga `COMPENSATION_FAILED`. A
+/// compensation that "fails" by not being answered within its step's timeout is
+/// retried the same way. Forward steps are not affected: they keep their timeouts
+/// and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompensationRetry {
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    pub give_up_after: Duration,
+}
+
+impl Default for CompensationRetry {
+    fn default() -> Self {
+        CompensationRetry {
+            first_backoff: DEFAULT_COMPENSATION_BACKOFF,
+            max_backoff: DEFAULT_COMPENSATION_MAX_BACKOFF,
+            give_up_after: DEFAULT_COMPENSATION_GIVE_UP_AFTER,
+        }
+    }
+}
+
+impl CompensationRetry {
+    /// The delay before try `failed + 1`, after `failed` tries failed (from 1).
+    pub fn backoff(&self, failed: u32) -> Duration {
+        let doublings = failed.saturating_sub(1).min(31);
+        self.first_backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_backoff.max(self.first_backoff))
+    }
+}
 
 /// The definition is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,8 +230,7 @@ pub enum DefinitionError {
 pub struct SagaBuilder<D> {
     name: String,
     steps: Vec<Step<D>>,
-    compensation_attempts: u32,
-    compensation_backoff: Duration,
+    compensation_retry: CompensationRetry,
     error: Option<DefinitionError>,
 }
 
@@ -219,10 +259,10 @@ impl<D: SagaData> SagaBuilder<D> {
         }
     }
 
-    /// How often a failing compensation is tried, and the first backoff (doubling).
-    pub fn compensation_retries(mut self, attempts: u32, first_backoff: Duration) -> Self {
-        self.compensation_attempts = attempts.max(1);
-        self.compensation_backoff = first_backoff;
+    /// How a failing compensation is tried again (default
+    /// [`CompensationRetry::default`]: from 1 s doubling up to 1 min, for a day).
+    pub fn compensation_retry(mut self, retry: CompensationRetry) -> Self {
+        self.compensation_retry = retry;
         self
     }
 
@@ -305,8 +345,7 @@ impl<D: SagaData> SagaBuilder<D> {
         Ok(SagaDefinition {
             name: self.name,
             steps: self.steps,
-            compensation_attempts: self.compensation_attempts,
-            compensation_backoff: self.compensation_backoff,
+            compensation_retry: self.compensation_retry,
         })
     }
 

@@ -19,9 +19,18 @@
 //!   succeeded, and a participant step that timed out (the participant may have run
 //!   it; its barrier turns a compensation of a step that never ran into a no-op).
 //!   A step whose participant replied failure did nothing, so it is not compensated.
-//! - A compensation that fails is tried again after a doubling backoff (the
-//!   timeout sweeper finds it by `deadline`); past the definition's bound the saga
-//!   is `COMPENSATION_FAILED`, where operators find it ([`SagaAdmin`]).
+//! - A compensation that fails (a failure reply, no reply within the step's timeout,
+//!   a local compensation's error) is tried again after a backoff doubling up to a
+//!   cap (the timeout sweeper finds it by `deadline`), for as long as the
+//!   definition's [`CompensationRetry::give_up_after`] (a day by default): long
+//!   enough to outlast a participant's outage, so a restart or an outage never
+//!   leaves half-undone sagas behind. Only past it is the saga
+//!   `COMPENSATION_FAILED`, where operators find it ([`SagaAdmin`]).
+//! - Every command carries its attempt number (per step, per action or
+//!   compensation). A participant answers a repeat of an attempt, or any attempt
+//!   after a success, with its first answer, and runs a later attempt after a
+//!   refusal again ([`crate::barrier`]): a retry really retries, and nothing runs
+//!   twice.
 //! - One saga never holds up the others: the sweeper handles each due saga in its
 //!   own transaction, and one whose state this definition cannot handle (data that
 //!   no longer parses, a step it does not know) is rolled back, logged, listed
@@ -52,17 +61,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::types::chrono;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::consumer::IncomingMessage;
 use crate::outbox::{Outbox, OutboxEvent};
 use crate::saga::clock::{Clock, SystemClock};
-use crate::saga::definition::{Action, SagaData, SagaDefinition};
+use crate::saga::definition::{Action, CompensationRetry, SagaData, SagaDefinition};
 use crate::saga::{
-    HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLY_TO, HEADER_REQUEST_ID, HEADER_SAGA_ID,
-    HEADER_SAGA_STEP, HEADER_SAGA_TYPE, OUTCOME_SUCCESS,
+    HEADER_ATTEMPT, HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLY_TO, HEADER_REQUEST_ID,
+    HEADER_SAGA_ID, HEADER_SAGA_STEP, HEADER_SAGA_TYPE, OUTCOME_SUCCESS,
 };
 use crate::status::{SagaStatus, StepStatus};
 
@@ -121,6 +129,10 @@ pub struct StepState {
     /// The step failed by timing out: the participant may have run it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timed_out: bool,
+    /// When the step's compensation began (or an operator last retried it): its
+    /// retries end [`CompensationRetry::give_up_after`] later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensating_since: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -495,25 +507,28 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         Ok(handled)
     }
 
-    /// Marks a failed compensation attempt: tried again after a backoff, or the saga
-    /// is `COMPENSATION_FAILED` past the bound.
+    /// Marks a failed compensation attempt: tried again after a backoff, or, once
+    /// the retries' time is up, the saga is `COMPENSATION_FAILED`.
     fn compensation_failed(
         &self,
         instance: &mut SagaInstance<D>,
         step: &str,
         reason: Option<String>,
     ) {
-        let attempts_bound = self.definition.compensation_attempts;
-        let first = self.definition.compensation_backoff;
+        let retry: CompensationRetry = self.definition.compensation_retry;
+        let now = self.clock.now();
         let state = instance.steps.entry(step.to_owned()).or_default();
         state.reason = reason;
-        if state.attempts >= attempts_bound {
+        let since = *state.compensating_since.get_or_insert(now);
+        let trying_for = (now - since).to_std().unwrap_or_default();
+        if trying_for >= retry.give_up_after {
             instance.status = SagaStatus::CompensationFailed;
-            tracing::error!(saga_id = %instance.id, step, attempts = state.attempts, "compensation failed for good");
+            tracing::error!(saga_id = %instance.id, step, attempts = state.attempts, trying_for = ?trying_for, reason = ?state.reason, "compensation failed for good");
         } else {
-            let backoff = first * 2u32.saturating_pow(state.attempts.saturating_sub(1));
+            let backoff = retry.backoff(state.attempts);
+            tracing::warn!(saga_id = %instance.id, step, attempts = state.attempts, retry_in = ?backoff, reason = ?state.reason, "compensation failed; trying again");
             // The step stays COMPENSATING without a request: the sweeper tries again.
-            instance.deadline = Some(self.clock.now() + backoff);
+            instance.deadline = Some(now + backoff);
         }
     }
 
@@ -558,14 +573,15 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                             }
                         },
                         Action::Participant(command) => {
+                            state.attempts += 1;
+                            let attempt = state.attempts;
                             let command = command(&instance.data);
                             let request = self
-                                .send(tx, instance.id, &step.name, &command, false)
+                                .send(tx, instance.id, &step.name, &command, false, attempt)
                                 .await?;
                             let state = instance.steps.entry(step.name.clone()).or_default();
                             state.set(StepStatus::Started);
                             state.request_id = Some(request);
-                            state.attempts += 1;
                             instance.deadline = step.timeout.map(|t| self.clock.now() + t);
                             return Ok(());
                         }
@@ -595,6 +611,11 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                     match &step.compensation {
                         None => state.set(StepStatus::Compensated),
                         Some(Action::Local(action)) => {
+                            if !state.is(StepStatus::Compensating)
+                                || state.compensating_since.is_none()
+                            {
+                                state.compensating_since = Some(self.clock.now());
+                            }
                             state.set(StepStatus::Compensating);
                             state.attempts += 1;
                             match run_local(tx, action, &mut instance.data).await? {
@@ -613,17 +634,22 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                             }
                         }
                         Some(Action::Participant(command)) => {
-                            let command = command(&instance.data);
-                            let request = self
-                                .send(tx, instance.id, &step.name, &command, true)
-                                .await?;
-                            let state = instance.steps.entry(step.name.clone()).or_default();
                             if !state.is(StepStatus::Compensating) {
                                 state.attempts = 0;
+                                state.compensating_since = None;
+                            }
+                            if state.compensating_since.is_none() {
+                                state.compensating_since = Some(self.clock.now());
                             }
                             state.set(StepStatus::Compensating);
-                            state.request_id = Some(request);
                             state.attempts += 1;
+                            let attempt = state.attempts;
+                            let command = command(&instance.data);
+                            let request = self
+                                .send(tx, instance.id, &step.name, &command, true, attempt)
+                                .await?;
+                            let state = instance.steps.entry(step.name.clone()).or_default();
+                            state.request_id = Some(request);
                             let timeout = step.timeout.unwrap_or(DEFAULT_COMPENSATION_TIMEOUT);
                             instance.deadline = Some(self.clock.now() + timeout);
                             return Ok(());
@@ -637,7 +663,9 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         }
     }
 
-    /// Writes the command to the outbox with the saga envelope; returns its request id.
+    /// Writes the command to the outbox with the saga envelope (`attempt`: its number
+    /// among the commands sent for the step's action, or its compensation); returns
+    /// its request id.
     async fn send(
         &self,
         tx: &mut PgConnection,
@@ -645,6 +673,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         step: &str,
         command: &crate::saga::Command,
         compensation: bool,
+        attempt: u32,
     ) -> Result<Uuid, SagaError> {
         let request = Uuid::now_v7();
         let event = OutboxEvent::new(
@@ -658,9 +687,10 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .header(HEADER_SAGA_STEP, step)
         .header(HEADER_REQUEST_ID, request.to_string())
         .header(HEADER_REPLY_TO, self.reply_topic.clone())
-        .header(HEADER_COMPENSATION, compensation.to_string());
+        .header(HEADER_COMPENSATION, compensation.to_string())
+        .header(HEADER_ATTEMPT, attempt.to_string());
         self.outbox.publish(tx, &event).await?;
-        tracing::debug!(saga_id = %id, step, command = %command.command_type, compensation, "command sent");
+        tracing::debug!(saga_id = %id, step, command = %command.command_type, compensation, attempt, "command sent");
         Ok(request)
     }
 

@@ -10,6 +10,11 @@
 //!   a command that was applied is therefore answered again, with the answer given
 //!   the first time, under the duplicate's own request id and with the header
 //!   [`HEADER_REPLAY`] set to `true`; the effect does not run again.
+//! - A command sent again after the participant *refused* (a failure reply, then a
+//!   retry of the definition's or an operator's) carries a higher attempt number
+//!   ([`crate::saga::HEADER_ATTEMPT`]) and runs the effect again: a refusal changed
+//!   nothing, and the retry exists because the world may have changed since. Only
+//!   the same attempt again, or any attempt after a success, is a duplicate.
 //! - That answer is the one that was sent: it is stored on the barrier row in the
 //!   transaction that ran the effect and wrote the first reply
 //!   ([`crate::barrier::record_answer`]), so both commit or neither does.
@@ -28,8 +33,8 @@ use uuid::Uuid;
 use crate::consumer::IncomingMessage;
 use crate::outbox::{Outbox, OutboxError, OutboxEvent};
 use crate::saga::{
-    HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLAY, HEADER_REPLY_TO, HEADER_REQUEST_ID,
-    HEADER_SAGA_ID, HEADER_SAGA_STEP, OUTCOME_FAILURE, OUTCOME_SUCCESS,
+    HEADER_ATTEMPT, HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLAY, HEADER_REPLY_TO,
+    HEADER_REQUEST_ID, HEADER_SAGA_ID, HEADER_SAGA_STEP, OUTCOME_FAILURE, OUTCOME_SUCCESS,
 };
 
 /// A saga command as a participant receives it.
@@ -43,6 +48,10 @@ pub struct CommandEnvelope {
     pub command_type: String,
     /// Whether it undoes the step (the barrier's `Compensate`).
     pub compensation: bool,
+    /// The orchestrator's number of this command among those it sent for the
+    /// step's action or compensation ([`HEADER_ATTEMPT`]); 1 when the header is
+    /// absent or unreadable.
+    pub attempt: u32,
 }
 
 impl CommandEnvelope {
@@ -55,6 +64,11 @@ impl CommandEnvelope {
             reply_to: message.header(HEADER_REPLY_TO)?.to_owned(),
             command_type: message.message_type.clone()?,
             compensation: message.header(HEADER_COMPENSATION) == Some("true"),
+            attempt: message
+                .header(HEADER_ATTEMPT)
+                .and_then(|a| a.parse().ok())
+                .filter(|a| *a >= 1)
+                .unwrap_or(1),
         })
     }
 }
@@ -207,8 +221,9 @@ pub type Effect<'c> =
 ///
 /// A compensation for a step that never ran replies success without an effect
 /// (null compensation, reply type `<command type>Skipped`), and that answer is
-/// stored too. A duplicate (the same step's action or compensation again, under
-/// any request id) runs nothing and is answered again with the stored answer under
+/// stored too. A later attempt after a refusal runs `effect` again. A duplicate
+/// (the same attempt again, or any attempt after a success, under any request id)
+/// runs nothing and is answered again with the stored answer under
 /// its own request id, marked [`HEADER_REPLAY`]; a duplicate of a row without a
 /// stored answer (written before answers were kept) is not answered. A command
 /// arriving after its own compensation (hanging) does nothing and is not answered
@@ -222,7 +237,9 @@ pub async fn participate<F>(
 where
     F: for<'c> FnOnce(&'c mut PgConnection, &'c CommandEnvelope) -> Effect<'c>,
 {
-    use crate::barrier::{enter, record_answer, recorded_answer, BarrierOp, BarrierOutcome};
+    use crate::barrier::{
+        enter_attempt, record_answer, recorded_answer, BarrierOp, BarrierOutcome,
+    };
     use crate::consumer::HandlerError;
 
     let Some(command) = CommandEnvelope::of(message) else {
@@ -236,9 +253,15 @@ where
     } else {
         BarrierOp::Action
     };
-    let answer = match enter(&mut *tx, &command.saga_id, &command.step, op)
-        .await
-        .map_err(HandlerError::transient)?
+    let answer = match enter_attempt(
+        &mut *tx,
+        &command.saga_id,
+        &command.step,
+        op,
+        command.attempt,
+    )
+    .await
+    .map_err(HandlerError::transient)?
     {
         BarrierOutcome::Proceed => effect(&mut *tx, &command).await?,
         BarrierOutcome::NullCompensation => {

@@ -96,3 +96,48 @@ async fn a_command_on_the_request_topic_is_applied_and_answered() {
     );
     running.stop().await.unwrap();
 }
+
+/// A retry after a refusal, through the broker and the service's barrier: the
+/// orchestrator's second attempt runs again and reserves the credit that the
+/// first was refused (the customer's limit was raised in between); a redelivery
+/// of the first attempt changes nothing.
+#[tokio::test]
+async fn a_refused_command_retried_as_a_new_attempt_runs_again() {
+    let db = TestDatabase::create().await;
+    let (running, base, topics) = start(&db).await;
+    customer_service::seed(db.pool()).await.unwrap();
+
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let reply_to = topics.order_reply();
+    let attempt = |n: u32| {
+        SagaCommand::new(saga, "reserve-credit", RESERVE_CREDIT)
+            .topic(&topics.customer_request())
+            .reply_to(&reply_to)
+            .attempt(n)
+            .payload(json!({ "orderId": order, "customerId": BOB, "amountCents": 6_000 }))
+    };
+    let first = attempt(1);
+    testing::send(&first.message()).await;
+    let replies = testing::wait_for_replies(db.pool(), &reply_to, 1, 2 * DEADLINE).await;
+    assert_eq!(replies[0].0, "CreditLimitExceeded");
+
+    sqlx::query("UPDATE customers SET credit_limit = 100, available_credit = 100 WHERE id = $1")
+        .bind(BOB)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    testing::send(&attempt(2).message()).await;
+    let replies = testing::wait_for_replies(db.pool(), &reply_to, 2, 2 * DEADLINE).await;
+    assert_eq!(replies[1].0, "CreditReserved", "{replies:?}");
+    assert_eq!(replies[1].1.get("saga-replay"), None, "answered first hand");
+    let (_, body) = get_json(&format!("{base}/customers/{BOB}")).await;
+    assert_eq!(body["availableCredit"], json!(40.0));
+
+    // The first attempt delivered again (a new record of it) is a duplicate.
+    testing::send(&first.message()).await;
+    let replies = testing::wait_for_replies(db.pool(), &reply_to, 3, 2 * DEADLINE).await;
+    assert_eq!(replies[2].1["saga-replay"], "true", "{replies:?}");
+    let (_, body) = get_json(&format!("{base}/customers/{BOB}")).await;
+    assert_eq!(body["availableCredit"], json!(40.0));
+    running.stop().await.unwrap();
+}

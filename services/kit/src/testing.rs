@@ -93,20 +93,34 @@ pub async fn send(message: &IncomingMessage) {
 /// Waits for the first outbox row to topic `reply_to` and returns its type;
 /// panics after `within`.
 pub async fn wait_for_reply(pool: &PgPool, reply_to: &str, within: Duration) -> String {
+    let mut replies = wait_for_replies(pool, reply_to, 1, within).await;
+    replies.swap_remove(0).0
+}
+
+/// Waits until topic `reply_to` has at least `count` outbox rows and returns the
+/// first `count` of them, oldest first, as (type, headers); panics after `within`.
+pub async fn wait_for_replies(
+    pool: &PgPool,
+    reply_to: &str,
+    count: usize,
+    within: Duration,
+) -> Vec<(String, Value)> {
     let started = Instant::now();
     loop {
-        let reply: Option<String> =
-            sqlx::query_scalar("SELECT type FROM outbox WHERE aggregatetype = $1 ORDER BY id")
+        let mut replies: Vec<(String, Value)> =
+            sqlx::query_as("SELECT type, headers FROM outbox WHERE aggregatetype = $1 ORDER BY id")
                 .bind(reply_to)
-                .fetch_optional(pool)
+                .fetch_all(pool)
                 .await
                 .expect("the outbox reads");
-        if let Some(reply) = reply {
-            return reply;
+        if replies.len() >= count {
+            replies.truncate(count);
+            return replies;
         }
         assert!(
             started.elapsed() < within,
-            "no reply to {reply_to} after {within:?}"
+            "{} of {count} replies to {reply_to} after {within:?}",
+            replies.len()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
