@@ -103,6 +103,7 @@ impl Task {
 
 type Prepare = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
 type ExtraMetrics = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>;
+type Warnings = Arc<dyn Fn() -> BTreeMap<String, String> + Send + Sync>;
 
 /// What is wrong, by component; empty when healthy.
 #[derive(Debug, Default)]
@@ -118,6 +119,7 @@ struct Shared {
     health: Arc<Mutex<Health>>,
     metrics: Arc<ServiceMetrics>,
     extra_metrics: Option<ExtraMetrics>,
+    warnings: Option<Warnings>,
 }
 
 fn lock(health: &Mutex<Health>) -> MutexGuard<'_, Health> {
@@ -146,6 +148,7 @@ pub struct Service {
     tasks: Vec<Task>,
     metrics: Arc<ServiceMetrics>,
     extra_metrics: Option<ExtraMetrics>,
+    warnings: Option<Warnings>,
 }
 
 impl std::fmt::Debug for Service {
@@ -174,6 +177,7 @@ impl Service {
             tasks: Vec::new(),
             metrics,
             extra_metrics: None,
+            warnings: None,
         }
     }
 
@@ -209,6 +213,18 @@ impl Service {
         self
     }
 
+    /// What needs an operator's eye but does not stop the service from working
+    /// (e.g. one saga it cannot handle), by subject, computed per `/health` call:
+    /// listed under `warnings`, the status stays `ok` (an orchestrator must not be
+    /// taken out of service for one bad saga).
+    pub fn health_warnings<F>(mut self, warnings: F) -> Service
+    where
+        F: Fn() -> BTreeMap<String, String> + Send + Sync + 'static,
+    {
+        self.warnings = Some(Arc::new(warnings));
+        self
+    }
+
     /// Binds the address and starts everything in the background.
     pub async fn start(self) -> anyhow::Result<Running> {
         let listener = tokio::net::TcpListener::bind(self.listen)
@@ -223,6 +239,7 @@ impl Service {
             health: Arc::new(Mutex::new(Health::default())),
             metrics: Arc::clone(&self.metrics),
             extra_metrics: self.extra_metrics.clone(),
+            warnings: self.warnings.clone(),
         };
         tracing::info!(service = self.name, %addr, "serving HTTP");
         let join = tokio::spawn(supervise(self, listener, shared, shutdown));
@@ -445,10 +462,12 @@ async fn health(State(shared): State<Shared>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let warnings = shared.warnings.as_ref().map(|w| w()).unwrap_or_default();
     let body = serde_json::json!({
         "service": shared.name,
         "status": if healthy { "ok" } else { "unavailable" },
         "problems": problems,
+        "warnings": warnings,
     });
     (
         status,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::outbox::Outbox;
-use saga_core::saga::{Orchestrator, SagaAdmin};
+use saga_core::saga::{CompensationRetry, Orchestrator, SagaAdmin};
 use service_kit::{CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
 use sqlx::migrate::Migrator;
 
@@ -67,6 +67,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub step_timeout_ms: u64,
 
+    /// Seconds a failing compensation is retried (after 1 s, doubling up to a
+    /// minute between tries) before its saga is COMPENSATION_FAILED for an
+    /// operator; long enough to outlast a participant's outage.
+    #[arg(long, env = "SAGA_COMPENSATION_GIVE_UP_S", value_name = "SECONDS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub compensation_give_up_s: u64,
+
     /// Milliseconds between two looks for passed step deadlines.
     #[arg(long, env = "SAGA_SWEEP_INTERVAL_MS", value_name = "MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -81,6 +88,7 @@ impl Config {
             customer_url: "http://localhost:8081".into(),
             inventory_url: "http://localhost:8082".into(),
             step_timeout_ms: 30_000,
+            compensation_give_up_s: 86_400,
             sweep_interval_ms: 500,
         }
     }
@@ -100,8 +108,12 @@ impl Config {
     /// The orchestrator this configuration runs.
     pub fn orchestrator(&self) -> anyhow::Result<Orchestrator<OrderPlacement>> {
         let topics = self.topics();
+        let retry = CompensationRetry {
+            give_up_after: Duration::from_secs(self.compensation_give_up_s),
+            ..CompensationRetry::default()
+        };
         let definition =
-            placement::definition(&topics, Duration::from_millis(self.step_timeout_ms))?;
+            placement::definition(&topics, Duration::from_millis(self.step_timeout_ms), retry)?;
         Ok(Orchestrator::new(
             definition,
             Outbox::new(),
@@ -156,11 +168,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let admin = SagaAdmin::new(pool.clone());
     let counted = Arc::clone(&orchestrator);
+    let watched = Arc::clone(&orchestrator);
     Service::new(SERVICE, pool, listen, metrics)
         .api(api::router(state))
         .prepare(prepare)
         .task(consumer)
         .task(sweeper)
+        .health_warnings(move || skipped_warning(&watched.skipped_sagas()))
         .extra_metrics(move || {
             let admin = admin.clone();
             let conflicts = counted.version_conflicts();
@@ -184,4 +198,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })
         .start()
         .await
+}
+
+/// The `/health` warning for sagas the sweeper skipped: how many, the first few
+/// with their reasons, and where to look.
+fn skipped_warning(skipped: &[(uuid::Uuid, String)]) -> std::collections::BTreeMap<String, String> {
+    const SHOWN: usize = 3;
+    let mut warnings = std::collections::BTreeMap::new();
+    if skipped.is_empty() {
+        return warnings;
+    }
+    let shown: Vec<String> = skipped
+        .iter()
+        .take(SHOWN)
+        .map(|(id, reason)| format!("{id}: {reason}"))
+        .collect();
+    let more = skipped.len().saturating_sub(SHOWN);
+    warnings.insert(
+        "sweeper".to_owned(),
+        format!(
+            "{} saga(s) skipped, their state does not fit the definition ({}{}); the others go on; \
+             inspect with `order-service saga list --stuck 0`, abort with `order-service saga abort ID`",
+            skipped.len(),
+            shown.join("; "),
+            if more > 0 { format!("; {more} more") } else { String::new() }
+        ),
+    );
+    warnings
 }

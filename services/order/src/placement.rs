@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use saga_core::saga::{Command, Reply, SagaDefinition, StepFailed};
+use saga_core::saga::{Command, CompensationRetry, Reply, SagaDefinition, StepFailed};
 use serde::{Deserialize, Serialize};
 use service_kit::Topics;
 use sqlx::PgConnection;
@@ -219,10 +219,11 @@ fn approve_order<'a>(
 
 /// The saga's definition; commands go to the topics of `topics`, and every
 /// participant step fails (and is compensated) when its reply takes longer than
-/// `step_timeout`.
+/// `step_timeout`; a failing compensation is retried as `compensation_retry` says.
 pub fn definition(
     topics: &Topics,
     step_timeout: Duration,
+    compensation_retry: CompensationRetry,
 ) -> Result<SagaDefinition<OrderPlacement>, saga_core::saga::DefinitionError> {
     let (t1, t2, t3, t4, t5, t6) = (
         topics.clone(),
@@ -233,6 +234,7 @@ pub fn definition(
         topics.clone(),
     );
     SagaDefinition::<OrderPlacement>::builder(SAGA_TYPE)
+        .compensation_retry(compensation_retry)
         .step("create")
         .invoke_local(create_order)
         .with_compensation(reject_order)
@@ -282,7 +284,12 @@ mod tests {
     #[test]
     fn steps_in_order_with_prefixed_topics() {
         let topics = Topics::new("p.");
-        let definition = definition(&topics, Duration::from_secs(5)).expect("a valid saga");
+        let definition = definition(
+            &topics,
+            Duration::from_secs(5),
+            CompensationRetry::default(),
+        )
+        .expect("a valid saga");
         let names: Vec<&str> = definition.steps().iter().map(|s| s.name()).collect();
         assert_eq!(
             names,
