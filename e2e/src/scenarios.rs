@@ -15,6 +15,7 @@ use crate::lab::{
 use crate::{Shop, ShopClient, ShopConfig};
 use testkit::process::{memory_kib, metric_sum};
 
+mod restarts;
 mod sagas;
 
 /// One scenario: its name on the command line, what it does, what it proves.
@@ -89,6 +90,18 @@ pub fn all() -> Vec<Scenario> {
             fault: "payments are declined while the customer service (the target of the credit compensation) is down for 20 s; compensations time out after 6 s",
             promise: "the failed payment compensates credit and goods; the compensation is retried (a new request each time, the participant answering a repeat with its first answer) until the customer service answers",
             run: |s| Box::pin(sagas::compensation_retry(s)),
+        },
+        Scenario {
+            name: "service-restart",
+            fault: "under load, the payment service and then the order service are SIGKILLed and started again 1 s later, then 3 s later (default consumer settings)",
+            promise: "each restarted service is consuming again within 10 s of its restart; every saga ends, nothing is applied twice, stock and credit are conserved",
+            run: |s| Box::pin(restarts::service_restart(s)),
+        },
+        Scenario {
+            name: "restart-storm",
+            fault: "under load, each of the eight processes (four services, four relays) in turn is SIGKILLed and started again 1-3 s later (seeded), twice over: 16 kills",
+            promise: "every killed process comes back healthy; every event is delivered, every saga ends, nothing is applied twice, stock and credit are conserved",
+            run: |s| Box::pin(restarts::restart_storm(s)),
         },
     ]
 }
