@@ -88,7 +88,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "compensation-retry",
             fault: "payments are declined while the customer service (the target of the credit compensation) is down for 20 s; compensations time out after 6 s",
-            promise: "the failed payment compensates credit and goods; the compensation is retried (a new request each time, the participant answering a repeat with its first answer) until the customer service answers",
+            promise: "the failed payment compensates credit and goods; the compensation is retried until the customer service answers, each retry a new attempt it executes again (a duplicate of one attempt gets its stored answer); the credit is given back once",
             run: |s| Box::pin(sagas::compensation_retry(s)),
         },
         Scenario {
@@ -150,10 +150,6 @@ fn mix(lab: &mut Lab, count: usize) -> Vec<(OrderKind, crate::OrderRequest)> {
     ));
     order_mix(count, seed)
 }
-
-/// For a service that is killed: the group gives its partitions to the restarted
-/// member after 6 s instead of librdkafka's default 45 s.
-const FAST_SESSION: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000";
 
 const PATIENCE: Duration = Duration::from_secs(90);
 const BOUND: Duration = Duration::from_secs(120);
@@ -345,14 +341,11 @@ async fn broker_restart(settings: LabSettings) -> anyhow::Result<Measurement> {
 
 async fn consumer_crash(settings: LabSettings) -> anyhow::Result<Measurement> {
     let mut lab = Lab::new(&settings, "consumer-crash", false).await?;
-    let config = lab
-        .shop_config()
-        .with_env(
-            "inventory-service",
-            failpoints::ENV,
-            "consumer.after-commit=kill@30",
-        )
-        .with_env("inventory-service", "KAFKA_OPTIONS", FAST_SESSION);
+    let config = lab.shop_config().with_env(
+        "inventory-service",
+        failpoints::ENV,
+        "consumer.after-commit=kill@30",
+    );
     with_shop(&mut lab, config, BOUND, |lab, shop| {
         Box::pin(async move {
             let orders = mix(lab, 100);

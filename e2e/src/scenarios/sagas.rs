@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use saga_core::status::StepStatus;
 
-use super::{
-    mix, placed, timed_out_steps, wait_terminal, with_shop, BOUND, FAST_SESSION, PATIENCE,
-};
+use super::{mix, placed, timed_out_steps, wait_terminal, with_shop, BOUND, PATIENCE};
 use crate::lab::{
     consumer_counts, metrics_text, place_in_background, wait_until, Lab, LabSettings, Measurement,
     OrderKind,
@@ -59,9 +57,7 @@ pub(super) async fn reply_races_timeout(settings: LabSettings) -> anyhow::Result
 
 pub(super) async fn participant_down(settings: LabSettings) -> anyhow::Result<Measurement> {
     let mut lab = Lab::new(&settings, "participant-down", false).await?;
-    let mut config = lab
-        .shop_config()
-        .with_env("payment-service", "KAFKA_OPTIONS", FAST_SESSION);
+    let mut config = lab.shop_config();
     config.step_timeout = Duration::from_secs(120);
     let down = Duration::from_secs(15);
     with_shop(&mut lab, config, BOUND + down, |lab, shop| {
@@ -93,14 +89,11 @@ pub(super) async fn participant_down(settings: LabSettings) -> anyhow::Result<Me
 
 pub(super) async fn compensation_retry(settings: LabSettings) -> anyhow::Result<Measurement> {
     let mut lab = Lab::new(&settings, "compensation-retry", false).await?;
-    let mut config = lab
-        .shop_config()
-        .with_env("customer-service", "KAFKA_OPTIONS", FAST_SESSION)
-        .with_env(
-            "payment-service",
-            failpoints::ENV,
-            "consumer.before-handler=sleep(3000)*40",
-        );
+    let mut config = lab.shop_config().with_env(
+        "payment-service",
+        failpoints::ENV,
+        "consumer.before-handler=sleep(3000)*40",
+    );
     config.step_timeout = Duration::from_secs(6);
     let down = Duration::from_secs(20);
     with_shop(&mut lab, config, BOUND, |lab, shop| {
@@ -173,6 +166,21 @@ pub(super) async fn compensation_retry(settings: LabSettings) -> anyhow::Result<
             lab.expect(
                 "goods and credit were compensated for each declined payment",
                 compensated == 2 * i64::try_from(count).unwrap_or(-1),
+            );
+            let (executed, replayed): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE headers->>'saga-replay' IS DISTINCT FROM 'true'), \
+                 count(*) FILTER (WHERE headers->>'saga-replay' = 'true') FROM outbox WHERE type = $1",
+            )
+            .bind(customer_service::commands::CREDIT_RELEASED)
+            .fetch_one(&lab.ledger.customer)
+            .await?;
+            lab.note(format!(
+                "the customer service answered {} credit releases: {executed} executed, {replayed} answered again from the store",
+                executed + replayed
+            ));
+            lab.expect(
+                "the customer service executed retried attempts again (more releases executed than sagas)",
+                executed > i64::try_from(count).unwrap_or(i64::MAX),
             );
             Ok(())
         })
