@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use customer_service::{ADA, BOB};
 use inventory_service::{GADGET, WIDGET};
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use service_kit::Topics;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use testkit::{PrivateBroker, PrivateCluster};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{Balances, Ledger, Mode, OrderRequest, ServiceDatabases, Shop, ShopClient, ShopConfig};
@@ -501,6 +502,40 @@ pub async fn read_back(
     Ok((seen, copies))
 }
 
+/// Messages of `topic` that consumer group `group` has not committed past: per
+/// partition, the high watermark minus the group's committed offset (minus the
+/// low watermark where the group has committed none). Asks the broker without
+/// joining the group.
+pub async fn backlog(brokers: &str, group: &str, topic: &str) -> anyhow::Result<i64> {
+    let consumer: BaseConsumer = testkit::consumer_config_on(Some(brokers), group)
+        .create()
+        .context("creating the offset reader")?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(5);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut partitions = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for partition in t.partitions() {
+                partitions.add_partition(&topic, partition.id());
+            }
+        }
+        let committed = consumer.committed_offsets(partitions, timeout)?;
+        let mut waiting = 0;
+        for element in committed.elements() {
+            let (low, high) = consumer.fetch_watermarks(&topic, element.partition(), timeout)?;
+            let from = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => low,
+            };
+            waiting += (high - from).max(0);
+        }
+        Ok(waiting)
+    })
+    .await
+    .context("the offset reader")?
+}
+
 /// What kind of order a load places, and what it will likely become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderKind {
@@ -562,6 +597,49 @@ pub fn place_in_background(
     rate: f64,
     patience: Duration,
 ) -> tokio::task::JoinHandle<anyhow::Result<Vec<Uuid>>> {
+    let (_never, running) = watch::channel(false);
+    spawn_load(client, orders, rate, patience, running)
+}
+
+/// Orders placed in the background until [`Load::stop`]: a load that lasts as
+/// long as the faults of a scenario take, however long that is.
+#[derive(Debug)]
+pub struct Load {
+    stop: watch::Sender<bool>,
+    placing: tokio::task::JoinHandle<anyhow::Result<Vec<Uuid>>>,
+}
+
+impl Load {
+    /// Places no further order; resolves to the accepted ids once every order
+    /// under way has been accepted (or refused: an error).
+    pub async fn stop(self) -> anyhow::Result<Vec<Uuid>> {
+        let _ = self.stop.send(true);
+        self.placing.await.context("the load task")?
+    }
+}
+
+/// Like [`place_in_background`], but places the orders only until stopped
+/// (`orders` should be more than `rate` places while the scenario runs).
+pub fn place_until_stopped(
+    client: &ShopClient,
+    orders: Vec<(OrderKind, OrderRequest)>,
+    rate: f64,
+    patience: Duration,
+) -> Load {
+    let (stop, stopped) = watch::channel(false);
+    Load {
+        stop,
+        placing: spawn_load(client, orders, rate, patience, stopped),
+    }
+}
+
+fn spawn_load(
+    client: &ShopClient,
+    orders: Vec<(OrderKind, OrderRequest)>,
+    rate: f64,
+    patience: Duration,
+    stopped: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<anyhow::Result<Vec<Uuid>>> {
     let client = Arc::new(client.clone());
     tokio::spawn(async move {
         let gap = Duration::from_secs_f64(1.0 / rate.max(0.001));
@@ -569,6 +647,9 @@ pub fn place_in_background(
         let mut tick = tokio::time::interval(gap);
         for (_, request) in orders {
             tick.tick().await;
+            if *stopped.borrow() {
+                break;
+            }
             let client = Arc::clone(&client);
             placing.spawn(async move { place_patiently(&client, &request, patience).await });
         }

@@ -7,14 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
-use saga_core::status::StepStatus;
 
 use crate::lab::{
-    consumer_counts, metrics_text, order_mix, place_in_background, sagas_ended, wait_until, Lab,
-    LabSettings, Measurement, OrderKind,
+    consumer_counts, metrics_text, order_mix, place_in_background, sagas_ended, Lab, LabSettings,
+    Measurement, OrderKind,
 };
 use crate::{Shop, ShopClient, ShopConfig};
 use testkit::process::{memory_kib, metric_sum};
+
+mod restarts;
+mod sagas;
 
 /// One scenario: its name on the command line, what it does, what it proves.
 #[derive(Debug, Clone, Copy)]
@@ -69,13 +71,13 @@ pub fn all() -> Vec<Scenario> {
             name: "reply-races-timeout",
             fault: "replies arrive around their step's 1 s timeout (the inventory service takes 0.5-1.5 s for its first 80 messages), two orchestrator instances share the replies, one leaves and comes back",
             promise: "each step has one outcome (late replies are ignored, version conflicts retried), timed-out steps are compensated, nothing is applied twice",
-            run: |s| Box::pin(reply_races_timeout(s)),
+            run: |s| Box::pin(sagas::reply_races_timeout(s)),
         },
         Scenario {
             name: "participant-down",
             fault: "the payment service is killed for 15 s under load (steps time out after 120 s)",
             promise: "its sagas wait and complete after it restarts; none times out",
-            run: |s| Box::pin(participant_down(s)),
+            run: |s| Box::pin(sagas::participant_down(s)),
         },
         Scenario {
             name: "postgres-restart",
@@ -86,8 +88,20 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "compensation-retry",
             fault: "payments are declined while the customer service (the target of the credit compensation) is down for 20 s; compensations time out after 6 s",
-            promise: "the failed payment compensates credit and goods; the compensation is retried (a new request each time, the participant answering a repeat with its first answer) until the customer service answers",
-            run: |s| Box::pin(compensation_retry(s)),
+            promise: "the failed payment compensates credit and goods; the compensation is retried until the customer service answers, each retry a new attempt it executes again (a duplicate of one attempt gets its stored answer); the credit is given back once",
+            run: |s| Box::pin(sagas::compensation_retry(s)),
+        },
+        Scenario {
+            name: "service-restart",
+            fault: "under load, the payment service and then the order service are SIGKILLed and started again 1 s later, then 3 s later (default consumer settings)",
+            promise: "each restarted service is consuming again within 10 s of its restart; every saga ends, nothing is applied twice, stock and credit are conserved",
+            run: |s| Box::pin(restarts::service_restart(s)),
+        },
+        Scenario {
+            name: "restart-storm",
+            fault: "under load, each of the eight processes (four services, four relays) in turn is SIGKILLed and started again 1-3 s later (seeded), twice over: 16 kills",
+            promise: "every killed process comes back healthy; every event is delivered, every saga ends, nothing is applied twice, stock and credit are conserved",
+            run: |s| Box::pin(restarts::restart_storm(s)),
         },
     ]
 }
@@ -136,10 +150,6 @@ fn mix(lab: &mut Lab, count: usize) -> Vec<(OrderKind, crate::OrderRequest)> {
     ));
     order_mix(count, seed)
 }
-
-/// For a service that is killed: the group gives its partitions to the restarted
-/// member after 6 s instead of librdkafka's default 45 s.
-const FAST_SESSION: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000";
 
 const PATIENCE: Duration = Duration::from_secs(90);
 const BOUND: Duration = Duration::from_secs(120);
@@ -331,14 +341,11 @@ async fn broker_restart(settings: LabSettings) -> anyhow::Result<Measurement> {
 
 async fn consumer_crash(settings: LabSettings) -> anyhow::Result<Measurement> {
     let mut lab = Lab::new(&settings, "consumer-crash", false).await?;
-    let config = lab
-        .shop_config()
-        .with_env(
-            "inventory-service",
-            failpoints::ENV,
-            "consumer.after-commit=kill@30",
-        )
-        .with_env("inventory-service", "KAFKA_OPTIONS", FAST_SESSION);
+    let config = lab.shop_config().with_env(
+        "inventory-service",
+        failpoints::ENV,
+        "consumer.after-commit=kill@30",
+    );
     with_shop(&mut lab, config, BOUND, |lab, shop| {
         Box::pin(async move {
             let orders = mix(lab, 100);
@@ -363,81 +370,6 @@ async fn consumer_crash(settings: LabSettings) -> anyhow::Result<Measurement> {
                 "the message committed before the crash came again and was skipped",
                 counts.duplicate >= 1,
             );
-            Ok(())
-        })
-    })
-    .await
-}
-
-async fn reply_races_timeout(settings: LabSettings) -> anyhow::Result<Measurement> {
-    let mut lab = Lab::new(&settings, "reply-races-timeout", false).await?;
-    let mut config = lab.shop_config().with_env(
-        "inventory-service",
-        failpoints::ENV,
-        "consumer.before-handler=sleep(500-1500)*80",
-    );
-    config.step_timeout = Duration::from_secs(1);
-    config.order_instances = 2;
-    with_shop(&mut lab, config, BOUND, |lab, shop| {
-        Box::pin(async move {
-            let orders = mix(lab, 60);
-            let load = place_in_background(&ShopClient::new(shop), orders, 5.0, PATIENCE);
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            shop.stop_process("order-service-2").await?;
-            lab.note("order-service-2 left the group (SIGTERM) mid-load; its partitions moved to order-service");
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            shop.restart("order-service-2", &[]).await?;
-            lab.note("order-service-2 came back and took partitions again");
-            let ids = placed(load).await?;
-            wait_terminal(lab, ids.len()).await?;
-            let mut conflicts = 0;
-            let mut retried = 0;
-            for name in ["order-service", "order-service-2"] {
-                conflicts += metric_sum(
-                    &metrics_text(shop, name).await?,
-                    "saga_version_conflicts_total",
-                );
-                retried += consumer_counts(shop, name).await?.retried;
-            }
-            let timed_out = timed_out_steps(lab).await?;
-            lab.note(format!(
-                "{timed_out} steps timed out while their replies were on the way; {conflicts} saga saves lost to a concurrent change (replies against sweepers, instance against instance) and were retried; {retried} reply transactions retried in all (counted since each instance's last start)"
-            ));
-            lab.expect("some steps timed out (the race was provoked)", timed_out > 0);
-            Ok(())
-        })
-    })
-    .await
-}
-
-async fn participant_down(settings: LabSettings) -> anyhow::Result<Measurement> {
-    let mut lab = Lab::new(&settings, "participant-down", false).await?;
-    let mut config = lab
-        .shop_config()
-        .with_env("payment-service", "KAFKA_OPTIONS", FAST_SESSION);
-    config.step_timeout = Duration::from_secs(120);
-    let down = Duration::from_secs(15);
-    with_shop(&mut lab, config, BOUND + down, |lab, shop| {
-        Box::pin(async move {
-            let orders = mix(lab, 150);
-            let load = place_in_background(&ShopClient::new(shop), orders, 10.0, PATIENCE);
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            shop.kill("payment-service").await?;
-            tokio::time::sleep(down).await;
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM saga_state WHERE status = 'STARTED' AND current_step = 'payment'",
-            )
-            .fetch_one(&lab.ledger.order)
-            .await?;
-            lab.note(format!(
-                "payment-service killed for {down:?}; {waiting} sagas were waiting at the payment step when it came back"
-            ));
-            lab.expect("sagas were waiting for the payment service", waiting > 0);
-            shop.restart("payment-service", &[]).await?;
-            let ids = placed(load).await?;
-            wait_terminal(lab, ids.len()).await?;
-            let timed_out = timed_out_steps(lab).await?;
-            lab.expect("no step timed out", timed_out == 0);
             Ok(())
         })
     })
@@ -479,95 +411,6 @@ async fn postgres_restart(settings: LabSettings) -> anyhow::Result<Measurement> 
             lab.expect(
                 "every accepted order exists once",
                 lab.order_count().await? == i64::try_from(ids.len()).unwrap_or(-1),
-            );
-            Ok(())
-        })
-    })
-    .await
-}
-
-async fn compensation_retry(settings: LabSettings) -> anyhow::Result<Measurement> {
-    let mut lab = Lab::new(&settings, "compensation-retry", false).await?;
-    let mut config = lab
-        .shop_config()
-        .with_env("customer-service", "KAFKA_OPTIONS", FAST_SESSION)
-        .with_env(
-            "payment-service",
-            failpoints::ENV,
-            "consumer.before-handler=sleep(3000)*40",
-        );
-    config.step_timeout = Duration::from_secs(6);
-    let down = Duration::from_secs(20);
-    with_shop(&mut lab, config, BOUND, |lab, shop| {
-        Box::pin(async move {
-            let mut orders = mix(lab, 20);
-            for (kind, request) in &mut orders {
-                *kind = OrderKind::Declined;
-                request.customer_id = customer_service::ADA;
-                request.goods_id = inventory_service::WIDGET;
-                request.card_number = crate::lab::DECLINED_CARD.to_owned();
-            }
-            let count = orders.len();
-            let ids = placed(place_in_background(
-                &ShopClient::new(shop),
-                orders,
-                50.0,
-                PATIENCE,
-            ))
-            .await?;
-            // Every saga has its credit reserved; the (slowed) payment has not
-            // declined yet, so the credit compensations find the customer service down.
-            let order = lab.ledger.order.clone();
-            let reached = wait_until(Duration::from_secs(30), || {
-                let order = order.clone();
-                async move {
-                    let n: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM saga_state \
-                         WHERE step_status->'reserve-credit'->>'status' IS NOT NULL \
-                         AND step_status->'reserve-credit'->>'status' <> $1",
-                    )
-                    .bind(StepStatus::Started.as_str())
-                    .fetch_one(&order)
-                    .await?;
-                    Ok(n == i64::try_from(count).unwrap_or(0))
-                }
-            })
-            .await?;
-            lab.expect("every saga had its credit reserved before the customer service went down", reached);
-            shop.kill("customer-service").await?;
-            tokio::time::sleep(down).await;
-            let retried: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
-                 WHERE st.key = 'reserve-credit' AND (st.value->>'attempts')::int >= 2",
-            )
-            .fetch_one(&lab.ledger.order)
-            .await?;
-            lab.note(format!(
-                "customer-service down for {down:?}; {retried} credit compensations had been sent more than once meanwhile"
-            ));
-            lab.expect("compensations were retried while their target was down", retried > 0);
-            shop.restart("customer-service", &[]).await?;
-            wait_terminal(lab, ids.len()).await?;
-            let aborted = crate::lab::saga_counts(&lab.ledger.order)
-                .await?
-                .get("ABORTED")
-                .copied()
-                .unwrap_or(0);
-            lab.expect(
-                "every declined payment ended ABORTED with its compensations done",
-                aborted == i64::try_from(count).unwrap_or(-1),
-            );
-            let compensated: i64 = sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM saga_state s, jsonb_each(s.step_status) st \
-                 WHERE st.key IN ('reserve-goods', 'reserve-credit') AND st.value->>'status' = '{}'",
-                StepStatus::Compensated.as_str()
-            ))
-            .fetch_one(&lab.ledger.order)
-            .await?;
-            lab.note(format!("{compensated} goods and credit reservations compensated"));
-            lab.expect(
-                "goods and credit were compensated for each declined payment",
-                compensated == 2 * i64::try_from(count).unwrap_or(-1),
             );
             Ok(())
         })
