@@ -206,10 +206,11 @@ impl Ledger {
                 ));
             }
         }
-        // Each command is applied once: two replies for one saga step and command
-        // type would mean a command was applied twice. Replies marked `saga-replay`
-        // answer a duplicate again with the stored answer (the effect did not run
-        // again), so they are not counted.
+        // Each command is applied once: two successful replies for one saga step
+        // and reply type would mean a command was applied twice. Replies marked
+        // `saga-replay` answer a duplicate again with the stored answer (the effect
+        // did not run again), and a refusal applied nothing (a later attempt after
+        // one runs again, by design), so neither is counted.
         for (name, pool) in [
             ("customer", &self.customer),
             ("inventory", &self.inventory),
@@ -218,6 +219,7 @@ impl Ledger {
             let twice: Vec<(Option<String>, Option<String>, String, i64)> = sqlx::query_as(
                 "SELECT headers->>'saga-id', headers->>'saga-step', type, count(*) FROM outbox \
                  WHERE headers->>'saga-replay' IS DISTINCT FROM 'true' \
+                 AND headers->>'outcome' = 'success' \
                  GROUP BY 1, 2, 3 HAVING count(*) > 1",
             )
             .fetch_all(pool)

@@ -87,8 +87,8 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "compensation-retry",
-            fault: "payments are declined while the customer service (the target of the credit compensation) is down for 20 s; compensations time out after 6 s",
-            promise: "the failed payment compensates credit and goods; the compensation is retried until the customer service answers, each retry a new attempt it executes again (a duplicate of one attempt gets its stored answer); the credit is given back once",
+            fault: "payments are declined, then the customer service (the target of the credit compensations) is down for 2 minutes while orders keep coming; steps and compensations time out after 6 s",
+            promise: "compensations are retried (capped backoff) for longer than the outage: afterwards every saga is COMPLETED or ABORTED, none COMPENSATION_FAILED; each credit is released once, the retries answered from the customer service's store",
             run: |s| Box::pin(sagas::compensation_retry(s)),
         },
         Scenario {
