@@ -111,17 +111,33 @@
 //! [`Consumer::with_rebalance_observer`] (tests use it to show that a partition was
 //! revoked while one of its messages was being handled).
 //!
+//! # Membership
+//!
+//! A member killed without leaving its group keeps its partitions until its session
+//! times out (`session.timeout.ms`, 10 s here instead of librdkafka's 45 s, with
+//! heartbeats every 3 s; both can be set through `options`). A member restarted
+//! under the same [`ConsumerConfig::instance_id`] (static membership) takes its
+//! predecessor's place at once; a second live member with the same id fences the
+//! first off, which stops with [`ConsumerError::Fenced`]. A watchdog rejoins the
+//! group when the member goes without partitions for
+//! [`ConsumerConfig::rejoin_after`] although the group owes it some (the
+//! `membership` module says why and when), counted in [`ConsumerStats::rejoins`].
+//!
 //! # Shutdown
 //!
 //! When the `shutdown` future resolves, [`Consumer::run`] stops pulling messages, lets
 //! the messages being handled finish (the attempt that runs completes; no retry is
 //! started, and a message waiting for its retry is left to the next run), stores their
-//! offsets, commits the group's offsets synchronously and returns. Messages waiting in
-//! a lane are not started; their offsets stay uncommitted.
+//! offsets, commits the group's offsets synchronously, leaves the group and returns.
+//! Messages waiting in a lane are not started; their offsets stay uncommitted. (A
+//! member with an instance id would not leave on its own when it closes; it leaves
+//! so that its partitions move at once. A consumer that stops with an error keeps
+//! its membership, for the next run under the same id to take over.)
 
 mod config;
 mod dead_letter;
 mod handling;
+mod membership;
 mod message;
 mod offsets;
 mod rebalance;
@@ -146,18 +162,21 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 pub use config::{
-    ConsumerConfig, DEAD_LETTER_SUFFIX, DEFAULT_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF,
-    DEFAULT_MAX_IN_FLIGHT,
+    ConsumerConfig, DEAD_LETTER_SUFFIX, DEFAULT_BACKOFF, DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REJOIN_AFTER,
+    DEFAULT_SESSION_TIMEOUT,
 };
 pub use dead_letter::{
     DeadLetterReason, DEAD_LETTER_PARTITIONS, DEAD_LETTER_REPLICATION_FACTOR, DEAD_LETTER_TIMEOUT,
     HEADER_CONSUMER, HEADER_REASON, HEADER_REASON_CODE, HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
+pub use membership::MAX_REJOIN_WAIT;
 pub use message::{HandlerError, IncomingMessage, MessageHandler, HEADER_ID, HEADER_TYPE};
 pub use rebalance::RebalanceEvent;
 
 use handling::{process, Job, Lane, Outcome, Shared};
+use membership::{fatal_error, Membership};
 use message::RawMessage;
 use offsets::OffsetTracker;
 use rebalance::RebalanceHooks;
@@ -187,6 +206,11 @@ pub enum ConsumerError {
     },
     #[error("the Kafka consumer failed fatally")]
     Kafka(#[source] KafkaError),
+    #[error(
+        "another member of consumer group {group} joined with the instance id {instance_id} \
+         and fenced this one off; give every process its own instance id"
+    )]
+    Fenced { group: String, instance_id: String },
     #[error("cannot dead-letter {message} to {dead_letter_topic}; its offset was not stored")]
     DeadLetter {
         message: Box<MessagePosition>,
@@ -235,6 +259,7 @@ impl ConsumerError {
             ConsumerError::Config(_)
             | ConsumerError::Client { .. }
             | ConsumerError::Subscribe { .. }
+            | ConsumerError::Fenced { .. }
             | ConsumerError::Journal { .. } => false,
             ConsumerError::DeadLetterTopic { source, .. } => !matches!(
                 source,
@@ -262,6 +287,7 @@ pub struct ConsumerStats {
     duplicates: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
+    rejoins: AtomicU64,
 }
 
 impl ConsumerStats {
@@ -284,6 +310,16 @@ impl ConsumerStats {
     pub fn dead_lettered(&self) -> u64 {
         self.dead_lettered.load(Ordering::Relaxed)
     }
+
+    /// Times a member without partitions left its group and joined it again
+    /// ([`ConsumerConfig::rejoin_after`]).
+    pub fn rejoins(&self) -> u64 {
+        self.rejoins.load(Ordering::Relaxed)
+    }
+
+    fn count_rejoin(&self) {
+        self.rejoins.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A consumer group member that applies each message once through `H`.
@@ -291,7 +327,8 @@ pub struct Consumer<H> {
     config: ConsumerConfig,
     pool: PgPool,
     handler: Arc<H>,
-    consumer: StreamConsumer<RebalanceHooks>,
+    /// Shared with the membership watchdog.
+    consumer: Arc<StreamConsumer<RebalanceHooks>>,
     producer: FutureProducer,
     tracker: Arc<Mutex<OffsetTracker>>,
     stats: Arc<ConsumerStats>,
@@ -331,7 +368,7 @@ impl<H: MessageHandler> Consumer<H> {
             config,
             pool,
             handler,
-            consumer,
+            consumer: Arc::new(consumer),
             producer,
             tracker,
             stats: Arc::default(),
@@ -363,7 +400,8 @@ impl<H: MessageHandler> Consumer<H> {
     ///
     /// Returns an error (after the same draining) when a dead letter cannot be
     /// produced, when the journal refuses its statements, or when the Kafka consumer
-    /// fails fatally; nothing past the failed message is committed.
+    /// fails fatally (among others, [`ConsumerError::Fenced`]: a second member runs
+    /// with this one's instance id); nothing past the failed message is committed.
     ///
     /// Dropping the returned future instead aborts the handlers in flight: their
     /// transactions roll back and their offsets stay uncommitted, so they run again
@@ -413,6 +451,19 @@ impl<H: MessageHandler> Consumer<H> {
             pending: 0,
         };
 
+        // Rejoins while the member has no partitions and should have some; stops
+        // (aborted) with the loop.
+        let watchdog = tokio::spawn(
+            Membership {
+                consumer: Arc::clone(&self.consumer),
+                group: self.config.group_id.clone(),
+                topics: self.config.topics.clone(),
+                rejoin_after: self.config.rejoin_after,
+                stats: Arc::clone(&self.stats),
+            }
+            .watch()
+            .in_current_span(),
+        );
         let mut failure = {
             let mut stream = self.consumer.stream();
             let mut shutdown = std::pin::pin!(shutdown);
@@ -431,8 +482,14 @@ impl<H: MessageHandler> Consumer<H> {
                     next = stream.next(), if work.pending < self.config.max_in_flight => {
                         match next {
                             Some(Ok(message)) => work.accept(RawMessage::of(&message)),
-                            Some(Err(err @ KafkaError::MessageConsumptionFatal(_))) => {
-                                break Some(ConsumerError::Kafka(err));
+                            // librdkafka reports a fatal error (a fenced member among
+                            // them) to a consumer as the code `Fatal`; the client
+                            // holds the cause.
+                            Some(Err(
+                                err @ (KafkaError::MessageConsumptionFatal(_)
+                                | KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)),
+                            )) => {
+                                break Some(self.fatal(err));
                             }
                             Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
                             None => break Some(ConsumerError::Kafka(KafkaError::NoMessageReceived)),
@@ -441,6 +498,7 @@ impl<H: MessageHandler> Consumer<H> {
                 }
             }
         };
+        watchdog.abort();
         if let Some(err) = &failure {
             tracing::error!(error = %err, in_flight = work.tasks.len(), "stopping");
         }
@@ -462,7 +520,20 @@ impl<H: MessageHandler> Consumer<H> {
                 failure.get_or_insert(ConsumerError::Commit(err));
             }
         }
+        if failure.is_none() {
+            // A member with an instance id does not leave its group when it closes
+            // (it expects to come back): leave now, so that its partitions go to the
+            // other members at once rather than after the session timeout.
+            self.consumer.unsubscribe();
+        }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// The error a fatal consumer error stops the consumer with: [`ConsumerError::Fenced`]
+    /// when another member took this one's instance id.
+    fn fatal(&self, err: KafkaError) -> ConsumerError {
+        let cause = self.consumer.client().fatal_error();
+        fatal_error(&self.config, err, cause.map(|(code, _)| code))
     }
 
     /// Creates the dead-letter topic unless it exists.

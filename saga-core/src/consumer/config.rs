@@ -20,6 +20,17 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// The suffix of the default dead-letter topic: `<group_id>.dlq`.
 pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
+/// `session.timeout.ms` unless the options say otherwise: how long a member killed
+/// without leaving holds its partitions (librdkafka's default is 45 s).
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// `heartbeat.interval.ms` unless the options say otherwise: a third of the session
+/// timeout, so that one lost heartbeat does not cost a member its partitions.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
+/// How long a member that should have partitions goes without any before it
+/// rejoins its group (see the `membership` module).
+pub const DEFAULT_REJOIN_AFTER: Duration = Duration::from_secs(12);
+/// The longest instance id Apache Kafka accepts.
+const MAX_INSTANCE_ID_LEN: usize = 249;
 
 /// What a [`Consumer`](super::Consumer) reads, where it puts dead letters and how it retries.
 #[derive(Clone)]
@@ -42,16 +53,31 @@ pub struct ConsumerConfig {
     pub max_backoff: Duration,
     /// Messages being handled or waiting for their key, at most; at least 1.
     pub max_in_flight: usize,
+    /// The member's instance id (`group.instance.id`, static membership): a member
+    /// started again under the same id, while its predecessor's membership has not
+    /// expired, takes that membership over at once instead of waiting for the
+    /// session timeout. It must be stable across restarts of one process and unique
+    /// among the live members of the group: a second live member with the same id
+    /// fences the first off ([`ConsumerError::Fenced`]). Letters, digits, `.`, `_`
+    /// and `-`. `None`: an ordinary member (or a `group.instance.id` in `options`).
+    pub instance_id: Option<String>,
+    /// How long a member that should have partitions goes without any before it
+    /// leaves and joins its group again; doubles after each rejoin, up to
+    /// [`MAX_REJOIN_WAIT`](super::MAX_REJOIN_WAIT).
+    pub rejoin_after: Duration,
     /// librdkafka options for all clients of the consumer (consumer, dead-letter
-    /// producer, admin), e.g. TLS or SASL settings. They cannot replace the options
-    /// the contracts rest on (offset handling, idempotence, acknowledgements).
+    /// producer, admin), e.g. TLS or SASL settings, or `session.timeout.ms` and
+    /// `heartbeat.interval.ms` (default [`DEFAULT_SESSION_TIMEOUT`] and
+    /// [`DEFAULT_HEARTBEAT_INTERVAL`]). They cannot replace the options the contracts
+    /// rest on (offset handling, idempotence, acknowledgements).
     pub options: BTreeMap<String, String>,
 }
 
 impl ConsumerConfig {
     /// A configuration with the defaults: dead letters to `<group_id>.dlq`,
     /// [`DEFAULT_MAX_ATTEMPTS`], [`DEFAULT_BACKOFF`] doubling up to
-    /// [`DEFAULT_MAX_BACKOFF`], [`DEFAULT_MAX_IN_FLIGHT`].
+    /// [`DEFAULT_MAX_BACKOFF`], [`DEFAULT_MAX_IN_FLIGHT`], no instance id, a rejoin
+    /// after [`DEFAULT_REJOIN_AFTER`] without partitions.
     pub fn new<T: Into<String>>(
         brokers: impl Into<String>,
         group_id: impl Into<String>,
@@ -67,6 +93,8 @@ impl ConsumerConfig {
             backoff: DEFAULT_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            instance_id: None,
+            rejoin_after: DEFAULT_REJOIN_AFTER,
             options: BTreeMap::new(),
         }
     }
@@ -101,7 +129,27 @@ impl ConsumerConfig {
         if self.max_backoff < self.backoff {
             return invalid("max_backoff is shorter than backoff");
         }
+        if let Some(id) = &self.instance_id {
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if id.is_empty() || id.len() > MAX_INSTANCE_ID_LEN || !id.chars().all(legal) {
+                return Err(ConsumerError::Config(format!(
+                    "instance_id {id:?} is not 1 to {MAX_INSTANCE_ID_LEN} letters, digits, \
+                     '.', '_' or '-'"
+                )));
+            }
+        }
+        if self.rejoin_after.is_zero() {
+            return invalid("rejoin_after is 0: a member would rejoin while it joins");
+        }
         Ok(())
+    }
+
+    /// The member's instance id: [`ConsumerConfig::instance_id`], or the
+    /// `group.instance.id` among the options.
+    pub fn effective_instance_id(&self) -> Option<&str> {
+        self.instance_id
+            .as_deref()
+            .or_else(|| self.options.get("group.instance.id").map(String::as_str))
     }
 
     /// The brokers and the pass-through options a client of `kind` reads (see
@@ -119,6 +167,21 @@ impl ConsumerConfig {
     /// pass-through options cannot replace them.
     pub(super) fn consumer_config(&self) -> ClientConfig {
         let mut client = self.client_config(scope::Kind::Consumer);
+        // A member killed without leaving holds its partitions for the session
+        // timeout; with the heartbeats a third of it apart, one lost heartbeat does
+        // not cost a live member its partitions. Options may set either.
+        for (key, default) in [
+            ("session.timeout.ms", DEFAULT_SESSION_TIMEOUT),
+            ("heartbeat.interval.ms", DEFAULT_HEARTBEAT_INTERVAL),
+        ] {
+            if !self.options.contains_key(key) {
+                client.set(key, default.as_millis().to_string());
+            }
+        }
+        // Static membership: a restarted member takes its predecessor's place.
+        if let Some(id) = &self.instance_id {
+            client.set("group.instance.id", id);
+        }
         client
             .set("group.id", &self.group_id)
             // Commit what has been *stored*, periodically, on revocation and on close.
@@ -165,7 +228,73 @@ impl std::fmt::Debug for ConsumerConfig {
             .field("backoff", &self.backoff)
             .field("max_backoff", &self.max_backoff)
             .field("max_in_flight", &self.max_in_flight)
+            .field("instance_id", &self.instance_id)
+            .field("rejoin_after", &self.rejoin_after)
             .field("options", &self.options.keys().collect::<Vec<_>>())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ConsumerConfig {
+        ConsumerConfig::new("b:9092", "orders", ["order.reply"])
+    }
+
+    #[test]
+    fn the_session_defaults_give_way_to_the_options() {
+        let consumer = config().consumer_config();
+        assert_eq!(consumer.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(consumer.get("heartbeat.interval.ms"), Some("3000"));
+        assert_eq!(consumer.get("group.instance.id"), None);
+
+        let mut config = config();
+        config
+            .options
+            .insert("session.timeout.ms".into(), "45000".into());
+        let consumer = config.consumer_config();
+        assert_eq!(consumer.get("session.timeout.ms"), Some("45000"));
+        assert_eq!(consumer.get("heartbeat.interval.ms"), Some("3000"));
+        // Only the consumer reads them.
+        assert_eq!(config.producer_config().get("session.timeout.ms"), None);
+        assert_eq!(config.producer_config().get("heartbeat.interval.ms"), None);
+    }
+
+    #[test]
+    fn the_instance_id_goes_to_the_consumer_only_and_wins_over_the_options() {
+        let mut config = config();
+        config
+            .options
+            .insert("group.instance.id".into(), "from-options".into());
+        assert_eq!(config.effective_instance_id(), Some("from-options"));
+        config.instance_id = Some("order-0".into());
+        assert_eq!(config.effective_instance_id(), Some("order-0"));
+        assert_eq!(
+            config.consumer_config().get("group.instance.id"),
+            Some("order-0")
+        );
+        assert_eq!(config.producer_config().get("group.instance.id"), None);
+    }
+
+    #[test]
+    fn instance_ids_are_checked() {
+        for good in ["order-0", "shop.order_service-7d9f8c-x2k4q", "a"] {
+            let mut config = config();
+            config.instance_id = Some(good.into());
+            assert!(config.validate().is_ok(), "{good}");
+        }
+        for bad in ["", "order 0", "order/0", "ü", &"x".repeat(250)] {
+            let mut config = config();
+            config.instance_id = Some(bad.into());
+            assert!(
+                matches!(config.validate(), Err(ConsumerError::Config(_))),
+                "{bad:?}"
+            );
+        }
+        let mut config = config();
+        config.rejoin_after = Duration::ZERO;
+        assert!(config.validate().is_err());
     }
 }
