@@ -111,214 +111,75 @@
 //! [`Consumer::with_rebalance_observer`] (tests use it to show that a partition was
 //! revoked while one of its messages was being handled).
 //!
+//! # Membership
+//!
+//! A member killed without leaving its group keeps its partitions until its session
+//! times out (`session.timeout.ms`, 10 s here instead of librdkafka's 45 s, with
+//! heartbeats every 3 s; both can be set through `options`). A member restarted
+//! under the same [`ConsumerConfig::instance_id`] (static membership) takes its
+//! predecessor's place at once; a second live member with the same id fences the
+//! first off, which stops with [`ConsumerError::Fenced`]. A watchdog rejoins the
+//! group when the member goes without partitions for
+//! [`ConsumerConfig::rejoin_after`] although the group owes it some (the
+//! `membership` module says why and when), counted in [`ConsumerStats::rejoins`].
+//!
 //! # Shutdown
 //!
 //! When the `shutdown` future resolves, [`Consumer::run`] stops pulling messages, lets
 //! the messages being handled finish (the attempt that runs completes; no retry is
 //! started, and a message waiting for its retry is left to the next run), stores their
-//! offsets, commits the group's offsets synchronously and returns. Messages waiting in
-//! a lane are not started; their offsets stay uncommitted.
+//! offsets, commits the group's offsets synchronously, leaves the group and returns.
+//! Messages waiting in a lane are not started; their offsets stay uncommitted. (A
+//! member with an instance id would not leave on its own when it closes; it leaves
+//! so that its partitions move at once. A consumer that stops with an error keeps
+//! its membership, for the next run under the same id to take over.)
 
+mod config;
 mod dead_letter;
+mod handling;
+mod membership;
 mod message;
 mod offsets;
+mod rebalance;
 pub mod scope;
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use rdkafka::admin::AdminClient;
-use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+pub use config::{
+    ConsumerConfig, DEAD_LETTER_SUFFIX, DEFAULT_BACKOFF, DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REJOIN_AFTER,
+    DEFAULT_SESSION_TIMEOUT,
+};
 pub use dead_letter::{
     DeadLetterReason, DEAD_LETTER_PARTITIONS, DEAD_LETTER_REPLICATION_FACTOR, DEAD_LETTER_TIMEOUT,
     HEADER_CONSUMER, HEADER_REASON, HEADER_REASON_CODE, HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
+pub use membership::MAX_REJOIN_WAIT;
 pub use message::{HandlerError, IncomingMessage, MessageHandler, HEADER_ID, HEADER_TYPE};
+pub use rebalance::RebalanceEvent;
 
-use message::{is_transient_database_error, RawMessage};
+use handling::{process, Job, Lane, Outcome, Shared};
+use membership::{fatal_error, Membership};
+use message::RawMessage;
 use offsets::OffsetTracker;
-
-/// Attempts per message, at most, before it is dead-lettered.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
-/// The delay before the first retry; it doubles with every further one.
-pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest delay between two attempts.
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// Messages being handled or waiting for their key, at most.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
-/// The suffix of the default dead-letter topic: `<group_id>.dlq`.
-pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
-
-/// The journal insert; its primary key is `(consumer, message_id)`.
-const JOURNAL_INSERT: &str =
-    "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
-
-/// What a [`Consumer`] reads, where it puts dead letters and how it retries.
-#[derive(Clone)]
-pub struct ConsumerConfig {
-    /// `bootstrap.servers`.
-    pub brokers: String,
-    /// The consumer group; also the journal's `consumer` value, so it must stay the
-    /// same for as long as the journal's rows should count.
-    pub group_id: String,
-    /// The topics to subscribe to.
-    pub topics: Vec<String>,
-    /// Where dead letters go; default `<group_id>.dlq`.
-    pub dead_letter_topic: String,
-    /// Attempts per message (the first included) before a transiently failing message
-    /// is dead-lettered; at least 1.
-    pub max_attempts: u32,
-    /// The delay before the first retry; doubles with every further one.
-    pub backoff: Duration,
-    /// The longest delay between two attempts.
-    pub max_backoff: Duration,
-    /// Messages being handled or waiting for their key, at most; at least 1.
-    pub max_in_flight: usize,
-    /// librdkafka options for all clients of the consumer (consumer, dead-letter
-    /// producer, admin), e.g. TLS or SASL settings. They cannot replace the options
-    /// the contracts rest on (offset handling, idempotence, acknowledgements).
-    pub options: BTreeMap<String, String>,
-}
-
-impl ConsumerConfig {
-    /// A configuration with the defaults: dead letters to `<group_id>.dlq`,
-    /// [`DEFAULT_MAX_ATTEMPTS`], [`DEFAULT_BACKOFF`] doubling up to
-    /// [`DEFAULT_MAX_BACKOFF`], [`DEFAULT_MAX_IN_FLIGHT`].
-    pub fn new<T: Into<String>>(
-        brokers: impl Into<String>,
-        group_id: impl Into<String>,
-        topics: impl IntoIterator<Item = T>,
-    ) -> ConsumerConfig {
-        let group_id = group_id.into();
-        ConsumerConfig {
-            brokers: brokers.into(),
-            dead_letter_topic: format!("{group_id}{DEAD_LETTER_SUFFIX}"),
-            group_id,
-            topics: topics.into_iter().map(Into::into).collect(),
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
-            backoff: DEFAULT_BACKOFF,
-            max_backoff: DEFAULT_MAX_BACKOFF,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            options: BTreeMap::new(),
-        }
-    }
-
-    /// Checks what the consumer relies on.
-    pub fn validate(&self) -> Result<(), ConsumerError> {
-        let invalid = |reason: &str| Err(ConsumerError::Config(reason.to_owned()));
-        if self.brokers.trim().is_empty() {
-            return invalid("brokers is empty");
-        }
-        if self.group_id.trim().is_empty() {
-            return invalid("group_id is empty");
-        }
-        if self.topics.is_empty() {
-            return invalid("topics is empty: subscribe to at least one topic");
-        }
-        if self.dead_letter_topic.trim().is_empty() {
-            return invalid("dead_letter_topic is empty");
-        }
-        if self.topics.contains(&self.dead_letter_topic) {
-            return Err(ConsumerError::Config(format!(
-                "dead_letter_topic {} is also consumed: dead letters would come back",
-                self.dead_letter_topic
-            )));
-        }
-        if self.max_attempts == 0 {
-            return invalid("max_attempts is 0: every message needs at least one attempt");
-        }
-        if self.max_in_flight == 0 {
-            return invalid("max_in_flight is 0: no message could ever be handled");
-        }
-        if self.max_backoff < self.backoff {
-            return invalid("max_backoff is shorter than backoff");
-        }
-        Ok(())
-    }
-
-    /// The brokers and the pass-through options a client of `kind` reads (see
-    /// [`scope`]); for [`scope::Kind::Producer`], the admin client's configuration.
-    fn client_config(&self, kind: scope::Kind) -> ClientConfig {
-        let mut client = ClientConfig::new();
-        // Identifies the group's clients in broker logs; a pass-through may replace it.
-        client.set("client.id", &self.group_id);
-        scope::set_options(&mut client, kind, &self.options);
-        client.set("bootstrap.servers", &self.brokers);
-        client
-    }
-
-    /// The consumer's configuration; the options the contracts rest on come last, so
-    /// pass-through options cannot replace them.
-    fn consumer_config(&self) -> ClientConfig {
-        let mut client = self.client_config(scope::Kind::Consumer);
-        client
-            .set("group.id", &self.group_id)
-            // Commit what has been *stored*, periodically, on revocation and on close.
-            // Offsets are stored only after the work below them is durable.
-            .set("enable.auto.commit", "true")
-            // Never store an offset when librdkafka hands a message out: only after
-            // its transaction committed or its dead letter was acknowledged.
-            .set("enable.auto.offset.store", "false")
-            // A new group starts at the beginning of each partition, not at its end.
-            .set("auto.offset.reset", "earliest");
-        // isolation.level: left at its default, read_committed.
-        client
-    }
-
-    /// The dead-letter producer's configuration.
-    fn producer_config(&self) -> ClientConfig {
-        let mut client = self.client_config(scope::Kind::Producer);
-        client
-            // No duplicates or reordering from librdkafka's internal retries.
-            .set("enable.idempotence", "true")
-            // A dead letter counts only when every in-sync replica has it.
-            .set("acks", "all")
-            // A dead letter the broker does not acknowledge in time fails, and the
-            // consumer stops with an error instead of hanging without a trace.
-            .set(
-                "message.timeout.ms",
-                DEAD_LETTER_TIMEOUT.as_millis().to_string(),
-            )
-            // Kafka's Java partitioner: a key lands where Java clients put it.
-            .set("partitioner", "murmur2_random");
-        client
-    }
-}
-
-/// Shows option names only: their values may be secrets (`sasl.password`).
-impl std::fmt::Debug for ConsumerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsumerConfig")
-            .field("brokers", &self.brokers)
-            .field("group_id", &self.group_id)
-            .field("topics", &self.topics)
-            .field("dead_letter_topic", &self.dead_letter_topic)
-            .field("max_attempts", &self.max_attempts)
-            .field("backoff", &self.backoff)
-            .field("max_backoff", &self.max_backoff)
-            .field("max_in_flight", &self.max_in_flight)
-            .field("options", &self.options.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
+use rebalance::RebalanceHooks;
 
 /// Why a [`Consumer`] could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +206,11 @@ pub enum ConsumerError {
     },
     #[error("the Kafka consumer failed fatally")]
     Kafka(#[source] KafkaError),
+    #[error(
+        "another member of consumer group {group} joined with the instance id {instance_id} \
+         and fenced this one off; give every process its own instance id"
+    )]
+    Fenced { group: String, instance_id: String },
     #[error("cannot dead-letter {message} to {dead_letter_topic}; its offset was not stored")]
     DeadLetter {
         message: Box<MessagePosition>,
@@ -393,6 +259,7 @@ impl ConsumerError {
             ConsumerError::Config(_)
             | ConsumerError::Client { .. }
             | ConsumerError::Subscribe { .. }
+            | ConsumerError::Fenced { .. }
             | ConsumerError::Journal { .. } => false,
             ConsumerError::DeadLetterTopic { source, .. } => !matches!(
                 source,
@@ -420,6 +287,7 @@ pub struct ConsumerStats {
     duplicates: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
+    rejoins: AtomicU64,
 }
 
 impl ConsumerStats {
@@ -442,36 +310,25 @@ impl ConsumerStats {
     pub fn dead_lettered(&self) -> u64 {
         self.dead_lettered.load(Ordering::Relaxed)
     }
-}
 
-/// A change of a member's assignment, as librdkafka's rebalance callbacks report it
-/// to a [`Consumer::with_rebalance_observer`] observer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RebalanceEvent {
-    /// The partition was assigned to this member.
-    Assigned { topic: String, partition: i32 },
-    /// The partition was taken from this member. `unfinished` of its messages had
-    /// been received and were not done (being handled, or waiting in their lane):
-    /// their offsets stay uncommitted and the partition's next owner handles them.
-    /// Reported after the partition's bookkeeping was dropped, before the revocation
-    /// completes.
-    Revoked {
-        topic: String,
-        partition: i32,
-        unfinished: usize,
-    },
-}
+    /// Times a member without partitions left its group and joined it again
+    /// ([`ConsumerConfig::rejoin_after`]).
+    pub fn rejoins(&self) -> u64 {
+        self.rejoins.load(Ordering::Relaxed)
+    }
 
-/// What [`Consumer::with_rebalance_observer`] calls.
-type RebalanceObserver = Box<dyn Fn(&RebalanceEvent) + Send + Sync>;
+    fn count_rejoin(&self) {
+        self.rejoins.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// A consumer group member that applies each message once through `H`.
 pub struct Consumer<H> {
     config: ConsumerConfig,
     pool: PgPool,
     handler: Arc<H>,
-    consumer: StreamConsumer<RebalanceHooks>,
+    /// Shared with the membership watchdog.
+    consumer: Arc<StreamConsumer<RebalanceHooks>>,
     producer: FutureProducer,
     tracker: Arc<Mutex<OffsetTracker>>,
     stats: Arc<ConsumerStats>,
@@ -511,7 +368,7 @@ impl<H: MessageHandler> Consumer<H> {
             config,
             pool,
             handler,
-            consumer,
+            consumer: Arc::new(consumer),
             producer,
             tracker,
             stats: Arc::default(),
@@ -543,7 +400,8 @@ impl<H: MessageHandler> Consumer<H> {
     ///
     /// Returns an error (after the same draining) when a dead letter cannot be
     /// produced, when the journal refuses its statements, or when the Kafka consumer
-    /// fails fatally; nothing past the failed message is committed.
+    /// fails fatally (among others, [`ConsumerError::Fenced`]: a second member runs
+    /// with this one's instance id); nothing past the failed message is committed.
     ///
     /// Dropping the returned future instead aborts the handlers in flight: their
     /// transactions roll back and their offsets stay uncommitted, so they run again
@@ -593,6 +451,19 @@ impl<H: MessageHandler> Consumer<H> {
             pending: 0,
         };
 
+        // Rejoins while the member has no partitions and should have some; stops
+        // (aborted) with the loop.
+        let watchdog = tokio::spawn(
+            Membership {
+                consumer: Arc::clone(&self.consumer),
+                group: self.config.group_id.clone(),
+                topics: self.config.topics.clone(),
+                rejoin_after: self.config.rejoin_after,
+                stats: Arc::clone(&self.stats),
+            }
+            .watch()
+            .in_current_span(),
+        );
         let mut failure = {
             let mut stream = self.consumer.stream();
             let mut shutdown = std::pin::pin!(shutdown);
@@ -611,8 +482,14 @@ impl<H: MessageHandler> Consumer<H> {
                     next = stream.next(), if work.pending < self.config.max_in_flight => {
                         match next {
                             Some(Ok(message)) => work.accept(RawMessage::of(&message)),
-                            Some(Err(err @ KafkaError::MessageConsumptionFatal(_))) => {
-                                break Some(ConsumerError::Kafka(err));
+                            // librdkafka reports a fatal error (a fenced member among
+                            // them) to a consumer as the code `Fatal`; the client
+                            // holds the cause.
+                            Some(Err(
+                                err @ (KafkaError::MessageConsumptionFatal(_)
+                                | KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)),
+                            )) => {
+                                break Some(self.fatal(err));
                             }
                             Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
                             None => break Some(ConsumerError::Kafka(KafkaError::NoMessageReceived)),
@@ -621,6 +498,7 @@ impl<H: MessageHandler> Consumer<H> {
                 }
             }
         };
+        watchdog.abort();
         if let Some(err) = &failure {
             tracing::error!(error = %err, in_flight = work.tasks.len(), "stopping");
         }
@@ -642,7 +520,20 @@ impl<H: MessageHandler> Consumer<H> {
                 failure.get_or_insert(ConsumerError::Commit(err));
             }
         }
+        if failure.is_none() {
+            // A member with an instance id does not leave its group when it closes
+            // (it expects to come back): leave now, so that its partitions go to the
+            // other members at once rather than after the session timeout.
+            self.consumer.unsubscribe();
+        }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// The error a fatal consumer error stops the consumer with: [`ConsumerError::Fenced`]
+    /// when another member took this one's instance id.
+    fn fatal(&self, err: KafkaError) -> ConsumerError {
+        let cause = self.consumer.client().fatal_error();
+        fatal_error(&self.config, err, cause.map(|(code, _)| code))
     }
 
     /// Creates the dead-letter topic unless it exists.
@@ -713,23 +604,6 @@ impl<H: MessageHandler> Consumer<H> {
     }
 }
 
-/// What the message tasks share.
-struct Shared<H> {
-    pool: PgPool,
-    handler: Arc<H>,
-    producer: FutureProducer,
-    tracker: Arc<Mutex<OffsetTracker>>,
-    /// The journal's consumer name (the group id).
-    consumer: String,
-    dead_letter_topic: String,
-    max_attempts: u32,
-    backoff: Duration,
-    max_backoff: Duration,
-    stats: Arc<ConsumerStats>,
-    /// Becomes `true` when the consumer stops: no further attempts.
-    stopped: watch::Receiver<bool>,
-}
-
 /// Messages accepted and not yet done, by lane.
 struct Work<H> {
     shared: Arc<Shared<H>>,
@@ -740,22 +614,6 @@ struct Work<H> {
     pending: usize,
 }
 
-/// Messages that must not run at the same time.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Lane {
-    /// All messages with this Kafka key.
-    Key(Vec<u8>),
-    /// Messages without a key, per partition.
-    Keyless { topic: String, partition: i32 },
-}
-
-/// A message and the assignment generation of its partition.
-struct Job {
-    raw: RawMessage,
-    generation: u64,
-    lane: Lane,
-}
-
 /// What a message task reports.
 struct Finished {
     lane: Lane,
@@ -764,15 +622,6 @@ struct Finished {
     offset: i64,
     generation: u64,
     outcome: Outcome,
-}
-
-enum Outcome {
-    /// Applied, found in the journal, or dead-lettered: the offset may be stored.
-    Done,
-    /// Left for the next run or the partition's next owner: the offset stays.
-    Abandoned,
-    /// The consumer must stop; the offset stays.
-    Fatal(ConsumerError),
 }
 
 impl<H: MessageHandler> Work<H> {
@@ -853,320 +702,8 @@ impl<H: MessageHandler> Work<H> {
     }
 }
 
-/// Why one attempt did not apply the message.
-enum Failure {
-    /// The database did not answer the consumer's own statements (begin, journal):
-    /// an outage, not the message's fault. Retried until it answers or the consumer
-    /// stops, without counting toward `max_attempts`.
-    Unavailable(sqlx::Error),
-    Transient(Box<dyn std::error::Error + Send + Sync>),
-    Definite(String),
-    Panicked(String),
-    Fatal(sqlx::Error),
-}
-
-impl From<HandlerError> for Failure {
-    fn from(err: HandlerError) -> Failure {
-        match err {
-            HandlerError::Transient(source) => Failure::Transient(source),
-            HandlerError::Definite(reason) => Failure::Definite(reason),
-        }
-    }
-}
-
-/// What an attempt that succeeded did.
-enum Applied {
-    Committed,
-    AlreadyProcessed,
-}
-
-/// Handles one message to its end: applied, skipped, dead-lettered or given back.
-async fn process<H: MessageHandler>(shared: &Shared<H>, job: &Job) -> Outcome {
-    let message = match job.raw.parse() {
-        Ok(message) => message,
-        Err(reason) => {
-            return dead_letter(shared, job, DeadLetterReason::Poison, &reason).await;
-        }
-    };
-    let mut delay = shared.backoff;
-    let mut attempt: u32 = 1;
-    loop {
-        let failure = match apply(shared, &message).await {
-            Ok(Applied::Committed) => {
-                tracing::debug!(attempt, "applied");
-                shared.stats.applied.fetch_add(1, Ordering::Relaxed);
-                return Outcome::Done;
-            }
-            Ok(Applied::AlreadyProcessed) => {
-                tracing::debug!("already processed, skipped");
-                shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                return Outcome::Done;
-            }
-            Err(failure) => failure,
-        };
-        match failure {
-            Failure::Unavailable(err) => {
-                tracing::warn!(
-                    attempt,
-                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    error = %err,
-                    "database unavailable, retrying"
-                );
-                // An outage says nothing about the message: this try does not count.
-                attempt = attempt.saturating_sub(1);
-            }
-            Failure::Transient(err) => {
-                let error = error_chain(err.as_ref());
-                if attempt >= shared.max_attempts {
-                    let reason = format!("gave up after {attempt} attempts: {error}");
-                    return dead_letter(shared, job, DeadLetterReason::Exhausted, &reason).await;
-                }
-                tracing::warn!(
-                    attempt,
-                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    error = %error,
-                    "transient failure, retrying"
-                );
-                shared.stats.retried.fetch_add(1, Ordering::Relaxed);
-            }
-            Failure::Definite(reason) => {
-                return dead_letter(shared, job, DeadLetterReason::Definite, &reason).await;
-            }
-            Failure::Panicked(reason) => {
-                let reason = format!("the handler panicked: {reason}");
-                return dead_letter(shared, job, DeadLetterReason::Panicked, &reason).await;
-            }
-            Failure::Fatal(source) => {
-                return Outcome::Fatal(ConsumerError::Journal {
-                    message: Box::new(job.raw.position()),
-                    source,
-                });
-            }
-        }
-        let mut stopped = shared.stopped.clone();
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            _ = stopped.wait_for(|stopped| *stopped) => {
-                tracing::info!(attempt, "stopping, retry left to the next run");
-                return Outcome::Abandoned;
-            }
-        }
-        if !is_current(shared, job) {
-            tracing::info!(attempt, "partition revoked, retry left to its next owner");
-            return Outcome::Abandoned;
-        }
-        delay = (delay * 2).min(shared.max_backoff);
-        attempt += 1;
-    }
-}
-
-/// One transaction: journal row, handler, commit.
-async fn apply<H: MessageHandler>(
-    shared: &Shared<H>,
-    message: &IncomingMessage,
-) -> Result<Applied, Failure> {
-    // Errors of the consumer's own statements: transient ones are retried, the
-    // others mean a wrong schema or missing permissions.
-    let own = |err: sqlx::Error| {
-        if is_transient_database_error(&err) {
-            Failure::Unavailable(err)
-        } else {
-            Failure::Fatal(err)
-        }
-    };
-    let mut tx = shared.pool.begin().await.map_err(own)?;
-    let inserted = sqlx::query(JOURNAL_INSERT)
-        .bind(&shared.consumer)
-        .bind(message.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(own)?
-        .rows_affected();
-    if inserted == 0 {
-        rollback(tx).await;
-        return Ok(Applied::AlreadyProcessed);
-    }
-    // Fault point (scenarios): a slow handler, holding its transaction open.
-    let _ = failpoints::hit("consumer.before-handler").await;
-    let handled = AssertUnwindSafe(shared.handler.handle(&mut tx, message))
-        .catch_unwind()
-        .await;
-    match handled {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            rollback(tx).await;
-            return Err(err.into());
-        }
-        Err(panic) => {
-            rollback(tx).await;
-            return Err(Failure::Panicked(panic_message(panic.as_ref())));
-        }
-    }
-    // Fault point (scenarios): the handler's work done, then a failure before the
-    // commit; the transaction rolls back like for any transient handler error.
-    if let Err(injected) = failpoints::hit("consumer.before-commit").await {
-        rollback(tx).await;
-        return Err(Failure::Transient(Box::new(injected)));
-    }
-    // A deferred constraint of the handler's writes fails here: that is the
-    // message's fault, like any definite handler error.
-    tx.commit().await.map_err(HandlerError::from)?;
-    // Fault point (scenarios): a crash after the commit, before the offset is
-    // stored; the redelivery after the restart must be skipped by the journal.
-    let _ = failpoints::hit("consumer.after-commit").await;
-    Ok(Applied::Committed)
-}
-
-/// Rolls back; if that fails, the connection is closed by sqlx and the server rolls
-/// back on its own.
-async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>) {
-    if let Err(err) = tx.rollback().await {
-        tracing::debug!(error = %err, "rollback failed");
-    }
-}
-
-/// Produces the dead letter; the message is done once the broker acknowledged it.
-async fn dead_letter<H>(
-    shared: &Shared<H>,
-    job: &Job,
-    reason: DeadLetterReason,
-    reason_text: &str,
-) -> Outcome {
-    if !is_current(shared, job) {
-        tracing::info!("partition revoked, message left to its next owner");
-        return Outcome::Abandoned;
-    }
-    let produced = dead_letter::produce(
-        &shared.producer,
-        &shared.dead_letter_topic,
-        &shared.consumer,
-        &job.raw,
-        reason,
-        reason_text,
-    )
-    .await;
-    match produced {
-        Ok(()) => {
-            tracing::warn!(
-                dead_letter_topic = %shared.dead_letter_topic,
-                reason = reason.code(),
-                detail = %reason_text,
-                "dead-lettered"
-            );
-            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            Outcome::Done
-        }
-        Err(source) => Outcome::Fatal(ConsumerError::DeadLetter {
-            message: Box::new(job.raw.position()),
-            dead_letter_topic: shared.dead_letter_topic.clone(),
-            source,
-        }),
-    }
-}
-
-fn is_current<H>(shared: &Shared<H>, job: &Job) -> bool {
-    lock(&shared.tracker).is_current(&job.raw.topic, job.raw.partition, job.generation)
-}
-
-/// The error and its sources, joined by ": ".
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic without message".to_owned()
-    }
-}
-
 /// The tracker and the observer stay consistent even if a holder panicked: every
 /// update is a single step.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// librdkafka's rebalance callbacks: revoked partitions lose their bookkeeping before
-/// the revocation completes. They run inside the stream's poll, in the run loop's task.
-struct RebalanceHooks {
-    tracker: Arc<Mutex<OffsetTracker>>,
-    observer: Mutex<Option<RebalanceObserver>>,
-}
-
-impl RebalanceHooks {
-    fn observe(&self, event: RebalanceEvent) {
-        if let Some(observer) = lock(&self.observer).as_ref() {
-            observer(&event);
-        }
-    }
-}
-
-impl ClientContext for RebalanceHooks {}
-
-impl ConsumerContext for RebalanceHooks {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(partitions) => {
-                let mut revoked = Vec::new();
-                {
-                    let mut tracker = lock(&self.tracker);
-                    for element in partitions.elements() {
-                        let unfinished = tracker.revoke(element.topic(), element.partition());
-                        tracing::info!(
-                            topic = element.topic(),
-                            partition = element.partition(),
-                            unfinished,
-                            "partition revoked"
-                        );
-                        revoked.push(RebalanceEvent::Revoked {
-                            topic: element.topic().to_owned(),
-                            partition: element.partition(),
-                            unfinished,
-                        });
-                    }
-                }
-                for event in revoked {
-                    self.observe(event);
-                }
-            }
-            Rebalance::Assign(_) => {}
-            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance failed"),
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(partitions) = rebalance {
-            for element in partitions.elements() {
-                tracing::info!(
-                    topic = element.topic(),
-                    partition = element.partition(),
-                    "partition assigned"
-                );
-                self.observe(RebalanceEvent::Assigned {
-                    topic: element.topic().to_owned(),
-                    partition: element.partition(),
-                });
-            }
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => tracing::debug!(partitions = offsets.count(), "offsets committed"),
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            // The offsets stay stored and go with the next commit; meanwhile a
-            // restart redoes a few messages, which the journal skips.
-            Err(err) => tracing::warn!(error = %err, "committing offsets failed"),
-        }
-    }
 }
