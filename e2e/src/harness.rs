@@ -251,6 +251,13 @@ impl Shop {
                 };
                 for instance in 1..=instances {
                     let port = testkit::free_port();
+                    // Also its consumer's instance name: the same across a restart
+                    // of the process, unlike any other process's.
+                    let name = if instance == 1 {
+                        format!("{service}-service")
+                    } else {
+                        format!("{service}-service-{instance}")
+                    };
                     let mut env = vec![
                         (
                             "DATABASE_URL".to_owned(),
@@ -259,6 +266,7 @@ impl Shop {
                         ("KAFKA_BROKERS".to_owned(), self.config.brokers.clone()),
                         ("HTTP_LISTEN".to_owned(), format!("127.0.0.1:{port}")),
                         ("TOPIC_PREFIX".to_owned(), self.config.prefix.clone()),
+                        ("INSTANCE_NAME".to_owned(), name.clone()),
                     ];
                     match service {
                         "order" => env.extend([
@@ -279,11 +287,6 @@ impl Shop {
                         }
                         _ => {}
                     }
-                    let name = if instance == 1 {
-                        format!("{service}-service")
-                    } else {
-                        format!("{service}-service-{instance}")
-                    };
                     let url = format!("http://127.0.0.1:{port}");
                     self.spawn_process(
                         &name,

@@ -53,6 +53,13 @@ pub struct CommonArgs {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", value_name = "N", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// This process's name in its consumer group, the same across its restarts and
+    /// unlike any other live process's (in Kubernetes, the pod's name); a restarted
+    /// process takes its predecessor's partitions at once. Empty: none
+    /// [default: the hostname].
+    #[arg(long, env = "INSTANCE_NAME", value_name = "NAME", value_parser = parse_instance_name)]
+    pub instance_name: Option<String>,
 }
 
 impl std::fmt::Debug for CommonArgs {
@@ -73,6 +80,7 @@ impl std::fmt::Debug for CommonArgs {
                     .collect::<Vec<_>>(),
             )
             .field("max_connections", &self.max_connections)
+            .field("instance_name", &self.instance_name)
             .finish()
     }
 }
@@ -117,6 +125,17 @@ fn without_password(url: &str) -> String {
     format!("{scheme}{authority}{path}?{query}{fragment}")
 }
 
+fn parse_instance_name(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    if name.is_empty() || crate::instance::is_valid(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is not 1 to 249 letters, digits, '.', '_' or '-' (empty: no instance name)"
+        ))
+    }
+}
+
 fn parse_option(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => {
@@ -139,6 +158,7 @@ impl CommonArgs {
             group_id: None,
             kafka_options: Vec::new(),
             max_connections: 10,
+            instance_name: None,
         }
     }
 
@@ -162,10 +182,21 @@ impl CommonArgs {
         self.kafka_options.iter().cloned().collect()
     }
 
-    /// A consumer configuration for `service` reading `topics`.
+    /// The instance name: the one given (`None` when it is empty), or the hostname.
+    pub fn instance_name(&self) -> Option<String> {
+        match &self.instance_name {
+            Some(name) if name.is_empty() => None,
+            Some(name) => Some(name.clone()),
+            None => crate::instance::hostname(),
+        }
+    }
+
+    /// A consumer configuration for `service` reading `topics`, with the instance
+    /// name as its instance id ([`crate::Task::consumer`] claims it before use).
     pub fn consumer_config(&self, service: &str, topics: &[String]) -> ConsumerConfig {
         let mut config = ConsumerConfig::new(&self.brokers, self.group(service), topics);
         config.options = self.kafka_option_map();
+        config.instance_id = self.instance_name();
         config
     }
 
@@ -244,6 +275,30 @@ mod tests {
         let options = common.kafka_option_map();
         assert_eq!(options["security.protocol"], "ssl");
         assert_eq!(options["client.id"], "a=b");
+    }
+
+    #[test]
+    fn the_instance_name_is_given_empty_or_the_hostname() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["svc", "--database-url", "postgres://x/y"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).map(|cli| cli.common)
+        };
+        let given = parse(&["--instance-name", "order-0"]).expect("valid");
+        assert_eq!(given.instance_name().as_deref(), Some("order-0"));
+        assert_eq!(
+            given.consumer_config("order", &[]).instance_id.as_deref(),
+            Some("order-0")
+        );
+        let none = parse(&["--instance-name", ""]).expect("valid");
+        assert_eq!(none.instance_name(), None);
+        assert_eq!(none.consumer_config("order", &[]).instance_id, None);
+        assert!(parse(&["--instance-name", "order 0"]).is_err());
+        if !set_outside("INSTANCE_NAME") {
+            let default = parse(&[]).expect("valid");
+            assert_eq!(default.instance_name, None);
+            assert_eq!(default.instance_name(), crate::instance::hostname());
+        }
     }
 
     #[test]

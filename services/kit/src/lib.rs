@@ -1,15 +1,17 @@
 //! What the shop's services share: their configuration ([`config`]), the HTTP
-//! surface with JSON errors, `/health` and `/metrics` ([`http`], [`metrics`]), topic
-//! names and creation ([`topics`]), money as integer cents ([`money`]), the start of
-//! a participant of the order saga ([`participant`]), and the runner that keeps a
-//! service's consumer, background tasks and HTTP server going until it is told to
-//! stop ([`runner`]).
+//! surface with JSON errors, `/health` and `/metrics` ([`http`], [`metrics`]), the
+//! consumer's instance name and its claim ([`instance`]), topic names and creation
+//! ([`topics`]), money as integer cents ([`money`]), the start of a participant of
+//! the order saga ([`participant`]), and the runner that keeps a service's
+//! consumer, background tasks and HTTP server going until it is told to stop
+//! ([`runner`]).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod money;
 pub mod participant;

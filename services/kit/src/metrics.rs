@@ -121,6 +121,16 @@ impl ServiceMetrics {
         }
         let _ = writeln!(
             out,
+            "# HELP service_consumer_rejoins_total Times the consumer, without partitions although its group owed it some, left its group and joined it again."
+        );
+        let _ = writeln!(out, "# TYPE service_consumer_rejoins_total counter");
+        let _ = writeln!(
+            out,
+            "service_consumer_rejoins_total{{service=\"{service}\"}} {}",
+            self.consumer.rejoins()
+        );
+        let _ = writeln!(
+            out,
             "# HELP service_task_restarts_total Restarts of a background task after it failed."
         );
         let _ = writeln!(out, "# TYPE service_task_restarts_total counter");
@@ -196,10 +206,12 @@ mod tests {
         assert!(
             text.contains("service_task_restarts_total{service=\"inventory\",task=\"consumer\"} 1")
         );
+        assert!(text.contains("service_consumer_rejoins_total{service=\"inventory\"} 0"));
         for family in [
             "service_up",
             "service_http_responses_total",
             "service_handler_calls_total",
+            "service_consumer_rejoins_total",
             "service_task_restarts_total",
         ] {
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");

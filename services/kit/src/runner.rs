@@ -27,7 +27,10 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use anyhow::Context as _;
+
 use crate::http::{error_chain, ApiError};
+use crate::instance::InstanceClaim;
 use crate::metrics::{ServiceMetrics, CONTENT_TYPE};
 
 /// The first delay before a failed task or preparation is tried again; it doubles.
@@ -83,16 +86,35 @@ impl Task {
 
     /// A consumer of `config` with `handler`, created anew for every run.
     /// Every run counts into `stats` (the service's `/metrics`).
+    ///
+    /// An instance id in `config` is claimed on `pool`'s database before each run
+    /// (see [`crate::instance`]); while another process holds it, the run goes
+    /// without.
     pub fn consumer<H: MessageHandler>(
         config: ConsumerConfig,
         pool: PgPool,
         handler: Arc<H>,
         stats: Arc<ConsumerStats>,
     ) -> Task {
+        let claim = config.instance_id.as_ref().map(|name| {
+            Arc::new(tokio::sync::Mutex::new(InstanceClaim::new(
+                &config.group_id,
+                name,
+            )))
+        });
         Task::new("consumer", move |shutdown: Shutdown| {
-            let (config, pool, handler) = (config.clone(), pool.clone(), Arc::clone(&handler));
-            let stats = Arc::clone(&stats);
+            let (mut config, pool, handler) = (config.clone(), pool.clone(), Arc::clone(&handler));
+            let (stats, claim) = (Arc::clone(&stats), claim.clone());
             async move {
+                if let Some(claim) = claim {
+                    let mut claim = claim.lock_owned().await;
+                    let held = claim.hold(&pool).await.with_context(|| {
+                        format!("cannot claim the instance name {}", claim.name())
+                    })?;
+                    if !held {
+                        config.instance_id = None;
+                    }
+                }
                 let consumer = Consumer::new(config, pool, handler)?.with_stats(stats);
                 consumer.run(shutdown.wait()).await?;
                 Ok(())
