@@ -14,8 +14,8 @@ use saga_core::consumer::IncomingMessage;
 use saga_core::outbox::Outbox;
 use saga_core::saga::Clock;
 use saga_core::saga::{
-    Command, CompensationRetry, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaDefinition,
-    SagaError, StepFailed,
+    Command, CompensationRetry, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaBuilder,
+    SagaDefinition, SagaError, StepFailed,
 };
 use saga_core::schema;
 use saga_core::status::SagaStatus;
@@ -679,17 +679,8 @@ async fn a_compensation_that_keeps_failing_ends_in_compensation_failed_until_an_
 #[tokio::test]
 async fn a_compensation_outlasts_an_outage_of_its_participant() {
     let f = Fixture::new(None).await;
-    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
-        .execute(f.pool())
-        .await
-        .unwrap();
-    let defaults = SagaDefinition::<Order>::builder("test-order")
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve-goods")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
+    participant_tables(&f).await;
+    let defaults = goods_saga(SagaDefinition::<Order>::builder("test-order"))
         .with_timeout(STEP_TIMEOUT)
         .build()
         .unwrap();
@@ -887,10 +878,7 @@ fn reserve<'c>(
 #[tokio::test]
 async fn a_participant_applies_a_command_once_and_replies_through_its_outbox() {
     let f = Fixture::new(None).await;
-    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
-        .execute(f.pool())
-        .await
-        .unwrap();
+    participant_tables(&f).await;
     let outbox = Outbox::new();
     let id = f.start(order()).await;
     let goods = f.last().await;
@@ -1122,19 +1110,8 @@ async fn refuse_next(f: &Fixture, kind: &str) {
 #[tokio::test]
 async fn a_refused_step_retried_runs_again_at_the_participant() {
     let f = Fixture::new(None).await;
-    sqlx::raw_sql(
-        "CREATE TABLE reservations (saga_id text, note text); CREATE TABLE refusals (kind text)",
-    )
-    .execute(f.pool())
-    .await
-    .unwrap();
-    let retrying = SagaDefinition::<Order>::builder("test-order")
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve-goods")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
+    participant_tables(&f).await;
+    let retrying = goods_saga(SagaDefinition::<Order>::builder("test-order"))
         .with_retries(1)
         .build()
         .unwrap();
@@ -1189,12 +1166,7 @@ async fn a_refused_step_retried_runs_again_at_the_participant() {
 #[tokio::test]
 async fn a_refused_compensation_retried_runs_again_at_the_participant() {
     let f = Fixture::new(None).await;
-    sqlx::raw_sql(
-        "CREATE TABLE reservations (saga_id text, note text); CREATE TABLE refusals (kind text)",
-    )
-    .execute(f.pool())
-    .await
-    .unwrap();
+    participant_tables(&f).await;
     let id = f.start(order()).await;
     let goods = f.last().await;
     round_trip(&f, &f.orchestrator, &goods).await;
@@ -1221,6 +1193,30 @@ async fn a_refused_compensation_retried_runs_again_at_the_participant() {
     assert_eq!(answer.headers["outcome"], "success");
     assert_eq!(f.status(id).await, SagaStatus::Aborted);
     assert_eq!(effects_of(&f).await, ["ReleaseGoods", "ReserveGoods"]);
+}
+
+/// The participant's tables: the effects it applied (`reservations`) and the
+/// command types it is to refuse once (`refusals`).
+async fn participant_tables(f: &Fixture) {
+    sqlx::raw_sql(
+        "CREATE TABLE reservations (saga_id text, note text); CREATE TABLE refusals (kind text)",
+    )
+    .execute(f.pool())
+    .await
+    .unwrap();
+}
+
+/// `builder` with the local step `create` and the participant step
+/// `reserve-goods`, both compensable; the caller sets the latter's timeout and
+/// retries.
+fn goods_saga(builder: SagaBuilder<Order>) -> SagaBuilder<Order> {
+    builder
+        .step("create")
+        .invoke_local(create)
+        .with_compensation(reject)
+        .step("reserve-goods")
+        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
+        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
 }
 
 /// The participant's replies in the outbox, in order, as the orchestrator receives
@@ -1295,17 +1291,8 @@ async fn effects_of(f: &Fixture) -> Vec<String> {
 #[tokio::test]
 async fn a_step_resent_after_a_timeout_completes_when_the_participant_answers_the_duplicate() {
     let f = Fixture::new(None).await;
-    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
-        .execute(f.pool())
-        .await
-        .unwrap();
-    let retrying = SagaDefinition::<Order>::builder("test-order")
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve-goods")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
+    participant_tables(&f).await;
+    let retrying = goods_saga(SagaDefinition::<Order>::builder("test-order"))
         .with_timeout(STEP_TIMEOUT)
         .with_retries(1)
         .build()
@@ -1347,21 +1334,13 @@ async fn a_step_resent_after_a_timeout_completes_when_the_participant_answers_th
 #[tokio::test]
 async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts() {
     let f = Fixture::new(None).await;
-    sqlx::query("CREATE TABLE reservations (saga_id text, note text)")
-        .execute(f.pool())
-        .await
-        .unwrap();
-    let compensating = SagaDefinition::<Order>::builder("test-order")
-        .compensation_retry(COMPENSATION_RETRY)
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve-goods")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
-        .with_timeout(STEP_TIMEOUT)
-        .build()
-        .unwrap();
+    participant_tables(&f).await;
+    let compensating = goods_saga(
+        SagaDefinition::<Order>::builder("test-order").compensation_retry(COMPENSATION_RETRY),
+    )
+    .with_timeout(STEP_TIMEOUT)
+    .build()
+    .unwrap();
     let orchestrator = f.orchestrator(compensating);
     let order = order();
     let id = start_saga(f.pool(), &orchestrator, order.clone()).await;

@@ -221,15 +221,20 @@ pub(super) async fn service_restart(settings: LabSettings) -> anyhow::Result<Mea
                 // The load flows on a moment before the next kill.
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
-            let ids = load.stop().await?;
-            lab.note(format!("{} orders accepted in all", ids.len()));
-            wait_terminal(lab, ids.len()).await?;
-            let timed_out = timed_out_steps(lab).await?;
-            lab.note(format!("{timed_out} steps timed out (step timeout 30 s)"));
-            Ok(())
+            settle(lab, load).await
         })
     })
     .await
+}
+
+/// Stops the load and waits until every accepted order's saga ended.
+async fn settle(lab: &mut Lab, load: Load) -> anyhow::Result<()> {
+    let ids = load.stop().await?;
+    lab.note(format!("{} orders accepted in all", ids.len()));
+    wait_terminal(lab, ids.len()).await?;
+    let timed_out = timed_out_steps(lab).await?;
+    lab.note(format!("{timed_out} steps timed out (step timeout 30 s)"));
+    Ok(())
 }
 
 /// How often the storm goes through the eight processes.
@@ -287,12 +292,7 @@ pub(super) async fn restart_storm(settings: LabSettings) -> anyhow::Result<Measu
                     );
                 }
             }
-            let ids = load.stop().await?;
-            lab.note(format!("{} orders accepted in all", ids.len()));
-            wait_terminal(lab, ids.len()).await?;
-            let timed_out = timed_out_steps(lab).await?;
-            lab.note(format!("{timed_out} steps timed out (step timeout 30 s)"));
-            Ok(())
+            settle(lab, load).await
         })
     })
     .await
