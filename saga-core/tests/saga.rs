@@ -1071,16 +1071,7 @@ async fn round_trip(
     orchestrator: &Orchestrator<Order>,
     sent: &Sent,
 ) -> IncomingMessage {
-    let mut tx = f.pool().begin().await.unwrap();
-    saga_core::saga::participate(
-        &mut tx,
-        &Outbox::new(),
-        &command_message(sent, &sent.kind),
-        reserve_unless_refused,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    handle_with(f, sent, reserve_unless_refused).await;
     let reply = replies_in_outbox(f.pool())
         .await
         .pop()
@@ -1258,12 +1249,24 @@ async fn commands_in_outbox(f: &Fixture) -> Vec<Sent> {
 
 /// Handles `sent` as the participant, with its barrier, in a transaction of its own.
 async fn participant_handles(f: &Fixture, sent: &Sent) {
+    handle_with(f, sent, reserve).await;
+}
+
+/// Handles `sent` as the participant with `effect` behind its barrier, in a
+/// transaction of its own.
+async fn handle_with<F>(f: &Fixture, sent: &Sent, effect: F)
+where
+    F: for<'c> FnOnce(
+        &'c mut PgConnection,
+        &'c saga_core::saga::CommandEnvelope,
+    ) -> saga_core::saga::Effect<'c>,
+{
     let mut tx = f.pool().begin().await.unwrap();
     saga_core::saga::participate(
         &mut tx,
         &Outbox::new(),
         &command_message(sent, &sent.kind),
-        reserve,
+        effect,
     )
     .await
     .unwrap();
