@@ -119,6 +119,8 @@ struct Process {
     log: PathBuf,
     health: String,
     child: Option<Child>,
+    /// How often it was started.
+    starts: u32,
 }
 
 impl Process {
@@ -128,7 +130,8 @@ impl Process {
         for (key, value) in &self.env {
             command.env(key, value);
         }
-        self.child = Some(spawn_logged(command, &self.log)?);
+        self.child = Some(spawn_logged(command, &self.log, self.starts > 0)?);
+        self.starts += 1;
         Ok(())
     }
 
@@ -251,8 +254,6 @@ impl Shop {
                 };
                 for instance in 1..=instances {
                     let port = testkit::free_port();
-                    // Also its consumer's instance name: the same across a restart
-                    // of the process, unlike any other process's.
                     let name = if instance == 1 {
                         format!("{service}-service")
                     } else {
@@ -266,7 +267,13 @@ impl Shop {
                         ("KAFKA_BROKERS".to_owned(), self.config.brokers.clone()),
                         ("HTTP_LISTEN".to_owned(), format!("127.0.0.1:{port}")),
                         ("TOPIC_PREFIX".to_owned(), self.config.prefix.clone()),
-                        ("INSTANCE_NAME".to_owned(), name.clone()),
+                        // No instance name (dynamic group membership, rescued by
+                        // the membership watchdog after a restart): the local
+                        // broker, tansu 0.6, can leave a static member without
+                        // partitions for good once a rebalance revoked them (a
+                        // second instance joining, a predecessor's session
+                        // ending). On Apache Kafka set INSTANCE_NAME per pod.
+                        ("INSTANCE_NAME".to_owned(), String::new()),
                     ];
                     match service {
                         "order" => env.extend([
@@ -331,6 +338,7 @@ impl Shop {
             log: log_dir.join(format!("{name}.log")),
             health,
             child: None,
+            starts: 0,
         };
         process.spawn()?;
         self.components.push(Component::Process(Box::new(process)));
@@ -540,9 +548,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn spawn_logged(mut command: Command, log: &std::path::Path) -> anyhow::Result<Child> {
-    let file =
-        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+/// Starts `command` with its output in `log`: a new file, or, when `again` (the
+/// same process started again after it was stopped or killed), after its
+/// predecessor's last words instead of over them.
+fn spawn_logged(mut command: Command, log: &std::path::Path, again: bool) -> anyhow::Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(again)
+        .truncate(!again)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
     let program = command.as_std().get_program().to_owned();
     command
         .stdin(Stdio::null())
