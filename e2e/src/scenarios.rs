@@ -275,11 +275,22 @@ async fn relay_crash(settings: LabSettings) -> anyhow::Result<Measurement> {
 async fn broker_pause(settings: LabSettings) -> anyhow::Result<Measurement> {
     let mut lab = Lab::new(&settings, "broker-pause", false).await?;
     let max_in_flight = 500;
-    let config = lab.shop_config().with_env(
+    let mut config = lab.shop_config().with_env(
         "relay-order",
         "OUTBOX_RELAY_MAX_IN_FLIGHT",
         max_in_flight.to_string(),
     );
+    // The scenario is about the relay. A 30 s pause outlasts the services' 10 s
+    // consumer sessions, and the local broker can then leave a group without
+    // partitions for good; librdkafka's own 45 s keeps the consumers out of it.
+    for service in [
+        "order-service",
+        "customer-service",
+        "inventory-service",
+        "payment-service",
+    ] {
+        config = config.with_env(service, "KAFKA_OPTIONS", "session.timeout.ms=45000");
+    }
     let pause = Duration::from_secs(30);
     with_shop(&mut lab, config, BOUND + pause, |lab, shop| {
         Box::pin(async move {
