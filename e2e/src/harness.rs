@@ -267,13 +267,10 @@ impl Shop {
                         ("KAFKA_BROKERS".to_owned(), self.config.brokers.clone()),
                         ("HTTP_LISTEN".to_owned(), format!("127.0.0.1:{port}")),
                         ("TOPIC_PREFIX".to_owned(), self.config.prefix.clone()),
-                        // No instance name (dynamic group membership, rescued by
-                        // the membership watchdog after a restart): the local
-                        // broker, tansu 0.6, can leave a static member without
-                        // partitions for good once a rebalance revoked them (a
-                        // second instance joining, a predecessor's session
-                        // ending). On Apache Kafka set INSTANCE_NAME per pod.
-                        ("INSTANCE_NAME".to_owned(), String::new()),
+                        // Each process is a pod: its name stays across its
+                        // restarts and differs between instances, as the pod's
+                        // name does in `deploy/kubernetes`.
+                        ("INSTANCE_NAME".to_owned(), name.clone()),
                     ];
                     match service {
                         "order" => env.extend([

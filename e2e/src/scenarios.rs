@@ -106,16 +106,16 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "service-restart",
             fault: "under load, the payment service and then the order service are SIGKILLed and started again 1 s later, then 3 s later (default consumer settings)",
-            promise: "each restarted service is consuming again within 15 s of its restart; every saga ends, nothing is applied twice, stock and credit are conserved",
+            promise: "each restarted service is consuming again within 10 s of its restart; every saga ends, nothing is applied twice, stock and credit are conserved",
             run: |s| Box::pin(restarts::service_restart(s)),
-            pending: Some("the local broker (tansu 0.6) can leave a restarted member without partitions for good: a static member (instance name) after a rebalance revoked them, so the shop runs here without names and relies on the watchdog, which is not yet fast enough for this promise"),
+            pending: None,
         },
         Scenario {
             name: "restart-storm",
             fault: "under load, each of the eight processes (four services, four relays) in turn is SIGKILLed and started again 1-3 s later (seeded), twice over: 16 kills",
             promise: "every killed process comes back healthy; every event is delivered, every saga ends, nothing is applied twice, stock and credit are conserved",
             run: |s| Box::pin(restarts::restart_storm(s)),
-            pending: Some("the local broker (tansu 0.6) can leave a restarted member without partitions for good: a static member (instance name) after a rebalance revoked them, so the shop runs here without names and relies on the watchdog, which is not yet fast enough for this promise"),
+            pending: None,
         },
     ]
 }
@@ -174,16 +174,18 @@ async fn placed(
     handle.await.context("the load task")?
 }
 
+/// The process names of the four services (their first instances).
+fn service_processes() -> impl Iterator<Item = String> {
+    crate::harness::SERVICES
+        .into_iter()
+        .map(|service| format!("{service}-service"))
+}
+
 async fn handler_error(settings: LabSettings) -> anyhow::Result<Measurement> {
     let mut lab = Lab::new(&settings, "handler-error", false).await?;
     let mut config = lab.shop_config();
-    for name in [
-        "order-service",
-        "customer-service",
-        "inventory-service",
-        "payment-service",
-    ] {
-        config = config.with_env(name, failpoints::ENV, "consumer.before-commit=error*4");
+    for name in service_processes() {
+        config = config.with_env(&name, failpoints::ENV, "consumer.before-commit=error*4");
     }
     with_shop(&mut lab, config, BOUND, |lab, shop| {
         Box::pin(async move {
@@ -197,12 +199,8 @@ async fn handler_error(settings: LabSettings) -> anyhow::Result<Measurement> {
             .await?;
             let order_count = ids.len();
             wait_terminal(lab, order_count).await?;
-            for name in [
-                "order-service",
-                "customer-service",
-                "inventory-service",
-                "payment-service",
-            ] {
+            for name in service_processes() {
+                let name = name.as_str();
                 let counts = consumer_counts(shop, name).await?;
                 lab.note(format!(
                     "{name}: {} applied, {} attempts rolled back and retried, {} dead-lettered",
@@ -275,22 +273,13 @@ async fn relay_crash(settings: LabSettings) -> anyhow::Result<Measurement> {
 async fn broker_pause(settings: LabSettings) -> anyhow::Result<Measurement> {
     let mut lab = Lab::new(&settings, "broker-pause", false).await?;
     let max_in_flight = 500;
-    let mut config = lab.shop_config().with_env(
+    // With the defaults: the 30 s pause stays within the services' 45 s sessions
+    // (they run with instance names), so no consumer loses its membership.
+    let config = lab.shop_config().with_env(
         "relay-order",
         "OUTBOX_RELAY_MAX_IN_FLIGHT",
         max_in_flight.to_string(),
     );
-    // The scenario is about the relay. A 30 s pause outlasts the services' 10 s
-    // consumer sessions, and the local broker can then leave a group without
-    // partitions for good; librdkafka's own 45 s keeps the consumers out of it.
-    for service in [
-        "order-service",
-        "customer-service",
-        "inventory-service",
-        "payment-service",
-    ] {
-        config = config.with_env(service, "KAFKA_OPTIONS", "session.timeout.ms=45000");
-    }
     let pause = Duration::from_secs(30);
     with_shop(&mut lab, config, BOUND + pause, |lab, shop| {
         Box::pin(async move {

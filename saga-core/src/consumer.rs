@@ -117,11 +117,14 @@
 //! times out (`session.timeout.ms`, 10 s here instead of librdkafka's 45 s, with
 //! heartbeats every 3 s; both can be set through `options`). A member restarted
 //! under the same [`ConsumerConfig::instance_id`] (static membership) takes its
-//! predecessor's place at once; a second live member with the same id fences the
-//! first off, which stops with [`ConsumerError::Fenced`]. A watchdog rejoins the
-//! group when the member goes without partitions for
-//! [`ConsumerConfig::rejoin_after`] although the group owes it some (the
-//! `membership` module says why and when), counted in [`ConsumerStats::rejoins`].
+//! predecessor's place at once, so a static member's session only has to outlast
+//! a restart and stays at 45 s (a shorter one can expire between the takeover and
+//! the new process's first heartbeat, and the membership just taken over is
+//! lost); a second live member with the same id fences the first off, which stops
+//! with [`ConsumerError::Fenced`]. A watchdog rejoins the group when the member
+//! goes without partitions for [`ConsumerConfig::rejoin_after`] although the group
+//! owes it some (the `membership` module says why and when), counted in
+//! [`ConsumerStats::rejoins`].
 //!
 //! # Shutdown
 //!
@@ -165,7 +168,7 @@ use tracing::Instrument;
 pub use config::{
     ConsumerConfig, DEAD_LETTER_SUFFIX, DEFAULT_BACKOFF, DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REJOIN_AFTER,
-    DEFAULT_SESSION_TIMEOUT,
+    DEFAULT_SESSION_TIMEOUT, DEFAULT_STATIC_SESSION_TIMEOUT,
 };
 pub use dead_letter::{
     DeadLetterReason, DEAD_LETTER_PARTITIONS, DEAD_LETTER_REPLICATION_FACTOR, DEAD_LETTER_TIMEOUT,

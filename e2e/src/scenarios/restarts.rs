@@ -15,12 +15,10 @@ use crate::lab::{backlog, consumer_counts, order_mix, place_until_stopped, Lab, 
 use crate::lab::{Load, Measurement};
 use crate::{Shop, ShopClient};
 
-/// How soon after its restart a service must be consuming again. A member that
-/// takes over its instance name is back after 6-7 s on the local broker; the
-/// first restart of a process has been seen taking 12-13 s there (its takeover
-/// did not complete and the membership watchdog, at 12 s, rejoined it), hence
-/// 15 s rather than 10 s until that is explained.
-const RESUME_WITHIN: Duration = Duration::from_secs(15);
+/// How soon after its restart a service must be consuming again: its member takes
+/// its instance name's membership over (6-7 s on the local broker, which holds a
+/// static member's join and sync for 3 s each).
+const RESUME_WITHIN: Duration = Duration::from_secs(10);
 /// How long a restarted service is watched at most (to tell how late it was).
 const RESUME_WATCH: Duration = Duration::from_secs(60);
 /// Orders per second while the processes are killed and restarted.

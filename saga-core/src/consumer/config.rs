@@ -20,9 +20,19 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// The suffix of the default dead-letter topic: `<group_id>.dlq`.
 pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
-/// `session.timeout.ms` unless the options say otherwise: how long a member killed
-/// without leaving holds its partitions (librdkafka's default is 45 s).
+/// `session.timeout.ms` of a member without instance id, unless the options say
+/// otherwise: how long a member killed without leaving holds its partitions, and so
+/// how long its successor waits for them (librdkafka's default is 45 s).
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// `session.timeout.ms` of a member with an instance id, unless the options say
+/// otherwise. Its successor takes the membership over under the same id without
+/// waiting, so the session only has to outlast a restart: the new process's first
+/// heartbeat must come within the session of the old one's last, or the broker
+/// drops the membership the new process just took over (and some brokers, tansu
+/// 0.6 among them, then leave the group without a leader for good). Kafka's own
+/// advice for static members is a session longer than a restart; 45 s is
+/// librdkafka's default. A member that stops cleanly leaves at once either way.
+pub const DEFAULT_STATIC_SESSION_TIMEOUT: Duration = Duration::from_secs(45);
 /// `heartbeat.interval.ms` unless the options say otherwise: a third of the session
 /// timeout, so that one lost heartbeat does not cost a member its partitions.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
@@ -67,7 +77,8 @@ pub struct ConsumerConfig {
     pub rejoin_after: Duration,
     /// librdkafka options for all clients of the consumer (consumer, dead-letter
     /// producer, admin), e.g. TLS or SASL settings, or `session.timeout.ms` and
-    /// `heartbeat.interval.ms` (default [`DEFAULT_SESSION_TIMEOUT`] and
+    /// `heartbeat.interval.ms` (default [`DEFAULT_SESSION_TIMEOUT`], or
+    /// [`DEFAULT_STATIC_SESSION_TIMEOUT`] with an instance id, and
     /// [`DEFAULT_HEARTBEAT_INTERVAL`]). They cannot replace the options the contracts
     /// rest on (offset handling, idempotence, acknowledgements).
     pub options: BTreeMap<String, String>,
@@ -168,10 +179,17 @@ impl ConsumerConfig {
     pub(super) fn consumer_config(&self) -> ClientConfig {
         let mut client = self.client_config(scope::Kind::Consumer);
         // A member killed without leaving holds its partitions for the session
-        // timeout; with the heartbeats a third of it apart, one lost heartbeat does
-        // not cost a live member its partitions. Options may set either.
+        // timeout; a static member's successor takes them over at once, so its
+        // session only has to outlast a restart. With the heartbeats at most a third
+        // of it apart, one lost heartbeat does not cost a live member its
+        // partitions. Options may set either.
+        let session = if self.effective_instance_id().is_some() {
+            DEFAULT_STATIC_SESSION_TIMEOUT
+        } else {
+            DEFAULT_SESSION_TIMEOUT
+        };
         for (key, default) in [
-            ("session.timeout.ms", DEFAULT_SESSION_TIMEOUT),
+            ("session.timeout.ms", session),
             ("heartbeat.interval.ms", DEFAULT_HEARTBEAT_INTERVAL),
         ] {
             if !self.options.contains_key(key) {
@@ -260,6 +278,32 @@ mod tests {
         // Only the consumer reads them.
         assert_eq!(config.producer_config().get("session.timeout.ms"), None);
         assert_eq!(config.producer_config().get("heartbeat.interval.ms"), None);
+    }
+
+    #[test]
+    fn a_static_member_gets_a_session_that_outlasts_a_restart() {
+        let mut config = config();
+        config.instance_id = Some("order-0".into());
+        let consumer = config.consumer_config();
+        assert_eq!(consumer.get("session.timeout.ms"), Some("45000"));
+        assert_eq!(consumer.get("heartbeat.interval.ms"), Some("3000"));
+        // An id among the options makes a static member too.
+        let mut config = self::config();
+        config
+            .options
+            .insert("group.instance.id".into(), "order-1".into());
+        assert_eq!(
+            config.consumer_config().get("session.timeout.ms"),
+            Some("45000")
+        );
+        // The options still win.
+        config
+            .options
+            .insert("session.timeout.ms".into(), "20000".into());
+        assert_eq!(
+            config.consumer_config().get("session.timeout.ms"),
+            Some("20000")
+        );
     }
 
     #[test]
