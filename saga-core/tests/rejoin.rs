@@ -311,6 +311,16 @@ async fn a_member_restarted_after_3_s_under_its_instance_name_consumes_within_10
     assert!(after <= WITH_INSTANCE, "consuming again after {after:?}");
 }
 
+/// The kubelet restarts a crashed container after 10 s once it backs off: the
+/// member's session must outlast that and the takeover, or the membership it just
+/// took over expires before its first heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_after_10_s_under_its_instance_name_consumes_within_10_s() {
+    let restart = kill_and_restart("member-1", Duration::from_secs(10), 1).await;
+    let after = restart.consuming_after.expect("consuming again");
+    assert!(after <= WITH_INSTANCE, "consuming again after {after:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restarted_without_an_instance_name_is_brought_back_by_its_watchdog() {
     let restart = kill_and_restart("", Duration::from_secs(3), 3).await;

@@ -12,6 +12,13 @@
 //! for a member restarted under the same id; the watchdog rescues the others, and any
 //! member a broker failed to rebalance.
 //!
+//! (tansu 0.6 completes a rebalance when the member it holds for leader sends its
+//! assignment, and checks sessions only when requests come in. A member whose
+//! successor's first heartbeat comes after the session expired is dropped, and if
+//! it was the leader the group waits for a leader that no longer exists: no rejoin
+//! cures that. A static member's session of 45 s, longer than a restart and the
+//! takeover, keeps restarts out of it; see `DEFAULT_STATIC_SESSION_TIMEOUT`.)
+//!
 //! # Why it holds
 //!
 //! Every second it looks at the member's assignment (a local call). When the member
