@@ -228,6 +228,14 @@ async fn two_hundred_concurrent_orders_end_consistent() {
     eprintln!("{report}");
     assert!(report.ok(), "{report}");
     assert_eq!(report.orders, count);
+
+    // Every saga, rebuilt from its audit trail, is its row of saga_state.
+    let trail = saga_core::saga::audit::verify(&shop.ledger.order, None)
+        .await
+        .expect("trail readable");
+    eprintln!("{trail}");
+    assert!(trail.ok(), "{trail}");
+    assert_eq!(trail.sagas, count);
     shop.stop().await;
 }
 

@@ -7,13 +7,14 @@
 //! true` on a reply that answers a duplicate command again).
 
 mod admin;
+pub mod audit;
 pub mod cli;
 mod clock;
 mod definition;
 mod engine;
 mod participant;
 
-pub use admin::{SagaAdmin, SagaSummary};
+pub use admin::{SagaAdmin, SagaSummary, DEFAULT_ACTOR};
 pub use clock::{Clock, SystemClock};
 pub use definition::{
     Command, CommandFn, CompensationRetry, DefinitionError, LocalFn, Reply, SagaBuilder, SagaData,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use saga_core::consumer::IncomingMessage;
 use saga_core::outbox::Outbox;
-use saga_core::saga::Clock;
+use saga_core::saga::{audit, cli, Clock};
 use saga_core::saga::{
     Command, CompensationRetry, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaBuilder,
     SagaDefinition, SagaError, StepFailed,
@@ -187,6 +187,13 @@ impl Fixture {
 
     fn pool(&self) -> &PgPool {
         self.db.pool()
+    }
+
+    /// Every saga of the test, rebuilt from its audit trail, is its row of
+    /// `saga_state`.
+    async fn assert_trail_rebuilds(&self) {
+        let check = audit::verify(self.pool(), None).await.unwrap();
+        assert!(check.sagas > 0 && check.ok(), "{check}");
     }
 
     /// An orchestrator of `definition` on the test's clock.
@@ -379,6 +386,7 @@ async fn the_success_path_runs_every_step_in_order() {
         Some("APPROVED")
     );
     assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveCredit"]);
+    f.assert_trail_rebuilds().await;
 }
 
 #[tokio::test]
@@ -421,6 +429,7 @@ async fn a_failed_participant_step_compensates_exactly_the_earlier_steps_in_reve
         instance.data.rejection.as_deref(),
         Some("credit limit exceeded, 40 available")
     );
+    f.assert_trail_rebuilds().await;
 }
 
 #[tokio::test]
@@ -475,6 +484,7 @@ async fn a_failing_last_local_step_compensates_everything_before_it_in_reverse()
             "ReleaseGoods"
         ]
     );
+    f.assert_trail_rebuilds().await;
 }
 
 #[tokio::test]
@@ -508,6 +518,7 @@ async fn duplicate_and_stale_replies_change_nothing() {
     );
     assert_eq!(f.status(id).await, SagaStatus::Started);
     assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveCredit"]);
+    f.assert_trail_rebuilds().await;
 }
 
 #[tokio::test]
@@ -535,6 +546,7 @@ async fn a_timed_out_step_fails_is_compensated_itself_and_its_late_reply_is_stal
         f.order_status(order.order_id).await.as_deref(),
         Some("REJECTED")
     );
+    f.assert_trail_rebuilds().await;
 }
 
 #[tokio::test]
@@ -582,6 +594,7 @@ async fn two_orchestrators_applying_one_reply_resolve_through_the_version() {
         ReplyDisposition::Stale
     );
     assert_eq!(f.kinds().await, ["ReserveGoods", "ReserveCredit"]);
+    f.assert_trail_rebuilds().await;
 }
 
 /// A refused compensation is tried again, after a backoff doubling up to its cap,
@@ -670,6 +683,7 @@ async fn a_compensation_that_keeps_failing_ends_in_compensation_failed_until_an_
     f.ok(&eighth).await;
     assert_eq!(f.status(id).await, SagaStatus::Aborted);
     assert!(admin.failed().await.unwrap().is_empty());
+    f.assert_trail_rebuilds().await;
 }
 
 /// With the default retries, a compensation outlasts an outage of its participant
@@ -745,6 +759,7 @@ async fn a_compensation_outlasts_an_outage_of_its_participant() {
         f.outcome(&orchestrator, id, &order).await,
         (SagaStatus::Aborted, Some("REJECTED".to_owned()))
     );
+    f.assert_trail_rebuilds().await;
 }
 
 #[tokio::test]
@@ -768,6 +783,7 @@ async fn an_operator_aborts_a_stuck_saga_and_the_waiting_step_is_compensated() {
     );
     let counts = admin.counts().await.unwrap();
     assert_eq!(counts, [("test-order".to_owned(), "ABORTED".to_owned(), 1)]);
+    f.assert_trail_rebuilds().await;
 }
 
 #[test]
@@ -834,6 +850,7 @@ async fn a_reply_racing_its_timeout_has_one_outcome() {
     );
     assert_eq!(f.status(id).await, SagaStatus::Aborting);
     assert_eq!(f.kinds().await, ["ReserveGoods", "ReleaseGoods"]);
+    f.assert_trail_rebuilds().await;
 }
 
 /// A command as the participant receives it, from a command row of the outbox.
@@ -1037,6 +1054,7 @@ async fn a_step_with_retries_is_sent_again_before_it_fails() {
         f.outcome(&orchestrator, id, &order).await,
         (SagaStatus::Aborted, Some("REJECTED".to_owned()))
     );
+    f.assert_trail_rebuilds().await;
 }
 
 /// The participant's effect for the tests where it refuses: a command whose type
@@ -1150,6 +1168,7 @@ async fn a_refused_step_retried_runs_again_at_the_participant() {
             ReplyDisposition::Stale
         );
     }
+    f.assert_trail_rebuilds().await;
 }
 
 /// A compensation the participant refused is tried again after its backoff as a
@@ -1184,6 +1203,7 @@ async fn a_refused_compensation_retried_runs_again_at_the_participant() {
     assert_eq!(answer.headers["outcome"], "success");
     assert_eq!(f.status(id).await, SagaStatus::Aborted);
     assert_eq!(effects_of(&f).await, ["ReleaseGoods", "ReserveGoods"]);
+    f.assert_trail_rebuilds().await;
 }
 
 /// The participant's tables: the effects it applied (`reservations`) and the
@@ -1332,6 +1352,7 @@ async fn a_step_resent_after_a_timeout_completes_when_the_participant_answers_th
         f.outcome(&orchestrator, id, &order).await,
         (SagaStatus::Completed, Some("PENDING".to_owned()))
     );
+    f.assert_trail_rebuilds().await;
 }
 
 #[tokio::test]
@@ -1388,6 +1409,7 @@ async fn a_compensation_resent_after_its_timeout_is_answered_and_the_saga_aborts
         f.outcome(&orchestrator, id, &order).await,
         (SagaStatus::Aborted, Some("REJECTED".to_owned()))
     );
+    f.assert_trail_rebuilds().await;
 }
 
 /// A saga that cannot be read any more (its data no longer fits the definition: a
@@ -1426,5 +1448,168 @@ async fn a_saga_that_cannot_be_read_is_skipped_and_the_sweep_goes_on() {
     assert_eq!(
         fixture.orchestrator.sweep(fixture.pool(), 1).await.unwrap(),
         1
+    );
+}
+
+#[tokio::test]
+async fn the_trail_tells_what_happened_to_a_saga_in_order() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    let goods = f.last().await;
+    f.ok(&goods).await;
+    // The goods reply again (a redelivery the journal missed): stale.
+    let again = f
+        .reply(&goods, true, "ReserveGoodsDone", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(again, ReplyDisposition::Stale);
+    f.clock.advance(Duration::from_secs(1));
+    let credit = f.last().await;
+    let refused = serde_json::json!({"available": 5});
+    f.reply(&credit, false, "CreditLimitExceeded", refused)
+        .await
+        .unwrap();
+    let release_goods = f.last().await;
+    f.ok(&release_goods).await;
+    assert_eq!(f.status(id).await, SagaStatus::Aborted);
+
+    let mut conn = f.db.connect().await;
+    let events = audit::events(&mut conn, id).await.unwrap();
+    let seen: Vec<(i32, &str, &str)> = events
+        .iter()
+        .map(|e| (e.version, e.kind.as_str(), e.step.as_deref().unwrap_or("-")))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "saga_started", "-"),
+            (1, "step_succeeded", "create"),
+            (1, "step_started", "reserve-goods"),
+            (1, "command_sent", "reserve-goods"),
+            (2, "reply_received", "reserve-goods"),
+            (2, "step_succeeded", "reserve-goods"),
+            (2, "step_started", "reserve-credit"),
+            (2, "command_sent", "reserve-credit"),
+            (2, "reply_received", "reserve-goods"),
+            (3, "reply_received", "reserve-credit"),
+            (3, "step_failed", "reserve-credit"),
+            (3, "compensation_started", "reserve-goods"),
+            (3, "command_sent", "reserve-goods"),
+            (3, "status_changed", "-"),
+            (4, "reply_received", "reserve-goods"),
+            (4, "compensation_done", "reserve-goods"),
+            (4, "compensation_started", "create"),
+            (4, "compensation_done", "create"),
+            (4, "status_changed", "-"),
+        ]
+    );
+    // What each says.
+    assert_eq!(events[8].detail["applied"], false, "{:?}", events[8]);
+    assert_eq!(events[4].detail["applied"], true);
+    assert_eq!(events[4].detail["outcome"], "success");
+    assert_eq!(events[9].detail["outcome"], "failure");
+    assert_eq!(events[10].detail["reason"], "CreditLimitExceeded");
+    assert_eq!(events[10].detail["timed_out"], false);
+    assert_eq!(events[12].detail["compensation"], true);
+    assert_eq!(events[12].detail["type"], "ReleaseGoods");
+    assert_eq!(
+        (&events[13].detail["from"], &events[13].detail["to"]),
+        (
+            &serde_json::json!("STARTED"),
+            &serde_json::json!("ABORTING")
+        )
+    );
+    assert_eq!(events[18].detail["to"], "ABORTED");
+    // Every command sent is a row of the outbox, by id and request id.
+    let outbox: Vec<(Uuid, serde_json::Value)> =
+        sqlx::query_as("SELECT id, headers FROM outbox ORDER BY id")
+            .fetch_all(f.pool())
+            .await
+            .unwrap();
+    let sent: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.kind == "command_sent")
+        .map(|e| {
+            (
+                e.detail["message_id"].as_str().unwrap().to_owned(),
+                e.detail["request_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let rows: Vec<(String, String)> = outbox
+        .iter()
+        .map(|(id, headers)| {
+            (
+                id.to_string(),
+                headers["request-id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(sent, rows);
+    // The changes sit on the first event of each transaction, and nowhere else;
+    // the stale reply changed nothing.
+    for (i, e) in events.iter().enumerate() {
+        let first = i == 0 || events[i - 1].version != e.version;
+        assert_eq!(e.changes.is_some(), first && i != 8, "{i}: {e:?}");
+    }
+    // The events' times come from the orchestrator's clock.
+    assert_eq!(events[9].at, events[13].at);
+    assert_eq!(
+        (events[9].at - events[8].at).to_std().unwrap(),
+        Duration::from_secs(1)
+    );
+    f.assert_trail_rebuilds().await;
+}
+
+#[tokio::test]
+async fn an_operator_action_is_recorded_with_who_took_it() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    SagaAdmin::new(f.pool().clone())
+        .acting_as("alice")
+        .abort(&f.orchestrator, id, "customer called")
+        .await
+        .unwrap();
+    let mut conn = f.db.connect().await;
+    let events = audit::events(&mut conn, id).await.unwrap();
+    let action = events
+        .iter()
+        .find(|e| e.kind == "operator_action")
+        .expect("the abort is in the trail");
+    assert_eq!(action.detail["actor"], "alice");
+    assert_eq!(action.detail["action"], "abort");
+    assert_eq!(action.detail["reason"], "customer called");
+    assert_eq!(action.step.as_deref(), Some("reserve-goods"));
+    assert!(action.changes.is_some());
+    f.assert_trail_rebuilds().await;
+
+    // The operator's commands: one saga's trail, and every saga rebuilt.
+    let admin = SagaAdmin::new(f.pool().clone());
+    let text = cli::run(&admin, &f.orchestrator, cli::SagaCommand::Trail { id })
+        .await
+        .unwrap();
+    assert!(
+        text.contains("operator_action") && text.contains("alice"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), events.len(), "{text}");
+    let text = cli::run(&admin, &f.orchestrator, cli::SagaCommand::VerifyTrail)
+        .await
+        .unwrap();
+    assert!(text.starts_with("1 saga rebuilt from"), "{text}");
+    assert!(text.contains("1 match saga_state, 0 differ"), "{text}");
+    // A row changed behind the orchestrator's back no longer matches its trail.
+    sqlx::query("UPDATE saga_state SET status = 'COMPLETED' WHERE id = $1")
+        .bind(id)
+        .execute(f.pool())
+        .await
+        .unwrap();
+    let err = cli::run(&admin, &f.orchestrator, cli::SagaCommand::VerifyTrail)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SagaError::Trail(_)), "{err}");
+    assert!(
+        err.to_string().contains(&format!("{id}: status differ")),
+        "{err}"
     );
 }

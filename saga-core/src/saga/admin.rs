@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use serde_json::json;
 use sqlx::types::chrono;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use crate::saga::audit::EventKind;
 use crate::saga::engine::{Orchestrator, SagaError, SagaInstance};
 use crate::saga::SagaData;
 use crate::status::{SagaStatus, StepStatus};
@@ -22,15 +24,35 @@ pub struct SagaSummary {
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Operator actions over `saga_state`.
+/// Operator actions over `saga_state`, each recorded in the saga's audit trail
+/// with who took it.
 #[derive(Debug, Clone)]
 pub struct SagaAdmin {
     pool: PgPool,
+    actor: String,
 }
+
+/// Who an operator action is recorded as when nobody said ([`SagaAdmin::acting_as`]).
+pub const DEFAULT_ACTOR: &str = "operator";
 
 impl SagaAdmin {
     pub fn new(pool: PgPool) -> SagaAdmin {
-        SagaAdmin { pool }
+        SagaAdmin {
+            pool,
+            actor: DEFAULT_ACTOR.to_owned(),
+        }
+    }
+
+    /// The database the sagas are in.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Records the actions taken through this handle as `actor`'s (a user name).
+    #[must_use]
+    pub fn acting_as(mut self, actor: impl Into<String>) -> SagaAdmin {
+        self.actor = actor.into();
+        self
     }
 
     /// Sagas in `COMPENSATION_FAILED`: they will not move without an operator.
@@ -117,6 +139,7 @@ impl SagaAdmin {
             orchestrator,
             id,
             SagaStatus::CompensationFailed,
+            json!({"action": "retry_compensation"}),
             |instance| {
                 if let Some(step) = instance.current_step.clone() {
                     let state = instance.steps.entry(step).or_default();
@@ -140,11 +163,15 @@ impl SagaAdmin {
         id: Uuid,
         reason: &str,
     ) -> Result<(), SagaError> {
-        self.intervene(orchestrator, id, SagaStatus::Started, |instance| {
+        let action = json!({"action": "abort", "reason": reason});
+        self.intervene(orchestrator, id, SagaStatus::Started, action, |instance| {
             if let Some(step) = instance.current_step.clone() {
-                let state = instance.steps.entry(step).or_default();
+                let state = instance.steps.entry(step.clone()).or_default();
                 let waited = state.request_id.is_some();
-                state.set_failed(format!("aborted by an operator: {reason}"), waited);
+                let why = format!("aborted by an operator: {reason}");
+                state.set_failed(why.clone(), waited);
+                let detail = json!({"reason": why, "timed_out": waited, "retrying": false});
+                instance.record(EventKind::StepFailed, Some(&step), detail);
             }
         })
         .await
@@ -157,6 +184,7 @@ impl SagaAdmin {
         orchestrator: &Orchestrator<D>,
         id: Uuid,
         expected: SagaStatus,
+        mut action: serde_json::Value,
         change: impl FnOnce(&mut SagaInstance<D>),
     ) -> Result<(), SagaError> {
         let mut tx = self.pool.begin().await?;
@@ -167,11 +195,14 @@ impl SagaAdmin {
                 reason: format!("is {}, this needs a {expected} saga", instance.status),
             });
         }
+        action["actor"] = json!(self.actor);
+        let step = instance.current_step.clone();
+        instance.record(EventKind::OperatorAction, step.as_deref(), action);
         change(&mut instance);
         instance.status = SagaStatus::Aborting;
         instance.deadline = None;
         orchestrator.advance(&mut tx, &mut instance).await?;
-        orchestrator.save_instance(&mut tx, &instance).await?;
+        orchestrator.save_instance(&mut tx, &mut instance).await?;
         tx.commit().await?;
         Ok(())
     }

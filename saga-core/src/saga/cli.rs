@@ -1,11 +1,14 @@
 //! The operator's command line, for a service to embed next to its orchestrator:
-//! `<service> saga list --failed`, `list --stuck 600`, `retry <id>`, `abort <id>`.
+//! `<service> saga list --failed`, `list --stuck 600`, `retry <id>`, `abort <id>`,
+//! `trail <id>` (what happened to one saga), `verify-trail` (every saga rebuilt from
+//! its audit trail and compared with `saga_state`).
 
 use std::time::Duration;
 
 use clap::Subcommand;
 use uuid::Uuid;
 
+use crate::saga::audit::{self, SagaEvent};
 use crate::saga::{Orchestrator, SagaAdmin, SagaData, SagaError, SagaSummary};
 
 /// Saga operations for operators.
@@ -28,6 +31,11 @@ pub enum SagaCommand {
     },
     /// Print the number of sagas per type and status.
     Counts,
+    /// Print what happened to a saga: its audit trail, oldest first.
+    Trail { id: Uuid },
+    /// Rebuild every saga from its audit trail and compare with saga_state; fails
+    /// when any differs.
+    VerifyTrail,
 }
 
 /// Runs one operator command; returns what to print.
@@ -53,6 +61,22 @@ pub async fn run<D: SagaData + Clone>(
             Ok(format!(
                 "saga {id}: aborting, completed steps are compensated\n"
             ))
+        }
+        SagaCommand::Trail { id } => {
+            let mut conn = admin.pool().acquire().await?;
+            let events = audit::events(&mut conn, id).await?;
+            if events.is_empty() {
+                return Err(SagaError::NotFound(id));
+            }
+            Ok(trail(&events))
+        }
+        SagaCommand::VerifyTrail => {
+            let check = audit::verify(admin.pool(), Some(&orchestrator.definition().name)).await?;
+            if check.ok() {
+                Ok(check.to_string())
+            } else {
+                Err(SagaError::Trail(check.to_string()))
+            }
         }
         SagaCommand::Counts => Ok(admin
             .counts()
@@ -80,6 +104,22 @@ pub fn table(sagas: &[SagaSummary]) -> String {
             s.status,
             s.current_step.as_deref().unwrap_or("-"),
             s.updated_at.format("%Y-%m-%d %H:%M:%S")
+        ));
+    }
+    text
+}
+
+/// A saga's events as lines for a terminal: time, version, kind, step, detail.
+pub fn trail(events: &[SagaEvent]) -> String {
+    let mut text = String::new();
+    for e in events {
+        text.push_str(&format!(
+            "{}  v{:<3} {:<21} {:<16} {}\n",
+            e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            e.version,
+            e.kind,
+            e.step.as_deref().unwrap_or("-"),
+            e.detail
         ));
     }
     text

@@ -57,22 +57,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::consumer::IncomingMessage;
-use crate::outbox::{Outbox, OutboxEvent};
+use crate::outbox::Outbox;
+use crate::saga::audit::{self, EventKind, PendingEvent, Snapshot};
 use crate::saga::clock::{Clock, SystemClock};
-use crate::saga::definition::{Action, CompensationRetry, SagaData, SagaDefinition};
+use crate::saga::definition::{SagaData, SagaDefinition};
 use crate::saga::{
-    HEADER_ATTEMPT, HEADER_COMPENSATION, HEADER_OUTCOME, HEADER_REPLY_TO, HEADER_REQUEST_ID,
-    HEADER_SAGA_ID, HEADER_SAGA_STEP, HEADER_SAGA_TYPE, OUTCOME_SUCCESS,
+    HEADER_OUTCOME, HEADER_REPLAY, HEADER_REQUEST_ID, HEADER_SAGA_ID, HEADER_SAGA_STEP,
+    OUTCOME_SUCCESS,
 };
 use crate::status::{SagaStatus, StepStatus};
+
+mod advance;
+mod sweep;
 
 /// How long a participant compensation may take before it counts as failed, when
 /// its step has no timeout of its own.
@@ -90,6 +94,9 @@ pub enum SagaError {
     Invalid { id: Uuid, reason: String },
     #[error("saga state of {0} cannot be read")]
     State(Uuid, #[source] serde_json::Error),
+    /// The audit trail does not rebuild `saga_state` (the report says where).
+    #[error("the audit trail does not rebuild saga_state:\n{0}")]
+    Trail(String),
     #[error("writing a saga message failed")]
     Outbox(#[from] crate::outbox::OutboxError),
     #[error("database error")]
@@ -166,6 +173,23 @@ pub struct SagaInstance<D> {
     pub version: i32,
     /// When the sweeper must look at it (a reply's timeout, a retry's backoff).
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
+    /// What happened in the transition under way, for the audit trail (written when
+    /// the instance is stored).
+    pub(crate) trail: Vec<PendingEvent>,
+    /// The state as it was loaded, so that the trail records what changed.
+    pub(crate) loaded: Option<Snapshot>,
+}
+
+impl<D> SagaInstance<D> {
+    /// Records an event of the transition under way.
+    pub(crate) fn record(
+        &mut self,
+        kind: EventKind,
+        step: Option<&str>,
+        detail: serde_json::Value,
+    ) {
+        self.trail.push(PendingEvent::new(kind, step, detail));
+    }
 }
 
 impl<D> SagaInstance<D> {
@@ -243,20 +267,6 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         self.conflicts.load(Ordering::Relaxed)
     }
 
-    /// Sagas whose passed deadline the sweep could not handle (their state cannot
-    /// be read or moved by this definition), with the reason, oldest first. They
-    /// are left as they are for an operator, and tried again every
-    /// [`SKIPPED_RETRY`].
-    pub fn skipped_sagas(&self) -> Vec<(Uuid, String)> {
-        let skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut list: Vec<(Uuid, String)> = skipped
-            .iter()
-            .map(|(id, s)| (*id, s.reason.clone()))
-            .collect();
-        list.sort();
-        list
-    }
-
     /// The definition this orchestrator runs.
     pub fn definition(&self) -> &SagaDefinition<D> {
         &self.definition
@@ -278,9 +288,12 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             steps: BTreeMap::new(),
             version: 0,
             deadline: None,
+            trail: Vec::new(),
+            loaded: None,
         };
+        instance.record(EventKind::SagaStarted, None, serde_json::json!({}));
         self.advance(tx, &mut instance).await?;
-        let (payload, steps) = self.serialise(&instance)?;
+        let after = self.snapshot(&instance)?;
         sqlx::query(
             "INSERT INTO saga_state (id, saga_type, current_step, payload, status, step_status, version, deadline) \
              VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
@@ -288,12 +301,13 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .bind(id)
         .bind(&self.definition.name)
         .bind(&instance.current_step)
-        .bind(payload)
+        .bind(&after.payload)
         .bind(instance.status.as_str())
-        .bind(steps)
+        .bind(sqlx::types::Json(&after.steps))
         .bind(instance.deadline)
         .execute(&mut *tx)
         .await?;
+        self.write_trail(tx, &mut instance, 1, after).await?;
         instance.version = 1;
         Ok(instance)
     }
@@ -314,7 +328,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .await?
         .ok_or(SagaError::NotFound(id))?;
         let status: String = row.try_get("status")?;
-        let status =
+        let status: SagaStatus =
             status
                 .parse()
                 .map_err(|e: crate::status::UnknownStatus| SagaError::Invalid {
@@ -323,14 +337,31 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                 })?;
         let payload: serde_json::Value = row.try_get("payload")?;
         let steps: serde_json::Value = row.try_get("step_status")?;
+        let current_step: Option<String> = row.try_get("current_step")?;
+        let deadline = row.try_get("deadline")?;
+        let data = serde_json::from_value(payload.clone()).map_err(|e| SagaError::State(id, e))?;
+        let step_states =
+            serde_json::from_value(steps.clone()).map_err(|e| SagaError::State(id, e))?;
+        let loaded = Snapshot {
+            status: status.as_str().to_owned(),
+            current_step: current_step.clone(),
+            deadline,
+            payload,
+            steps: match steps {
+                serde_json::Value::Object(steps) => steps,
+                _ => serde_json::Map::new(),
+            },
+        };
         Ok(SagaInstance {
             id,
             status,
-            current_step: row.try_get("current_step")?,
-            data: serde_json::from_value(payload).map_err(|e| SagaError::State(id, e))?,
-            steps: serde_json::from_value(steps).map_err(|e| SagaError::State(id, e))?,
+            current_step,
+            data,
+            steps: step_states,
             version: row.try_get("version")?,
-            deadline: row.try_get("deadline")?,
+            deadline,
+            trail: Vec::new(),
+            loaded: Some(loaded),
         })
     }
 
@@ -353,18 +384,32 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         let request = header(HEADER_REQUEST_ID).and_then(|v| v.parse::<Uuid>().ok());
         let success = header(HEADER_OUTCOME).as_deref() == Some(OUTCOME_SUCCESS);
         let mut instance = self.load(tx, id).await?;
+        let received = |applied: bool| {
+            serde_json::json!({
+                "message_id": message.id,
+                "type": message.message_type,
+                "outcome": header(HEADER_OUTCOME),
+                "request_id": request,
+                "replay": header(HEADER_REPLAY).as_deref() == Some("true"),
+                "applied": applied,
+                "topic": message.topic,
+                "headers": message.headers,
+            })
+        };
         let Some(index) = self.definition.step_index(&step) else {
+            self.record_stale(tx, &mut instance, &step, received(false))
+                .await?;
             return Ok(ReplyDisposition::Stale);
         };
-        let state = instance.steps.entry(step.clone()).or_default();
-        if request.is_none() || state.request_id != request {
-            return Ok(ReplyDisposition::Stale);
-        }
+        let state = instance.steps.get(&step).cloned().unwrap_or_default();
         let forward = state.is(StepStatus::Started) && instance.status == SagaStatus::Started;
         let compensating = state.is(StepStatus::Compensating);
-        if !forward && !compensating {
+        if request.is_none() || state.request_id != request || (!forward && !compensating) {
+            self.record_stale(tx, &mut instance, &step, received(false))
+                .await?;
             return Ok(ReplyDisposition::Stale);
         }
+        instance.record(EventKind::ReplyReceived, Some(&step), received(true));
         // The reply ends the wait: its timeout no longer applies.
         instance.deadline = None;
         if forward {
@@ -382,24 +427,39 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             state.request_id = None;
             if success {
                 state.set(StepStatus::Succeeded);
-            } else if state.attempts <= retries {
-                state.status = None; // sent again by `advance`
+                instance.record(EventKind::StepSucceeded, Some(&step), serde_json::json!({}));
             } else {
-                state.set(StepStatus::Failed);
-                state.reason = message.message_type.clone();
-                instance.status = SagaStatus::Aborting;
+                let retrying = state.attempts <= retries;
+                if retrying {
+                    state.status = None; // sent again by `advance`
+                } else {
+                    state.set(StepStatus::Failed);
+                    state.reason = message.message_type.clone();
+                    instance.status = SagaStatus::Aborting;
+                }
+                let detail = serde_json::json!({
+                    "reason": message.message_type,
+                    "timed_out": false,
+                    "retrying": retrying,
+                });
+                instance.record(EventKind::StepFailed, Some(&step), detail);
             }
         } else {
             let state = instance.steps.entry(step.clone()).or_default();
             state.request_id = None;
             if success {
                 state.set(StepStatus::Compensated);
+                instance.record(
+                    EventKind::CompensationDone,
+                    Some(&step),
+                    serde_json::json!({}),
+                );
             } else {
                 self.compensation_failed(&mut instance, &step, message.message_type.clone());
             }
         }
         self.advance(tx, &mut instance).await?;
-        self.save(tx, &instance).await?;
+        self.save(tx, &mut instance).await?;
         Ok(ReplyDisposition::Applied)
     }
 
@@ -427,11 +487,28 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                 reason: format!("unknown step {step}"),
             })?;
         let retries = self.definition.steps[index].retries;
-        instance.deadline = None;
+        let deadline = instance.deadline.take();
+        let state = instance.steps.get(&step).cloned().unwrap_or_default();
+        let waiting_forward =
+            state.is(StepStatus::Started) && instance.status == SagaStatus::Started;
+        let waiting_compensation = state.is(StepStatus::Compensating) && state.request_id.is_some();
+        let what = if waiting_forward {
+            "reply"
+        } else if waiting_compensation {
+            "compensation reply"
+        } else {
+            "compensation retry"
+        };
+        instance.record(
+            EventKind::DeadlinePassed,
+            Some(&step),
+            serde_json::json!({"waited_for": what, "deadline": deadline}),
+        );
         let state = instance.steps.entry(step.clone()).or_default();
-        if state.is(StepStatus::Started) && instance.status == SagaStatus::Started {
+        if waiting_forward {
             state.request_id = None;
-            if state.attempts <= retries {
+            let retrying = state.attempts <= retries;
+            if retrying {
                 state.status = None;
             } else {
                 state.set(StepStatus::Failed);
@@ -440,7 +517,10 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                 instance.status = SagaStatus::Aborting;
                 tracing::info!(saga_id = %id, step = %step, "step timed out; compensating");
             }
-        } else if state.is(StepStatus::Compensating) && state.request_id.is_some() {
+            let detail =
+                serde_json::json!({"reason": "timed out", "timed_out": true, "retrying": retrying});
+            instance.record(EventKind::StepFailed, Some(&step), detail);
+        } else if waiting_compensation {
             state.request_id = None;
             self.compensation_failed(
                 &mut instance,
@@ -450,248 +530,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         }
         // Otherwise a compensation retry is due: `advance` runs it again.
         self.advance(tx, &mut instance).await?;
-        self.save(tx, &instance).await?;
+        self.save(tx, &mut instance).await?;
         Ok(true)
-    }
-
-    /// Handles every saga of this type whose deadline passed by the orchestrator's
-    /// clock, each in its own transaction; a saga changed concurrently is left for
-    /// the next sweep. A saga whose state this definition cannot handle is skipped,
-    /// logged and listed by [`Orchestrator::skipped_sagas`] for [`SKIPPED_RETRY`],
-    /// so that it never holds up the others; a database error ends the sweep.
-    pub async fn sweep(&self, pool: &PgPool, limit: i64) -> Result<usize, SagaError> {
-        let now = self.clock.now();
-        let passed: Vec<Uuid> = {
-            let mut skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
-            // Skipped sagas come back after a while: an operator may have mended them.
-            skipped.retain(|_, s| s.retry_at > now);
-            skipped.keys().copied().collect()
-        };
-        let due: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM saga_state WHERE saga_type = $1 AND status IN ('STARTED', 'ABORTING') \
-             AND deadline <= $3 AND NOT (id = ANY($4)) ORDER BY deadline LIMIT $2",
-        )
-        .bind(&self.definition.name)
-        .bind(limit)
-        .bind(now)
-        .bind(&passed)
-        .fetch_all(pool)
-        .await?;
-        let mut handled = 0;
-        for id in due {
-            let mut tx = pool.begin().await?;
-            match self.handle_deadline(&mut tx, id).await {
-                Ok(changed) => {
-                    tx.commit().await?;
-                    handled += usize::from(changed);
-                }
-                Err(SagaError::Conflict(_)) => tx.rollback().await?,
-                // The database's trouble, not the saga's: the next sweep tries again.
-                Err(e) if e.is_transient() => return Err(e),
-                // This saga's own trouble (its state does not fit the definition):
-                // one bad saga must not hold up the timeouts and compensation
-                // retries of every other, so it is left for an operator and the
-                // sweep goes on.
-                Err(e) => {
-                    tx.rollback().await?;
-                    let reason = e.to_string();
-                    tracing::error!(saga = %self.definition.name, saga_id = %id, error = %reason, retry_in = ?SKIPPED_RETRY, "cannot handle the saga's passed deadline; skipped it");
-                    let retry_at = now + SKIPPED_RETRY;
-                    self.skipped
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(id, Skipped { reason, retry_at });
-                }
-            }
-        }
-        Ok(handled)
-    }
-
-    /// Marks a failed compensation attempt: tried again after a backoff, or, once
-    /// the retries' time is up, the saga is `COMPENSATION_FAILED`.
-    fn compensation_failed(
-        &self,
-        instance: &mut SagaInstance<D>,
-        step: &str,
-        reason: Option<String>,
-    ) {
-        let retry: CompensationRetry = self.definition.compensation_retry;
-        let now = self.clock.now();
-        let state = instance.steps.entry(step.to_owned()).or_default();
-        state.reason = reason;
-        let since = *state.compensating_since.get_or_insert(now);
-        let trying_for = (now - since).to_std().unwrap_or_default();
-        if trying_for >= retry.give_up_after {
-            instance.status = SagaStatus::CompensationFailed;
-            tracing::error!(saga_id = %instance.id, step, attempts = state.attempts, trying_for = ?trying_for, reason = ?state.reason, "compensation failed for good");
-        } else {
-            let backoff = retry.backoff(state.attempts);
-            tracing::warn!(saga_id = %instance.id, step, attempts = state.attempts, retry_in = ?backoff, reason = ?state.reason, "compensation failed; trying again");
-            // The step stays COMPENSATING without a request: the sweeper tries again.
-            instance.deadline = Some(now + backoff);
-        }
-    }
-
-    /// Moves the instance as far as it can go without waiting: local steps run,
-    /// the next command is sent, compensations walk backwards.
-    pub(crate) async fn advance(
-        &self,
-        tx: &mut PgConnection,
-        instance: &mut SagaInstance<D>,
-    ) -> Result<(), SagaError> {
-        loop {
-            match instance.status {
-                SagaStatus::Started => {
-                    let next = self.definition.steps.iter().position(|s| {
-                        !instance
-                            .steps
-                            .get(&s.name)
-                            .is_some_and(|st| st.is(StepStatus::Succeeded))
-                    });
-                    let Some(index) = next else {
-                        instance.finish(SagaStatus::Completed);
-                        return Ok(());
-                    };
-                    let step = &self.definition.steps[index];
-                    instance.current_step = Some(step.name.clone());
-                    let state = instance.steps.entry(step.name.clone()).or_default();
-                    if state.is(StepStatus::Started) && state.request_id.is_some() {
-                        return Ok(()); // waiting for the reply
-                    }
-                    match &step.action {
-                        Action::Local(action) => match run_local(tx, action, &mut instance.data)
-                            .await?
-                        {
-                            Ok(()) => {
-                                let state = instance.steps.entry(step.name.clone()).or_default();
-                                state.set(StepStatus::Succeeded);
-                            }
-                            Err(failed) => {
-                                let state = instance.steps.entry(step.name.clone()).or_default();
-                                state.set_failed(failed.0, false);
-                                instance.status = SagaStatus::Aborting;
-                            }
-                        },
-                        Action::Participant(command) => {
-                            state.attempts += 1;
-                            let attempt = state.attempts;
-                            let command = command(&instance.data);
-                            let request = self
-                                .send(tx, instance.id, &step.name, &command, false, attempt)
-                                .await?;
-                            let state = instance.steps.entry(step.name.clone()).or_default();
-                            state.set(StepStatus::Started);
-                            state.request_id = Some(request);
-                            instance.deadline = step.timeout.map(|t| self.clock.now() + t);
-                            return Ok(());
-                        }
-                    }
-                }
-                SagaStatus::Aborting => {
-                    // The last step that needs undoing, walking backwards.
-                    let pending = self.definition.steps.iter().rposition(|s| {
-                        instance.steps.get(&s.name).is_some_and(|st| {
-                            st.is(StepStatus::Succeeded)
-                                || st.is(StepStatus::Compensating)
-                                || (st.is(StepStatus::Failed) && st.timed_out)
-                        })
-                    });
-                    let Some(index) = pending else {
-                        instance.finish(SagaStatus::Aborted);
-                        return Ok(());
-                    };
-                    let step = &self.definition.steps[index];
-                    instance.current_step = Some(step.name.clone());
-                    let state = instance.steps.entry(step.name.clone()).or_default();
-                    if state.is(StepStatus::Compensating)
-                        && (state.request_id.is_some() || instance.deadline.is_some())
-                    {
-                        return Ok(()); // waiting for the reply, or for the retry's backoff
-                    }
-                    match &step.compensation {
-                        None => state.set(StepStatus::Compensated),
-                        Some(Action::Local(action)) => {
-                            if !state.is(StepStatus::Compensating)
-                                || state.compensating_since.is_none()
-                            {
-                                state.compensating_since = Some(self.clock.now());
-                            }
-                            state.set(StepStatus::Compensating);
-                            state.attempts += 1;
-                            match run_local(tx, action, &mut instance.data).await? {
-                                Ok(()) => {
-                                    let state =
-                                        instance.steps.entry(step.name.clone()).or_default();
-                                    state.set(StepStatus::Compensated);
-                                }
-                                Err(failed) => {
-                                    // Retried when its backoff passes, or the saga is
-                                    // COMPENSATION_FAILED past the bound.
-                                    let name = step.name.clone();
-                                    self.compensation_failed(instance, &name, Some(failed.0));
-                                    return Ok(());
-                                }
-                            }
-                        }
-                        Some(Action::Participant(command)) => {
-                            if !state.is(StepStatus::Compensating) {
-                                state.attempts = 0;
-                                state.compensating_since = None;
-                            }
-                            if state.compensating_since.is_none() {
-                                state.compensating_since = Some(self.clock.now());
-                            }
-                            state.set(StepStatus::Compensating);
-                            state.attempts += 1;
-                            let attempt = state.attempts;
-                            let command = command(&instance.data);
-                            let request = self
-                                .send(tx, instance.id, &step.name, &command, true, attempt)
-                                .await?;
-                            let state = instance.steps.entry(step.name.clone()).or_default();
-                            state.request_id = Some(request);
-                            let timeout = step.timeout.unwrap_or(DEFAULT_COMPENSATION_TIMEOUT);
-                            instance.deadline = Some(self.clock.now() + timeout);
-                            return Ok(());
-                        }
-                    }
-                }
-                SagaStatus::Aborted | SagaStatus::Completed | SagaStatus::CompensationFailed => {
-                    return Ok(())
-                }
-            }
-        }
-    }
-
-    /// Writes the command to the outbox with the saga envelope (`attempt`: its number
-    /// among the commands sent for the step's action, or its compensation); returns
-    /// its request id.
-    async fn send(
-        &self,
-        tx: &mut PgConnection,
-        id: Uuid,
-        step: &str,
-        command: &crate::saga::Command,
-        compensation: bool,
-        attempt: u32,
-    ) -> Result<Uuid, SagaError> {
-        let request = Uuid::now_v7();
-        let event = OutboxEvent::new(
-            command.topic.clone(),
-            id.to_string(),
-            command.command_type.clone(),
-            &command.payload,
-        )?
-        .header(HEADER_SAGA_ID, id.to_string())
-        .header(HEADER_SAGA_TYPE, self.definition.name.clone())
-        .header(HEADER_SAGA_STEP, step)
-        .header(HEADER_REQUEST_ID, request.to_string())
-        .header(HEADER_REPLY_TO, self.reply_topic.clone())
-        .header(HEADER_COMPENSATION, compensation.to_string())
-        .header(HEADER_ATTEMPT, attempt.to_string());
-        self.outbox.publish(tx, &event).await?;
-        tracing::debug!(saga_id = %id, step, command = %command.command_type, compensation, attempt, "command sent");
-        Ok(request)
     }
 
     fn serialise(
@@ -710,18 +550,85 @@ impl<D: SagaData + Clone> Orchestrator<D> {
     pub(crate) async fn save_instance(
         &self,
         tx: &mut PgConnection,
-        instance: &SagaInstance<D>,
+        instance: &mut SagaInstance<D>,
     ) -> Result<(), SagaError> {
         self.save(tx, instance).await
     }
 
-    /// Stores the instance if nobody changed it since it was loaded.
+    /// The state the audit trail compares.
+    fn snapshot(&self, instance: &SagaInstance<D>) -> Result<Snapshot, SagaError> {
+        let (payload, steps) = self.serialise(instance)?;
+        Ok(Snapshot {
+            status: instance.status.as_str().to_owned(),
+            current_step: instance.current_step.clone(),
+            deadline: instance.deadline,
+            payload,
+            steps: match steps {
+                serde_json::Value::Object(steps) => steps,
+                _ => serde_json::Map::new(),
+            },
+        })
+    }
+
+    /// Writes the transition's events (the audit trail), once its change of
+    /// `saga_state` passed the version check: with what it changed on the first,
+    /// and the saga's change of status last.
+    async fn write_trail(
+        &self,
+        tx: &mut PgConnection,
+        instance: &mut SagaInstance<D>,
+        version: i32,
+        after: Snapshot,
+    ) -> Result<(), SagaError> {
+        let before = instance.loaded.as_ref();
+        let from = before.map_or(SagaStatus::Started.as_str(), |b| b.status.as_str());
+        if from != after.status {
+            let detail = serde_json::json!({"from": from, "to": after.status});
+            instance.record(EventKind::StatusChanged, None, detail);
+        }
+        let changes = audit::changes(&self.definition.name, instance.loaded.as_ref(), &after);
+        if instance.trail.is_empty() && changes.is_some() {
+            // Every path records its cause first; a change without one is still kept.
+            instance.record(EventKind::StatusChanged, None, serde_json::json!({}));
+        }
+        let events = std::mem::take(&mut instance.trail);
+        audit::write(
+            tx,
+            instance.id,
+            &self.definition.name,
+            version,
+            self.clock.now(),
+            &events,
+            changes,
+        )
+        .await?;
+        instance.loaded = Some(after);
+        Ok(())
+    }
+
+    /// Records a reply no step waited for (the saga is unchanged).
+    async fn record_stale(
+        &self,
+        tx: &mut PgConnection,
+        instance: &mut SagaInstance<D>,
+        step: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), SagaError> {
+        instance.trail.clear();
+        instance.record(EventKind::ReplyReceived, Some(step), detail);
+        let unchanged = self.snapshot(instance)?;
+        self.write_trail(tx, instance, instance.version, unchanged)
+            .await
+    }
+
+    /// Stores the instance if nobody changed it since it was loaded, with its
+    /// events.
     async fn save(
         &self,
         tx: &mut PgConnection,
-        instance: &SagaInstance<D>,
+        instance: &mut SagaInstance<D>,
     ) -> Result<(), SagaError> {
-        let (payload, steps) = self.serialise(instance)?;
+        let after = self.snapshot(instance)?;
         let updated = sqlx::query(
             "UPDATE saga_state SET current_step = $3, payload = $4, status = $5, step_status = $6, \
              deadline = $7, version = version + 1, updated_at = now() WHERE id = $1 AND version = $2",
@@ -729,9 +636,9 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .bind(instance.id)
         .bind(instance.version)
         .bind(&instance.current_step)
-        .bind(payload)
+        .bind(&after.payload)
         .bind(instance.status.as_str())
-        .bind(steps)
+        .bind(sqlx::types::Json(&after.steps))
         .bind(instance.deadline)
         .execute(&mut *tx)
         .await?;
@@ -739,25 +646,11 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             self.conflicts.fetch_add(1, Ordering::Relaxed);
             return Err(SagaError::Conflict(instance.id));
         }
+        self.write_trail(tx, instance, instance.version + 1, after)
+            .await?;
+        instance.version += 1;
         Ok(())
     }
-}
-
-/// Runs a local action inside a savepoint: its writes are undone when it fails.
-async fn run_local<D>(
-    tx: &mut PgConnection,
-    action: &crate::saga::definition::LocalFn<D>,
-    data: &mut D,
-) -> Result<Result<(), crate::saga::StepFailed>, SagaError> {
-    sqlx::query("SAVEPOINT saga_step").execute(&mut *tx).await?;
-    let outcome = action(data, &mut *tx).await;
-    let end = if outcome.is_ok() {
-        "RELEASE SAVEPOINT saga_step"
-    } else {
-        "ROLLBACK TO SAVEPOINT saga_step"
-    };
-    sqlx::query(end).execute(&mut *tx).await?;
-    Ok(outcome)
 }
 
 /// The orchestrator as the handler of its reply topic: run it with a
@@ -785,31 +678,5 @@ impl<D: SagaData + Clone> crate::consumer::MessageHandler for Orchestrator<D> {
                 Err(e) => Err(crate::consumer::HandlerError::definite(e.to_string())),
             }
         })
-    }
-}
-
-impl<D: SagaData + Clone> Orchestrator<D> {
-    /// Sweeps for passed deadlines every `interval` until `shutdown` resolves.
-    pub async fn run_sweeper(
-        &self,
-        pool: &PgPool,
-        interval: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        let mut timer = tokio::time::interval(interval);
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                _ = timer.tick() => {
-                    match self.sweep(pool, 100).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::debug!(saga = %self.definition.name, handled = n, "deadlines handled"),
-                        Err(e) => tracing::warn!(saga = %self.definition.name, error = %e, "sweeping deadlines failed"),
-                    }
-                }
-            }
-        }
     }
 }

@@ -58,7 +58,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Saga(command) => {
             let pool = cli.config.common.pool()?;
             let orchestrator = cli.config.orchestrator()?;
-            let text = cli::run(&SagaAdmin::new(pool), &orchestrator, command).await?;
+            // Operator actions are recorded in the saga's trail as the user's.
+            let actor = ["SAGA_ACTOR", "USER", "LOGNAME"]
+                .into_iter()
+                .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+                .unwrap_or_else(|| saga_core::saga::DEFAULT_ACTOR.to_owned());
+            let admin = SagaAdmin::new(pool).acting_as(actor);
+            let text = cli::run(&admin, &orchestrator, command).await?;
             print!("{text}");
             Ok(())
         }

@@ -19,6 +19,7 @@ async fn migrations_create_shared_and_own_tables() {
         "outbox_relay_resume",
         "processed_messages",
         "saga_barrier",
+        "saga_events",
         "saga_state",
     ];
     expected.sort_unstable();

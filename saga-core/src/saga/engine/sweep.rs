@@ -1,0 +1,104 @@
+//! The timeout sweeper: finds the sagas whose deadline passed and handles each in
+//! its own transaction; one it cannot handle is skipped, never a stop for the rest.
+
+use std::sync::PoisonError;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{Orchestrator, SagaError, Skipped, SKIPPED_RETRY};
+use crate::saga::SagaData;
+
+impl<D: SagaData + Clone> Orchestrator<D> {
+    /// Sagas whose passed deadline the sweep could not handle (their state cannot
+    /// be read or moved by this definition), with the reason, oldest first. They
+    /// are left as they are for an operator, and tried again every
+    /// [`SKIPPED_RETRY`].
+    pub fn skipped_sagas(&self) -> Vec<(Uuid, String)> {
+        let skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list: Vec<(Uuid, String)> = skipped
+            .iter()
+            .map(|(id, s)| (*id, s.reason.clone()))
+            .collect();
+        list.sort();
+        list
+    }
+
+    /// Handles every saga of this type whose deadline passed by the orchestrator's
+    /// clock, each in its own transaction; a saga changed concurrently is left for
+    /// the next sweep. A saga whose state this definition cannot handle is skipped,
+    /// logged and listed by [`Orchestrator::skipped_sagas`] for [`SKIPPED_RETRY`],
+    /// so that it never holds up the others; a database error ends the sweep.
+    pub async fn sweep(&self, pool: &PgPool, limit: i64) -> Result<usize, SagaError> {
+        let now = self.clock.now();
+        let passed: Vec<Uuid> = {
+            let mut skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
+            // Skipped sagas come back after a while: an operator may have mended them.
+            skipped.retain(|_, s| s.retry_at > now);
+            skipped.keys().copied().collect()
+        };
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM saga_state WHERE saga_type = $1 AND status IN ('STARTED', 'ABORTING') \
+             AND deadline <= $3 AND NOT (id = ANY($4)) ORDER BY deadline LIMIT $2",
+        )
+        .bind(&self.definition.name)
+        .bind(limit)
+        .bind(now)
+        .bind(&passed)
+        .fetch_all(pool)
+        .await?;
+        let mut handled = 0;
+        for id in due {
+            let mut tx = pool.begin().await?;
+            match self.handle_deadline(&mut tx, id).await {
+                Ok(changed) => {
+                    tx.commit().await?;
+                    handled += usize::from(changed);
+                }
+                Err(SagaError::Conflict(_)) => tx.rollback().await?,
+                // The database's trouble, not the saga's: the next sweep tries again.
+                Err(e) if e.is_transient() => return Err(e),
+                // This saga's own trouble (its state does not fit the definition):
+                // one bad saga must not hold up the timeouts and compensation
+                // retries of every other, so it is left for an operator and the
+                // sweep goes on.
+                Err(e) => {
+                    tx.rollback().await?;
+                    let reason = e.to_string();
+                    tracing::error!(saga = %self.definition.name, saga_id = %id, error = %reason, retry_in = ?SKIPPED_RETRY, "cannot handle the saga's passed deadline; skipped it");
+                    let retry_at = now + SKIPPED_RETRY;
+                    self.skipped
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id, Skipped { reason, retry_at });
+                }
+            }
+        }
+        Ok(handled)
+    }
+
+    /// Sweeps for passed deadlines every `interval` until `shutdown` resolves.
+    pub async fn run_sweeper(
+        &self,
+        pool: &PgPool,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut timer = tokio::time::interval(interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = timer.tick() => {
+                    match self.sweep(pool, 100).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(saga = %self.definition.name, handled = n, "deadlines handled"),
+                        Err(e) => tracing::warn!(saga = %self.definition.name, error = %e, "sweeping deadlines failed"),
+                    }
+                }
+            }
+        }
+    }
+}
