@@ -441,6 +441,21 @@ impl Shop {
 
 /// Controlling single processes (`Mode::Processes`): the faults of the scenarios.
 impl Shop {
+    /// Stops the in-process service `service` (`payment`, …; `Mode::InProcess`)
+    /// for the rest of the shop's life: its commands wait on the broker, as when
+    /// a participant is down.
+    pub async fn stop_service(&mut self, service: &str) -> anyhow::Result<()> {
+        let at = self
+            .components
+            .iter()
+            .position(|c| matches!(c, Component::Service(name, _) if *name == service))
+            .with_context(|| format!("no in-process service named {service}"))?;
+        if let Component::Service(_, running) = self.components.remove(at) {
+            running.stop().await?;
+        }
+        Ok(())
+    }
+
     fn process(&mut self, name: &str) -> anyhow::Result<&mut Process> {
         self.components
             .iter_mut()

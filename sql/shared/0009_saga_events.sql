@@ -15,3 +15,6 @@ CREATE TABLE saga_events (
 );
 
 CREATE INDEX saga_events_saga ON saga_events (saga_id, version, id);
+
+-- Throughput over the last minutes (the console): sagas that ended, by time.
+CREATE INDEX saga_events_ended ON saga_events (at) WHERE kind = 'status_changed';

@@ -169,8 +169,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin = SagaAdmin::new(pool.clone());
     let counted = Arc::clone(&orchestrator);
     let watched = Arc::clone(&orchestrator);
+    // The saga console beside the API: its actions go through this orchestrator.
+    let console = saga_console::Console::new(pool.clone(), "order-service")
+        .acting_through(Arc::clone(&orchestrator) as Arc<dyn saga_console::SagaActions>);
     Service::new(SERVICE, pool, listen, metrics)
-        .api(api::router(state))
+        .api(api::router(state).merge(saga_console::router(console)))
         .prepare(prepare)
         .task(consumer)
         .task(sweeper)

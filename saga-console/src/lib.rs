@@ -1,0 +1,284 @@
+//! The saga console: a web page an operator opens to see and steer sagas.
+//!
+//! - `/console`: every saga with filters (status, type, age, stuck), the count per
+//!   status and how many sagas ended per minute over the last minutes;
+//! - `/console/sagas/{id}`: one saga's timeline as a picture (a lane per step:
+//!   commands, replies, timeouts, compensations, retries, operator actions), each
+//!   event's ids and headers on demand, its data and steps, and the actions that
+//!   fit its status (abort, retry a failed compensation), each behind a
+//!   confirmation.
+//!
+//! # Why it is served by the orchestrating service
+//!
+//! The console is a router ([`router`]) the orchestrating service mounts beside its
+//! API, rather than a binary of its own: an operator action moves the saga on
+//! (compensations are sent, local steps run), which needs the saga's definition,
+//! code that only the orchestrating service has. Mounted there, an action goes
+//! through the same [`Orchestrator`] and version check as every reply and timeout,
+//! and is recorded in the saga's audit trail with the operator's name.
+//!
+//! Everything it shows is read from `saga_state` and `saga_events` (the audit
+//! trail, `saga_core::saga::audit`) in the service's database: the console keeps no
+//! state of its own, so any number of instances can serve it.
+//!
+//! Pages are plain server-rendered HTML with inline CSS and SVG, and the little
+//! script there is only asks for confirmations: nothing to build, nothing loaded
+//! from elsewhere.
+
+mod html;
+mod pages;
+mod query;
+mod timeline;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::future::BoxFuture;
+use saga_core::saga::{Orchestrator, SagaAdmin, SagaData, SagaError};
+use serde::Deserialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub use query::{Filter, SagaRow};
+
+/// Where the console is mounted.
+pub const BASE: &str = "/console";
+
+/// The actions an operator takes on sagas of one type: implemented by every
+/// [`Orchestrator`], which knows the saga's definition.
+pub trait SagaActions: Send + Sync + 'static {
+    /// The saga type this orchestrator runs.
+    fn saga_type(&self) -> &str;
+    /// Aborts a running saga: its current step fails, completed steps are
+    /// compensated.
+    fn abort<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), SagaError>>;
+    /// Tries the failed compensation of a `COMPENSATION_FAILED` saga again.
+    fn retry_compensation<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), SagaError>>;
+}
+
+impl<D: SagaData + Clone> SagaActions for Orchestrator<D> {
+    fn saga_type(&self) -> &str {
+        self.definition().name()
+    }
+
+    fn abort<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), SagaError>> {
+        Box::pin(admin.abort(self, id, reason))
+    }
+
+    fn retry_compensation<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), SagaError>> {
+        Box::pin(admin.retry_compensation(self, id))
+    }
+}
+
+/// What the console works on: the database of the sagas, and the orchestrators
+/// that act on them, by saga type.
+#[derive(Clone)]
+pub struct Console {
+    pool: PgPool,
+    title: String,
+    orchestrators: BTreeMap<String, Arc<dyn SagaActions>>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("title", &self.title)
+            .field("saga_types", &self.orchestrators.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console of the sagas in `pool`'s database, titled `title` (the service's
+    /// name).
+    pub fn new(pool: PgPool, title: impl Into<String>) -> Console {
+        Console {
+            pool,
+            title: title.into(),
+            orchestrators: BTreeMap::new(),
+        }
+    }
+
+    /// Lets operators act on sagas of `orchestrator`'s type.
+    #[must_use]
+    pub fn acting_through(mut self, orchestrator: Arc<dyn SagaActions>) -> Console {
+        self.orchestrators
+            .insert(orchestrator.saga_type().to_owned(), orchestrator);
+        self
+    }
+}
+
+/// The console's routes, under [`BASE`].
+pub fn router(console: Console) -> Router {
+    Router::new()
+        .route(BASE, get(list))
+        .route(&format!("{BASE}/sagas/{{id}}"), get(detail))
+        .route(&format!("{BASE}/sagas/{{id}}/abort"), post(abort))
+        .route(&format!("{BASE}/sagas/{{id}}/retry"), post(retry))
+        .with_state(Arc::new(console))
+}
+
+async fn list(State(console): State<Arc<Console>>, Query(filter): Query<Filter>) -> Response {
+    match query::overview(&console.pool, &filter).await {
+        Ok(overview) => Html(pages::list(&console.title, &filter, &overview)).into_response(),
+        Err(e) => failure(&console.title, &e.to_string()),
+    }
+}
+
+/// What a saga page was asked to say after an action.
+#[derive(Debug, Default, Deserialize)]
+struct Done {
+    done: Option<String>,
+}
+
+async fn detail(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<Uuid>,
+    Query(done): Query<Done>,
+) -> Response {
+    match query::saga(&console.pool, id).await {
+        Ok(Some(saga)) => {
+            let actions = console.orchestrators.contains_key(&saga.row.saga_type);
+            let page = pages::saga(&console.title, &saga, actions, done.done.as_deref(), None);
+            Html(page).into_response()
+        }
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Html(pages::message(
+                &console.title,
+                "No such saga",
+                &format!("There is no saga {id}."),
+            )),
+        )
+            .into_response(),
+        Err(e) => failure(&console.title, &e.to_string()),
+    }
+}
+
+/// An operator action's form.
+#[derive(Debug, Deserialize)]
+struct ActionForm {
+    /// Who acts: recorded in the audit trail.
+    operator: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn abort(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<Uuid>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let reason = form.reason.trim().to_owned();
+    act(
+        &console,
+        id,
+        &form.operator,
+        "aborted",
+        move |actions, admin| {
+            Box::pin(async move {
+                let reason = if reason.is_empty() {
+                    "aborted from the console".to_owned()
+                } else {
+                    reason
+                };
+                actions.abort(admin, id, &reason).await
+            })
+        },
+    )
+    .await
+}
+
+async fn retry(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<Uuid>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    act(
+        &console,
+        id,
+        &form.operator,
+        "retried",
+        move |actions, admin| actions.retry_compensation(admin, id),
+    )
+    .await
+}
+
+/// Runs an operator action on saga `id` as `operator`; back to the saga's page.
+async fn act<F>(console: &Console, id: Uuid, operator: &str, done: &str, action: F) -> Response
+where
+    F: for<'a> FnOnce(
+        &'a Arc<dyn SagaActions>,
+        &'a SagaAdmin,
+    ) -> BoxFuture<'a, Result<(), SagaError>>,
+{
+    let operator = operator.trim();
+    let saga = match query::saga(&console.pool, id).await {
+        Ok(Some(saga)) => saga,
+        Ok(None) => return StatusCode::NOT_FOUND.into_response(),
+        Err(e) => return failure(&console.title, &e.to_string()),
+    };
+    let refuse = |status: StatusCode, why: &str| {
+        let page = pages::saga(&console.title, &saga, true, None, Some(why));
+        (status, Html(page)).into_response()
+    };
+    if operator.is_empty() {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Say who you are: the action is recorded with your name.",
+        );
+    }
+    let Some(actions) = console.orchestrators.get(&saga.row.saga_type) else {
+        return refuse(
+            StatusCode::CONFLICT,
+            "This service does not run sagas of this type.",
+        );
+    };
+    let admin = SagaAdmin::new(console.pool.clone()).acting_as(operator);
+    match action(actions, &admin).await {
+        Ok(()) => {
+            tracing::info!(saga_id = %id, operator, action = done, "operator action from the console");
+            Redirect::to(&format!("{BASE}/sagas/{id}?done={done}")).into_response()
+        }
+        Err(e @ (SagaError::Invalid { .. } | SagaError::Conflict(_))) => {
+            refuse(StatusCode::CONFLICT, &e.to_string())
+        }
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn failure(title: &str, error: &str) -> Response {
+    tracing::warn!(error, "console page failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Html(pages::message(
+            title,
+            "The console cannot read the sagas",
+            error,
+        )),
+    )
+        .into_response()
+}
