@@ -159,6 +159,9 @@ pub struct Shop {
     pub customer_url: String,
     pub inventory_url: String,
     pub payment_url: String,
+    /// The port of each relay's HTTP endpoint (`/health`, `/metrics`), by service;
+    /// chosen before anything starts, so the order service's console knows them.
+    relay_ports: BTreeMap<&'static str, u16>,
     components: Vec<Component>,
 }
 
@@ -175,6 +178,10 @@ impl Shop {
             customer_url: String::new(),
             inventory_url: String::new(),
             payment_url: String::new(),
+            relay_ports: SERVICES
+                .iter()
+                .map(|s| (*s, testkit::free_port()))
+                .collect(),
             components: Vec::new(),
         };
         match shop.start_all(progress).await {
@@ -208,6 +215,22 @@ impl Shop {
         Ok(())
     }
 
+    /// The port of the relay of `service`'s database.
+    fn relay_port(&self, service: &str) -> u16 {
+        self.relay_ports.get(service).copied().unwrap_or(0)
+    }
+
+    /// The relays as the order service's console is told of them.
+    fn console_relays(&self) -> Vec<order_service::ConsoleRelay> {
+        SERVICES
+            .iter()
+            .map(|s| order_service::ConsoleRelay {
+                name: format!("relay-{s}"),
+                url: format!("http://127.0.0.1:{}", self.relay_port(s)),
+            })
+            .collect()
+    }
+
     fn common(&self, service: &str, listen: std::net::SocketAddr) -> CommonArgs {
         let mut common = CommonArgs::new(self.config.databases.of(service), &self.config.brokers);
         common.listen = Some(listen);
@@ -238,6 +261,7 @@ impl Shop {
                         config.customer_url = self.customer_url.clone();
                         config.inventory_url = self.inventory_url.clone();
                         config.step_timeout_ms = millis(self.config.step_timeout);
+                        config.console_relays = self.console_relays();
                         order_service::start(config).await?
                     }
                 };
@@ -282,6 +306,14 @@ impl Shop {
                             (
                                 "SAGA_STEP_TIMEOUT_MS".to_owned(),
                                 millis(self.config.step_timeout).to_string(),
+                            ),
+                            (
+                                "CONSOLE_RELAYS".to_owned(),
+                                self.console_relays()
+                                    .iter()
+                                    .map(|r| format!("{}={}", r.name, r.url))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
                             ),
                         ]),
                         "payment" => {
@@ -352,7 +384,7 @@ impl Shop {
             Mode::InProcess => {
                 let mut config = RelayConfig::new(url, &self.config.brokers);
                 config.outbox.topic_template = TopicTemplate::parse("{aggregatetype}")?;
-                config.http.listen = None;
+                config.http.listen = Some(([127, 0, 0, 1], self.relay_port(service)).into());
                 config.kafka.topic_partitions = 3;
                 config.postgres.status_interval = Duration::from_millis(500);
                 let (stop, mut stopped) = watch::channel(false);
@@ -373,7 +405,7 @@ impl Shop {
                 Ok(())
             }
             Mode::Processes { bin_dir, log_dir } => {
-                let port = testkit::free_port();
+                let port = self.relay_port(service);
                 let env = [
                     ("OUTBOX_RELAY_POSTGRES_URL", url.as_str()),
                     ("OUTBOX_RELAY_KAFKA_BROKERS", &self.config.brokers),

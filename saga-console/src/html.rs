@@ -76,6 +76,7 @@ pub(crate) fn page(service: &str, title: &str, body: &str) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title} · {service} saga console</title><style>{STYLE}</style></head>\
          <body><header><a class=\"home\" href=\"{base}\">Sagas</a>\
+         <a class=\"nav\" href=\"{base}/relays\">Relays</a>\
          <span class=\"service\">{service}</span></header><main>{body}</main></body></html>\n",
         title = escape(title),
         service = escape(service),
@@ -91,7 +92,8 @@ body { margin: 0; font: 14px/1.45 system-ui, -apple-system, 'Segoe UI', sans-ser
 header { display: flex; gap: 1.5rem; align-items: baseline; padding: .7rem 1.5rem;
   background: #24292f; color: #fff; }
 header a.home { color: #fff; font-weight: 600; font-size: 1.1rem; text-decoration: none; }
-header .service { color: #afb8c1; }
+header .service { color: #afb8c1; margin-left: auto; }
+header a.nav { color: #d0d7de; text-decoration: none; }
 main { padding: 1rem 1.5rem 3rem; max-width: 1400px; }
 h1 { font-size: 1.35rem; margin: .3rem 0 1rem; }
 h2 { font-size: 1.05rem; margin: 1.6rem 0 .6rem; }

@@ -2,6 +2,8 @@
 //!
 //! - `/console`: every saga with filters (status, type, age, stuck), the count per
 //!   status and how many sagas ended per minute over the last minutes;
+//! - `/console/relays`: the relays' health and lag, from their `/health` and
+//!   `/metrics`;
 //! - `/console/sagas/{id}`: one saga's timeline as a picture (a lane per step:
 //!   commands, replies, timeouts, compensations, retries, operator actions), each
 //!   event's ids and headers on demand, its data and steps, and the actions that
@@ -28,6 +30,7 @@
 mod html;
 mod pages;
 mod query;
+mod relays;
 mod timeline;
 
 use std::collections::BTreeMap;
@@ -45,6 +48,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use query::{Filter, SagaRow};
+pub use relays::Relay;
 
 /// Where the console is mounted.
 pub const BASE: &str = "/console";
@@ -100,6 +104,7 @@ pub struct Console {
     pool: PgPool,
     title: String,
     orchestrators: BTreeMap<String, Arc<dyn SagaActions>>,
+    relays: Vec<Relay>,
 }
 
 impl std::fmt::Debug for Console {
@@ -119,7 +124,15 @@ impl Console {
             pool,
             title: title.into(),
             orchestrators: BTreeMap::new(),
+            relays: Vec::new(),
         }
+    }
+
+    /// Shows `relays`' health and lag on the relays page.
+    #[must_use]
+    pub fn with_relays(mut self, relays: impl IntoIterator<Item = Relay>) -> Console {
+        self.relays.extend(relays);
+        self
     }
 
     /// Lets operators act on sagas of `orchestrator`'s type.
@@ -138,6 +151,7 @@ pub fn router(console: Console) -> Router {
         .route(&format!("{BASE}/sagas/{{id}}"), get(detail))
         .route(&format!("{BASE}/sagas/{{id}}/abort"), post(abort))
         .route(&format!("{BASE}/sagas/{{id}}/retry"), post(retry))
+        .route(&format!("{BASE}/relays"), get(relays_page))
         .with_state(Arc::new(console))
 }
 
@@ -146,6 +160,10 @@ async fn list(State(console): State<Arc<Console>>, Query(filter): Query<Filter>)
         Ok(overview) => Html(pages::list(&console.title, &filter, &overview)).into_response(),
         Err(e) => failure(&console.title, &e.to_string()),
     }
+}
+
+async fn relays_page(State(console): State<Arc<Console>>) -> Html<String> {
+    Html(relays::page_of(&console.title, &console.relays).await)
 }
 
 /// What a saga page was asked to say after an action.

@@ -20,6 +20,8 @@ use sqlx::migrate::Migrator;
 
 pub use api::{PlaceOrder, References};
 pub use placement::{OrderPlacement, SAGA_TYPE};
+/// A relay the saga console shows ([`Config::console_relays`]).
+pub use saga_console::Relay as ConsoleRelay;
 
 /// The service's name (metrics label, default consumer group `order-service`).
 pub const SERVICE: &str = "order";
@@ -78,6 +80,12 @@ pub struct Config {
     #[arg(long, env = "SAGA_SWEEP_INTERVAL_MS", value_name = "MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub sweep_interval_ms: u64,
+
+    /// Relays whose health and lag the saga console shows (`/console/relays`), as
+    /// NAME=URL of their HTTP endpoint, comma-separated.
+    #[arg(long = "console-relay", env = "CONSOLE_RELAYS", value_name = "NAME=URL",
+          value_delimiter = ',', value_parser = saga_console::Relay::parse)]
+    pub console_relays: Vec<saga_console::Relay>,
 }
 
 impl Config {
@@ -90,6 +98,7 @@ impl Config {
             step_timeout_ms: 30_000,
             compensation_give_up_s: 86_400,
             sweep_interval_ms: 500,
+            console_relays: Vec::new(),
         }
     }
 
@@ -171,7 +180,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let watched = Arc::clone(&orchestrator);
     // The saga console beside the API: its actions go through this orchestrator.
     let console = saga_console::Console::new(pool.clone(), "order-service")
-        .acting_through(Arc::clone(&orchestrator) as Arc<dyn saga_console::SagaActions>);
+        .acting_through(Arc::clone(&orchestrator) as Arc<dyn saga_console::SagaActions>)
+        .with_relays(config.console_relays.clone());
     Service::new(SERVICE, pool, listen, metrics)
         .api(api::router(state).merge(saga_console::router(console)))
         .prepare(prepare)
