@@ -220,6 +220,21 @@ impl Shop {
         self.relay_ports.get(service).copied().unwrap_or(0)
     }
 
+    /// The relays' dead-letter topic: the shop's own.
+    fn relay_dead_letter_topic(&self) -> String {
+        format!("{}outbox.dlq", self.config.prefix)
+    }
+
+    /// Every dead-letter topic of the shop: its consumers' and its relays'.
+    fn dead_letter_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = SERVICES
+            .iter()
+            .map(|s| format!("{}{s}-service.dlq", self.config.prefix))
+            .collect();
+        topics.push(self.relay_dead_letter_topic());
+        topics
+    }
+
     /// The relays as the order service's console is told of them.
     fn console_relays(&self) -> Vec<order_service::ConsoleRelay> {
         SERVICES
@@ -262,6 +277,7 @@ impl Shop {
                         config.inventory_url = self.inventory_url.clone();
                         config.step_timeout_ms = millis(self.config.step_timeout);
                         config.console_relays = self.console_relays();
+                        config.console_dead_letter_topics = self.dead_letter_topics();
                         order_service::start(config).await?
                     }
                 };
@@ -306,6 +322,10 @@ impl Shop {
                             (
                                 "SAGA_STEP_TIMEOUT_MS".to_owned(),
                                 millis(self.config.step_timeout).to_string(),
+                            ),
+                            (
+                                "CONSOLE_DEAD_LETTER_TOPICS".to_owned(),
+                                self.dead_letter_topics().join(","),
                             ),
                             (
                                 "CONSOLE_RELAYS".to_owned(),
@@ -385,6 +405,7 @@ impl Shop {
                 let mut config = RelayConfig::new(url, &self.config.brokers);
                 config.outbox.topic_template = TopicTemplate::parse("{aggregatetype}")?;
                 config.http.listen = Some(([127, 0, 0, 1], self.relay_port(service)).into());
+                config.outbox.dead_letter_topic = Some(self.relay_dead_letter_topic());
                 config.kafka.topic_partitions = 3;
                 config.postgres.status_interval = Duration::from_millis(500);
                 let (stop, mut stopped) = watch::channel(false);
@@ -412,6 +433,10 @@ impl Shop {
                     ("OUTBOX_RELAY_TOPIC_TEMPLATE", "{aggregatetype}"),
                     ("OUTBOX_RELAY_TOPIC_PARTITIONS", "3"),
                     ("OUTBOX_RELAY_HTTP_LISTEN", &format!("127.0.0.1:{port}")),
+                    (
+                        "OUTBOX_RELAY_DEAD_LETTER_TOPIC",
+                        &self.relay_dead_letter_topic(),
+                    ),
                 ]
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .to_vec();

@@ -76,6 +76,7 @@ pub(crate) fn page(service: &str, title: &str, body: &str) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title} · {service} saga console</title><style>{STYLE}</style></head>\
          <body><header><a class=\"home\" href=\"{base}\">Sagas</a>\
+         <a class=\"nav\" href=\"{base}/dead-letters\">Dead letters</a>\
          <a class=\"nav\" href=\"{base}/relays\">Relays</a>\
          <span class=\"service\">{service}</span></header><main>{body}</main></body></html>\n",
         title = escape(title),

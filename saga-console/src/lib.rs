@@ -27,6 +27,7 @@
 //! script there is only asks for confirmations: nothing to build, nothing loaded
 //! from elsewhere.
 
+mod dead_letters;
 mod html;
 mod pages;
 mod query;
@@ -47,6 +48,7 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub use dead_letters::DeadLetters;
 pub use query::{Filter, SagaRow};
 pub use relays::Relay;
 
@@ -105,6 +107,7 @@ pub struct Console {
     title: String,
     orchestrators: BTreeMap<String, Arc<dyn SagaActions>>,
     relays: Vec<Relay>,
+    dead_letters: Option<DeadLetters>,
 }
 
 impl std::fmt::Debug for Console {
@@ -125,7 +128,15 @@ impl Console {
             title: title.into(),
             orchestrators: BTreeMap::new(),
             relays: Vec::new(),
+            dead_letters: None,
         }
+    }
+
+    /// Shows the dead letters of `dead_letters`' topics, and replays them.
+    #[must_use]
+    pub fn with_dead_letters(mut self, dead_letters: DeadLetters) -> Console {
+        self.dead_letters = Some(dead_letters);
+        self
     }
 
     /// Shows `relays`' health and lag on the relays page.
@@ -152,6 +163,8 @@ pub fn router(console: Console) -> Router {
         .route(&format!("{BASE}/sagas/{{id}}/abort"), post(abort))
         .route(&format!("{BASE}/sagas/{{id}}/retry"), post(retry))
         .route(&format!("{BASE}/relays"), get(relays_page))
+        .route(&format!("{BASE}/dead-letters"), get(letters_page))
+        .route(&format!("{BASE}/dead-letters/replay"), post(replay))
         .with_state(Arc::new(console))
 }
 
@@ -164,6 +177,72 @@ async fn list(State(console): State<Arc<Console>>, Query(filter): Query<Filter>)
 
 async fn relays_page(State(console): State<Arc<Console>>) -> Html<String> {
     Html(relays::page_of(&console.title, &console.relays).await)
+}
+
+async fn letters_page(
+    State(console): State<Arc<Console>>,
+    Query(done): Query<Done>,
+) -> Html<String> {
+    Html(render_letters(&console, done.done.as_deref(), None).await)
+}
+
+async fn render_letters(console: &Console, done: Option<&str>, error: Option<&str>) -> String {
+    let (topics, letters) = match &console.dead_letters {
+        Some(dl) => (dl.topics().to_vec(), dl.read().await),
+        None => (Vec::new(), Ok(Vec::new())),
+    };
+    pages::dead_letters(&console.title, &topics, &letters, done, error)
+}
+
+/// A replay's form.
+#[derive(Debug, Deserialize)]
+struct ReplayForm {
+    operator: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+async fn replay(State(console): State<Arc<Console>>, Form(form): Form<ReplayForm>) -> Response {
+    let operator = form.operator.trim();
+    let refuse = |status: StatusCode, why: String| {
+        let console = Arc::clone(&console);
+        async move {
+            (
+                status,
+                Html(render_letters(&console, None, Some(&why)).await),
+            )
+                .into_response()
+        }
+    };
+    if operator.is_empty() {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Say who you are: the replay is logged with your name.".to_owned(),
+        )
+        .await;
+    }
+    let Some(dead_letters) = &console.dead_letters else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match dead_letters
+        .replay(&form.topic, form.partition, form.offset)
+        .await
+    {
+        Ok((target, partition, offset)) => {
+            tracing::info!(operator, topic = %form.topic, partition = form.partition, offset = form.offset, %target, "dead letter replayed from the console");
+            let done = format!(
+                "Replayed {}/{}/{} to {target} (partition {partition}, offset {offset}).",
+                form.topic, form.partition, form.offset
+            );
+            Redirect::to(&format!(
+                "{BASE}/dead-letters?done={}",
+                html::url_value(&done)
+            ))
+            .into_response()
+        }
+        Err(why) => refuse(StatusCode::CONFLICT, why).await,
+    }
 }
 
 /// What a saga page was asked to say after an action.

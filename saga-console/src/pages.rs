@@ -383,3 +383,117 @@ pub(crate) fn message(service: &str, title: &str, text: &str) -> String {
         ),
     )
 }
+
+/// The dead letters of every topic the console reads, with a replay for each.
+pub(crate) fn dead_letters(
+    service: &str,
+    topics: &[String],
+    letters: &Result<Vec<crate::dead_letters::Letter>, String>,
+    done: Option<&str>,
+    error: Option<&str>,
+) -> String {
+    let mut body = String::from("<h1>Dead letters</h1>");
+    if let Some(done) = done {
+        let _ = write!(
+            body,
+            "<div class=\"notice done\" id=\"done\">{}</div>",
+            escape(done)
+        );
+    }
+    if let Some(error) = error {
+        let _ = write!(
+            body,
+            "<div class=\"notice error\" id=\"error\">{}</div>",
+            escape(error)
+        );
+    }
+    if topics.is_empty() {
+        body.push_str(
+            "<p class=\"muted\">No dead-letter topics configured (<code>CONSOLE_DEAD_LETTER_TOPICS</code>).</p>",
+        );
+        return page(service, "Dead letters", &body);
+    }
+    let _ = write!(
+        body,
+        "<p class=\"muted\">Read from {}; the newest {} of each. A replay produces the original \
+         record again to the topic it came from; its consumers apply a message id once, so a \
+         replay twice is harmless.</p>",
+        topics
+            .iter()
+            .map(|t| format!("<code>{}</code>", escape(t)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        crate::dead_letters::SHOWN_PER_TOPIC
+    );
+    let letters = match letters {
+        Ok(letters) => letters,
+        Err(e) => {
+            let _ = write!(
+                body,
+                "<div class=\"notice error\" id=\"read-error\">Cannot read the dead letters: {}</div>",
+                escape(e)
+            );
+            return page(service, "Dead letters", &body);
+        }
+    };
+    if letters.is_empty() {
+        body.push_str("<p id=\"no-letters\">No dead letters. Nothing was given up on.</p>");
+        return page(service, "Dead letters", &body);
+    }
+    body.push_str(
+        "<table id=\"letters\"><thead><tr><th>topic</th><th>where</th><th>time</th><th>key</th>\
+         <th>type</th><th>reason</th><th>from</th><th>replay</th></tr></thead><tbody>",
+    );
+    for l in letters {
+        let key = l.key.as_deref().unwrap_or("–");
+        let key_html = match key.parse::<uuid::Uuid>() {
+            Ok(id) => format!("<a class=\"id\" href=\"{BASE}/sagas/{id}\">{id}</a>"),
+            Err(_) => format!("<span class=\"id\">{}</span>", escape(key)),
+        };
+        let time = l
+            .timestamp
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or("–".to_owned(), time);
+        let reason = format!(
+            "{}{}",
+            l.header("dlq-reason-code")
+                .map_or(String::new(), |c| format!("<b>{}</b> ", escape(c))),
+            escape(l.header("dlq-reason").unwrap_or(""))
+        );
+        let headers: String = l
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{}: {}\n", escape(k), escape(v)))
+            .collect();
+        let replay = match l.source() {
+            Some(source) => format!(
+                "<form class=\"replay\" method=\"post\" action=\"{BASE}/dead-letters/replay\" \
+                 onsubmit=\"return confirm('Replay this letter to {}?')\">\
+                 <input type=\"hidden\" name=\"topic\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"partition\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"offset\" value=\"{}\">\
+                 <input name=\"operator\" required size=\"8\" placeholder=\"your name\">\
+                 <button type=\"submit\">Replay</button></form>",
+                escape(source),
+                escape(&l.topic),
+                l.partition,
+                l.offset
+            ),
+            None => "<span class=\"muted\">source unknown</span>".to_owned(),
+        };
+        let _ = write!(
+            body,
+            "<tr class=\"letter\" data-topic=\"{topic}\"><td>{topic}</td><td>{p}/{o}</td><td>{time}</td>\
+             <td>{key_html}</td><td>{ty}</td><td>{reason}<details><summary>headers and value</summary>\
+             <pre>{headers}</pre><pre>{payload}</pre></details></td><td>{from}</td><td>{replay}</td></tr>",
+            topic = escape(&l.topic),
+            p = l.partition,
+            o = l.offset,
+            ty = escape(l.header("type").unwrap_or("–")),
+            payload = escape(&l.payload),
+            from = escape(l.source().unwrap_or("–")),
+        );
+    }
+    body.push_str("</tbody></table>");
+    page(service, "Dead letters", &body)
+}

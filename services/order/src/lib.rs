@@ -86,6 +86,16 @@ pub struct Config {
     #[arg(long = "console-relay", env = "CONSOLE_RELAYS", value_name = "NAME=URL",
           value_delimiter = ',', value_parser = saga_console::Relay::parse)]
     pub console_relays: Vec<saga_console::Relay>,
+
+    /// Dead-letter topics the saga console shows and replays from, comma-separated
+    /// [default: this service's consumer's, and the relay's `outbox.dlq`].
+    #[arg(
+        long = "console-dead-letter-topic",
+        env = "CONSOLE_DEAD_LETTER_TOPICS",
+        value_name = "TOPIC",
+        value_delimiter = ','
+    )]
+    pub console_dead_letter_topics: Vec<String>,
 }
 
 impl Config {
@@ -99,6 +109,7 @@ impl Config {
             compensation_give_up_s: 86_400,
             sweep_interval_ms: 500,
             console_relays: Vec::new(),
+            console_dead_letter_topics: Vec::new(),
         }
     }
 
@@ -108,6 +119,22 @@ impl Config {
             customer_url: url(&self.customer_url),
             inventory_url: url(&self.inventory_url),
         }
+    }
+
+    /// The dead-letter topics the console reads: as configured, or this service's
+    /// consumer's and the relay's default.
+    fn console_dead_letter_topics(&self) -> Vec<String> {
+        let configured: Vec<String> = self
+            .console_dead_letter_topics
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if !configured.is_empty() {
+            return configured;
+        }
+        let own = self.common.consumer_config(SERVICE, &[]).dead_letter_topic;
+        vec![own, "outbox.dlq".to_owned()]
     }
 
     fn topics(&self) -> Topics {
@@ -181,7 +208,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // The saga console beside the API: its actions go through this orchestrator.
     let console = saga_console::Console::new(pool.clone(), "order-service")
         .acting_through(Arc::clone(&orchestrator) as Arc<dyn saga_console::SagaActions>)
-        .with_relays(config.console_relays.clone());
+        .with_relays(config.console_relays.clone())
+        .with_dead_letters(saga_console::DeadLetters::new(
+            &common.brokers,
+            common.kafka_option_map(),
+            config.console_dead_letter_topics(),
+        ));
     Service::new(SERVICE, pool, listen, metrics)
         .api(api::router(state).merge(saga_console::router(console)))
         .prepare(prepare)
