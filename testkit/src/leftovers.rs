@@ -5,14 +5,16 @@
 //!
 //! So every process started through this crate's helpers is recorded under
 //! `/tmp/outbox-leftovers/<owner>/<process>` (each named by pid and start time, so a
-//! reused pid is never mistaken for it), and every private cluster's folder holds
-//! an `owner` file. [`sweep`] stops what an owner that is no longer alive left:
-//! a recorded process that still runs is killed, a cluster is stopped and deleted.
+//! reused pid is never mistaken for it), and every private cluster's and browser's
+//! folder holds an `owner` file. [`sweep`] stops what an owner that is no longer
+//! alive left: a recorded process that still runs is killed, a cluster is stopped
+//! and deleted, a browser's folder deleted.
 //! Nothing of a live owner is touched, so runs and tests in parallel are safe.
-//! Clusters and brokers sweep when they start (so the scenario runner and the
-//! benchmark, whose every part starts a cluster, sweep before anything else); the
-//! demo, which starts none, sweeps first thing. All three stop what they started on
-//! SIGINT and SIGTERM ([`interrupted`]).
+//! A browser's chromedriver and Chromium are recorded too. Clusters, brokers and
+//! browsers sweep when they start (so the scenario runner and the benchmark, whose
+//! every part starts a cluster, sweep before anything else); the demo, which starts
+//! none, sweeps first thing. All three stop what they started on SIGINT and SIGTERM
+//! ([`interrupted`]).
 
 use std::path::{Path, PathBuf};
 
@@ -134,17 +136,37 @@ pub fn sweep() -> Swept {
         let _ = std::fs::remove_dir_all(&owner);
     }
     for dir in entries(Path::new("/tmp")) {
-        let is_cluster = file_name(&dir).is_some_and(|n| n.starts_with(crate::cluster::DIR_PREFIX));
-        if !is_cluster {
+        let name = file_name(&dir).unwrap_or_default();
+        let is_cluster = name.starts_with(crate::cluster::DIR_PREFIX);
+        if !is_cluster && !name.starts_with(crate::browser::DIR_PREFIX) {
             continue;
         }
         // A folder without an owner file is still being created (or predates them).
         let Ok(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
             continue;
         };
-        if !alive(owner.trim()) {
+        if alive(owner.trim()) {
+            continue;
+        }
+        if is_cluster {
             crate::cluster::PrivateCluster::discard(dir);
             swept.clusters += 1;
+        } else {
+            // A browser's profile (its processes are records of their own, just
+            // killed). Its helpers may still write for a moment: the owner file goes
+            // last, so a folder not yet emptied is swept again next time.
+            let emptied = entries(&dir)
+                .iter()
+                .filter(|entry| !entry.ends_with(OWNER_FILE))
+                .all(|entry| {
+                    std::fs::remove_dir_all(entry)
+                        .or_else(|_| std::fs::remove_file(entry))
+                        .is_ok()
+                });
+            if emptied {
+                let _ = std::fs::remove_file(dir.join(OWNER_FILE));
+                let _ = std::fs::remove_dir(&dir);
+            }
         }
     }
     if !swept.is_empty() {

@@ -12,10 +12,14 @@
 //! Each test takes a [`TestDatabase`] (a fresh database with a random name, dropped
 //! together with its replication slots when the value goes out of scope) and topics
 //! named by [`unique_name`], so tests run in parallel without seeing each other.
+//!
+//! Tests of web pages drive a headless Chromium through [`browser::Browser`]; it
+//! needs no settings, only the browser packages `scripts/env up` installs.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod broker;
+pub mod browser;
 mod cluster;
 mod database;
 mod kafka;

@@ -196,13 +196,30 @@ pub(crate) fn settings_file() -> PathBuf {
         .join("env")
 }
 
-/// `.local/env` of the checkout `dir` lies in (a folder with `scripts/env` and
-/// `Cargo.toml`), when it exists.
+/// `.local/env` of the checkout `dir` lies in, when it exists.
 fn checkout_settings(dir: &Path) -> Option<PathBuf> {
-    dir.ancestors()
-        .filter(|d| d.join("scripts").join("env").is_file() && d.join("Cargo.toml").is_file())
+    checkouts(dir)
         .map(|d| d.join(".local").join("env"))
         .find(|file| file.is_file())
+}
+
+/// The checkout `dir` lies in (the nearest folder with `scripts/env` and
+/// `Cargo.toml`); else the one this crate was built from, which may be another
+/// checkout's (see [`crate_dir`]).
+pub(crate) fn checkout_root(dir: &Path) -> PathBuf {
+    checkouts(dir).next().map_or_else(
+        || {
+            let built_in = Path::new(env!("CARGO_MANIFEST_DIR"));
+            built_in.parent().unwrap_or(built_in).to_path_buf()
+        },
+        Path::to_path_buf,
+    )
+}
+
+/// The folders holding `dir` that look like a checkout, nearest first.
+fn checkouts(dir: &Path) -> impl Iterator<Item = &Path> {
+    dir.ancestors()
+        .filter(|d| d.join("scripts").join("env").is_file() && d.join("Cargo.toml").is_file())
 }
 
 /// Parses `export NAME=value` lines (quotes around the value optional); ignores
