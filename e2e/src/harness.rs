@@ -513,6 +513,25 @@ impl Shop {
         Ok(())
     }
 
+    /// Starts the in-process service `service` stopped by [`Shop::stop_service`]
+    /// again (on a new port) and waits until it is healthy.
+    pub async fn start_service_again(&mut self, service: &'static str) -> anyhow::Result<()> {
+        let url = self.start_service(service).await?;
+        wait_healthy(
+            &reqwest::Client::new(),
+            &format!("{url}/health"),
+            self.config.start_timeout,
+        )
+        .await?;
+        match service {
+            "order" => self.order_url = url,
+            "customer" => self.customer_url = url,
+            "inventory" => self.inventory_url = url,
+            _ => self.payment_url = url,
+        }
+        Ok(())
+    }
+
     fn process(&mut self, name: &str) -> anyhow::Result<&mut Process> {
         self.components
             .iter_mut()

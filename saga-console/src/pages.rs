@@ -211,10 +211,23 @@ pub(crate) fn saga(
             escape(error)
         );
     }
+    let running = matches!(s.status.as_str(), "STARTED" | "ABORTING");
+    body.push_str("<h2>Timeline</h2><div class=\"legend\">");
+    for (name, colour) in timeline::LEGEND {
+        let _ = write!(
+            body,
+            "<span><i style=\"background:{colour}\"></i>{name}</span>"
+        );
+    }
+    body.push_str(
+        "<span>bars: a step's action (blue) and compensation (amber) while they run</span></div>",
+    );
+    body.push_str(&timeline::svg(&saga.events, running));
+
     let stuck = s.stuck(saga.now);
     let _ = write!(
         body,
-        "<table class=\"summary\"><tbody>\
+        "<h2>Saga</h2><table class=\"summary\"><tbody>\
          <tr><td>type</td><td>{}</td></tr>\
          <tr><td>status</td><td><span class=\"{}\" id=\"status\">{}</span></td></tr>\
          <tr><td>current step</td><td>{}</td></tr>\
@@ -243,19 +256,6 @@ pub(crate) fn saga(
         ))
     );
     body.push_str(&actions(s.id, &s.status, can_act));
-
-    let running = matches!(s.status.as_str(), "STARTED" | "ABORTING");
-    body.push_str("<h2>Timeline</h2><div class=\"legend\">");
-    for (name, colour) in timeline::LEGEND {
-        let _ = write!(
-            body,
-            "<span><i style=\"background:{colour}\"></i>{name}</span>"
-        );
-    }
-    body.push_str(
-        "<span>bars: a step's action (blue) and compensation (amber) while they run</span></div>",
-    );
-    body.push_str(&timeline::svg(&saga.events, running));
 
     body.push_str(
         "<h2>Events</h2><table id=\"events\"><thead><tr><th>time</th><th class=\"num\">v</th>\
