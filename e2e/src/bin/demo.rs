@@ -152,13 +152,21 @@ async fn run() -> anyhow::Result<()> {
     };
     let mut shop = Shop::start(config, &mut |step| say(step)).await?;
     say(&format!("logs in {}", log_dir.display()));
-    let outcome = place_orders(&shop, &databases).await;
+    say(&format!(
+        "the saga console: {}/console (while the demo runs)",
+        shop.order_url
+    ));
+    let outcome = place_orders(&shop, &databases, &log_dir).await;
     say("stopping the services and relays");
     shop.stop().await;
     outcome
 }
 
-async fn place_orders(shop: &Shop, databases: &ServiceDatabases) -> anyhow::Result<()> {
+async fn place_orders(
+    shop: &Shop,
+    databases: &ServiceDatabases,
+    log_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     let client = ShopClient::new(shop);
     let ledger = Ledger {
         order: pool(&databases.order).await?,
@@ -265,12 +273,41 @@ async fn place_orders(shop: &Shop, databases: &ServiceDatabases) -> anyhow::Resu
         before.credit.get(&BOB).copied(),
     ));
     failures.extend(report.violations.iter().cloned());
+
+    // The cancelled order's saga undid payment, credit and goods: its timeline.
+    if let Some((_, id)) = cases.iter().zip(&placed).find(|(case, _)| case.cancel) {
+        let page = format!("{}/console/sagas/{id}", client.order_url);
+        let shot =
+            timeline_screenshot(&page, &log_dir.join("console-compensated-saga.png")).await?;
+        say(&format!(
+            "the timeline of the cancelled order's saga: {page}, screenshot in {}",
+            shot.display()
+        ));
+    }
     if failures.is_empty() {
         say("every outcome as expected");
         Ok(())
     } else {
         bail!("unexpected outcomes:\n  {}", failures.join("\n  "))
     }
+}
+
+/// Opens a saga's console page in headless Chromium and saves its timeline at `to`.
+async fn timeline_screenshot(page: &str, to: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let browser = testkit::browser::Browser::start().await;
+    browser.goto(page).await;
+    browser
+        .wait_for("svg.timeline", Duration::from_secs(30))
+        .await;
+    browser
+        .run_script(
+            "document.querySelector('svg.timeline').previousElementSibling\
+             .previousElementSibling.scrollIntoView(); return null;",
+        )
+        .await;
+    let shot = browser.screenshot("demo-console-timeline").await;
+    std::fs::copy(&shot, to).with_context(|| format!("copying {}", shot.display()))?;
+    Ok(to.to_owned())
 }
 
 async fn print_balances(when: &str, client: &ShopClient) -> anyhow::Result<()> {
