@@ -101,6 +101,9 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
         .await;
     assert_eq!(browser.count("tr.saga").await, 2);
     assert_eq!(browser.count("tr.saga[data-status='STARTED']").await, 0);
+    // None is stuck: the waiting saga's step allows 3 × 300 s.
+    browser.goto(&format!("{console}?stuck=on")).await;
+    browser.wait_for("#no-sagas", WAIT).await;
     // Started at least an hour ago: none.
     browser.goto(&format!("{console}?older_than=60")).await;
     browser.wait_for("#no-sagas", WAIT).await;

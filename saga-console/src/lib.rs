@@ -43,7 +43,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures::future::BoxFuture;
-use saga_core::saga::{Orchestrator, SagaAdmin, SagaData, SagaError};
+use saga_core::saga::{Orchestrator, SagaAdmin, SagaData, SagaError, StuckRules};
 use serde::Deserialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -108,6 +108,7 @@ pub struct Console {
     orchestrators: BTreeMap<String, Arc<dyn SagaActions>>,
     relays: Vec<Relay>,
     dead_letters: Option<DeadLetters>,
+    stuck_rules: StuckRules,
 }
 
 impl std::fmt::Debug for Console {
@@ -129,7 +130,27 @@ impl Console {
             orchestrators: BTreeMap::new(),
             relays: Vec::new(),
             dead_letters: None,
+            stuck_rules: StuckRules::new(),
         }
+    }
+
+    /// Names sagas stuck by `rules` (give it the orchestrators' definitions with
+    /// [`StuckRules::knowing`], so that limits follow each step's timeout).
+    #[must_use]
+    pub fn with_stuck_rules(mut self, rules: StuckRules) -> Console {
+        self.stuck_rules = rules;
+        self
+    }
+
+    /// The stuck sagas and why, by id.
+    async fn stuck(&self) -> Result<BTreeMap<Uuid, String>, SagaError> {
+        let stuck = SagaAdmin::new(self.pool.clone())
+            .stuck(&self.stuck_rules)
+            .await?;
+        Ok(stuck
+            .into_iter()
+            .map(|s| (s.saga.id, s.reason.to_string()))
+            .collect())
     }
 
     /// Shows the dead letters of `dead_letters`' topics, and replays them.
@@ -169,7 +190,11 @@ pub fn router(console: Console) -> Router {
 }
 
 async fn list(State(console): State<Arc<Console>>, Query(filter): Query<Filter>) -> Response {
-    match query::overview(&console.pool, &filter).await {
+    let stuck = match console.stuck().await {
+        Ok(stuck) => stuck,
+        Err(e) => return failure(&console.title, &e.to_string()),
+    };
+    match query::overview(&console.pool, &filter, stuck).await {
         Ok(overview) => Html(pages::list(&console.title, &filter, &overview)).into_response(),
         Err(e) => failure(&console.title, &e.to_string()),
     }
@@ -257,7 +282,8 @@ async fn detail(
     Query(done): Query<Done>,
 ) -> Response {
     match query::saga(&console.pool, id).await {
-        Ok(Some(saga)) => {
+        Ok(Some(mut saga)) => {
+            saga.stuck = console.stuck().await.ok().and_then(|mut s| s.remove(&id));
             let actions = console.orchestrators.contains_key(&saga.row.saga_type);
             let page = pages::saga(&console.title, &saga, actions, done.done.as_deref(), None);
             Html(page).into_response()

@@ -79,7 +79,7 @@ pub(crate) fn list(service: &str, filter: &Filter, o: &Overview) -> String {
              <th>step</th><th>started</th><th>last change</th><th>attention</th></tr></thead><tbody>",
         );
         for s in &o.sagas {
-            let stuck = s.stuck(o.now);
+            let stuck = o.stuck.get(&s.id);
             let _ = write!(
                 body,
                 "<tr class=\"saga\" data-status=\"{status}\"><td><a class=\"id\" href=\"{BASE}/sagas/{id}\">{id}</a></td>\
@@ -93,7 +93,7 @@ pub(crate) fn list(service: &str, filter: &Filter, o: &Overview) -> String {
                 ago = duration(o.now - s.updated_at),
                 stuck = stuck.map_or(String::new(), |why| format!(
                     "<span class=\"stuck\">stuck: {}</span>",
-                    escape(&why)
+                    escape(why)
                 )),
             );
         }
@@ -224,7 +224,7 @@ pub(crate) fn saga(
     );
     body.push_str(&timeline::svg(&saga.events, running));
 
-    let stuck = s.stuck(saga.now);
+    let stuck = saga.stuck.as_ref();
     let _ = write!(
         body,
         "<h2>Saga</h2><table class=\"summary\"><tbody>\
@@ -252,7 +252,7 @@ pub(crate) fn saga(
         }),
         stuck.map_or(String::new(), |why| format!(
             "<tr><td>attention</td><td class=\"stuck\">stuck: {}</td></tr>",
-            escape(&why)
+            escape(why)
         ))
     );
     body.push_str(&actions(s.id, &s.status, can_act));

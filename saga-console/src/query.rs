@@ -1,5 +1,7 @@
 //! What the pages show, read from `saga_state` and `saga_events`.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Duration, Utc};
 use saga_core::saga::audit::{self, SagaEvent};
 use serde::Deserialize;
@@ -11,11 +13,6 @@ use uuid::Uuid;
 pub(crate) const MAX_LISTED: i64 = 500;
 /// Sagas listed unless the filter says otherwise.
 const DEFAULT_LISTED: i64 = 100;
-/// A running saga without a change for this long counts as stuck.
-pub(crate) const STUCK_AFTER: Duration = Duration::minutes(10);
-/// A running saga this long past its deadline counts as stuck (the sweeper looks
-/// every half second).
-pub(crate) const STUCK_PAST_DEADLINE: Duration = Duration::minutes(1);
 /// How many minutes the throughput covers.
 pub(crate) const THROUGHPUT_MINUTES: i64 = 15;
 
@@ -71,27 +68,6 @@ pub struct SagaRow {
 }
 
 impl SagaRow {
-    /// Why a running saga looks stuck at `now`, if it does.
-    pub fn stuck(&self, now: DateTime<Utc>) -> Option<String> {
-        if !matches!(self.status.as_str(), "STARTED" | "ABORTING") {
-            return None;
-        }
-        if let Some(deadline) = self.deadline {
-            if now - deadline > STUCK_PAST_DEADLINE {
-                return Some(format!(
-                    "{} past its deadline",
-                    crate::html::duration(now - deadline)
-                ));
-            }
-        }
-        (now - self.updated_at > STUCK_AFTER).then(|| {
-            format!(
-                "no progress for {}",
-                crate::html::duration(now - self.updated_at)
-            )
-        })
-    }
-
     fn of(row: &sqlx::postgres::PgRow) -> Result<SagaRow, sqlx::Error> {
         Ok(SagaRow {
             id: row.try_get("id")?,
@@ -126,6 +102,8 @@ pub(crate) struct Overview {
     pub throughput: Vec<Minute>,
     /// The sagas the filter selects, most recently changed first.
     pub sagas: Vec<SagaRow>,
+    /// Stuck sagas and why (by the console's rules), by id.
+    pub stuck: BTreeMap<Uuid, String>,
     /// Whether more sagas matched than are listed.
     pub more: bool,
 }
@@ -139,7 +117,11 @@ pub(crate) const STATUSES: [&str; 5] = [
     "COMPENSATION_FAILED",
 ];
 
-pub(crate) async fn overview(pool: &PgPool, filter: &Filter) -> Result<Overview, sqlx::Error> {
+pub(crate) async fn overview(
+    pool: &PgPool,
+    filter: &Filter,
+    stuck: BTreeMap<Uuid, String>,
+) -> Result<Overview, sqlx::Error> {
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let counted: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, count(*) FROM saga_state GROUP BY status")
@@ -162,24 +144,21 @@ pub(crate) async fn overview(pool: &PgPool, filter: &Filter) -> Result<Overview,
     let throughput = throughput(pool, now).await?;
 
     let limit = filter.limit();
-    let stuck_since = now - STUCK_AFTER;
-    let deadline_before = now - STUCK_PAST_DEADLINE;
+    let stuck_ids: Vec<Uuid> = stuck.keys().copied().collect();
     let rows = sqlx::query(
         "SELECT id, saga_type, status, current_step, version, created_at, updated_at, deadline \
          FROM saga_state \
          WHERE ($1 = '' OR status = $1) AND ($2 = '' OR saga_type = $2) \
            AND ($3::bigint IS NULL OR created_at <= $4 - make_interval(mins => $3::int)) \
-           AND (NOT $5 OR (status IN ('STARTED', 'ABORTING') \
-                AND (updated_at < $6 OR deadline < $7))) \
-         ORDER BY updated_at DESC, id LIMIT $8",
+           AND (NOT $5 OR id = ANY($6)) \
+         ORDER BY updated_at DESC, id LIMIT $7",
     )
     .bind(filter.status.trim())
     .bind(filter.saga_type.trim())
     .bind(filter.older_than_minutes())
     .bind(now)
     .bind(filter.stuck_only())
-    .bind(stuck_since)
-    .bind(deadline_before)
+    .bind(&stuck_ids)
     .bind(limit + 1)
     .fetch_all(pool)
     .await?;
@@ -195,6 +174,7 @@ pub(crate) async fn overview(pool: &PgPool, filter: &Filter) -> Result<Overview,
         types,
         throughput,
         sagas,
+        stuck,
         more,
     })
 }
@@ -243,6 +223,8 @@ pub(crate) struct SagaDetail {
     pub payload: Value,
     pub steps: Map<String, Value>,
     pub events: Vec<SagaEvent>,
+    /// Why the saga is stuck, if it is.
+    pub stuck: Option<String>,
 }
 
 pub(crate) async fn saga(pool: &PgPool, id: Uuid) -> Result<Option<SagaDetail>, sqlx::Error> {
@@ -270,5 +252,6 @@ pub(crate) async fn saga(pool: &PgPool, id: Uuid) -> Result<Option<SagaDetail>, 
         payload: row.try_get("payload")?,
         steps,
         events: audit::events(&mut conn, id).await?,
+        stuck: None,
     }))
 }

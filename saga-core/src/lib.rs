@@ -4,12 +4,13 @@
 //! - [`consumer`]: a Kafka consumer that applies each message's effects once, in one
 //!   transaction with its journal row, and dead-letters what it cannot handle.
 //! - [`saga`]: orchestrated sagas — a definition DSL, the orchestrator, participant
-//!   helpers and the operator's view.
+//!   helpers and the operator's view. Each saga instance is pinned to the version of
+//!   its definition it started with ([`saga::versions`]).
 //! - [`barrier`]: the participant's barrier that turns duplicate deliveries, null
 //!   compensations and hanging actions into no-ops.
 //! - [`schema`]: the shared tables (`outbox`, `processed_messages`, `saga_state`,
-//!   `saga_barrier`, `outbox_relay_snapshots`, `outbox_relay_resume`) as migrations a
-//!   service embeds beside its own.
+//!   `saga_events`, `saga_held_replies`, `saga_barrier`, `outbox_relay_snapshots`,
+//!   `outbox_relay_resume`) as migrations a service embeds beside its own.
 //! - [`status`]: the lifecycle states a saga and its steps go through.
 //! - [`testing`]: a participant's handler tested against a real database without a
 //!   broker: commands as the consumer hands them over, the replies in the outbox.

@@ -1,5 +1,6 @@
 //! Orchestrated sagas: a definition DSL, the orchestrator that runs instances
-//! against `saga_state`, helpers for participants, and the operator's view.
+//! against `saga_state` (each by the definition version it started with, see
+//! [`versions`]), helpers for participants, and the operator's view.
 //!
 //! Messages follow the envelope of DESIGN.md: key = saga id, headers `id`, `type`,
 //! `saga-id`, `saga-step`, `request-id` (unique per command sent), plus `reply-to`
@@ -13,22 +14,30 @@ mod clock;
 mod definition;
 mod engine;
 mod participant;
+mod state;
+mod step_map;
+pub mod versions;
 
-pub use admin::{SagaAdmin, SagaSummary, DEFAULT_ACTOR};
+pub use admin::{
+    SagaAdmin, SagaSummary, StuckReason, StuckRules, StuckSaga, DEFAULT_ACTOR, DEFAULT_STUCK_AFTER,
+    DEFAULT_STUCK_TIMEOUTS,
+};
 pub use clock::{Clock, SystemClock};
 pub use definition::{
     Command, CommandFn, CompensationRetry, DefinitionError, LocalFn, Reply, SagaBuilder, SagaData,
     SagaDefinition, Step, StepBuilder, StepFailed, DEFAULT_COMPENSATION_BACKOFF,
     DEFAULT_COMPENSATION_GIVE_UP_AFTER, DEFAULT_COMPENSATION_MAX_BACKOFF,
+    DEFAULT_COMPENSATION_TIMEOUT, DEFAULT_DEFINITION_VERSION,
 };
 pub use engine::{
-    Orchestrator, ReplyDisposition, SagaError, SagaInstance, StepState,
-    DEFAULT_COMPENSATION_TIMEOUT, SKIPPED_RETRY,
+    Orchestrator, ReplyDisposition, SagaError, SagaInstance, SKIPPED_RETRY, VERSION_CHECK_INTERVAL,
 };
 pub use participant::{
     participate, read_command, reply, unknown_command, CommandEnvelope, Effect, Outcome,
     ParticipantReply,
 };
+pub use state::StepState;
+pub use step_map::StepMap;
 
 /// Header: the saga instance's id (also the Kafka key).
 pub const HEADER_SAGA_ID: &str = "saga-id";

@@ -15,7 +15,7 @@ use saga_core::outbox::Outbox;
 use saga_core::saga::{audit, cli, Clock};
 use saga_core::saga::{
     Command, CompensationRetry, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaBuilder,
-    SagaDefinition, SagaError, StepFailed,
+    SagaDefinition, SagaError, StepFailed, StuckRules,
 };
 use saga_core::schema;
 use saga_core::status::SagaStatus;
@@ -768,7 +768,8 @@ async fn an_operator_aborts_a_stuck_saga_and_the_waiting_step_is_compensated() {
     let order = order();
     let id = f.start(order.clone()).await;
     let admin = SagaAdmin::new(f.pool().clone());
-    assert_eq!(admin.stuck(Duration::from_secs(3600)).await.unwrap(), []);
+    let an_hour = StuckRules::new().without_timeout(Duration::from_secs(3600));
+    assert_eq!(admin.stuck(&an_hour).await.unwrap(), []);
     admin
         .abort(&f.orchestrator, id, "no reply from inventory")
         .await

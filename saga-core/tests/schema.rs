@@ -58,9 +58,33 @@ async fn shared_tables_are_created_once() {
             "version",
             "created_at",
             "updated_at",
-            "deadline"
+            "deadline",
+            "definition_version"
         ]
     );
+}
+
+/// Sagas stored before definitions had versions ran the only definition there
+/// was: they read as version 1, and no saga is on version 0 or below.
+#[tokio::test]
+async fn every_saga_has_a_positive_definition_version() {
+    let db = TestDatabase::create().await;
+    schema::migrate(db.pool(), &NO_SERVICE).await.unwrap();
+    let version: i32 = sqlx::query_scalar(
+        "INSERT INTO saga_state (id, saga_type, payload, status) \
+         VALUES (gen_random_uuid(), 'test', '{}', 'STARTED') RETURNING definition_version",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(version, 1);
+    let zero = sqlx::query(
+        "INSERT INTO saga_state (id, saga_type, payload, status, definition_version) \
+         VALUES (gen_random_uuid(), 'test', '{}', 'STARTED', 0)",
+    )
+    .execute(db.pool())
+    .await;
+    assert!(zero.is_err(), "a saga on version 0 was stored");
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use saga_core::saga::SagaAdmin;
+use saga_core::saga::{SagaAdmin, StuckRules};
 
 /// Lists failed and stuck sagas of a service database.
 #[derive(Parser)]
@@ -36,7 +36,9 @@ impl std::fmt::Debug for Cli {
 enum Command {
     /// Sagas in COMPENSATION_FAILED: an operator must act.
     Failed,
-    /// Running sagas without progress for SECONDS (default 600).
+    /// Running sagas without progress for SECONDS (default 600), with the reason.
+    /// Without the service's definitions, step timeouts and definition versions
+    /// are not known here: `<service> saga list --stuck` knows them.
     Stuck {
         #[arg(default_value_t = 600)]
         seconds: u64,
@@ -63,10 +65,13 @@ async fn main() -> ExitCode {
     let admin = SagaAdmin::new(pool);
     let output = match cli.command {
         Command::Failed => admin.failed().await.map(|s| listing(&s)),
-        Command::Stuck { seconds } => admin
-            .stuck(Duration::from_secs(seconds))
-            .await
-            .map(|s| listing(&s)),
+        Command::Stuck { seconds } => {
+            let rules = StuckRules::new().without_timeout(Duration::from_secs(seconds));
+            admin
+                .stuck(&rules)
+                .await
+                .map(|s| saga_core::saga::cli::stuck_table(&s))
+        }
         Command::Counts => admin.counts().await.map(|counts| {
             counts
                 .into_iter()

@@ -1,9 +1,9 @@
-//! The operator's view of sagas: what is stuck or failed, and the two actions that
-//! move a saga by hand (retry a failed compensation, abort a stuck saga).
-
-use std::time::Duration;
+//! The operator's view of sagas: what is stuck (and why) or failed, and the two
+//! actions that move a saga by hand (retry a failed compensation, abort a stuck
+//! saga).
 
 use serde_json::json;
+use sqlx::postgres::PgRow;
 use sqlx::types::chrono;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -13,11 +13,17 @@ use crate::saga::engine::{Orchestrator, SagaError, SagaInstance};
 use crate::saga::SagaData;
 use crate::status::{SagaStatus, StepStatus};
 
+mod stuck;
+
+pub use stuck::{StuckReason, StuckRules, StuckSaga, DEFAULT_STUCK_AFTER, DEFAULT_STUCK_TIMEOUTS};
+
 /// One saga as an operator lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SagaSummary {
     pub id: Uuid,
     pub saga_type: String,
+    /// The version of the definition it runs on.
+    pub definition_version: u32,
     pub status: String,
     pub current_step: Option<String>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
@@ -57,17 +63,7 @@ impl SagaAdmin {
 
     /// Sagas in `COMPENSATION_FAILED`: they will not move without an operator.
     pub async fn failed(&self) -> Result<Vec<SagaSummary>, SagaError> {
-        self.list("status = 'COMPENSATION_FAILED'", None).await
-    }
-
-    /// Running sagas not updated for `older_than`, or past their deadline by that much.
-    pub async fn stuck(&self, older_than: Duration) -> Result<Vec<SagaSummary>, SagaError> {
-        self.list(
-            "status IN ('STARTED', 'ABORTING') AND (updated_at < now() - $1 \
-             OR deadline < now() - $1)",
-            Some(older_than),
-        )
-        .await
+        self.list("status = 'COMPENSATION_FAILED'").await
     }
 
     /// How many sagas are in each status (for metrics: `COMPENSATION_FAILED` above
@@ -98,33 +94,13 @@ impl SagaAdmin {
         Ok(text)
     }
 
-    async fn list(
-        &self,
-        filter: &str,
-        age: Option<Duration>,
-    ) -> Result<Vec<SagaSummary>, SagaError> {
+    async fn list(&self, filter: &str) -> Result<Vec<SagaSummary>, SagaError> {
         let sql = format!(
-            "SELECT id, saga_type, status, current_step, updated_at, deadline FROM saga_state \
-             WHERE {filter} ORDER BY updated_at"
+            "SELECT id, saga_type, definition_version, status, current_step, updated_at, deadline \
+             FROM saga_state WHERE {filter} ORDER BY updated_at"
         );
-        let mut query = sqlx::query(&sql);
-        if let Some(age) = age {
-            query = query.bind(age);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SagaSummary {
-                    id: r.try_get("id")?,
-                    saga_type: r.try_get("saga_type")?,
-                    status: r.try_get("status")?,
-                    current_step: r.try_get("current_step")?,
-                    updated_at: r.try_get("updated_at")?,
-                    deadline: r.try_get("deadline")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(SagaError::from)
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(summary_of).collect()
     }
 
     /// Tries the failed compensation of a `COMPENSATION_FAILED` saga again, then
@@ -188,7 +164,7 @@ impl SagaAdmin {
         change: impl FnOnce(&mut SagaInstance<D>),
     ) -> Result<(), SagaError> {
         let mut tx = self.pool.begin().await?;
-        let mut instance = orchestrator.load(&mut tx, id).await?;
+        let mut instance = orchestrator.load_to_drive(&mut tx, id).await?;
         if instance.status != expected {
             return Err(SagaError::Invalid {
                 id,
@@ -206,4 +182,18 @@ impl SagaAdmin {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A saga as listed, from a row with its columns.
+fn summary_of(r: &PgRow) -> Result<SagaSummary, SagaError> {
+    let version: i32 = r.try_get("definition_version")?;
+    Ok(SagaSummary {
+        id: r.try_get("id")?,
+        saga_type: r.try_get("saga_type")?,
+        definition_version: u32::try_from(version).unwrap_or_default(),
+        status: r.try_get("status")?,
+        current_step: r.try_get("current_step")?,
+        updated_at: r.try_get("updated_at")?,
+        deadline: r.try_get("deadline")?,
+    })
 }

@@ -6,7 +6,9 @@
 //! followed from it in order (steps started, succeeded, failed, timed out;
 //! commands sent with their message and request ids; compensations started, done,
 //! failed and retried; the saga's status changing). A reply that no step waits for
-//! is recorded too, as stale.
+//! is recorded too, as stale; one held because the running code cannot drive the
+//! saga's definition version is recorded as held, and again as received when it is
+//! applied. A saga moved onto a newer definition version records the move first.
 //!
 //! # Why `saga_state` can be rebuilt from the trail
 //!
@@ -16,9 +18,13 @@
 //!   leaves no event behind.
 //! - The cause carries `changes`: what the transaction changed, compared with the
 //!   state it loaded: `status`, `current_step` and `deadline` when they changed,
-//!   `payload` (the saga's data) when it changed, and under `steps` the whole state
-//!   of every step that changed. The first event of a saga carries the whole state
-//!   and its type.
+//!   `payload` (the saga's data) when it changed, `definition_version` when it
+//!   changed, and under `steps` the whole state of every step that changed. The
+//!   first event of a saga carries the whole state, its type and its definition
+//!   version (a trail written before versions existed has none: version 1). A
+//!   migration onto a newer definition renames steps: `steps` then carries the
+//!   renamed steps' states under their new names, and `removed_steps` the names
+//!   that are gone.
 //! - A saga's transactions are serialised by its version, and every event records
 //!   the version its transaction produced. So folding the `changes` of a saga's
 //!   events in version order replays its transitions, and the result is its row in
@@ -65,6 +71,13 @@ pub enum EventKind {
     CompensationFailed,
     /// The saga's status changed (`detail.from`, `detail.to`).
     StatusChanged,
+    /// The saga was moved onto a newer definition version through a declared
+    /// migration (cause, first of its transaction; `detail.from`, `detail.to`,
+    /// `detail.renamed`, `detail.removed`, `detail.skipped`).
+    DefinitionMigrated,
+    /// A reply for a saga on a definition version the running code cannot drive was
+    /// kept in `saga_held_replies` (cause; `detail.reason`, the message's ids).
+    ReplyHeld,
 }
 
 impl EventKind {
@@ -82,6 +95,8 @@ impl EventKind {
             EventKind::CompensationDone => "compensation_done",
             EventKind::CompensationFailed => "compensation_failed",
             EventKind::StatusChanged => "status_changed",
+            EventKind::DefinitionMigrated => "definition_migrated",
+            EventKind::ReplyHeld => "reply_held",
         }
     }
 }
@@ -108,6 +123,7 @@ impl PendingEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Snapshot {
     pub(crate) status: String,
+    pub(crate) definition_version: u32,
     pub(crate) current_step: Option<String>,
     pub(crate) deadline: Option<DateTime<Utc>>,
     pub(crate) payload: Value,
@@ -128,6 +144,9 @@ pub(crate) fn changes(
     if before.map(|b| &b.status) != Some(&after.status) {
         changed.insert("status".into(), json!(after.status));
     }
+    if before.map(|b| b.definition_version) != Some(after.definition_version) {
+        changed.insert("definition_version".into(), json!(after.definition_version));
+    }
     if before.map(|b| &b.current_step) != Some(&after.current_step) {
         changed.insert("current_step".into(), json!(after.current_step));
     }
@@ -146,6 +165,18 @@ pub(crate) fn changes(
         .collect();
     if !steps.is_empty() {
         changed.insert("steps".into(), Value::Object(steps));
+    }
+    // Steps a migration renamed or removed: gone under their old names.
+    let removed: Vec<&String> = before
+        .map(|b| {
+            b.steps
+                .keys()
+                .filter(|name| !after.steps.contains_key(*name))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !removed.is_empty() {
+        changed.insert("removed_steps".into(), json!(removed));
     }
     (!changed.is_empty()).then_some(Value::Object(changed))
 }
@@ -238,6 +269,7 @@ fn event_of(row: &sqlx::postgres::PgRow) -> Result<SagaEvent, sqlx::Error> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SagaRow {
     pub saga_type: String,
+    pub definition_version: i32,
     pub status: String,
     pub current_step: Option<String>,
     pub deadline: Option<DateTime<Utc>>,
@@ -256,13 +288,21 @@ pub fn rebuild(events: &[SagaEvent]) -> Option<SagaRow> {
         };
         let row = match &mut row {
             Some(row) => row,
-            None if changes.contains_key("saga_type") => row.insert(SagaRow::default()),
+            // Sagas started before definitions had versions ran version 1.
+            None if changes.contains_key("saga_type") => row.insert(SagaRow {
+                definition_version: 1,
+                ..SagaRow::default()
+            }),
             None => return None,
         };
         for (key, value) in changes {
             match key.as_str() {
                 "saga_type" => row.saga_type = value.as_str().unwrap_or_default().to_owned(),
                 "status" => row.status = value.as_str().unwrap_or_default().to_owned(),
+                "definition_version" => {
+                    let version = value.as_i64().and_then(|v| i32::try_from(v).ok());
+                    row.definition_version = version.unwrap_or_default();
+                }
                 "current_step" => row.current_step = value.as_str().map(str::to_owned),
                 "deadline" => row.deadline = serde_json::from_value(value.clone()).ok().flatten(),
                 "payload" => row.payload = value.clone(),
@@ -271,6 +311,11 @@ pub fn rebuild(events: &[SagaEvent]) -> Option<SagaRow> {
                         for (name, state) in steps {
                             row.step_status.insert(name.clone(), state.clone());
                         }
+                    }
+                }
+                "removed_steps" => {
+                    for name in value.as_array().into_iter().flatten() {
+                        row.step_status.remove(name.as_str().unwrap_or_default());
                     }
                 }
                 _ => {}
@@ -321,8 +366,8 @@ impl std::fmt::Display for TrailCheck {
 /// compares the result with the stored row.
 pub async fn verify(pool: &PgPool, saga_type: Option<&str>) -> Result<TrailCheck, sqlx::Error> {
     let stored = sqlx::query(
-        "SELECT id, saga_type, status, current_step, deadline, payload, step_status, version \
-         FROM saga_state WHERE $1::text IS NULL OR saga_type = $1 ORDER BY id",
+        "SELECT id, saga_type, definition_version, status, current_step, deadline, payload, \
+         step_status, version FROM saga_state WHERE $1::text IS NULL OR saga_type = $1 ORDER BY id",
     )
     .bind(saga_type)
     .fetch_all(pool)
@@ -348,6 +393,7 @@ pub async fn verify(pool: &PgPool, saga_type: Option<&str>) -> Result<TrailCheck
         let id: Uuid = row.try_get("id")?;
         let saga = SagaRow {
             saga_type: row.try_get("saga_type")?,
+            definition_version: row.try_get("definition_version")?,
             status: row.try_get("status")?,
             current_step: row.try_get("current_step")?,
             deadline: row.try_get("deadline")?,
@@ -374,6 +420,9 @@ fn difference(stored: &SagaRow, rebuilt: Option<&SagaRow>) -> Option<String> {
     let mut differs = Vec::new();
     if stored.saga_type != rebuilt.saga_type {
         differs.push("saga_type");
+    }
+    if stored.definition_version != rebuilt.definition_version {
+        differs.push("definition_version");
     }
     if stored.status != rebuilt.status {
         differs.push("status");
@@ -412,6 +461,7 @@ mod tests {
     fn snapshot(status: &str, steps: Value) -> Snapshot {
         Snapshot {
             status: status.into(),
+            definition_version: 1,
             current_step: Some("credit".into()),
             deadline: None,
             payload: json!({"amount": 10}),
@@ -441,6 +491,7 @@ mod tests {
         let first = snapshot("STARTED", json!({"credit": {"status": "STARTED"}}));
         let all = changes("order", None, &first).unwrap();
         assert_eq!(all["saga_type"], "order");
+        assert_eq!(all["definition_version"], 1);
         assert_eq!(all["status"], "STARTED");
         assert_eq!(all["current_step"], "credit");
         assert_eq!(all["deadline"], Value::Null);
@@ -511,5 +562,40 @@ mod tests {
         );
         // A trail that does not start with the saga's start cannot be folded.
         assert_eq!(rebuild(&events[2..]), None);
+    }
+
+    #[test]
+    fn a_migration_renames_steps_and_bumps_the_definition_version() {
+        let first = snapshot("STARTED", json!({"reserve": {"status": "STARTED"}}));
+        let mut moved = first.clone();
+        moved.definition_version = 2;
+        moved.current_step = Some("reserve-goods".into());
+        let state = moved.steps.remove("reserve").unwrap();
+        moved.steps.insert("reserve-goods".into(), state);
+        let changed = changes("order", Some(&first), &moved).unwrap();
+        assert_eq!(
+            changed,
+            json!({
+                "definition_version": 2,
+                "current_step": "reserve-goods",
+                "steps": {"reserve-goods": {"status": "STARTED"}},
+                "removed_steps": ["reserve"],
+            })
+        );
+        let mut old_start = changes("order", None, &first).unwrap();
+        // A saga started before versions existed: its first event names none.
+        old_start
+            .as_object_mut()
+            .unwrap()
+            .remove("definition_version");
+        let events = vec![event(1, Some(old_start)), event(2, Some(changed))];
+        let row = rebuild(&events).unwrap();
+        assert_eq!(row.definition_version, 2);
+        assert_eq!(row.current_step.as_deref(), Some("reserve-goods"));
+        assert_eq!(
+            Value::Object(row.step_status),
+            json!({"reserve-goods": {"status": "STARTED"}})
+        );
+        assert_eq!(rebuild(&events[..1]).unwrap().definition_version, 1);
     }
 }

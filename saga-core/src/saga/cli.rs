@@ -1,5 +1,6 @@
 //! The operator's command line, for a service to embed next to its orchestrator:
-//! `<service> saga list --failed`, `list --stuck 600`, `retry <id>`, `abort <id>`,
+//! `<service> saga list` (failed sagas), `list --stuck [SECONDS] [--timeouts N]`
+//! (stuck ones, with the reason), `retry <id>`, `abort <id>`,
 //! `trail <id>` (what happened to one saga), `verify-trail` (every saga rebuilt from
 //! its audit trail and compared with `saga_state`).
 
@@ -9,16 +10,26 @@ use clap::Subcommand;
 use uuid::Uuid;
 
 use crate::saga::audit::{self, SagaEvent};
-use crate::saga::{Orchestrator, SagaAdmin, SagaData, SagaError, SagaSummary};
+use crate::saga::{
+    Orchestrator, SagaAdmin, SagaData, SagaError, SagaSummary, StuckRules, StuckSaga,
+};
 
 /// Saga operations for operators.
 #[derive(Debug, Clone, Subcommand)]
 pub enum SagaCommand {
-    /// List sagas in COMPENSATION_FAILED (default) or stuck ones.
+    /// List sagas in COMPENSATION_FAILED (default) or stuck ones, with the reason.
     List {
-        /// List running sagas without progress for this many seconds instead.
-        #[arg(long, value_name = "SECONDS")]
-        stuck: Option<u64>,
+        /// List stuck sagas instead: running ones without progress for N times
+        /// their step's timeout (see --timeouts), or for SECONDS when the step has
+        /// none (default 600), and running ones on a definition version this code
+        /// cannot drive.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1)]
+        stuck: Option<Option<u64>>,
+        /// With --stuck: how many of its step's timeouts a saga may go without
+        /// progress (default 3).
+        #[arg(long, value_name = "N", requires = "stuck",
+              value_parser = clap::value_parser!(u32).range(1..))]
+        timeouts: Option<u32>,
     },
     /// Try the failed compensation of a COMPENSATION_FAILED saga again.
     Retry { id: Uuid },
@@ -38,20 +49,40 @@ pub enum SagaCommand {
     VerifyTrail,
 }
 
-/// Runs one operator command; returns what to print.
+/// Runs one operator command; returns what to print. A stuck listing starts from
+/// the default [`StuckRules`].
 pub async fn run<D: SagaData + Clone>(
     admin: &SagaAdmin,
     orchestrator: &Orchestrator<D>,
     command: SagaCommand,
 ) -> Result<String, SagaError> {
+    run_with(admin, orchestrator, &StuckRules::default(), command).await
+}
+
+/// Runs one operator command; a stuck listing starts from `rules` (the service's
+/// own), which the command's options override, and knows `orchestrator`'s
+/// definitions.
+pub async fn run_with<D: SagaData + Clone>(
+    admin: &SagaAdmin,
+    orchestrator: &Orchestrator<D>,
+    rules: &StuckRules,
+    command: SagaCommand,
+) -> Result<String, SagaError> {
     match command {
-        SagaCommand::List { stuck } => {
-            let sagas = match stuck {
-                Some(seconds) => admin.stuck(Duration::from_secs(seconds)).await?,
-                None => admin.failed().await?,
-            };
-            Ok(table(&sagas))
+        SagaCommand::List {
+            stuck: Some(seconds),
+            timeouts,
+        } => {
+            let mut rules = rules.clone().knowing(orchestrator);
+            if let Some(seconds) = seconds {
+                rules = rules.without_timeout(Duration::from_secs(seconds));
+            }
+            if let Some(timeouts) = timeouts {
+                rules = rules.timeouts(timeouts);
+            }
+            Ok(stuck_table(&admin.stuck(&rules).await?))
         }
+        SagaCommand::List { stuck: None, .. } => Ok(table(&admin.failed().await?)),
         SagaCommand::Retry { id } => {
             admin.retry_compensation(orchestrator, id).await?;
             Ok(format!("saga {id}: compensation retried\n"))
@@ -87,24 +118,52 @@ pub async fn run<D: SagaData + Clone>(
     }
 }
 
-/// Sagas as a table for a terminal.
+/// Sagas as a table for a terminal (`def`: the definition version).
 pub fn table(sagas: &[SagaSummary]) -> String {
-    if sagas.is_empty() {
+    let rows: Vec<(&SagaSummary, Option<String>)> = sagas.iter().map(|s| (s, None)).collect();
+    rows_table(&rows)
+}
+
+/// Stuck sagas as a table for a terminal, each with why it is stuck.
+pub fn stuck_table(sagas: &[StuckSaga]) -> String {
+    let rows: Vec<(&SagaSummary, Option<String>)> = sagas
+        .iter()
+        .map(|s| (&s.saga, Some(s.reason.to_string())))
+        .collect();
+    rows_table(&rows)
+}
+
+fn rows_table(rows: &[(&SagaSummary, Option<String>)]) -> String {
+    if rows.is_empty() {
         return "no sagas\n".to_owned();
     }
+    let reasons = rows.iter().any(|(_, reason)| reason.is_some());
     let mut text = format!(
-        "{:<36}  {:<20}  {:<20}  {:<16}  {}\n",
-        "id", "type", "status", "step", "updated"
+        "{:<36}  {:<20}  {:>3}  {:<20}  {:<16}  {:<19}{}\n",
+        "id",
+        "type",
+        "def",
+        "status",
+        "step",
+        "updated",
+        if reasons { "  reason" } else { "" }
     );
-    for s in sagas {
-        text.push_str(&format!(
-            "{:<36}  {:<20}  {:<20}  {:<16}  {}\n",
+    for (s, reason) in rows {
+        let line = format!(
+            "{:<36}  {:<20}  {:>3}  {:<20}  {:<16}  {:<19}{}",
             s.id,
             s.saga_type,
+            s.definition_version,
             s.status,
             s.current_step.as_deref().unwrap_or("-"),
-            s.updated_at.format("%Y-%m-%d %H:%M:%S")
-        ));
+            s.updated_at.format("%Y-%m-%d %H:%M:%S"),
+            reason
+                .as_ref()
+                .map(|r| format!("  {r}"))
+                .unwrap_or_default()
+        );
+        text.push_str(line.trim_end());
+        text.push('\n');
     }
     text
 }

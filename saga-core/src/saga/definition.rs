@@ -1,6 +1,7 @@
-//! The saga definition DSL: steps, their actions, replies and compensations.
+//! The saga definition DSL: steps, their actions, replies and compensations; the
+//! definition's version, and how instances of older versions move onto it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,8 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::PgConnection;
+
+use crate::saga::step_map::StepMap;
 
 /// The data a saga carries from step to step, stored as JSON in `saga_state.payload`.
 pub trait SagaData: Serialize + DeserializeOwned + Send + Sync + 'static {}
@@ -114,18 +117,36 @@ impl<D> fmt::Debug for Step<D> {
     }
 }
 
-/// A saga type: its name and its steps, in order.
+/// The version of a definition that declares none.
+pub const DEFAULT_DEFINITION_VERSION: u32 = 1;
+
+/// A saga type: its name, its version and its steps, in order.
+///
+/// Every instance is pinned to the version it started with
+/// (`saga_state.definition_version`) and is driven by that version's steps only:
+/// a service that changes the steps (adds, renames, removes, reorders one) gives
+/// the definition a new [`version`](SagaBuilder::version), and either keeps the old
+/// definition beside it ([`Orchestrator::with_previous`]) so that instances started
+/// on it finish on it, or declares how they move onto the new one
+/// ([`migrate_from`](SagaBuilder::migrate_from)).
+///
+/// [`Orchestrator::with_previous`]: crate::saga::Orchestrator::with_previous
 pub struct SagaDefinition<D> {
     pub(crate) name: String,
+    pub(crate) version: u32,
     pub(crate) steps: Vec<Step<D>>,
     pub(crate) compensation_retry: CompensationRetry,
+    /// How instances of older versions move onto this one, by their version.
+    pub(crate) migrations: BTreeMap<u32, StepMap>,
 }
 
 impl<D> fmt::Debug for SagaDefinition<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SagaDefinition")
             .field("name", &self.name)
+            .field("version", &self.version)
             .field("steps", &self.steps)
+            .field("migrations", &self.migrations)
             .field("compensation_retry", &self.compensation_retry)
             .finish()
     }
@@ -136,8 +157,10 @@ impl<D: SagaData> SagaDefinition<D> {
     pub fn builder(name: impl Into<String>) -> SagaBuilder<D> {
         SagaBuilder {
             name: name.into(),
+            version: DEFAULT_DEFINITION_VERSION,
             steps: Vec::new(),
             compensation_retry: CompensationRetry::default(),
+            migrations: BTreeMap::new(),
             error: None,
         }
     }
@@ -145,6 +168,18 @@ impl<D: SagaData> SagaDefinition<D> {
     /// The saga type's name (`saga_state.saga_type`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The definition's version (`saga_state.definition_version` of the instances
+    /// it starts).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The older versions whose instances this definition can take over, with
+    /// how their steps map onto its own.
+    pub fn migrations(&self) -> &BTreeMap<u32, StepMap> {
+        &self.migrations
     }
 
     /// The steps, in order.
@@ -161,6 +196,10 @@ impl<D: SagaData> SagaDefinition<D> {
         self.steps.iter().position(|s| s.name == name)
     }
 }
+
+/// How long a participant compensation may take before it counts as failed, when
+/// its step has no timeout of its own.
+pub const DEFAULT_COMPENSATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a step's compensation is retried before the saga is
 /// `COMPENSATION_FAILED`: a day. An outage of a participant (a deployment, a broken
@@ -224,13 +263,40 @@ pub enum DefinitionError {
         step: String,
         what: &'static str,
     },
+    #[error("saga {saga}: version {version} is not a positive 32-bit integer")]
+    Version { saga: String, version: u32 },
+    #[error("saga {saga} version {version}: the migration from version {from}: {reason}")]
+    Migration {
+        saga: String,
+        version: u32,
+        from: u32,
+        reason: String,
+    },
+    /// An orchestrator's definitions must be versions of one saga type.
+    #[error("saga {saga} version {version} cannot run beside saga {other}")]
+    OtherSaga {
+        saga: String,
+        version: u32,
+        other: String,
+    },
+    /// An orchestrator keeps older versions beside its current one, each once.
+    #[error(
+        "saga {saga}: version {version} is not older than the versions already given ({known:?})"
+    )]
+    NotPrevious {
+        saga: String,
+        version: u32,
+        known: Vec<u32>,
+    },
 }
 
 /// Builds a [`SagaDefinition`] step by step, in the shape of the DSL in DESIGN.md.
 pub struct SagaBuilder<D> {
     name: String,
+    version: u32,
     steps: Vec<Step<D>>,
     compensation_retry: CompensationRetry,
+    migrations: BTreeMap<u32, StepMap>,
     error: Option<DefinitionError>,
 }
 
@@ -238,6 +304,7 @@ impl<D> fmt::Debug for SagaBuilder<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SagaBuilder")
             .field("name", &self.name)
+            .field("version", &self.version)
             .field("steps", &self.steps.len())
             .finish()
     }
@@ -257,6 +324,31 @@ impl<D: SagaData> SagaBuilder<D> {
             saga: self,
             name: name.into(),
         }
+    }
+
+    /// The definition's version (default 1): every instance it starts is pinned to
+    /// it. Give a definition a new version whenever its steps change.
+    pub fn version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// How instances started on the older version `from` move onto this one when
+    /// the running code no longer has that version's definition: their steps are
+    /// renamed, added and removed as `map` says, in the transaction of their next
+    /// change. Without a migration (and without the old definition) such
+    /// instances are not driven; see [`Orchestrator`](crate::saga::Orchestrator).
+    pub fn migrate_from(mut self, from: u32, map: StepMap) -> Self {
+        if self.migrations.insert(from, map).is_some() {
+            let e = DefinitionError::Migration {
+                saga: self.name.clone(),
+                version: self.version,
+                from,
+                reason: "declared twice".to_owned(),
+            };
+            self.fail(e);
+        }
+        self
     }
 
     /// How a failing compensation is tried again (default
@@ -342,10 +434,38 @@ impl<D: SagaData> SagaBuilder<D> {
                 });
             }
         }
+        // Stored as a PostgreSQL `int`.
+        if self.version == 0 || i32::try_from(self.version).is_err() {
+            return Err(DefinitionError::Version {
+                saga: self.name,
+                version: self.version,
+            });
+        }
+        let names: Vec<&str> = self.steps.iter().map(|s| s.name.as_str()).collect();
+        for (&from, map) in &self.migrations {
+            let reason = if from == 0 || from >= self.version {
+                Some(format!(
+                    "it must come from an older version than {}",
+                    self.version
+                ))
+            } else {
+                map.check(&names).err()
+            };
+            if let Some(reason) = reason {
+                return Err(DefinitionError::Migration {
+                    saga: self.name.clone(),
+                    version: self.version,
+                    from,
+                    reason,
+                });
+            }
+        }
         Ok(SagaDefinition {
             name: self.name,
+            version: self.version,
             steps: self.steps,
             compensation_retry: self.compensation_retry,
+            migrations: self.migrations,
         })
     }
 

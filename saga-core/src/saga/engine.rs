@@ -1,4 +1,6 @@
-//! The orchestrator: runs saga instances of one definition against `saga_state`.
+//! The orchestrator: runs saga instances of one definition against `saga_state`,
+//! each by the version of the definition it started with
+//! ([`versions`](crate::saga::versions)).
 //!
 //! Every change to an instance happens in one database transaction of the caller's:
 //! the state row (checked and bumped `version`), the effects of local steps, and the
@@ -6,9 +8,11 @@
 //! that expects its reply is stored, and the relay delivers it at least once.
 //!
 //! Why each step has one outcome:
-//! - A reply is applied only if its `request-id` is the one stored for its step and
-//!   the step still waits for it; a duplicate or late reply (after a timeout or a
-//!   resend) finds another request id or another state and is ignored.
+//! - A reply is applied only to the step that stores its `request-id` (unique per
+//!   command sent), and only while that step waits for it; a duplicate or late
+//!   reply (after a timeout or a resend) finds another request id or another state
+//!   and is ignored. The request id, not the `saga-step` header, finds the step, so
+//!   a reply to a command sent before a migration renamed its step still finds it.
 //! - Two orchestrator instances (or a reply racing the timeout sweeper) may load
 //!   the same version; the update checks `version`, so only one commits. The loser
 //!   gets [`SagaError::Conflict`], which the consumer retries: it reloads, sees the
@@ -36,7 +40,9 @@
 //!   no longer parses, a step it does not know) is rolled back, logged, listed
 //!   ([`Orchestrator::skipped_sagas`]) and left out of the sweeper's query for a
 //!   while, so neither its error nor its old deadline keeps the sagas behind it from
-//!   their timeouts and compensation retries.
+//!   their timeouts and compensation retries. A saga on a definition version this
+//!   code cannot drive is not even loaded by the sweeper: it is listed
+//!   ([`Orchestrator::unknown_version_sagas`]) and its replies are held.
 //!
 //! Where "now" comes from:
 //! - Every "now" the orchestrator uses comes from its [`Clock`] ([`SystemClock`]
@@ -60,27 +66,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::consumer::IncomingMessage;
 use crate::outbox::Outbox;
 use crate::saga::audit::{self, EventKind, PendingEvent, Snapshot};
 use crate::saga::clock::{Clock, SystemClock};
-use crate::saga::definition::{SagaData, SagaDefinition};
-use crate::saga::{
-    HEADER_OUTCOME, HEADER_REPLAY, HEADER_REQUEST_ID, HEADER_SAGA_ID, HEADER_SAGA_STEP,
-    OUTCOME_SUCCESS,
-};
+use crate::saga::definition::{DefinitionError, SagaData, SagaDefinition};
+use crate::saga::state::StepState;
+use crate::saga::versions::Versions;
 use crate::status::{SagaStatus, StepStatus};
 
 mod advance;
+mod drive;
+mod reply;
 mod sweep;
 
-/// How long a participant compensation may take before it counts as failed, when
-/// its step has no timeout of its own.
-pub const DEFAULT_COMPENSATION_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) use drive::plan_of;
+pub use drive::VERSION_CHECK_INTERVAL;
 
 /// Why an operation on a saga failed.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +97,14 @@ pub enum SagaError {
     Invalid { id: Uuid, reason: String },
     #[error("saga state of {0} cannot be read")]
     State(Uuid, #[source] serde_json::Error),
+    /// The saga's definition version is neither kept by this code nor migratable
+    /// onto one it has: it is not driven (see [`crate::saga::versions`]).
+    #[error("saga {id}: {reason}")]
+    UnknownVersion {
+        id: Uuid,
+        version: u32,
+        reason: String,
+    },
     /// The audit trail does not rebuild `saga_state` (the report says where).
     #[error("the audit trail does not rebuild saga_state:\n{0}")]
     Trail(String),
@@ -120,46 +131,9 @@ pub enum ReplyDisposition {
     Applied,
     /// Not for the step's current request (duplicate, late, or after a timeout).
     Stale,
-}
-
-/// The stored state of one step.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepState {
-    /// `None` until the step starts.
-    pub status: Option<String>,
-    /// The request the step waits for a reply to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<Uuid>,
-    /// Commands sent forward (or compensation attempts while compensating).
-    #[serde(default)]
-    pub attempts: u32,
-    /// The step failed by timing out: the participant may have run it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub timed_out: bool,
-    /// When the step's compensation began (or an operator last retried it): its
-    /// retries end [`CompensationRetry::give_up_after`] later.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub compensating_since: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-impl StepState {
-    fn is(&self, status: StepStatus) -> bool {
-        self.status.as_deref() == Some(status.as_str())
-    }
-
-    fn set(&mut self, status: StepStatus) {
-        self.status = Some(status.as_str().to_owned());
-    }
-
-    /// Marks the step failed; `timed_out` when the participant may have run it.
-    pub(crate) fn set_failed(&mut self, reason: String, timed_out: bool) {
-        self.set(StepStatus::Failed);
-        self.reason = Some(reason);
-        self.timed_out = timed_out;
-        self.request_id = None;
-    }
+    /// For a saga on a definition version this code cannot drive: kept in
+    /// `saga_held_replies` until an orchestrator that can drive it applies it.
+    Held,
 }
 
 /// A saga instance as loaded from `saga_state`.
@@ -170,7 +144,11 @@ pub struct SagaInstance<D> {
     pub current_step: Option<String>,
     pub data: D,
     pub steps: BTreeMap<String, StepState>,
+    /// The optimistic lock: bumped by every change.
     pub version: i32,
+    /// The version of the definition the saga runs on (it started on it, or was
+    /// moved onto it by a migration).
+    pub definition_version: u32,
     /// When the sweeper must look at it (a reply's timeout, a retry's backoff).
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
     /// What happened in the transition under way, for the audit trail (written when
@@ -201,9 +179,10 @@ impl<D> SagaInstance<D> {
     }
 }
 
-/// Runs sagas of one definition.
+/// Runs sagas of one definition: its current version, and the older versions it
+/// keeps or can migrate from.
 pub struct Orchestrator<D> {
-    definition: Arc<SagaDefinition<D>>,
+    versions: Versions<D>,
     outbox: Outbox,
     reply_topic: String,
     /// Saves that lost to a concurrent change of the same saga (and were retried
@@ -214,6 +193,8 @@ pub struct Orchestrator<D> {
     /// Sagas the sweep could not handle (see [`Orchestrator::sweep`]): why, and
     /// when to try again.
     skipped: Mutex<HashMap<Uuid, Skipped>>,
+    /// Running sagas on definition versions this code cannot drive.
+    unknown: Mutex<drive::UnknownSagas>,
 }
 
 /// How long the sweep leaves a saga it could not handle before trying it again.
@@ -229,27 +210,39 @@ struct Skipped {
 impl<D> std::fmt::Debug for Orchestrator<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Orchestrator")
-            .field("saga", &self.definition.name)
+            .field("saga", &self.versions.current().name)
+            .field("versions", &self.versions.outlines().known())
             .field("reply_topic", &self.reply_topic)
             .finish()
     }
 }
 
 impl<D: SagaData + Clone> Orchestrator<D> {
-    /// An orchestrator whose participants reply to `reply_topic` (e.g. `order.reply`).
+    /// An orchestrator whose participants reply to `reply_topic` (e.g. `order.reply`);
+    /// it starts sagas on `definition`'s version.
     pub fn new(
         definition: SagaDefinition<D>,
         outbox: Outbox,
         reply_topic: impl Into<String>,
     ) -> Self {
         Orchestrator {
-            definition: Arc::new(definition),
+            versions: Versions::new(definition),
             outbox,
             reply_topic: reply_topic.into(),
             conflicts: AtomicU64::new(0),
             clock: Arc::new(SystemClock),
             skipped: Mutex::new(HashMap::new()),
+            unknown: Mutex::new(drive::UnknownSagas::default()),
         }
+    }
+
+    /// Keeps `previous`, an older version of the definition, so that the sagas
+    /// started on it finish on it (its steps, commands and compensations), while new
+    /// sagas start on the current version. It must be a version of the same saga,
+    /// older than the current one and than those kept already.
+    pub fn with_previous(mut self, previous: SagaDefinition<D>) -> Result<Self, DefinitionError> {
+        self.versions.keep(previous)?;
+        Ok(self)
     }
 
     /// Reads the time from `clock` instead of the system clock: for every deadline
@@ -267,9 +260,20 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         self.conflicts.load(Ordering::Relaxed)
     }
 
-    /// The definition this orchestrator runs.
+    /// The current definition: the one new sagas start on.
     pub fn definition(&self) -> &SagaDefinition<D> {
-        &self.definition
+        self.versions.current()
+    }
+
+    /// The definition of `version`, if this orchestrator keeps it.
+    pub fn definition_version(&self, version: u32) -> Option<&SagaDefinition<D>> {
+        self.versions.get(version)
+    }
+
+    /// The definition versions this orchestrator has (the current and the kept
+    /// ones), oldest first.
+    pub fn known_versions(&self) -> Vec<u32> {
+        self.versions.outlines().known()
     }
 
     /// Starts a saga in the caller's transaction: runs its first local steps and
@@ -280,6 +284,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         id: Uuid,
         data: D,
     ) -> Result<SagaInstance<D>, SagaError> {
+        let definition_version = self.definition().version;
         let mut instance = SagaInstance {
             id,
             status: SagaStatus::Started,
@@ -287,180 +292,32 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             data,
             steps: BTreeMap::new(),
             version: 0,
+            definition_version,
             deadline: None,
             trail: Vec::new(),
             loaded: None,
         };
-        instance.record(EventKind::SagaStarted, None, serde_json::json!({}));
+        let detail = serde_json::json!({"definition_version": definition_version});
+        instance.record(EventKind::SagaStarted, None, detail);
         self.advance(tx, &mut instance).await?;
         let after = self.snapshot(&instance)?;
         sqlx::query(
-            "INSERT INTO saga_state (id, saga_type, current_step, payload, status, step_status, version, deadline) \
-             VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+            "INSERT INTO saga_state (id, saga_type, current_step, payload, status, step_status, version, deadline, definition_version) \
+             VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8)",
         )
         .bind(id)
-        .bind(&self.definition.name)
+        .bind(&self.definition().name)
         .bind(&instance.current_step)
         .bind(&after.payload)
         .bind(instance.status.as_str())
         .bind(sqlx::types::Json(&after.steps))
         .bind(instance.deadline)
+        .bind(to_column(definition_version))
         .execute(&mut *tx)
         .await?;
         self.write_trail(tx, &mut instance, 1, after).await?;
         instance.version = 1;
         Ok(instance)
-    }
-
-    /// Loads an instance of this saga type.
-    pub async fn load(
-        &self,
-        conn: &mut PgConnection,
-        id: Uuid,
-    ) -> Result<SagaInstance<D>, SagaError> {
-        let row = sqlx::query(
-            "SELECT status, current_step, payload, step_status, version, deadline \
-             FROM saga_state WHERE id = $1 AND saga_type = $2",
-        )
-        .bind(id)
-        .bind(&self.definition.name)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(SagaError::NotFound(id))?;
-        let status: String = row.try_get("status")?;
-        let status: SagaStatus =
-            status
-                .parse()
-                .map_err(|e: crate::status::UnknownStatus| SagaError::Invalid {
-                    id,
-                    reason: e.to_string(),
-                })?;
-        let payload: serde_json::Value = row.try_get("payload")?;
-        let steps: serde_json::Value = row.try_get("step_status")?;
-        let current_step: Option<String> = row.try_get("current_step")?;
-        let deadline = row.try_get("deadline")?;
-        let data = serde_json::from_value(payload.clone()).map_err(|e| SagaError::State(id, e))?;
-        let step_states =
-            serde_json::from_value(steps.clone()).map_err(|e| SagaError::State(id, e))?;
-        let loaded = Snapshot {
-            status: status.as_str().to_owned(),
-            current_step: current_step.clone(),
-            deadline,
-            payload,
-            steps: match steps {
-                serde_json::Value::Object(steps) => steps,
-                _ => serde_json::Map::new(),
-            },
-        };
-        Ok(SagaInstance {
-            id,
-            status,
-            current_step,
-            data,
-            steps: step_states,
-            version: row.try_get("version")?,
-            deadline,
-            trail: Vec::new(),
-            loaded: Some(loaded),
-        })
-    }
-
-    /// Applies a participant's reply in the caller's transaction (the consumer's, with
-    /// its journal row). A reply for another request or a step no longer waiting is
-    /// [`ReplyDisposition::Stale`].
-    pub async fn handle_reply(
-        &self,
-        tx: &mut PgConnection,
-        message: &IncomingMessage,
-    ) -> Result<ReplyDisposition, SagaError> {
-        let header = |name: &str| message.header(name).map(str::to_owned);
-        let Some(id) = header(HEADER_SAGA_ID).and_then(|v| v.parse::<Uuid>().ok()) else {
-            return Err(SagaError::Invalid {
-                id: Uuid::nil(),
-                reason: format!("reply {} has no valid {HEADER_SAGA_ID} header", message.id),
-            });
-        };
-        let step = header(HEADER_SAGA_STEP).unwrap_or_default();
-        let request = header(HEADER_REQUEST_ID).and_then(|v| v.parse::<Uuid>().ok());
-        let success = header(HEADER_OUTCOME).as_deref() == Some(OUTCOME_SUCCESS);
-        let mut instance = self.load(tx, id).await?;
-        let received = |applied: bool| {
-            serde_json::json!({
-                "message_id": message.id,
-                "type": message.message_type,
-                "outcome": header(HEADER_OUTCOME),
-                "request_id": request,
-                "replay": header(HEADER_REPLAY).as_deref() == Some("true"),
-                "applied": applied,
-                "topic": message.topic,
-                "headers": message.headers,
-            })
-        };
-        let Some(index) = self.definition.step_index(&step) else {
-            self.record_stale(tx, &mut instance, &step, received(false))
-                .await?;
-            return Ok(ReplyDisposition::Stale);
-        };
-        let state = instance.steps.get(&step).cloned().unwrap_or_default();
-        let forward = state.is(StepStatus::Started) && instance.status == SagaStatus::Started;
-        let compensating = state.is(StepStatus::Compensating);
-        if request.is_none() || state.request_id != request || (!forward && !compensating) {
-            self.record_stale(tx, &mut instance, &step, received(false))
-                .await?;
-            return Ok(ReplyDisposition::Stale);
-        }
-        instance.record(EventKind::ReplyReceived, Some(&step), received(true));
-        // The reply ends the wait: its timeout no longer applies.
-        instance.deadline = None;
-        if forward {
-            if let (Some(kind), Some(payload)) = (message.message_type.as_deref(), &message.payload)
-            {
-                if let Some(apply) = self.definition.steps[index].replies.get(kind) {
-                    apply(&mut instance.data, payload.clone()).map_err(|e| SagaError::Invalid {
-                        id,
-                        reason: format!("reply {kind} of step {step} does not fit its type: {e}"),
-                    })?;
-                }
-            }
-            let retries = self.definition.steps[index].retries;
-            let state = instance.steps.entry(step.clone()).or_default();
-            state.request_id = None;
-            if success {
-                state.set(StepStatus::Succeeded);
-                instance.record(EventKind::StepSucceeded, Some(&step), serde_json::json!({}));
-            } else {
-                let retrying = state.attempts <= retries;
-                if retrying {
-                    state.status = None; // sent again by `advance`
-                } else {
-                    state.set(StepStatus::Failed);
-                    state.reason = message.message_type.clone();
-                    instance.status = SagaStatus::Aborting;
-                }
-                let detail = serde_json::json!({
-                    "reason": message.message_type,
-                    "timed_out": false,
-                    "retrying": retrying,
-                });
-                instance.record(EventKind::StepFailed, Some(&step), detail);
-            }
-        } else {
-            let state = instance.steps.entry(step.clone()).or_default();
-            state.request_id = None;
-            if success {
-                state.set(StepStatus::Compensated);
-                instance.record(
-                    EventKind::CompensationDone,
-                    Some(&step),
-                    serde_json::json!({}),
-                );
-            } else {
-                self.compensation_failed(&mut instance, &step, message.message_type.clone());
-            }
-        }
-        self.advance(tx, &mut instance).await?;
-        self.save(tx, &mut instance).await?;
-        Ok(ReplyDisposition::Applied)
     }
 
     /// Handles a passed deadline of saga `id` in the caller's transaction: a reply
@@ -479,14 +336,23 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         let Some(step) = instance.current_step.clone() else {
             return Ok(false);
         };
-        let index = self
-            .definition
+        let definition = self.drive(&mut instance).map_err(|reason| {
+            let version = instance.definition_version;
+            SagaError::UnknownVersion {
+                id,
+                version,
+                reason,
+            }
+        })?;
+        // The current step's name in the version the saga runs on now.
+        let step = instance.current_step.clone().unwrap_or(step);
+        let index = definition
             .step_index(&step)
             .ok_or_else(|| SagaError::Invalid {
                 id,
                 reason: format!("unknown step {step}"),
             })?;
-        let retries = self.definition.steps[index].retries;
+        let retries = definition.steps[index].retries;
         let deadline = instance.deadline.take();
         let state = instance.steps.get(&step).cloned().unwrap_or_default();
         let waiting_forward =
@@ -522,11 +388,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             instance.record(EventKind::StepFailed, Some(&step), detail);
         } else if waiting_compensation {
             state.request_id = None;
-            self.compensation_failed(
-                &mut instance,
-                &step,
-                Some("compensation timed out".to_owned()),
-            );
+            let reason = Some("compensation timed out".to_owned());
+            self.compensation_failed(&mut instance, definition, &step, reason);
         }
         // Otherwise a compensation retry is due: `advance` runs it again.
         self.advance(tx, &mut instance).await?;
@@ -560,6 +423,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         let (payload, steps) = self.serialise(instance)?;
         Ok(Snapshot {
             status: instance.status.as_str().to_owned(),
+            definition_version: instance.definition_version,
             current_step: instance.current_step.clone(),
             deadline: instance.deadline,
             payload,
@@ -586,7 +450,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             let detail = serde_json::json!({"from": from, "to": after.status});
             instance.record(EventKind::StatusChanged, None, detail);
         }
-        let changes = audit::changes(&self.definition.name, instance.loaded.as_ref(), &after);
+        let saga_type = &self.definition().name;
+        let changes = audit::changes(saga_type, instance.loaded.as_ref(), &after);
         if instance.trail.is_empty() && changes.is_some() {
             // Every path records its cause first; a change without one is still kept.
             instance.record(EventKind::StatusChanged, None, serde_json::json!({}));
@@ -595,7 +460,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         audit::write(
             tx,
             instance.id,
-            &self.definition.name,
+            saga_type,
             version,
             self.clock.now(),
             &events,
@@ -606,7 +471,9 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         Ok(())
     }
 
-    /// Records a reply no step waited for (the saga is unchanged).
+    /// Records a reply no step waited for. The saga is unchanged, unless it was
+    /// moved onto a newer definition version as it was loaded: that move is
+    /// stored with the reply.
     async fn record_stale(
         &self,
         tx: &mut PgConnection,
@@ -614,10 +481,15 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         step: &str,
         detail: serde_json::Value,
     ) -> Result<(), SagaError> {
-        instance.trail.clear();
+        instance
+            .trail
+            .retain(|e| e.kind == EventKind::DefinitionMigrated);
         instance.record(EventKind::ReplyReceived, Some(step), detail);
-        let unchanged = self.snapshot(instance)?;
-        self.write_trail(tx, instance, instance.version, unchanged)
+        let after = self.snapshot(instance)?;
+        if instance.loaded.as_ref() != Some(&after) {
+            return self.save(tx, instance).await;
+        }
+        self.write_trail(tx, instance, instance.version, after)
             .await
     }
 
@@ -631,7 +503,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         let after = self.snapshot(instance)?;
         let updated = sqlx::query(
             "UPDATE saga_state SET current_step = $3, payload = $4, status = $5, step_status = $6, \
-             deadline = $7, version = version + 1, updated_at = now() WHERE id = $1 AND version = $2",
+             deadline = $7, definition_version = $8, version = version + 1, updated_at = now() \
+             WHERE id = $1 AND version = $2",
         )
         .bind(instance.id)
         .bind(instance.version)
@@ -640,6 +513,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .bind(instance.status.as_str())
         .bind(sqlx::types::Json(&after.steps))
         .bind(instance.deadline)
+        .bind(to_column(instance.definition_version))
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
@@ -653,30 +527,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
     }
 }
 
-/// The orchestrator as the handler of its reply topic: run it with a
-/// [`crate::consumer::Consumer`]. A version conflict is a transient error, so the
-/// consumer retries the message, which reloads the saga and re-applies the reply.
-impl<D: SagaData + Clone> crate::consumer::MessageHandler for Orchestrator<D> {
-    fn handle<'a>(
-        &'a self,
-        tx: &'a mut PgConnection,
-        message: &'a IncomingMessage,
-    ) -> futures::future::BoxFuture<'a, Result<(), crate::consumer::HandlerError>> {
-        Box::pin(async move {
-            match self.handle_reply(tx, message).await {
-                Ok(ReplyDisposition::Applied) => Ok(()),
-                Ok(ReplyDisposition::Stale) => {
-                    tracing::debug!(message_id = %message.id, "stale saga reply ignored");
-                    Ok(())
-                }
-                // A reply for a saga of another type on a shared topic.
-                Err(SagaError::NotFound(id)) => {
-                    tracing::debug!(saga_id = %id, "reply for an unknown saga ignored");
-                    Ok(())
-                }
-                Err(e) if e.is_transient() => Err(crate::consumer::HandlerError::transient(e)),
-                Err(e) => Err(crate::consumer::HandlerError::definite(e.to_string())),
-            }
-        })
-    }
+/// A definition version as `saga_state.definition_version` (an `int`) holds it;
+/// definitions refuse versions above `i32::MAX` when they are built.
+fn to_column(version: u32) -> i32 {
+    i32::try_from(version).unwrap_or(i32::MAX)
 }

@@ -335,6 +335,8 @@ struct StepView {
 struct SagaView {
     id: Uuid,
     status: String,
+    /// The version of the saga's definition it runs on.
+    definition_version: u32,
     current_step: Option<String>,
     steps: Vec<StepView>,
 }
@@ -403,15 +405,25 @@ async fn get_order(
     if let Some(saga_id) = row.try_get::<Option<Uuid>, _>("saga_id")? {
         match state.orchestrator.load(&mut tx, saga_id).await {
             Ok(instance) => {
-                let steps = state
+                // The steps of the saga's own definition version, in order; those
+                // it has a state for when this code does not know the version.
+                let names: Vec<String> = match state
                     .orchestrator
-                    .definition()
-                    .steps()
-                    .iter()
-                    .map(|step| {
-                        let s = instance.steps.get(step.name()).cloned().unwrap_or_default();
+                    .definition_version(instance.definition_version)
+                {
+                    Some(definition) => definition
+                        .steps()
+                        .iter()
+                        .map(|s| s.name().to_owned())
+                        .collect(),
+                    None => instance.steps.keys().cloned().collect(),
+                };
+                let steps = names
+                    .into_iter()
+                    .map(|name| {
+                        let s = instance.steps.get(&name).cloned().unwrap_or_default();
                         StepView {
-                            name: step.name().to_owned(),
+                            name,
                             status: s.status,
                             attempts: s.attempts,
                             reason: s.reason,
@@ -422,6 +434,7 @@ async fn get_order(
                 view.saga = Some(SagaView {
                     id: saga_id,
                     status: instance.status.as_str().to_owned(),
+                    definition_version: instance.definition_version,
                     current_step: instance.current_step,
                     steps,
                 });

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::outbox::Outbox;
-use saga_core::saga::{CompensationRetry, Orchestrator, SagaAdmin};
+use saga_core::saga::{CompensationRetry, Orchestrator, SagaAdmin, StuckRules};
 use service_kit::{CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
 use sqlx::migrate::Migrator;
 
@@ -96,6 +96,18 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub console_dead_letter_topics: Vec<String>,
+
+    /// How many times its step's timeout a running saga may go without progress
+    /// before it counts as stuck (metric `saga_stuck`, `saga list --stuck`).
+    #[arg(long, env = "SAGA_STUCK_TIMEOUTS", value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub stuck_timeouts: u32,
+
+    /// Seconds a running saga whose step has no timeout may go without progress
+    /// before it counts as stuck.
+    #[arg(long, env = "SAGA_STUCK_AFTER_S", value_name = "SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub stuck_after_s: u64,
 }
 
 impl Config {
@@ -110,7 +122,16 @@ impl Config {
             sweep_interval_ms: 500,
             console_relays: Vec::new(),
             console_dead_letter_topics: Vec::new(),
+            stuck_timeouts: saga_core::saga::DEFAULT_STUCK_TIMEOUTS,
+            stuck_after_s: saga_core::saga::DEFAULT_STUCK_AFTER.as_secs(),
         }
+    }
+
+    /// When a saga counts as stuck (before the definitions are known).
+    pub fn stuck_rules(&self) -> StuckRules {
+        StuckRules::new()
+            .timeouts(self.stuck_timeouts)
+            .without_timeout(Duration::from_secs(self.stuck_after_s))
     }
 
     fn references(&self) -> References {
@@ -141,7 +162,9 @@ impl Config {
         Topics::new(&self.common.topic_prefix)
     }
 
-    /// The orchestrator this configuration runs.
+    /// The orchestrator this configuration runs: it starts sagas on
+    /// [`placement::DEFINITION_VERSION`]. When the definition changes, keep the old
+    /// one here with `.with_previous(...)`, or give the new one a `migrate_from`.
     pub fn orchestrator(&self) -> anyhow::Result<Orchestrator<OrderPlacement>> {
         let topics = self.topics();
         let retry = CompensationRetry {
@@ -203,12 +226,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })
     };
     let admin = SagaAdmin::new(pool.clone());
+    let stuck_rules = config.stuck_rules().knowing(&orchestrator);
     let counted = Arc::clone(&orchestrator);
     let watched = Arc::clone(&orchestrator);
     // The saga console beside the API: its actions go through this orchestrator.
     let console = saga_console::Console::new(pool.clone(), "order-service")
         .acting_through(Arc::clone(&orchestrator) as Arc<dyn saga_console::SagaActions>)
         .with_relays(config.console_relays.clone())
+        .with_stuck_rules(config.stuck_rules().knowing(&orchestrator))
         .with_dead_letters(saga_console::DeadLetters::new(
             &common.brokers,
             common.kafka_option_map(),
@@ -219,11 +244,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .prepare(prepare)
         .task(consumer)
         .task(sweeper)
-        .health_warnings(move || skipped_warning(&watched.skipped_sagas()))
+        .health_warnings(move || {
+            let mut warnings = skipped_warning(&watched.skipped_sagas());
+            warnings.extend(version_warning(
+                &watched.unknown_version_sagas(),
+                watched.unknown_version_count(),
+            ));
+            warnings
+        })
         .extra_metrics(move || {
             let admin = admin.clone();
+            let rules = stuck_rules.clone();
             let conflicts = counted.version_conflicts();
             let skipped = counted.skipped_sagas().len();
+            let unknown = counted.unknown_version_count();
             async move {
                 let mut text = admin.prometheus().await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "saga metrics unavailable");
@@ -235,14 +269,82 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                      saga_version_conflicts_total{{saga=\"{saga}\"}} {conflicts}\n\
                      # HELP saga_skipped Sagas whose passed deadline the sweeper cannot handle (their state does not fit the definition), left for an operator.\n\
                      # TYPE saga_skipped gauge\n\
-                     saga_skipped{{saga=\"{saga}\"}} {skipped}\n",
+                     saga_skipped{{saga=\"{saga}\"}} {skipped}\n\
+                     # HELP saga_unknown_version Running sagas on a definition version this code cannot drive (neither kept nor migratable): their replies are held, their deadlines wait.\n\
+                     # TYPE saga_unknown_version gauge\n\
+                     saga_unknown_version{{saga=\"{saga}\"}} {unknown}\n",
                     saga = placement::SAGA_TYPE
                 ));
+                match admin.stuck(&rules).await {
+                    Ok(stuck) => text.push_str(&stuck_metric(&stuck)),
+                    Err(e) => tracing::warn!(error = %e, "stuck saga metrics unavailable"),
+                }
                 text
             }
         })
         .start()
         .await
+}
+
+/// `saga_stuck{saga_type, reason}`: stuck sagas by why (`no_progress`,
+/// `unknown_version`); both reasons of the order saga are always present.
+fn stuck_metric(stuck: &[saga_core::saga::StuckSaga]) -> String {
+    let mut counts: std::collections::BTreeMap<(String, &str), usize> =
+        ["no_progress", "unknown_version"]
+            .into_iter()
+            .map(|reason| ((placement::SAGA_TYPE.to_owned(), reason), 0))
+            .collect();
+    for s in stuck {
+        *counts
+            .entry((s.saga.saga_type.clone(), s.reason.code()))
+            .or_default() += 1;
+    }
+    let mut text = String::from(
+        "# HELP saga_stuck Running sagas without progress for several times their step's timeout (or an absolute age), or on a definition version this code cannot drive.\n\
+         # TYPE saga_stuck gauge\n",
+    );
+    for ((saga_type, reason), n) in counts {
+        text.push_str(&format!(
+            "saga_stuck{{saga_type=\"{}\",reason=\"{reason}\"}} {n}\n",
+            saga_type.replace('\\', "\\\\").replace('"', "\\\"")
+        ));
+    }
+    text
+}
+
+/// The `/health` warning for sagas on definition versions this code cannot drive:
+/// how many, the first few with their reasons, and what to do.
+fn version_warning(
+    unknown: &[(uuid::Uuid, String)],
+    count: usize,
+) -> std::collections::BTreeMap<String, String> {
+    const SHOWN: usize = 3;
+    let mut warnings = std::collections::BTreeMap::new();
+    if unknown.is_empty() {
+        return warnings;
+    }
+    let shown: Vec<String> = unknown
+        .iter()
+        .take(SHOWN)
+        .map(|(id, reason)| format!("{id}: {reason}"))
+        .collect();
+    let more = count.saturating_sub(SHOWN);
+    warnings.insert(
+        "versions".to_owned(),
+        format!(
+            "{count} running saga(s) on a definition version this code cannot drive ({}{}); their \
+             replies are held and their deadlines wait until code that knows the version runs \
+             (keep the old definition with `with_previous`, or declare a `migrate_from`); \
+             list with `order-service saga list --stuck`",
+            shown.join("; "),
+            if more > 0 {
+                format!("; {more} more")
+            } else {
+                String::new()
+            }
+        ),
+    );
+    warnings
 }
 
 /// The `/health` warning for sagas the sweeper skipped: how many, the first few

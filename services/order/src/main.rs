@@ -64,7 +64,8 @@ async fn main() -> anyhow::Result<()> {
                 .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
                 .unwrap_or_else(|| saga_core::saga::DEFAULT_ACTOR.to_owned());
             let admin = SagaAdmin::new(pool).acting_as(actor);
-            let text = cli::run(&admin, &orchestrator, command).await?;
+            let rules = cli.config.stuck_rules();
+            let text = cli::run_with(&admin, &orchestrator, &rules, command).await?;
             print!("{text}");
             Ok(())
         }

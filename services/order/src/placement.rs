@@ -24,6 +24,13 @@ use uuid::Uuid;
 /// The saga type's name.
 pub const SAGA_TYPE: &str = "order-placement";
 
+/// The version of [`definition`]. Every saga is pinned to the version it started
+/// with: a change of the steps (one added, renamed, removed or moved) needs a new
+/// version, and either the old definition kept beside it
+/// (`Orchestrator::with_previous`) or a `migrate_from` step map on the new one, so
+/// that the sagas in flight during the deploy finish correctly.
+pub const DEFINITION_VERSION: u32 = 1;
+
 /// The reason recorded when the customer cancelled before the approval.
 pub const CANCELLED: &str = "cancelled by the customer";
 
@@ -234,6 +241,7 @@ pub fn definition(
         topics.clone(),
     );
     SagaDefinition::<OrderPlacement>::builder(SAGA_TYPE)
+        .version(DEFINITION_VERSION)
         .compensation_retry(compensation_retry)
         .step("create")
         .invoke_local(create_order)
@@ -290,6 +298,7 @@ mod tests {
             CompensationRetry::default(),
         )
         .expect("a valid saga");
+        assert_eq!(definition.version(), DEFINITION_VERSION);
         let names: Vec<&str> = definition.steps().iter().map(|s| s.name()).collect();
         assert_eq!(
             names,

@@ -20,6 +20,7 @@ async fn migrations_create_shared_and_own_tables() {
         "processed_messages",
         "saga_barrier",
         "saga_events",
+        "saga_held_replies",
         "saga_state",
     ];
     expected.sort_unstable();

@@ -5,10 +5,10 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{Orchestrator, SagaError, SagaInstance, DEFAULT_COMPENSATION_TIMEOUT};
+use super::{Orchestrator, SagaError, SagaInstance};
 use crate::outbox::OutboxEvent;
 use crate::saga::audit::EventKind;
-use crate::saga::definition::{Action, CompensationRetry};
+use crate::saga::definition::{Action, SagaDefinition, DEFAULT_COMPENSATION_TIMEOUT};
 use crate::saga::{
     SagaData, HEADER_ATTEMPT, HEADER_COMPENSATION, HEADER_REPLY_TO, HEADER_REQUEST_ID,
     HEADER_SAGA_ID, HEADER_SAGA_STEP, HEADER_SAGA_TYPE,
@@ -21,10 +21,11 @@ impl<D: SagaData + Clone> Orchestrator<D> {
     pub(super) fn compensation_failed(
         &self,
         instance: &mut SagaInstance<D>,
+        definition: &SagaDefinition<D>,
         step: &str,
         reason: Option<String>,
     ) {
-        let retry: CompensationRetry = self.definition.compensation_retry;
+        let retry = definition.compensation_retry;
         let now = self.clock.now();
         let state = instance.steps.entry(step.to_owned()).or_default();
         state.reason = reason.clone();
@@ -46,27 +47,28 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         instance.record(EventKind::CompensationFailed, Some(step), detail);
     }
 
-    /// Moves the instance as far as it can go without waiting: local steps run,
-    /// the next command is sent, compensations walk backwards.
+    /// Moves the instance as far as it can go without waiting, by the definition
+    /// of its version: local steps run, the next command is sent, compensations
+    /// walk backwards.
     pub(crate) async fn advance(
         &self,
         tx: &mut PgConnection,
         instance: &mut SagaInstance<D>,
     ) -> Result<(), SagaError> {
+        let definition = self.definition_of(instance)?;
         loop {
             match instance.status {
                 SagaStatus::Started => {
-                    let next = self.definition.steps.iter().position(|s| {
-                        !instance
-                            .steps
-                            .get(&s.name)
-                            .is_some_and(|st| st.is(StepStatus::Succeeded))
+                    // The first step not done yet (a step a migration added behind
+                    // the saga counts as done).
+                    let next = definition.steps.iter().position(|s| {
+                        !instance.steps.get(&s.name).is_some_and(|st| st.is_passed())
                     });
                     let Some(index) = next else {
                         instance.finish(SagaStatus::Completed);
                         return Ok(());
                     };
-                    let step = &self.definition.steps[index];
+                    let step = &definition.steps[index];
                     instance.current_step = Some(step.name.clone());
                     let state = instance.steps.entry(step.name.clone()).or_default();
                     if state.is(StepStatus::Started) && state.request_id.is_some() {
@@ -115,18 +117,17 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                 }
                 SagaStatus::Aborting => {
                     // The last step that needs undoing, walking backwards.
-                    let pending = self.definition.steps.iter().rposition(|s| {
-                        instance.steps.get(&s.name).is_some_and(|st| {
-                            st.is(StepStatus::Succeeded)
-                                || st.is(StepStatus::Compensating)
-                                || (st.is(StepStatus::Failed) && st.timed_out)
-                        })
+                    let pending = definition.steps.iter().rposition(|s| {
+                        instance
+                            .steps
+                            .get(&s.name)
+                            .is_some_and(|st| st.needs_undoing())
                     });
                     let Some(index) = pending else {
                         instance.finish(SagaStatus::Aborted);
                         return Ok(());
                     };
-                    let step = &self.definition.steps[index];
+                    let step = &definition.steps[index];
                     instance.current_step = Some(step.name.clone());
                     let state = instance.steps.entry(step.name.clone()).or_default();
                     if state.is(StepStatus::Compensating)
@@ -169,7 +170,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                                     // Retried when its backoff passes, or the saga is
                                     // COMPENSATION_FAILED past the bound.
                                     let name = step.name.clone();
-                                    self.compensation_failed(instance, &name, Some(failed.0));
+                                    let reason = Some(failed.0);
+                                    self.compensation_failed(instance, definition, &name, reason);
                                     return Ok(());
                                 }
                             }
@@ -223,6 +225,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
     ) -> Result<Uuid, SagaError> {
         let id = instance.id;
         let request = Uuid::now_v7();
+        // The name the participant knows the step by (its barrier's branch).
+        let branch = instance.steps.get(step).and_then(|s| s.branch.clone());
         let event = OutboxEvent::new(
             command.topic.clone(),
             id.to_string(),
@@ -230,8 +234,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             &command.payload,
         )?
         .header(HEADER_SAGA_ID, id.to_string())
-        .header(HEADER_SAGA_TYPE, self.definition.name.clone())
-        .header(HEADER_SAGA_STEP, step)
+        .header(HEADER_SAGA_TYPE, self.definition().name.clone())
+        .header(HEADER_SAGA_STEP, branch.as_deref().unwrap_or(step))
         .header(HEADER_REQUEST_ID, request.to_string())
         .header(HEADER_REPLY_TO, self.reply_topic.clone())
         .header(HEADER_COMPENSATION, compensation.to_string())
