@@ -125,10 +125,11 @@ pub(crate) fn svg(events: &[SagaEvent], running: bool) -> String {
         mark(&mut svg, e, *x, cy);
         if *x - last_label > 70.0 {
             last_label = *x;
-            let label = if e.at == start {
-                "0".to_owned()
-            } else {
-                format!("+{}", duration(e.at - start))
+            let since = e.at - start;
+            let label = match since.num_milliseconds() {
+                0 => "0".to_owned(),
+                ms @ 1..=59_999 => format!("+{:.1} s", ms as f64 / 1000.0),
+                _ => format!("+{}", duration(since)),
             };
             let _ = write!(
                 svg,
