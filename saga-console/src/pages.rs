@@ -197,20 +197,8 @@ pub(crate) fn saga(
         s.id,
         badge(&s.status)
     );
-    if let Some(done) = done {
-        let _ = write!(
-            body,
-            "<div class=\"notice done\" id=\"done\">Done: the saga was {}. The action is in its trail below.</div>",
-            escape(done)
-        );
-    }
-    if let Some(error) = error {
-        let _ = write!(
-            body,
-            "<div class=\"notice error\" id=\"error\">{}</div>",
-            escape(error)
-        );
-    }
+    let done = done.map(|d| format!("Done: the saga was {d}. The action is in its trail below."));
+    body.push_str(&notices(done.as_deref(), error));
     let running = matches!(s.status.as_str(), "STARTED" | "ABORTING");
     body.push_str("<h2>Timeline</h2><div class=\"legend\">");
     for (name, colour) in timeline::LEGEND {
@@ -294,6 +282,21 @@ pub(crate) fn saga(
         escape(&serde_json::to_string_pretty(&saga.steps).unwrap_or_default())
     );
     page(service, &format!("Saga {}", s.id), &body)
+}
+
+/// What an action did (`#done`) or why it was refused (`#error`).
+fn notices(done: Option<&str>, error: Option<&str>) -> String {
+    let mut html = String::new();
+    for (text, class) in [(done, "done"), (error, "error")] {
+        if let Some(text) = text {
+            let _ = write!(
+                html,
+                "<div class=\"notice {class}\" id=\"{class}\">{}</div>",
+                escape(text)
+            );
+        }
+    }
+    html
 }
 
 /// One line of what an event says.
@@ -393,20 +396,7 @@ pub(crate) fn dead_letters(
     error: Option<&str>,
 ) -> String {
     let mut body = String::from("<h1>Dead letters</h1>");
-    if let Some(done) = done {
-        let _ = write!(
-            body,
-            "<div class=\"notice done\" id=\"done\">{}</div>",
-            escape(done)
-        );
-    }
-    if let Some(error) = error {
-        let _ = write!(
-            body,
-            "<div class=\"notice error\" id=\"error\">{}</div>",
-            escape(error)
-        );
-    }
+    body.push_str(&notices(done, error));
     if topics.is_empty() {
         body.push_str(
             "<p class=\"muted\">No dead-letter topics configured (<code>CONSOLE_DEAD_LETTER_TOPICS</code>).</p>",
