@@ -6,32 +6,27 @@
 //! before. Races between two transactions wait until the second one is blocked on
 //! the first's row lock, as PostgreSQL reports it.
 
+mod support;
+
 use std::collections::BTreeMap;
+use std::ops::Deref;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use saga_core::consumer::IncomingMessage;
 use saga_core::outbox::Outbox;
 use saga_core::saga::{audit, cli, Clock};
 use saga_core::saga::{
-    Command, CompensationRetry, Orchestrator, Reply, ReplyDisposition, SagaAdmin, SagaBuilder,
-    SagaDefinition, SagaError, StepFailed, StuckRules,
+    CompensationRetry, Orchestrator, ReplyDisposition, SagaAdmin, SagaDefinition, SagaError,
+    StuckRules,
 };
-use saga_core::schema;
 use saga_core::status::SagaStatus;
-use saga_core::testing::ManualClock;
-use serde::{Deserialize, Serialize};
-use sqlx::migrate::Migrator;
 use sqlx::types::chrono;
-use sqlx::{PgConnection, PgPool};
-use testkit::TestDatabase;
+use sqlx::PgConnection;
+use support::{
+    apply_reply, command, command_message, create, credit_and_approve, goods_saga, handle_with,
+    order, reject, replies_in_outbox, start_saga, Order, SagaDb, Sent, STEP_TIMEOUT,
+};
 use uuid::Uuid;
-
-static NO_SERVICE: Migrator = Migrator::DEFAULT;
-
-/// The timeout of the steps that have one. Long, to show that nothing waits for it:
-/// the tests move their clock instead.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The first backoff before a failed compensation is tried again.
 const COMPENSATION_BACKOFF: Duration = Duration::from_secs(5);
@@ -50,155 +45,35 @@ const JUST_BEFORE: Duration = Duration::from_millis(1);
 /// How long a transaction may take to block on another's row lock.
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-struct Order {
-    order_id: Uuid,
-    amount: i64,
-    cancel: bool,
-    rejection: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CreditLimitExceeded {
-    available: i64,
-}
-
-impl Reply for CreditLimitExceeded {
-    const TYPE: &'static str = "CreditLimitExceeded";
-}
-
-fn create<'a>(
-    order: &'a mut Order,
-    tx: &'a mut PgConnection,
-) -> BoxFuture<'a, Result<(), StepFailed>> {
-    Box::pin(async move {
-        sqlx::query("INSERT INTO orders (id, status) VALUES ($1, 'PENDING')")
-            .bind(order.order_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StepFailed::new(e.to_string()))?;
-        Ok(())
-    })
-}
-
-fn reject<'a>(
-    order: &'a mut Order,
-    tx: &'a mut PgConnection,
-) -> BoxFuture<'a, Result<(), StepFailed>> {
-    Box::pin(async move {
-        sqlx::query("UPDATE orders SET status = 'REJECTED' WHERE id = $1")
-            .bind(order.order_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StepFailed::new(e.to_string()))?;
-        Ok(())
-    })
-}
-
-fn approve<'a>(
-    order: &'a mut Order,
-    tx: &'a mut PgConnection,
-) -> BoxFuture<'a, Result<(), StepFailed>> {
-    Box::pin(async move {
-        // Written before the check: a failing step's writes must be rolled back.
-        sqlx::query("UPDATE orders SET status = 'APPROVED' WHERE id = $1")
-            .bind(order.order_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StepFailed::new(e.to_string()))?;
-        if order.cancel {
-            return Err(StepFailed::new("the customer cancelled"));
-        }
-        Ok(())
-    })
-}
-
-fn command(topic: &str, kind: &str, order: &Order) -> Command {
-    Command::new(
-        topic,
-        kind,
-        &serde_json::json!({ "orderId": order.order_id, "amount": order.amount }),
-    )
-    .expect("a JSON payload")
-}
-
 fn definition(timeout: Option<Duration>) -> SagaDefinition<Order> {
-    let builder = SagaDefinition::<Order>::builder("test-order")
-        .compensation_retry(COMPENSATION_RETRY)
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve-goods")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o));
-    let builder = match timeout {
+    let builder = goods_saga(
+        SagaDefinition::<Order>::builder("test-order").compensation_retry(COMPENSATION_RETRY),
+    );
+    credit_and_approve(match timeout {
         Some(t) => builder.with_timeout(t),
         None => builder,
-    };
-    builder
-        .step("reserve-credit")
-        .invoke_participant(|o: &Order| command("customer.request", "ReserveCredit", o))
-        .on_reply::<CreditLimitExceeded>(|o, r| {
-            o.rejection = Some(format!("credit limit exceeded, {} available", r.available));
-        })
-        .with_participant_compensation(|o: &Order| command("customer.request", "ReleaseCredit", o))
-        .step("approve")
-        .invoke_local(approve)
-        .build()
-        .expect("a valid definition")
+    })
 }
 
+/// The test's database and clock, and an orchestrator of [`definition`].
 struct Fixture {
-    db: TestDatabase,
-    /// The clock of every orchestrator of the test.
-    clock: ManualClock,
+    base: SagaDb,
     orchestrator: Orchestrator<Order>,
 }
 
-/// A command as it sits in the outbox.
-#[derive(Debug, Clone)]
-struct Sent {
-    kind: String,
-    saga_id: String,
-    step: String,
-    request_id: String,
-    compensation: bool,
-    /// The command's attempt number, as the orchestrator wrote it.
-    attempt: String,
+impl Deref for Fixture {
+    type Target = SagaDb;
+
+    fn deref(&self) -> &SagaDb {
+        &self.base
+    }
 }
 
 impl Fixture {
     async fn new(timeout: Option<Duration>) -> Fixture {
-        let db = TestDatabase::create().await;
-        schema::migrate(db.pool(), &NO_SERVICE).await.unwrap();
-        sqlx::query("CREATE TABLE orders (id uuid PRIMARY KEY, status text NOT NULL)")
-            .execute(db.pool())
-            .await
-            .unwrap();
-        let clock = ManualClock::new();
-        let orchestrator = Orchestrator::new(definition(timeout), Outbox::new(), "order.reply")
-            .with_clock(clock.clone());
-        Fixture {
-            db,
-            clock,
-            orchestrator,
-        }
-    }
-
-    fn pool(&self) -> &PgPool {
-        self.db.pool()
-    }
-
-    /// Every saga of the test, rebuilt from its audit trail, is its row of
-    /// `saga_state`.
-    async fn assert_trail_rebuilds(&self) {
-        let check = audit::verify(self.pool(), None).await.unwrap();
-        assert!(check.sagas > 0 && check.ok(), "{check}");
-    }
-
-    /// An orchestrator of `definition` on the test's clock.
-    fn orchestrator(&self, definition: SagaDefinition<Order>) -> Orchestrator<Order> {
-        Orchestrator::new(definition, Outbox::new(), "order.reply").with_clock(self.clock.clone())
+        let base = SagaDb::new("").await;
+        let orchestrator = base.orchestrator(definition(timeout));
+        Fixture { base, orchestrator }
     }
 
     /// Moves the clock to a deadline set `wait` ago (by the clock) and sweeps with
@@ -226,28 +101,6 @@ impl Fixture {
 
     async fn start(&self, order: Order) -> Uuid {
         start_saga(self.pool(), &self.orchestrator, order).await
-    }
-
-    /// The commands written so far, in order.
-    async fn sent(&self) -> Vec<Sent> {
-        let rows: Vec<(String, serde_json::Value)> =
-            sqlx::query_as("SELECT type, headers FROM outbox ORDER BY id")
-                .fetch_all(self.pool())
-                .await
-                .unwrap();
-        rows.into_iter()
-            .map(|(kind, headers)| Sent {
-                kind,
-                saga_id: headers["saga-id"].as_str().unwrap().to_owned(),
-                step: headers["saga-step"].as_str().unwrap().to_owned(),
-                request_id: headers["request-id"].as_str().unwrap().to_owned(),
-                compensation: headers["compensation"] == "true",
-                attempt: headers["saga-attempt"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            })
-            .collect()
     }
 
     async fn kinds(&self) -> Vec<String> {
@@ -288,9 +141,9 @@ impl Fixture {
         );
     }
 
+    /// Where saga `id` of the fixture's orchestrator stands.
     async fn status(&self, id: Uuid) -> SagaStatus {
-        let mut conn = self.db.connect().await;
-        self.orchestrator.load(&mut conn, id).await.unwrap().status
+        self.base.status(&self.orchestrator, id).await
     }
 
     /// Where saga `id` of `orchestrator` (another definition than the fixture's)
@@ -301,17 +154,8 @@ impl Fixture {
         id: Uuid,
         order: &Order,
     ) -> (SagaStatus, Option<String>) {
-        let mut conn = self.db.connect().await;
-        let saga = orchestrator.load(&mut conn, id).await.unwrap().status;
+        let saga = self.base.status(orchestrator, id).await;
         (saga, self.order_status(order.order_id).await)
-    }
-
-    async fn order_status(&self, order: Uuid) -> Option<String> {
-        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-            .bind(order)
-            .fetch_optional(self.pool())
-            .await
-            .unwrap()
     }
 }
 
@@ -333,7 +177,7 @@ fn reply_message(
     let id = Uuid::now_v7();
     headers.insert("id".to_owned(), id.to_string());
     IncomingMessage {
-        topic: "order.reply".to_owned(),
+        topic: support::REPLY_TOPIC.to_owned(),
         partition: 0,
         offset: 0,
         key: Some(to.saga_id.clone()),
@@ -341,23 +185,6 @@ fn reply_message(
         message_type: Some(kind.to_owned()),
         headers,
         payload: Some(payload),
-    }
-}
-
-/// Starts a saga of `orchestrator` for `order` in a transaction of its own.
-async fn start_saga(pool: &PgPool, orchestrator: &Orchestrator<Order>, order: Order) -> Uuid {
-    let id = Uuid::now_v7();
-    let mut tx = pool.begin().await.unwrap();
-    orchestrator.start(&mut tx, id, order).await.unwrap();
-    tx.commit().await.unwrap();
-    id
-}
-
-fn order() -> Order {
-    Order {
-        order_id: Uuid::now_v7(),
-        amount: 100,
-        ..Order::default()
     }
 }
 
@@ -854,27 +681,6 @@ async fn a_reply_racing_its_timeout_has_one_outcome() {
     f.assert_trail_rebuilds().await;
 }
 
-/// A command as the participant receives it, from a command row of the outbox.
-fn command_message(sent: &Sent, kind: &str) -> IncomingMessage {
-    let mut headers = BTreeMap::new();
-    headers.insert("saga-id".to_owned(), sent.saga_id.clone());
-    headers.insert("saga-step".to_owned(), sent.step.clone());
-    headers.insert("request-id".to_owned(), sent.request_id.clone());
-    headers.insert("reply-to".to_owned(), "order.reply".to_owned());
-    headers.insert("compensation".to_owned(), sent.compensation.to_string());
-    headers.insert("saga-attempt".to_owned(), sent.attempt.clone());
-    IncomingMessage {
-        topic: "inventory.request".to_owned(),
-        partition: 0,
-        offset: 0,
-        key: Some(sent.saga_id.clone()),
-        id: Uuid::now_v7(),
-        message_type: Some(kind.to_owned()),
-        headers,
-        payload: Some(serde_json::json!({ "quantity": 2 })),
-    }
-}
-
 fn reserve<'c>(
     tx: &'c mut PgConnection,
     command: &'c saga_core::saga::CommandEnvelope,
@@ -1218,46 +1024,6 @@ async fn participant_tables(f: &Fixture) {
     .unwrap();
 }
 
-/// `builder` with the local step `create` and the participant step
-/// `reserve-goods`, both compensable; the caller sets the latter's timeout and
-/// retries.
-fn goods_saga(builder: SagaBuilder<Order>) -> SagaBuilder<Order> {
-    builder
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve-goods")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
-}
-
-/// The participant's replies in the outbox, in order, as the orchestrator receives
-/// them.
-async fn replies_in_outbox(pool: &PgPool) -> Vec<IncomingMessage> {
-    let rows: Vec<(Uuid, String, serde_json::Value, serde_json::Value)> = sqlx::query_as(
-        "SELECT id, type, payload, headers FROM outbox WHERE aggregatetype = 'order.reply' \
-         ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(id, kind, payload, headers)| {
-            let headers: BTreeMap<String, String> = serde_json::from_value(headers).unwrap();
-            IncomingMessage {
-                topic: "order.reply".to_owned(),
-                partition: 0,
-                offset: 0,
-                key: headers.get("saga-id").cloned(),
-                id,
-                message_type: Some(kind),
-                headers,
-                payload: Some(payload),
-            }
-        })
-        .collect()
-}
-
 /// The commands in the outbox, in order (not the participant's replies: `reserve`
 /// answers `GoodsReserved`).
 async fn commands_in_outbox(f: &Fixture) -> Vec<Sent> {
@@ -1271,38 +1037,6 @@ async fn commands_in_outbox(f: &Fixture) -> Vec<Sent> {
 /// Handles `sent` as the participant, with its barrier, in a transaction of its own.
 async fn participant_handles(f: &Fixture, sent: &Sent) {
     handle_with(f, sent, reserve).await;
-}
-
-/// Handles `sent` as the participant with `effect` behind its barrier, in a
-/// transaction of its own.
-async fn handle_with<F>(f: &Fixture, sent: &Sent, effect: F)
-where
-    F: for<'c> FnOnce(
-        &'c mut PgConnection,
-        &'c saga_core::saga::CommandEnvelope,
-    ) -> saga_core::saga::Effect<'c>,
-{
-    let mut tx = f.pool().begin().await.unwrap();
-    saga_core::saga::participate(
-        &mut tx,
-        &Outbox::new(),
-        &command_message(sent, &sent.kind),
-        effect,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-}
-
-async fn apply_reply(
-    orchestrator: &Orchestrator<Order>,
-    pool: &PgPool,
-    reply: &IncomingMessage,
-) -> ReplyDisposition {
-    let mut tx = pool.begin().await.unwrap();
-    let disposition = orchestrator.handle_reply(&mut tx, reply).await.unwrap();
-    tx.commit().await.unwrap();
-    disposition
 }
 
 async fn effects_of(f: &Fixture) -> Vec<String> {

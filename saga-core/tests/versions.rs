@@ -8,31 +8,24 @@
 //! are kept as holds: an action adds one under the step name its command carried,
 //! a compensation removes it. Time is a [`ManualClock`].
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+mod support;
+
+use std::collections::{BTreeSet, HashSet};
+use std::ops::Deref;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use saga_core::consumer::{IncomingMessage, MessageHandler};
-use saga_core::outbox::Outbox;
+use saga_core::consumer::MessageHandler;
 use saga_core::saga::{
-    audit, cli, participate, Command, CommandEnvelope, CompensationRetry, Effect, Orchestrator,
-    ParticipantReply, Reply, ReplyDisposition, SagaAdmin, SagaDefinition, StepFailed, StepMap,
-    StuckReason, StuckRules,
+    audit, cli, CommandEnvelope, CompensationRetry, Effect, Orchestrator, ParticipantReply,
+    ReplyDisposition, SagaAdmin, SagaDefinition, StepMap, StuckReason, StuckRules,
 };
-use saga_core::schema;
 use saga_core::status::SagaStatus;
-use saga_core::testing::ManualClock;
-use serde::{Deserialize, Serialize};
-use sqlx::migrate::Migrator;
-use sqlx::{PgConnection, PgPool};
-use testkit::TestDatabase;
+use sqlx::PgConnection;
+use support::{
+    apply_reply, approve, command, create, credit_and_approve, goods_steps, handle_with, order,
+    reject, start_saga, Order, SagaDb, Sent, STEP_TIMEOUT,
+};
 use uuid::Uuid;
-
-static NO_SERVICE: Migrator = Migrator::DEFAULT;
-
-/// The timeout of the goods and fraud steps (the credit step has none). Long: the
-/// tests move their clock instead.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Compensations are retried from 5 s, doubling up to 20 s, for 10 minutes.
 const COMPENSATION_RETRY: CompensationRetry = CompensationRetry {
@@ -41,103 +34,17 @@ const COMPENSATION_RETRY: CompensationRetry = CompensationRetry {
     give_up_after: Duration::from_secs(600),
 };
 
-const REPLY_TOPIC: &str = "order.reply";
-
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-struct Order {
-    order_id: Uuid,
-    amount: i64,
-    rejection: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CreditLimitExceeded {
-    available: i64,
-}
-
-impl Reply for CreditLimitExceeded {
-    const TYPE: &'static str = "CreditLimitExceeded";
-}
-
-fn create<'a>(
-    order: &'a mut Order,
-    tx: &'a mut PgConnection,
-) -> BoxFuture<'a, Result<(), StepFailed>> {
-    Box::pin(async move {
-        sqlx::query("INSERT INTO orders (id, status) VALUES ($1, 'PENDING')")
-            .bind(order.order_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StepFailed::new(e.to_string()))?;
-        Ok(())
-    })
-}
-
-fn set_status<'a>(
-    order: &'a Order,
-    tx: &'a mut PgConnection,
-    status: &'static str,
-) -> BoxFuture<'a, Result<(), StepFailed>> {
-    Box::pin(async move {
-        sqlx::query("UPDATE orders SET status = $2 WHERE id = $1")
-            .bind(order.order_id)
-            .bind(status)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StepFailed::new(e.to_string()))?;
-        Ok(())
-    })
-}
-
-fn reject<'a>(
-    order: &'a mut Order,
-    tx: &'a mut PgConnection,
-) -> BoxFuture<'a, Result<(), StepFailed>> {
-    set_status(order, tx, "REJECTED")
-}
-
-fn approve<'a>(
-    order: &'a mut Order,
-    tx: &'a mut PgConnection,
-) -> BoxFuture<'a, Result<(), StepFailed>> {
-    set_status(order, tx, "APPROVED")
-}
-
-fn command(topic: &str, kind: &str, order: &Order) -> Command {
-    Command::new(
-        topic,
-        kind,
-        &serde_json::json!({ "orderId": order.order_id, "amount": order.amount }),
-    )
-    .expect("a JSON payload")
-}
-
-/// Version 1: create → reserve (goods) → reserve-credit → approve.
+/// Version 1: create → reserve (goods) → reserve-credit → approve. The goods step
+/// times out after [`STEP_TIMEOUT`], the credit step never.
 fn version1() -> SagaDefinition<Order> {
-    SagaDefinition::<Order>::builder("test-order")
-        .compensation_retry(COMPENSATION_RETRY)
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| command("inventory.request", "ReleaseGoods", o))
-        .with_timeout(STEP_TIMEOUT)
-        .step("reserve-credit")
-        .invoke_participant(|o: &Order| command("customer.request", "ReserveCredit", o))
-        .on_reply::<CreditLimitExceeded>(|o, r| {
-            o.rejection = Some(format!("credit limit exceeded, {} available", r.available));
-        })
-        .with_participant_compensation(|o: &Order| command("customer.request", "ReleaseCredit", o))
-        .step("approve")
-        .invoke_local(approve)
-        .build()
-        .expect("a valid definition")
+    let builder =
+        SagaDefinition::<Order>::builder("test-order").compensation_retry(COMPENSATION_RETRY);
+    credit_and_approve(goods_steps(builder, "reserve", "ReleaseGoods").with_timeout(STEP_TIMEOUT))
 }
 
 /// Version 2: `reserve` is renamed `reserve-goods` (and undone by another command,
-/// `CancelReservation`), and `check-fraud` is added after it. With `migrate`, it
-/// declares how sagas of version 1 move onto it.
+/// `CancelReservation`), and `check-fraud` (with a timeout too) is added after it.
+/// With `migrate`, it declares how sagas of version 1 move onto it.
 fn version2(migrate: bool) -> SagaDefinition<Order> {
     let builder = SagaDefinition::<Order>::builder("test-order").version(2);
     let builder = if migrate {
@@ -150,91 +57,51 @@ fn version2(migrate: bool) -> SagaDefinition<Order> {
     } else {
         builder
     };
-    builder
-        .compensation_retry(COMPENSATION_RETRY)
-        .step("create")
-        .invoke_local(create)
-        .with_compensation(reject)
-        .step("reserve-goods")
-        .invoke_participant(|o: &Order| command("inventory.request", "ReserveGoods", o))
-        .with_participant_compensation(|o: &Order| {
-            command("inventory.request", "CancelReservation", o)
-        })
-        .with_timeout(STEP_TIMEOUT)
-        .step("check-fraud")
-        .invoke_participant(|o: &Order| command("fraud.request", "CheckFraud", o))
-        .with_timeout(STEP_TIMEOUT)
-        .step("reserve-credit")
-        .invoke_participant(|o: &Order| command("customer.request", "ReserveCredit", o))
-        .on_reply::<CreditLimitExceeded>(|o, r| {
-            o.rejection = Some(format!("credit limit exceeded, {} available", r.available));
-        })
-        .with_participant_compensation(|o: &Order| command("customer.request", "ReleaseCredit", o))
-        .step("approve")
-        .invoke_local(approve)
-        .build()
-        .expect("a valid definition")
+    let builder = goods_steps(
+        builder.compensation_retry(COMPENSATION_RETRY),
+        "reserve-goods",
+        "CancelReservation",
+    )
+    .with_timeout(STEP_TIMEOUT)
+    .step("check-fraud")
+    .invoke_participant(|o: &Order| command("fraud.request", "CheckFraud", o))
+    .with_timeout(STEP_TIMEOUT);
+    credit_and_approve(builder)
 }
 
-/// A command as it sits in the outbox.
-#[derive(Debug, Clone)]
-struct Sent {
-    kind: String,
-    topic: String,
-    saga_id: String,
-    step: String,
-    request_id: String,
-    compensation: bool,
-    attempt: String,
-}
-
+/// The test's database and clock, with the participant's tables: its effects
+/// (`holds`) and the commands it is to refuse once (`refusals`).
 struct Fixture {
-    db: TestDatabase,
-    clock: ManualClock,
+    base: SagaDb,
     /// Request ids of the commands the participant has handled.
     handled: HashSet<String>,
 }
 
+impl Deref for Fixture {
+    type Target = SagaDb;
+
+    fn deref(&self) -> &SagaDb {
+        &self.base
+    }
+}
+
 impl Fixture {
     async fn new() -> Fixture {
-        let db = TestDatabase::create().await;
-        schema::migrate(db.pool(), &NO_SERVICE).await.unwrap();
-        sqlx::raw_sql(
-            "CREATE TABLE orders (id uuid PRIMARY KEY, status text NOT NULL); \
-             CREATE TABLE holds (saga_id text, branch text, kind text); \
+        let base = SagaDb::new(
+            "CREATE TABLE holds (saga_id text, branch text, kind text); \
              CREATE TABLE refusals (saga_id text, kind text, reply text)",
         )
-        .execute(db.pool())
-        .await
-        .unwrap();
+        .await;
         Fixture {
-            db,
-            clock: ManualClock::new(),
+            base,
             handled: HashSet::new(),
         }
     }
 
-    fn pool(&self) -> &PgPool {
-        self.db.pool()
-    }
-
-    fn orchestrator(&self, definition: SagaDefinition<Order>) -> Orchestrator<Order> {
-        Orchestrator::new(definition, Outbox::new(), REPLY_TOPIC).with_clock(self.clock.clone())
-    }
-
+    /// Starts a saga of `orchestrator` for a new order; its id and the order's.
     async fn start(&self, orchestrator: &Orchestrator<Order>) -> (Uuid, Uuid) {
-        let order = Order {
-            order_id: Uuid::now_v7(),
-            amount: 100,
-            rejection: None,
-        };
-        let id = Uuid::now_v7();
-        let mut tx = self.pool().begin().await.unwrap();
-        orchestrator
-            .start(&mut tx, id, order.clone())
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        let order = order();
+        let id = start_saga(self.pool(), orchestrator, order.clone()).await;
         (id, order.order_id)
     }
 
@@ -247,28 +114,6 @@ impl Fixture {
             .execute(self.pool())
             .await
             .unwrap();
-    }
-
-    /// Every command in the outbox, in the order they were written.
-    async fn commands(&self) -> Vec<Sent> {
-        let rows: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
-            "SELECT type, aggregatetype, headers FROM outbox WHERE aggregatetype <> $1 ORDER BY id",
-        )
-        .bind(REPLY_TOPIC)
-        .fetch_all(self.pool())
-        .await
-        .unwrap();
-        rows.into_iter()
-            .map(|(kind, topic, h)| Sent {
-                kind,
-                topic,
-                saga_id: h["saga-id"].as_str().unwrap().to_owned(),
-                step: h["saga-step"].as_str().unwrap().to_owned(),
-                request_id: h["request-id"].as_str().unwrap().to_owned(),
-                compensation: h["compensation"] == "true",
-                attempt: h["saga-attempt"].as_str().unwrap().to_owned(),
-            })
-            .collect()
     }
 
     /// The commands of saga `id` not handled yet.
@@ -288,41 +133,19 @@ impl Fixture {
         sent: &Sent,
     ) -> ReplyDisposition {
         self.handled.insert(sent.request_id.clone());
-        let mut tx = self.pool().begin().await.unwrap();
-        participate(&mut tx, &Outbox::new(), &command_message(sent), effect)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        handle_with(self, sent, effect).await;
         let reply = self.reply_to(sent).await;
-        let mut tx = self.pool().begin().await.unwrap();
-        let disposition = orchestrator.handle_reply(&mut tx, &reply).await.unwrap();
-        tx.commit().await.unwrap();
-        disposition
+        apply_reply(orchestrator, self.pool(), &reply).await
     }
 
-    /// The participant's (latest) reply to `sent`, as the reply consumer receives it.
-    async fn reply_to(&self, sent: &Sent) -> IncomingMessage {
-        let (id, kind, payload, headers): (Uuid, String, serde_json::Value, serde_json::Value) =
-            sqlx::query_as(
-                "SELECT id, type, payload, headers FROM outbox WHERE aggregatetype = $1 \
-                 AND headers->>'request-id' = $2 ORDER BY id DESC LIMIT 1",
-            )
-            .bind(REPLY_TOPIC)
-            .bind(&sent.request_id)
-            .fetch_one(self.pool())
-            .await
-            .expect("the participant answered");
-        let headers: BTreeMap<String, String> = serde_json::from_value(headers).unwrap();
-        IncomingMessage {
-            topic: REPLY_TOPIC.to_owned(),
-            partition: 0,
-            offset: 0,
-            key: headers.get("saga-id").cloned(),
-            id,
-            message_type: Some(kind),
-            headers,
-            payload: Some(payload),
-        }
+    /// [`Fixture::deliver`]s the first pending command of saga `id`.
+    async fn answer_next(
+        &mut self,
+        orchestrator: &Orchestrator<Order>,
+        id: Uuid,
+    ) -> ReplyDisposition {
+        let sent = self.pending(id).await.remove(0);
+        self.deliver(orchestrator, &sent).await
     }
 
     /// Delivers every pending command of `sagas`, and lets due deadlines pass
@@ -356,19 +179,6 @@ impl Fixture {
         panic!("the sagas did not end");
     }
 
-    async fn status(&self, orchestrator: &Orchestrator<Order>, id: Uuid) -> SagaStatus {
-        let mut conn = self.db.connect().await;
-        orchestrator.load(&mut conn, id).await.unwrap().status
-    }
-
-    async fn order_status(&self, order: Uuid) -> String {
-        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-            .bind(order)
-            .fetch_one(self.pool())
-            .await
-            .unwrap()
-    }
-
     /// The participant's effects that were not undone for saga `id`, by the step
     /// name its commands carried.
     async fn holds(&self, id: Uuid) -> BTreeSet<String> {
@@ -379,32 +189,6 @@ impl Fixture {
             .unwrap()
             .into_iter()
             .collect()
-    }
-
-    async fn assert_trail_rebuilds(&self) {
-        let check = audit::verify(self.pool(), None).await.unwrap();
-        assert!(check.sagas > 0 && check.ok(), "{check}");
-    }
-}
-
-/// A command as the participant receives it.
-fn command_message(sent: &Sent) -> IncomingMessage {
-    let mut headers = BTreeMap::new();
-    headers.insert("saga-id".to_owned(), sent.saga_id.clone());
-    headers.insert("saga-step".to_owned(), sent.step.clone());
-    headers.insert("request-id".to_owned(), sent.request_id.clone());
-    headers.insert("reply-to".to_owned(), REPLY_TOPIC.to_owned());
-    headers.insert("compensation".to_owned(), sent.compensation.to_string());
-    headers.insert("saga-attempt".to_owned(), sent.attempt.clone());
-    IncomingMessage {
-        topic: sent.topic.clone(),
-        partition: 0,
-        offset: 0,
-        key: Some(sent.saga_id.clone()),
-        id: Uuid::now_v7(),
-        message_type: Some(sent.kind.clone()),
-        headers,
-        payload: Some(serde_json::json!({})),
     }
 }
 
@@ -502,18 +286,15 @@ async fn fifty_on_version1(f: &mut Fixture) -> InFlight {
     let (waiting_goods, waiting_credit) = first.split_at(12);
     let (compensating, retrying) = second.split_at(13);
     for (id, _) in waiting_credit.iter().chain(compensating).chain(retrying) {
-        let goods = f.pending(*id).await.remove(0);
-        assert_eq!(f.deliver(&v1, &goods).await, ReplyDisposition::Applied);
+        assert_eq!(f.answer_next(&v1, *id).await, ReplyDisposition::Applied);
     }
     for (id, _) in compensating.iter().chain(retrying) {
         f.refuse(*id, "ReserveCredit", "CreditLimitExceeded").await;
-        let credit = f.pending(*id).await.remove(0);
-        assert_eq!(f.deliver(&v1, &credit).await, ReplyDisposition::Applied);
+        assert_eq!(f.answer_next(&v1, *id).await, ReplyDisposition::Applied);
     }
     for (id, _) in retrying {
         f.refuse(*id, "ReleaseGoods", "ReleaseGoodsRefused").await;
-        let release = f.pending(*id).await.remove(0);
-        assert_eq!(f.deliver(&v1, &release).await, ReplyDisposition::Applied);
+        assert_eq!(f.answer_next(&v1, *id).await, ReplyDisposition::Applied);
     }
     for (id, _) in &started {
         let running = f.status(&v1, *id).await;
@@ -630,7 +411,11 @@ async fn fifty_sagas_survive_a_new_version(migrate: bool) {
     for (sagas, end, order_status, sent, holds) in &expected {
         for (id, order) in *sagas {
             assert_eq!(f.status(&v2, *id).await, *end, "{id}");
-            assert_eq!(f.order_status(*order).await, *order_status, "{id}");
+            assert_eq!(
+                f.order_status(*order).await.as_deref(),
+                Some(*order_status),
+                "{id}"
+            );
             assert_eq!(shape(&commands, *id), *sent, "{id}");
             assert_eq!(f.holds(*id).await, *holds, "{id}");
             let mut conn = f.db.connect().await;
@@ -673,7 +458,7 @@ async fn fifty_sagas_survive_a_new_version(migrate: bool) {
             )
         };
         assert_eq!(f.status(&v2, *id).await, end);
-        assert_eq!(f.order_status(*order).await, order_status);
+        assert_eq!(f.order_status(*order).await.as_deref(), Some(order_status));
         assert_eq!(f.holds(*id).await, holds);
         let mut conn = f.db.connect().await;
         assert_eq!(v2.load(&mut conn, *id).await.unwrap().definition_version, 2);
@@ -751,11 +536,7 @@ async fn a_saga_on_an_unknown_version_is_held_listed_and_resumed_by_code_that_kn
     // The participant answers; the reply consumer's handler keeps the reply and
     // succeeds, so its journal row commits and the partition moves on.
     f.handled.insert(goods.request_id.clone());
-    let mut tx = f.pool().begin().await.unwrap();
-    participate(&mut tx, &Outbox::new(), &command_message(&goods), effect)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    handle_with(&f, &goods, effect).await;
     let reply = f.reply_to(&goods).await;
     let mut tx = f.pool().begin().await.unwrap();
     let disposition = rolled_back.handle_reply(&mut tx, &reply).await.unwrap();
@@ -855,8 +636,7 @@ async fn a_migration_that_would_lose_an_undo_leaves_the_saga_listed() {
     let mut f = Fixture::new().await;
     let v1 = f.orchestrator(version1());
     let (id, _) = f.start(&v1).await;
-    let goods = f.pending(id).await.remove(0);
-    assert_eq!(f.deliver(&v1, &goods).await, ReplyDisposition::Applied);
+    assert_eq!(f.answer_next(&v1, id).await, ReplyDisposition::Applied);
     let without_goods = SagaDefinition::<Order>::builder("test-order")
         .version(2)
         .migrate_from(1, StepMap::new().removed("reserve"))
@@ -880,8 +660,7 @@ async fn a_migration_that_would_lose_an_undo_leaves_the_saga_listed() {
         ),
         "{listed:?}"
     );
-    let credit = f.pending(id).await.remove(0);
-    assert_eq!(f.deliver(&v2, &credit).await, ReplyDisposition::Held);
+    assert_eq!(f.answer_next(&v2, id).await, ReplyDisposition::Held);
     let mut conn = f.db.connect().await;
     assert_eq!(v2.load(&mut conn, id).await.unwrap().definition_version, 1);
     f.assert_trail_rebuilds().await;
@@ -895,8 +674,7 @@ async fn stuck_sagas_are_listed_with_their_step_timeout_or_age() {
     let v1 = f.orchestrator(version1());
     let (timed, _) = f.start(&v1).await;
     let (untimed, _) = f.start(&v1).await;
-    let goods = f.pending(untimed).await.remove(0);
-    f.deliver(&v1, &goods).await; // now waiting for credit, which has no timeout
+    f.answer_next(&v1, untimed).await; // now waiting for credit, which has no timeout
     sqlx::query("UPDATE saga_state SET updated_at = now() - interval '100 seconds'")
         .execute(f.pool())
         .await
