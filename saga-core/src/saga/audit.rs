@@ -417,31 +417,22 @@ fn difference(stored: &SagaRow, rebuilt: Option<&SagaRow>) -> Option<String> {
     let Some(rebuilt) = rebuilt else {
         return Some("no trail".to_owned());
     };
-    let mut differs = Vec::new();
-    if stored.saga_type != rebuilt.saga_type {
-        differs.push("saga_type");
-    }
-    if stored.definition_version != rebuilt.definition_version {
-        differs.push("definition_version");
-    }
-    if stored.status != rebuilt.status {
-        differs.push("status");
-    }
-    if stored.current_step != rebuilt.current_step {
-        differs.push("current_step");
-    }
-    if stored.deadline != rebuilt.deadline {
-        differs.push("deadline");
-    }
-    if stored.payload != rebuilt.payload {
-        differs.push("payload");
-    }
-    if stored.step_status != rebuilt.step_status {
-        differs.push("step_status");
-    }
-    if stored.version != rebuilt.version {
-        differs.push("version");
-    }
+    let differs: Vec<&str> = [
+        ("saga_type", stored.saga_type != rebuilt.saga_type),
+        (
+            "definition_version",
+            stored.definition_version != rebuilt.definition_version,
+        ),
+        ("status", stored.status != rebuilt.status),
+        ("current_step", stored.current_step != rebuilt.current_step),
+        ("deadline", stored.deadline != rebuilt.deadline),
+        ("payload", stored.payload != rebuilt.payload),
+        ("step_status", stored.step_status != rebuilt.step_status),
+        ("version", stored.version != rebuilt.version),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect();
     (!differs.is_empty()).then(|| {
         format!(
             "{} differ (stored {} v{}, rebuilt {} v{})",
