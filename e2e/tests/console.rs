@@ -204,6 +204,22 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
     );
     assert_eq!(browser.text("#status").await, "STARTED");
 
+    // Send the payment command again from the page: a second attempt goes out.
+    browser.fill("#resend input[name=operator]", "bob").await;
+    browser.click("#resend button").await;
+    let asked = browser.dialog_text().await.expect("a confirmation");
+    assert!(asked.contains("new attempt"), "{asked}");
+    browser.accept_dialog().await;
+    browser.wait_for("#done", WAIT).await;
+    assert!(browser.text("#done").await.contains("sent again"));
+    let payments: Vec<serde_json::Value> = events_of(&shop, waiting)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "command_sent" && e.step.as_deref() == Some("payment"))
+        .map(|e| e.detail["attempt"].clone())
+        .collect();
+    assert_eq!(payments, [1, 2]);
+
     // Abort it from the page: a confirmation, then the saga compensates.
     browser.fill("#abort input[name=operator]", "alice").await;
     browser
@@ -255,7 +271,8 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
         browser
             .count("svg.timeline a.mark[data-kind='operator_action']")
             .await,
-        1
+        2,
+        "the step sent again and the abort"
     );
     browser
         .run_script("document.querySelector('svg.timeline').previousElementSibling.previousElementSibling.scrollIntoView(); return null;")
@@ -264,11 +281,22 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
 
     // The trail says who did it and why; the order is rejected, nothing is held.
     let events = events_of(&shop, waiting).await;
+    let actions: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "operator_action")
+        .map(|e| (e.detail["action"].clone(), e.detail["actor"].clone()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (serde_json::json!("retry_step"), serde_json::json!("bob")),
+            (serde_json::json!("abort"), serde_json::json!("alice")),
+        ]
+    );
     let action = events
         .iter()
-        .find(|e| e.kind == "operator_action")
+        .rfind(|e| e.kind == "operator_action")
         .expect("the abort is in the trail");
-    assert_eq!(action.detail["actor"], "alice");
     assert_eq!(action.detail["reason"], "customer called");
     let final_order = client.wait_final(waiting, WAIT).await.expect("final");
     assert_eq!(final_order["status"], "REJECTED", "{final_order}");

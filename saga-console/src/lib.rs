@@ -7,8 +7,8 @@
 //! - `/console/sagas/{id}`: one saga's timeline as a picture (a lane per step:
 //!   commands, replies, timeouts, compensations, retries, operator actions), each
 //!   event's ids and headers on demand, its data and steps, and the actions that
-//!   fit its status (abort, retry a failed compensation), each behind a
-//!   confirmation.
+//!   fit its status (abort, send the awaited step's command again, retry a failed
+//!   compensation), each behind a confirmation.
 //!
 //! # Why it is served by the orchestrating service
 //!
@@ -74,6 +74,12 @@ pub trait SagaActions: Send + Sync + 'static {
         admin: &'a SagaAdmin,
         id: Uuid,
     ) -> BoxFuture<'a, Result<(), SagaError>>;
+    /// Sends the command of the step a running saga waits on again.
+    fn retry_step<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), SagaError>>;
 }
 
 impl<D: SagaData + Clone> SagaActions for Orchestrator<D> {
@@ -96,6 +102,14 @@ impl<D: SagaData + Clone> SagaActions for Orchestrator<D> {
         id: Uuid,
     ) -> BoxFuture<'a, Result<(), SagaError>> {
         Box::pin(admin.retry_compensation(self, id))
+    }
+
+    fn retry_step<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), SagaError>> {
+        Box::pin(admin.retry_step(self, id))
     }
 }
 
@@ -183,6 +197,7 @@ pub fn router(console: Console) -> Router {
         .route(&format!("{BASE}/sagas/{{id}}"), get(detail))
         .route(&format!("{BASE}/sagas/{{id}}/abort"), post(abort))
         .route(&format!("{BASE}/sagas/{{id}}/retry"), post(retry))
+        .route(&format!("{BASE}/sagas/{{id}}/resend"), post(resend))
         .route(&format!("{BASE}/relays"), get(relays_page))
         .route(&format!("{BASE}/dead-letters"), get(letters_page))
         .route(&format!("{BASE}/dead-letters/replay"), post(replay))
@@ -350,6 +365,21 @@ async fn retry(
     .await
 }
 
+async fn resend(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<Uuid>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    act(
+        &console,
+        id,
+        &form.operator,
+        "sent again",
+        move |actions, admin| actions.retry_step(admin, id),
+    )
+    .await
+}
+
 /// Runs an operator action on saga `id` as `operator`; back to the saga's page.
 async fn act<F>(console: &Console, id: Uuid, operator: &str, done: &str, action: F) -> Response
 where
@@ -384,6 +414,7 @@ where
     match action(actions, &admin).await {
         Ok(()) => {
             tracing::info!(saga_id = %id, operator, action = done, "operator action from the console");
+            let done = html::url_value(done);
             Redirect::to(&format!("{BASE}/sagas/{id}?done={done}")).into_response()
         }
         Err(e @ (SagaError::Invalid { .. } | SagaError::Conflict(_))) => {

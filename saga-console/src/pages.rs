@@ -354,7 +354,10 @@ fn actions(id: uuid::Uuid, status: &str, can_act: bool) -> String {
                 "<form id=\"abort\" method=\"post\" action=\"{BASE}/sagas/{id}/abort\" \
                  onsubmit=\"return confirm('Abort saga {id}? Its current step fails and every completed step is compensated.')\">\
                  {operator}<label>reason <input name=\"reason\" size=\"28\" placeholder=\"why\"></label>\
-                 <button class=\"danger\" type=\"submit\">Abort and compensate</button></form>"
+                 <button class=\"danger\" type=\"submit\">Abort and compensate</button></form>\
+                 <form id=\"resend\" method=\"post\" action=\"{BASE}/sagas/{id}/resend\" \
+                 onsubmit=\"return confirm('Send the command of the step saga {id} waits on again? It goes out as a new attempt; a participant that already ran it answers with its first answer.')\">\
+                 {operator}<button class=\"primary\" type=\"submit\">Send the step's command again</button></form>"
             );
         }
         "COMPENSATION_FAILED" => {

@@ -1348,3 +1348,66 @@ async fn an_operator_action_is_recorded_with_who_took_it() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_operator_sends_the_awaited_step_again_as_a_new_attempt() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    let first = f.last().await;
+    let admin = SagaAdmin::new(f.pool().clone()).acting_as("carol");
+    admin.retry_step(&f.orchestrator, id).await.unwrap();
+    let second = f.last().await;
+    assert_eq!(
+        (
+            second.kind.as_str(),
+            second.step.as_str(),
+            second.attempt.as_str()
+        ),
+        ("ReserveGoods", "reserve-goods", "2")
+    );
+    assert_ne!(second.request_id, first.request_id);
+    assert_eq!(f.status(id).await, SagaStatus::Started);
+    // The reply to the first attempt is stale now; the second one's moves on.
+    let late = f
+        .reply(&first, true, "ReserveGoodsDone", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(late, ReplyDisposition::Stale);
+    f.ok(&second).await;
+    let credit = f.last().await;
+    assert_eq!(credit.kind, "ReserveCredit");
+    f.ok(&credit).await;
+    assert_eq!(f.status(id).await, SagaStatus::Completed);
+    // A saga that waits for nothing cannot have a step sent again.
+    let refused = admin.retry_step(&f.orchestrator, id).await.unwrap_err();
+    assert!(refused.to_string().contains("is COMPLETED"), "{refused}");
+
+    let mut conn = f.db.connect().await;
+    let events = audit::events(&mut conn, id).await.unwrap();
+    let actions: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "operator_action")
+        .collect();
+    assert_eq!(actions.len(), 1, "a refused action leaves nothing");
+    assert_eq!(actions[0].detail["action"], "retry_step");
+    assert_eq!(actions[0].detail["actor"], "carol");
+    assert_eq!(actions[0].step.as_deref(), Some("reserve-goods"));
+    f.assert_trail_rebuilds().await;
+}
+
+#[tokio::test]
+async fn a_step_not_waiting_for_a_participant_is_not_sent_again() {
+    let f = Fixture::new(None).await;
+    let id = f.start(order()).await;
+    let goods = f.last().await;
+    // The goods step is refused: the saga compensates (ABORTING, waiting on
+    // nothing forward).
+    f.reply(&goods, false, "InsufficientStock", serde_json::json!({}))
+        .await
+        .unwrap();
+    let admin = SagaAdmin::new(f.pool().clone());
+    let refused = admin.retry_step(&f.orchestrator, id).await.unwrap_err();
+    assert!(matches!(refused, SagaError::Invalid { .. }), "{refused}");
+    assert_eq!(f.kinds().await, ["ReserveGoods"]);
+    f.assert_trail_rebuilds().await;
+}

@@ -115,6 +115,7 @@ impl SagaAdmin {
             orchestrator,
             id,
             SagaStatus::CompensationFailed,
+            SagaStatus::Aborting,
             json!({"action": "retry_compensation"}),
             |instance| {
                 if let Some(step) = instance.current_step.clone() {
@@ -125,6 +126,7 @@ impl SagaAdmin {
                     state.request_id = None;
                     state.status = Some(StepStatus::Compensating.as_str().to_owned());
                 }
+                Ok(())
             },
         )
         .await
@@ -140,7 +142,8 @@ impl SagaAdmin {
         reason: &str,
     ) -> Result<(), SagaError> {
         let action = json!({"action": "abort", "reason": reason});
-        self.intervene(orchestrator, id, SagaStatus::Started, action, |instance| {
+        let (started, aborting) = (SagaStatus::Started, SagaStatus::Aborting);
+        self.intervene(orchestrator, id, started, aborting, action, |instance| {
             if let Some(step) = instance.current_step.clone() {
                 let state = instance.steps.entry(step.clone()).or_default();
                 let waited = state.request_id.is_some();
@@ -149,19 +152,52 @@ impl SagaAdmin {
                 let detail = json!({"reason": why, "timed_out": waited, "retrying": false});
                 instance.record(EventKind::StepFailed, Some(&step), detail);
             }
+            Ok(())
         })
         .await
     }
 
-    /// Changes a saga in status `expected` by hand, then lets it compensate: one
-    /// transaction, under the same version check as every other change.
+    /// Sends the command of the step a running saga waits on again, as a new
+    /// attempt with a new request id: for a command a participant never got, or
+    /// whose reply was lost, without waiting for the step's timeout. The reply to
+    /// the earlier attempt becomes stale; the participant's barrier answers the new
+    /// attempt with its first answer if it ran the step already (or runs it again
+    /// after a refusal), so nothing runs twice.
+    pub async fn retry_step<D: SagaData + Clone>(
+        &self,
+        orchestrator: &Orchestrator<D>,
+        id: Uuid,
+    ) -> Result<(), SagaError> {
+        let started = SagaStatus::Started;
+        let action = json!({"action": "retry_step"});
+        self.intervene(orchestrator, id, started, started, action, |instance| {
+            let waiting = instance
+                .current_step
+                .clone()
+                .and_then(|step| instance.steps.get_mut(&step))
+                .filter(|s| s.is(StepStatus::Started) && s.request_id.is_some());
+            let Some(state) = waiting else {
+                return Err("is not waiting for a participant's reply".to_owned());
+            };
+            // `advance` sends it again; the attempt count goes on.
+            state.status = None;
+            state.request_id = None;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Changes a saga in status `expected` by hand, puts it in status `then`
+    /// (compensating, or running on) and lets it move: one transaction, under the
+    /// same version check as every other change.
     async fn intervene<D: SagaData + Clone>(
         &self,
         orchestrator: &Orchestrator<D>,
         id: Uuid,
         expected: SagaStatus,
+        then: SagaStatus,
         mut action: serde_json::Value,
-        change: impl FnOnce(&mut SagaInstance<D>),
+        change: impl FnOnce(&mut SagaInstance<D>) -> Result<(), String>,
     ) -> Result<(), SagaError> {
         let mut tx = self.pool.begin().await?;
         let mut instance = orchestrator.load_to_drive(&mut tx, id).await?;
@@ -174,8 +210,8 @@ impl SagaAdmin {
         action["actor"] = json!(self.actor);
         let step = instance.current_step.clone();
         instance.record(EventKind::OperatorAction, step.as_deref(), action);
-        change(&mut instance);
-        instance.status = SagaStatus::Aborting;
+        change(&mut instance).map_err(|reason| SagaError::Invalid { id, reason })?;
+        instance.status = then;
         instance.deadline = None;
         orchestrator.advance(&mut tx, &mut instance).await?;
         orchestrator.save_instance(&mut tx, &mut instance).await?;

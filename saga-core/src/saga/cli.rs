@@ -33,6 +33,9 @@ pub enum SagaCommand {
     },
     /// Try the failed compensation of a COMPENSATION_FAILED saga again.
     Retry { id: Uuid },
+    /// Send the command of the step a running saga waits on again (a new attempt),
+    /// without waiting for its timeout.
+    RetryStep { id: Uuid },
     /// Abort a running saga: compensate every completed step.
     Abort {
         id: Uuid,
@@ -86,6 +89,10 @@ pub async fn run_with<D: SagaData + Clone>(
         SagaCommand::Retry { id } => {
             admin.retry_compensation(orchestrator, id).await?;
             Ok(format!("saga {id}: compensation retried\n"))
+        }
+        SagaCommand::RetryStep { id } => {
+            admin.retry_step(orchestrator, id).await?;
+            Ok(format!("saga {id}: the step's command was sent again\n"))
         }
         SagaCommand::Abort { id, reason } => {
             admin.abort(orchestrator, id, &reason).await?;
