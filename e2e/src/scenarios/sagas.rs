@@ -95,6 +95,12 @@ pub(super) async fn compensation_retry(settings: LabSettings) -> anyhow::Result<
         "consumer.before-handler=sleep(3000)*40",
     );
     config.step_timeout = Duration::from_secs(6);
+    // The customer service is down for longer than a static member's 45 s session.
+    // The local broker (tansu 0.6) can then leave its group without a leader for
+    // good when the process comes back under its name (the member it takes over
+    // has expired by the time its first heartbeat arrives), so here it runs
+    // without an instance name. Apache Kafka lets it join as a new member.
+    config = config.with_env("customer-service", "INSTANCE_NAME", "");
     with_shop(&mut lab, config, BOUND, |lab, shop| {
         Box::pin(async move {
             let mut orders = mix(lab, 20);
