@@ -55,6 +55,9 @@ pub struct ShopConfig {
     pub prefix: String,
     pub mode: Mode,
     pub step_timeout: Duration,
+    /// Sagas whose step times out are suspended for an operator this long
+    /// (`SAGA_SUSPEND_ON=timeouts`); `None`: they compensate at once (the default).
+    pub suspend_timeouts_for: Option<Duration>,
     /// The payment service's charge limit; `None`: its default.
     pub charge_limit: Option<Amount>,
     /// How long a service or relay may take to report itself healthy.
@@ -79,6 +82,7 @@ impl ShopConfig {
             prefix: prefix.into(),
             mode: Mode::InProcess,
             step_timeout: Duration::from_secs(30),
+            suspend_timeouts_for: None,
             charge_limit: None,
             start_timeout: Duration::from_secs(60),
             env: BTreeMap::new(),
@@ -276,6 +280,10 @@ impl Shop {
                         config.customer_url = self.customer_url.clone();
                         config.inventory_url = self.inventory_url.clone();
                         config.step_timeout_ms = millis(self.config.step_timeout);
+                        if let Some(hold) = self.config.suspend_timeouts_for {
+                            config.suspend_on = order_service::SuspendWhen::Timeouts;
+                            config.suspend_for_s = hold.as_secs().max(1);
+                        }
                         config.console_relays = self.console_relays();
                         config.console_dead_letter_topics = self.dead_letter_topics();
                         order_service::start(config).await?
@@ -322,6 +330,22 @@ impl Shop {
                             (
                                 "SAGA_STEP_TIMEOUT_MS".to_owned(),
                                 millis(self.config.step_timeout).to_string(),
+                            ),
+                            (
+                                "SAGA_SUSPEND_ON".to_owned(),
+                                if self.config.suspend_timeouts_for.is_some() {
+                                    "timeouts"
+                                } else {
+                                    "off"
+                                }
+                                .to_owned(),
+                            ),
+                            (
+                                "SAGA_SUSPEND_FOR_S".to_owned(),
+                                self.config
+                                    .suspend_timeouts_for
+                                    .map_or(3_600, |d| d.as_secs().max(1))
+                                    .to_string(),
                             ),
                             (
                                 "CONSOLE_DEAD_LETTER_TOPICS".to_owned(),

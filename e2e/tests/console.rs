@@ -347,3 +347,135 @@ async fn an_action_without_a_name_or_on_a_finished_saga_is_refused() {
     assert!(events.iter().all(|e| e.kind != "operator_action"));
     shop.stop().await;
 }
+
+/// Polls saga `id`'s page until its status is `status`.
+async fn wait_for_status(browser: &Browser, page: &str, status: &str, within: Duration) {
+    let started = Instant::now();
+    loop {
+        browser.goto(page).await;
+        if browser.text("#status").await == status {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "the saga never became {status} on {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// With timed-out steps suspended, a saga whose payment service is down waits on
+/// its payment step for an operator. The service comes back; the restart clicked
+/// in the page sends the payment again as a new attempt, which the payment
+/// service's barrier answers with the charge it made for the first (delivered
+/// late): the order is approved and charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_suspended_saga_restarted_from_the_page_completes_charged_once() {
+    let mut shop = support::start(
+        |c| {
+            // Long enough for the first order while the consumers join their
+            // groups; the payment step waits this long before it is suspended.
+            c.step_timeout = Duration::from_secs(20);
+            c.suspend_timeouts_for = Some(Duration::from_secs(3600));
+        },
+        "",
+        "",
+    )
+    .await;
+    let client = shop.client.clone();
+    // Every consumer has its partitions: an order goes through.
+    let first = client
+        .place_accepted(&order(GOOD_CARD))
+        .await
+        .expect("accepted");
+    let done = client.wait_final(first, WAIT).await.expect("final");
+    assert_eq!(done["status"], "APPROVED", "{done}");
+
+    shop.shop
+        .stop_service("payment")
+        .await
+        .expect("payment stopped");
+    let id = client
+        .place_accepted(&order(GOOD_CARD))
+        .await
+        .expect("accepted");
+    let console = format!("{}/console", client.order_url);
+    let page = format!("{console}/sagas/{id}");
+    let browser = Browser::start().await;
+    wait_for_status(&browser, &page, "SUSPENDED", Duration::from_secs(60)).await;
+    assert_eq!(
+        browser
+            .count("svg.timeline a.mark[data-kind='saga_suspended']")
+            .await,
+        1
+    );
+    // Nothing was compensated: the order waits.
+    let pending = client.order(id).await.expect("order readable");
+    assert_eq!(pending["status"], "PENDING", "{pending}");
+    // The list shows it under its status.
+    browser.goto(&format!("{console}?status=SUSPENDED")).await;
+    assert_eq!(browser.count("tr.saga").await, 1);
+    assert_eq!(browser.text(".card[data-status='SUSPENDED'] .n").await, "1");
+
+    shop.shop
+        .start_service_again("payment")
+        .await
+        .expect("payment back");
+    browser.goto(&page).await;
+    browser.screenshot("console-saga-suspended").await;
+    browser.fill("#restart input[name=operator]", "carol").await;
+    browser.click("#restart button").await;
+    let asked = browser.dialog_text().await.expect("a confirmation");
+    assert!(asked.contains("new attempt"), "{asked}");
+    browser.accept_dialog().await;
+    browser.wait_for("#done", WAIT).await;
+    assert!(browser.text("#done").await.contains("restarted"));
+    wait_for_status(&browser, &page, "COMPLETED", Duration::from_secs(60)).await;
+    browser.screenshot("console-saga-restarted").await;
+
+    let final_order = client.wait_final(id, WAIT).await.expect("final");
+    assert_eq!(final_order["status"], "APPROVED", "{final_order}");
+    // One payment, charged; the payment service's barrier ran the charge once.
+    let payments: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM payments WHERE order_id = $1")
+            .bind(id)
+            .fetch_all(&shop.ledger.payment)
+            .await
+            .unwrap();
+    assert_eq!(payments, ["CHARGED"]);
+    let barrier: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT op, attempt, reply_outcome FROM saga_barrier WHERE saga_id = $1 AND branch = 'payment'",
+    )
+    .bind(id.to_string())
+    .fetch_all(&shop.ledger.payment)
+    .await
+    .unwrap();
+    assert_eq!(
+        barrier,
+        [("action".to_owned(), 1, Some("success".to_owned()))]
+    );
+    let events = events_of(&shop, id).await;
+    let attempts: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|e| e.kind == "command_sent" && e.step.as_deref() == Some("payment"))
+        .map(|e| e.detail["attempt"].clone())
+        .collect();
+    assert_eq!(attempts, [1, 2]);
+    // The payment that counted is the barrier's answer from the first charge.
+    let applied: Vec<&audit::SagaEvent> = events
+        .iter()
+        .filter(|e| e.kind == "reply_received" && e.step.as_deref() == Some("payment"))
+        .filter(|e| e.detail["applied"] == true)
+        .collect();
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(applied[0].detail["replay"], true, "{applied:?}");
+    let action = events
+        .iter()
+        .find(|e| e.kind == "operator_action")
+        .expect("the restart is in the trail");
+    assert_eq!(action.detail["action"], "restart_step");
+    assert_eq!(action.detail["actor"], "carol");
+    let trail = audit::verify(&shop.ledger.order, None).await.unwrap();
+    assert!(trail.ok() && trail.sagas == 2, "{trail}");
+    shop.stop().await;
+}

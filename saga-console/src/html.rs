@@ -56,6 +56,7 @@ pub(crate) fn status_class(status: &str) -> &'static str {
         "ABORTED" => "aborted",
         "STARTED" => "running",
         "ABORTING" => "aborting",
+        "SUSPENDED" => "suspended",
         _ => "failed",
     }
 }
@@ -111,6 +112,7 @@ pre { background: var(--bg); padding: .6rem; overflow-x: auto; margin: .3rem 0; 
 .badge.ok { background: var(--ok); } .badge.aborted { background: var(--aborted); }
 .badge.running { background: var(--running); } .badge.aborting { background: var(--aborting); }
 .badge.failed { background: var(--failed); }
+.badge.suspended { background: #fff; color: var(--failed); box-shadow: inset 0 0 0 2px var(--failed); }
 .cards { display: flex; gap: .8rem; flex-wrap: wrap; margin-bottom: 1rem; }
 .card { border: 1px solid var(--line); border-radius: 6px; padding: .5rem .9rem; min-width: 9rem;
   text-decoration: none; color: inherit; }

@@ -60,8 +60,8 @@ pub const BASE: &str = "/console";
 pub trait SagaActions: Send + Sync + 'static {
     /// The saga type this orchestrator runs.
     fn saga_type(&self) -> &str;
-    /// Aborts a running saga: its current step fails, completed steps are
-    /// compensated.
+    /// Aborts a running or suspended saga: its current step fails, completed
+    /// steps are compensated.
     fn abort<'a>(
         &'a self,
         admin: &'a SagaAdmin,
@@ -76,6 +76,12 @@ pub trait SagaActions: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), SagaError>>;
     /// Sends the command of the step a running saga waits on again.
     fn retry_step<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), SagaError>>;
+    /// Restarts the failed step of a `SUSPENDED` saga; it runs on from there.
+    fn restart_step<'a>(
         &'a self,
         admin: &'a SagaAdmin,
         id: Uuid,
@@ -110,6 +116,14 @@ impl<D: SagaData + Clone> SagaActions for Orchestrator<D> {
         id: Uuid,
     ) -> BoxFuture<'a, Result<(), SagaError>> {
         Box::pin(admin.retry_step(self, id))
+    }
+
+    fn restart_step<'a>(
+        &'a self,
+        admin: &'a SagaAdmin,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), SagaError>> {
+        Box::pin(admin.restart_step(self, id))
     }
 }
 
@@ -198,6 +212,7 @@ pub fn router(console: Console) -> Router {
         .route(&format!("{BASE}/sagas/{{id}}/abort"), post(abort))
         .route(&format!("{BASE}/sagas/{{id}}/retry"), post(retry))
         .route(&format!("{BASE}/sagas/{{id}}/resend"), post(resend))
+        .route(&format!("{BASE}/sagas/{{id}}/restart"), post(restart))
         .route(&format!("{BASE}/relays"), get(relays_page))
         .route(&format!("{BASE}/dead-letters"), get(letters_page))
         .route(&format!("{BASE}/dead-letters/replay"), post(replay))
@@ -350,32 +365,53 @@ async fn abort(
     .await
 }
 
-async fn retry(
-    State(console): State<Arc<Console>>,
-    Path(id): Path<Uuid>,
-    Form(form): Form<ActionForm>,
-) -> Response {
-    act(
-        &console,
-        id,
-        &form.operator,
-        "retried",
-        move |actions, admin| actions.retry_compensation(admin, id),
-    )
-    .await
+/// An operator action that needs nothing but the saga: which, and what the saga
+/// was then (for the page that follows).
+#[derive(Debug, Clone, Copy)]
+enum SimpleAction {
+    RetryCompensation,
+    RetryStep,
+    RestartStep,
 }
 
-async fn resend(
+impl SimpleAction {
+    fn done(self) -> &'static str {
+        match self {
+            SimpleAction::RetryCompensation => "retried",
+            SimpleAction::RetryStep => "sent again",
+            SimpleAction::RestartStep => "restarted from its failed step",
+        }
+    }
+}
+
+async fn retry(state: State<Arc<Console>>, id: Path<Uuid>, form: Form<ActionForm>) -> Response {
+    simple(state, id, form, SimpleAction::RetryCompensation).await
+}
+
+async fn resend(state: State<Arc<Console>>, id: Path<Uuid>, form: Form<ActionForm>) -> Response {
+    simple(state, id, form, SimpleAction::RetryStep).await
+}
+
+async fn restart(state: State<Arc<Console>>, id: Path<Uuid>, form: Form<ActionForm>) -> Response {
+    simple(state, id, form, SimpleAction::RestartStep).await
+}
+
+async fn simple(
     State(console): State<Arc<Console>>,
     Path(id): Path<Uuid>,
     Form(form): Form<ActionForm>,
+    action: SimpleAction,
 ) -> Response {
     act(
         &console,
         id,
         &form.operator,
-        "sent again",
-        move |actions, admin| actions.retry_step(admin, id),
+        action.done(),
+        move |actions, admin| match action {
+            SimpleAction::RetryCompensation => actions.retry_compensation(admin, id),
+            SimpleAction::RetryStep => actions.retry_step(admin, id),
+            SimpleAction::RestartStep => actions.restart_step(admin, id),
+        },
     )
     .await
 }

@@ -199,7 +199,7 @@ pub(crate) fn saga(
     );
     let done = done.map(|d| format!("Done: the saga was {d}. The action is in its trail below."));
     body.push_str(&notices(done.as_deref(), error));
-    let running = matches!(s.status.as_str(), "STARTED" | "ABORTING");
+    let running = matches!(s.status.as_str(), "STARTED" | "SUSPENDED" | "ABORTING");
     body.push_str("<h2>Timeline</h2><div class=\"legend\">");
     for (name, colour) in timeline::LEGEND {
         let _ = write!(
@@ -358,6 +358,21 @@ fn actions(id: uuid::Uuid, status: &str, can_act: bool) -> String {
                  <form id=\"resend\" method=\"post\" action=\"{BASE}/sagas/{id}/resend\" \
                  onsubmit=\"return confirm('Send the command of the step saga {id} waits on again? It goes out as a new attempt; a participant that already ran it answers with its first answer.')\">\
                  {operator}<button class=\"primary\" type=\"submit\">Send the step's command again</button></form>"
+            );
+        }
+        "SUSPENDED" => {
+            let _ = write!(
+                html,
+                "<p>A step failed and this saga waits for an operator: restart the failed step once \
+                 its cause is mended, or abort it. It compensates by itself when the suspension \
+                 ends (its deadline).</p>\
+                 <form id=\"restart\" method=\"post\" action=\"{BASE}/sagas/{id}/restart\" \
+                 onsubmit=\"return confirm('Restart the failed step of saga {id}? Its command goes out as a new attempt and the saga runs on from there; a participant that already ran it answers with its first answer.')\">\
+                 {operator}<button class=\"primary\" type=\"submit\">Restart from the failed step</button></form>\
+                 <form id=\"abort\" method=\"post\" action=\"{BASE}/sagas/{id}/abort\" \
+                 onsubmit=\"return confirm('Abort saga {id}? Every completed step is compensated now.')\">\
+                 {operator}<label>reason <input name=\"reason\" size=\"28\" placeholder=\"why\"></label>\
+                 <button class=\"danger\" type=\"submit\">Abort and compensate</button></form>"
             );
         }
         "COMPENSATION_FAILED" => {

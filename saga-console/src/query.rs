@@ -109,8 +109,9 @@ pub(crate) struct Overview {
 }
 
 /// Every status a saga can have, in the order of a saga's life.
-pub(crate) const STATUSES: [&str; 5] = [
+pub(crate) const STATUSES: [&str; 6] = [
     "STARTED",
+    "SUSPENDED",
     "ABORTING",
     "COMPLETED",
     "ABORTED",

@@ -25,7 +25,7 @@ const MIN_GAP: f64 = 14.0;
 const SAGA_LANE: &str = "saga";
 
 /// Kinds of marks, and their colours (also the legend's).
-pub(crate) const LEGEND: [(&str, &str); 8] = [
+pub(crate) const LEGEND: [(&str, &str); 9] = [
     ("command sent", "#0969da"),
     ("compensation sent", "#bf8700"),
     ("reply: success", "#1a7f37"),
@@ -33,6 +33,7 @@ pub(crate) const LEGEND: [(&str, &str); 8] = [
     ("reply: stale", "#8c959f"),
     ("timeout", "#cf222e"),
     ("operator action", "#8250df"),
+    ("suspended", "#d1242f"),
     ("status", "#24292f"),
 ];
 
@@ -233,6 +234,13 @@ fn mark(svg: &mut String, e: &SagaEvent, x: f64, cy: f64) {
             "<path d=\"M{:.1} {:.1} l10 10 m0 -10 l-10 10\" stroke=\"#cf222e\" stroke-width=\"3\"/>",
             x - 5.0,
             cy - 5.0
+        ),
+        // A pause sign: the saga waits for an operator from here.
+        "saga_suspended" => format!(
+            "<path d=\"M{:.1} {:.1} v12 m6 -12 v12\" stroke=\"{}\" stroke-width=\"3\"/>",
+            x - 3.0,
+            cy - 6.0,
+            colour("suspended")
         ),
         "operator_action" => format!(
             "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/>",

@@ -25,9 +25,9 @@ pub use admin::{
 pub use clock::{Clock, SystemClock};
 pub use definition::{
     Command, CommandFn, CompensationRetry, DefinitionError, LocalFn, Reply, SagaBuilder, SagaData,
-    SagaDefinition, Step, StepBuilder, StepFailed, DEFAULT_COMPENSATION_BACKOFF,
-    DEFAULT_COMPENSATION_GIVE_UP_AFTER, DEFAULT_COMPENSATION_MAX_BACKOFF,
-    DEFAULT_COMPENSATION_TIMEOUT, DEFAULT_DEFINITION_VERSION,
+    SagaDefinition, Step, StepBuilder, StepFailed, SuspendOn, Suspension,
+    DEFAULT_COMPENSATION_BACKOFF, DEFAULT_COMPENSATION_GIVE_UP_AFTER,
+    DEFAULT_COMPENSATION_MAX_BACKOFF, DEFAULT_COMPENSATION_TIMEOUT, DEFAULT_DEFINITION_VERSION,
 };
 pub use engine::{
     Orchestrator, ReplyDisposition, SagaError, SagaInstance, SKIPPED_RETRY, VERSION_CHECK_INTERVAL,

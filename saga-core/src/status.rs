@@ -11,6 +11,11 @@ use std::str::FromStr;
 pub enum SagaStatus {
     /// Steps are running forward.
     Started,
+    /// A step failed and the definition suspends such failures
+    /// ([`crate::saga::Suspension`]): the saga waits, with the failed step current,
+    /// for an operator to restart that step or abort it, and compensates by itself
+    /// when the suspension ends (its deadline).
+    Suspended,
     /// A step failed; compensations of the completed steps are running.
     Aborting,
     /// Every completed step was compensated.
@@ -74,6 +79,7 @@ macro_rules! status_text {
 
 status_text!(SagaStatus, "saga", {
     Started => "STARTED",
+    Suspended => "SUSPENDED",
     Aborting => "ABORTING",
     Aborted => "ABORTED",
     Completed => "COMPLETED",

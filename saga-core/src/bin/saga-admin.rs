@@ -1,7 +1,9 @@
 //! `saga-admin`: what operators look at without the service's saga definitions —
-//! sagas that failed to compensate, sagas that are stuck, and counts per status.
-//! Retrying a compensation and aborting a saga need the definition (the commands to
-//! send), so they are subcommands of the orchestrating service (`saga_core::saga::cli`).
+//! sagas that wait for an operator (failed to compensate, or suspended on a failed
+//! step), sagas that are stuck, and counts per status. Retrying a compensation,
+//! restarting a step and aborting a saga need the definition (the commands to
+//! send), so they are subcommands of the orchestrating service
+//! (`saga_core::saga::cli`).
 
 #![allow(clippy::print_stdout)]
 
@@ -34,7 +36,8 @@ impl std::fmt::Debug for Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Sagas in COMPENSATION_FAILED: an operator must act.
+    /// Sagas that wait for an operator: COMPENSATION_FAILED, and SUSPENDED on a
+    /// failed step (they compensate by themselves when the suspension ends).
     Failed,
     /// Running sagas without progress for SECONDS (default 600), with the reason.
     /// Without the service's definitions, step timeouts and definition versions
@@ -64,7 +67,7 @@ async fn main() -> ExitCode {
     };
     let admin = SagaAdmin::new(pool);
     let output = match cli.command {
-        Command::Failed => admin.failed().await.map(|s| listing(&s)),
+        Command::Failed => admin.waiting_for_operator().await.map(|s| listing(&s)),
         Command::Stuck { seconds } => {
             let rules = StuckRules::new().without_timeout(Duration::from_secs(seconds));
             admin

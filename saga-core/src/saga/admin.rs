@@ -1,6 +1,7 @@
-//! The operator's view of sagas: what is stuck (and why) or failed, and the two
-//! actions that move a saga by hand (retry a failed compensation, abort a stuck
-//! saga).
+//! The operator's view of sagas: what is stuck (and why) or failed, and the
+//! actions that move a saga by hand: retry a failed compensation, abort a running
+//! or suspended saga, send a waiting step's command again, restart a suspended
+//! saga's failed step.
 
 use serde_json::json;
 use sqlx::postgres::PgRow;
@@ -66,6 +67,14 @@ impl SagaAdmin {
         self.list("status = 'COMPENSATION_FAILED'").await
     }
 
+    /// Sagas that wait for an operator: `COMPENSATION_FAILED` ones, and
+    /// `SUSPENDED` ones (which compensate by themselves when their suspension
+    /// ends), longest waiting first.
+    pub async fn waiting_for_operator(&self) -> Result<Vec<SagaSummary>, SagaError> {
+        self.list("status IN ('COMPENSATION_FAILED', 'SUSPENDED')")
+            .await
+    }
+
     /// How many sagas are in each status (for metrics: `COMPENSATION_FAILED` above
     /// zero needs someone's attention).
     pub async fn counts(&self) -> Result<Vec<(String, String, i64)>, SagaError> {
@@ -114,7 +123,7 @@ impl SagaAdmin {
         self.intervene(
             orchestrator,
             id,
-            SagaStatus::CompensationFailed,
+            &[SagaStatus::CompensationFailed],
             SagaStatus::Aborting,
             json!({"action": "retry_compensation"}),
             |instance| {
@@ -134,7 +143,8 @@ impl SagaAdmin {
 
     /// Aborts a running saga: its current step counts as failed (and, if it waited
     /// for a participant, as possibly run, so it is compensated too), then every
-    /// completed step is compensated.
+    /// completed step is compensated. A suspended saga's step failed already: it
+    /// is compensated now rather than when its suspension ends.
     pub async fn abort<D: SagaData + Clone>(
         &self,
         orchestrator: &Orchestrator<D>,
@@ -142,8 +152,12 @@ impl SagaAdmin {
         reason: &str,
     ) -> Result<(), SagaError> {
         let action = json!({"action": "abort", "reason": reason});
-        let (started, aborting) = (SagaStatus::Started, SagaStatus::Aborting);
-        self.intervene(orchestrator, id, started, aborting, action, |instance| {
+        let from = [SagaStatus::Started, SagaStatus::Suspended];
+        let aborting = SagaStatus::Aborting;
+        self.intervene(orchestrator, id, &from, aborting, action, |instance| {
+            if instance.status == SagaStatus::Suspended {
+                return Ok(()); // its failure (and whether it timed out) stands
+            }
             if let Some(step) = instance.current_step.clone() {
                 let state = instance.steps.entry(step.clone()).or_default();
                 let waited = state.request_id.is_some();
@@ -170,7 +184,7 @@ impl SagaAdmin {
     ) -> Result<(), SagaError> {
         let started = SagaStatus::Started;
         let action = json!({"action": "retry_step"});
-        self.intervene(orchestrator, id, started, started, action, |instance| {
+        self.intervene(orchestrator, id, &[started], started, action, |instance| {
             let waiting = instance
                 .current_step
                 .clone()
@@ -187,24 +201,69 @@ impl SagaAdmin {
         .await
     }
 
-    /// Changes a saga in status `expected` by hand, puts it in status `then`
+    /// Restarts the failed step of a suspended saga ([`crate::saga::Suspension`]),
+    /// once whatever made it fail is mended: its command is sent again as a new
+    /// attempt (a local step runs again), and the saga runs on from there. A
+    /// participant that refused the last attempt runs the new one; one that ran
+    /// the step after all (a timed-out step whose command arrived late) answers
+    /// with what it did then, so nothing runs twice.
+    pub async fn restart_step<D: SagaData + Clone>(
+        &self,
+        orchestrator: &Orchestrator<D>,
+        id: Uuid,
+    ) -> Result<(), SagaError> {
+        let from = [SagaStatus::Suspended];
+        let action = json!({"action": "restart_step"});
+        self.intervene(
+            orchestrator,
+            id,
+            &from,
+            SagaStatus::Started,
+            action,
+            |instance| {
+                let failed = instance
+                    .current_step
+                    .clone()
+                    .and_then(|step| instance.steps.get_mut(&step))
+                    .filter(|s| s.is(StepStatus::Failed));
+                let Some(state) = failed else {
+                    return Err("has no failed step to restart".to_owned());
+                };
+                // `advance` runs it again; the attempt count goes on, so that the
+                // participant's barrier sees a new attempt.
+                state.status = None;
+                state.request_id = None;
+                state.timed_out = false;
+                state.reason = None;
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Changes a saga in one of the statuses `expected` by hand, puts it in status `then`
     /// (compensating, or running on) and lets it move: one transaction, under the
     /// same version check as every other change.
     async fn intervene<D: SagaData + Clone>(
         &self,
         orchestrator: &Orchestrator<D>,
         id: Uuid,
-        expected: SagaStatus,
+        expected: &[SagaStatus],
         then: SagaStatus,
         mut action: serde_json::Value,
         change: impl FnOnce(&mut SagaInstance<D>) -> Result<(), String>,
     ) -> Result<(), SagaError> {
         let mut tx = self.pool.begin().await?;
         let mut instance = orchestrator.load_to_drive(&mut tx, id).await?;
-        if instance.status != expected {
+        if !expected.contains(&instance.status) {
+            let expected: Vec<&str> = expected.iter().map(|s| s.as_str()).collect();
             return Err(SagaError::Invalid {
                 id,
-                reason: format!("is {}, this needs a {expected} saga", instance.status),
+                reason: format!(
+                    "is {}, this needs a {} saga",
+                    instance.status,
+                    expected.join(" or ")
+                ),
             });
         }
         action["actor"] = json!(self.actor);

@@ -78,6 +78,9 @@ pub enum EventKind {
     /// A reply for a saga on a definition version the running code cannot drive was
     /// kept in `saga_held_replies` (cause; `detail.reason`, the message's ids).
     ReplyHeld,
+    /// A failed step suspended the saga for an operator (`detail.until`: when it
+    /// compensates unless the step is restarted).
+    SagaSuspended,
 }
 
 impl EventKind {
@@ -97,6 +100,7 @@ impl EventKind {
             EventKind::StatusChanged => "status_changed",
             EventKind::DefinitionMigrated => "definition_migrated",
             EventKind::ReplyHeld => "reply_held",
+            EventKind::SagaSuspended => "saga_suspended",
         }
     }
 }

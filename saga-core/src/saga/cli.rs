@@ -1,6 +1,7 @@
 //! The operator's command line, for a service to embed next to its orchestrator:
-//! `<service> saga list` (failed sagas), `list --stuck [SECONDS] [--timeouts N]`
-//! (stuck ones, with the reason), `retry <id>`, `abort <id>`,
+//! `<service> saga list` (sagas waiting for an operator), `list --stuck [SECONDS]
+//! [--timeouts N]` (stuck ones, with the reason), `retry <id>`, `retry-step <id>`,
+//! `restart-step <id>`, `abort <id>`,
 //! `trail <id>` (what happened to one saga), `verify-trail` (every saga rebuilt from
 //! its audit trail and compared with `saga_state`).
 
@@ -17,7 +18,8 @@ use crate::saga::{
 /// Saga operations for operators.
 #[derive(Debug, Clone, Subcommand)]
 pub enum SagaCommand {
-    /// List sagas in COMPENSATION_FAILED (default) or stuck ones, with the reason.
+    /// List sagas that wait for an operator (COMPENSATION_FAILED, SUSPENDED), or
+    /// stuck ones, with the reason.
     List {
         /// List stuck sagas instead: running ones without progress for N times
         /// their step's timeout (see --timeouts), or for SECONDS when the step has
@@ -36,7 +38,10 @@ pub enum SagaCommand {
     /// Send the command of the step a running saga waits on again (a new attempt),
     /// without waiting for its timeout.
     RetryStep { id: Uuid },
-    /// Abort a running saga: compensate every completed step.
+    /// Restart the failed step of a SUSPENDED saga (after mending what made it
+    /// fail): its command is sent again as a new attempt, and the saga runs on.
+    RestartStep { id: Uuid },
+    /// Abort a running or suspended saga: compensate every completed step.
     Abort {
         id: Uuid,
         /// Recorded as the reason of the failed step.
@@ -85,7 +90,7 @@ pub async fn run_with<D: SagaData + Clone>(
             }
             Ok(stuck_table(&admin.stuck(&rules).await?))
         }
-        SagaCommand::List { stuck: None, .. } => Ok(table(&admin.failed().await?)),
+        SagaCommand::List { stuck: None, .. } => Ok(table(&admin.waiting_for_operator().await?)),
         SagaCommand::Retry { id } => {
             admin.retry_compensation(orchestrator, id).await?;
             Ok(format!("saga {id}: compensation retried\n"))
@@ -93,6 +98,12 @@ pub async fn run_with<D: SagaData + Clone>(
         SagaCommand::RetryStep { id } => {
             admin.retry_step(orchestrator, id).await?;
             Ok(format!("saga {id}: the step's command was sent again\n"))
+        }
+        SagaCommand::RestartStep { id } => {
+            admin.restart_step(orchestrator, id).await?;
+            Ok(format!(
+                "saga {id}: the failed step was started again; the saga runs on\n"
+            ))
         }
         SagaCommand::Abort { id, reason } => {
             admin.abort(orchestrator, id, &reason).await?;

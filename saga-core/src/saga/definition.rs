@@ -136,6 +136,8 @@ pub struct SagaDefinition<D> {
     pub(crate) version: u32,
     pub(crate) steps: Vec<Step<D>>,
     pub(crate) compensation_retry: CompensationRetry,
+    /// Which failed instances wait for an operator before they compensate.
+    pub(crate) suspension: Option<Suspension>,
     /// How instances of older versions move onto this one, by their version.
     pub(crate) migrations: BTreeMap<u32, StepMap>,
 }
@@ -148,6 +150,7 @@ impl<D> fmt::Debug for SagaDefinition<D> {
             .field("steps", &self.steps)
             .field("migrations", &self.migrations)
             .field("compensation_retry", &self.compensation_retry)
+            .field("suspension", &self.suspension)
             .finish()
     }
 }
@@ -160,6 +163,7 @@ impl<D: SagaData> SagaDefinition<D> {
             version: DEFAULT_DEFINITION_VERSION,
             steps: Vec::new(),
             compensation_retry: CompensationRetry::default(),
+            suspension: None,
             migrations: BTreeMap::new(),
             error: None,
         }
@@ -190,6 +194,12 @@ impl<D: SagaData> SagaDefinition<D> {
     /// How a failing compensation is retried.
     pub fn compensation_retry(&self) -> CompensationRetry {
         self.compensation_retry
+    }
+
+    /// Which failed instances wait for an operator before they compensate (none
+    /// unless [`SagaBuilder::suspend_failed`] said so).
+    pub fn suspension(&self) -> Option<Suspension> {
+        self.suspension
     }
 
     pub(crate) fn step_index(&self, name: &str) -> Option<usize> {
@@ -241,6 +251,42 @@ impl CompensationRetry {
         self.first_backoff
             .saturating_mul(1u32 << doublings)
             .min(self.max_backoff.max(self.first_backoff))
+    }
+}
+
+/// Which failures of a step suspend the saga ([`Suspension`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuspendOn {
+    /// A participant step that was not answered in time, after its retries: its
+    /// participant (or the way to it) is down, which an operator can mend before
+    /// restarting the step. A refusal or a local step's error compensates at once.
+    Timeouts,
+    /// Every failure of a step: a refusal too (an operator may change what made
+    /// the participant refuse), and a local step's error.
+    AnyFailure,
+}
+
+/// Failed sagas that wait for an operator before they compensate (an "incident"
+/// in the words of workflow engines).
+///
+/// Without a suspension a step that fails for good (its retries spent) starts the
+/// saga's compensation at once. With one, a failure it covers leaves the saga
+/// `SUSPENDED` on the failed step for up to `hold`: an operator restarts the step
+/// ([`SagaAdmin::restart_step`](crate::saga::SagaAdmin::restart_step)), as a new
+/// attempt after mending what made it fail, and the saga runs on from there; or
+/// aborts it, and it compensates now. When `hold` passes with neither, the saga
+/// compensates by itself, as it would have without a suspension: a suspension
+/// delays the outcome, it never leaves a saga without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suspension {
+    pub on: SuspendOn,
+    pub hold: Duration,
+}
+
+impl Suspension {
+    /// Whether a step failure (`timed_out`: not answered in time) suspends.
+    pub fn covers(&self, timed_out: bool) -> bool {
+        timed_out || self.on == SuspendOn::AnyFailure
     }
 }
 
@@ -296,6 +342,7 @@ pub struct SagaBuilder<D> {
     version: u32,
     steps: Vec<Step<D>>,
     compensation_retry: CompensationRetry,
+    suspension: Option<Suspension>,
     migrations: BTreeMap<u32, StepMap>,
     error: Option<DefinitionError>,
 }
@@ -355,6 +402,14 @@ impl<D: SagaData> SagaBuilder<D> {
     /// [`CompensationRetry::default`]: from 1 s doubling up to 1 min, for a day).
     pub fn compensation_retry(mut self, retry: CompensationRetry) -> Self {
         self.compensation_retry = retry;
+        self
+    }
+
+    /// Suspends a saga whose step fails in a way `on` covers, for up to `hold`,
+    /// instead of compensating it at once ([`Suspension`]). A zero `hold` keeps
+    /// the default: compensate at once.
+    pub fn suspend_failed(mut self, on: SuspendOn, hold: Duration) -> Self {
+        self.suspension = (!hold.is_zero()).then_some(Suspension { on, hold });
         self
     }
 
@@ -465,6 +520,7 @@ impl<D: SagaData> SagaBuilder<D> {
             version: self.version,
             steps: self.steps,
             compensation_retry: self.compensation_retry,
+            suspension: self.suspension,
             migrations: self.migrations,
         })
     }

@@ -30,6 +30,10 @@
 //!   enough to outlast a participant's outage, so a restart or an outage never
 //!   leaves half-undone sagas behind. Only past it is the saga
 //!   `COMPENSATION_FAILED`, where operators find it ([`SagaAdmin`]).
+//! - A definition may suspend a saga whose step failed instead of compensating it
+//!   at once ([`Suspension`](crate::saga::Suspension), [`suspend`] says why that is
+//!   safe): it waits on the failed step for an operator's restart or abort, and
+//!   compensates when the suspension's deadline passes, like any other deadline.
 //! - Every command carries its attempt number (per step, per action or
 //!   compensation). A participant answers a repeat of an attempt, or any attempt
 //!   after a success, with its first answer, and runs a later attempt after a
@@ -80,6 +84,7 @@ use crate::status::{SagaStatus, StepStatus};
 mod advance;
 mod drive;
 mod reply;
+mod suspend;
 mod sweep;
 
 pub(crate) use drive::plan_of;
@@ -354,6 +359,14 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             })?;
         let retries = definition.steps[index].retries;
         let deadline = instance.deadline.take();
+        if instance.status == SagaStatus::Suspended {
+            let detail = serde_json::json!({"waited_for": "an operator", "deadline": deadline});
+            instance.record(EventKind::DeadlinePassed, Some(&step), detail);
+            self.end_suspension(&mut instance, &step);
+            self.advance(tx, &mut instance).await?;
+            self.save(tx, &mut instance).await?;
+            return Ok(true);
+        }
         let state = instance.steps.get(&step).cloned().unwrap_or_default();
         let waiting_forward =
             state.is(StepStatus::Started) && instance.status == SagaStatus::Started;
@@ -380,12 +393,14 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                 state.set(StepStatus::Failed);
                 state.timed_out = true;
                 state.reason = Some("timed out".to_owned());
-                instance.status = SagaStatus::Aborting;
-                tracing::info!(saga_id = %id, step = %step, "step timed out; compensating");
+                tracing::info!(saga_id = %id, step = %step, "step timed out");
             }
             let detail =
                 serde_json::json!({"reason": "timed out", "timed_out": true, "retrying": retrying});
             instance.record(EventKind::StepFailed, Some(&step), detail);
+            if !retrying {
+                self.fail_forward(&mut instance, definition, &step, true);
+            }
         } else if waiting_compensation {
             state.request_id = None;
             let reason = Some("compensation timed out".to_owned());

@@ -209,8 +209,10 @@ impl StepMap {
             };
             migration.current_step = Some(new);
         }
-        // A saga going forward is past every step before its current one.
-        if let (SagaStatus::Started, Some(current)) = (status, &migration.current_step) {
+        // A saga going forward (or suspended on its failed step, which may go
+        // forward again) is past every step before its current one.
+        let forward = matches!(status, SagaStatus::Started | SagaStatus::Suspended);
+        if let (true, Some(current)) = (forward, &migration.current_step) {
             let position = target.iter().position(|s| s == current).unwrap_or(0);
             for step in &target[..position] {
                 let state = migration.steps.get(*step);

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::outbox::Outbox;
-use saga_core::saga::{CompensationRetry, Orchestrator, SagaAdmin, StuckRules};
+use saga_core::saga::{
+    CompensationRetry, Orchestrator, SagaAdmin, StuckRules, SuspendOn, Suspension,
+};
 use service_kit::{CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics};
 use sqlx::migrate::Migrator;
 
@@ -76,6 +78,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub compensation_give_up_s: u64,
 
+    /// Which failed sagas are suspended for an operator instead of compensated at
+    /// once: `off`, `timeouts` (a step not answered in time, after its retries),
+    /// or `failures` (every failure, refusals too). A suspended saga waits on its
+    /// failed step for `SAGA_SUSPEND_FOR_S`, for an operator to restart the step
+    /// or abort it, and then compensates by itself.
+    #[arg(long, env = "SAGA_SUSPEND_ON", value_name = "WHEN", value_enum, default_value_t = SuspendWhen::Off)]
+    pub suspend_on: SuspendWhen,
+
+    /// Seconds a suspended saga waits for an operator before it compensates.
+    #[arg(long, env = "SAGA_SUSPEND_FOR_S", value_name = "SECONDS", default_value_t = 3_600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub suspend_for_s: u64,
+
     /// Milliseconds between two looks for passed step deadlines.
     #[arg(long, env = "SAGA_SWEEP_INTERVAL_MS", value_name = "MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -110,6 +125,27 @@ pub struct Config {
     pub stuck_after_s: u64,
 }
 
+/// Which failed sagas are suspended (`SAGA_SUSPEND_ON`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SuspendWhen {
+    /// None: a failed saga compensates at once.
+    Off,
+    /// A participant step not answered in time, after its retries.
+    Timeouts,
+    /// Every failure of a step, refusals too.
+    Failures,
+}
+
+impl SuspendWhen {
+    fn on(self) -> Option<SuspendOn> {
+        match self {
+            SuspendWhen::Off => None,
+            SuspendWhen::Timeouts => Some(SuspendOn::Timeouts),
+            SuspendWhen::Failures => Some(SuspendOn::AnyFailure),
+        }
+    }
+}
+
 impl Config {
     /// The defaults, for `common`.
     pub fn new(common: CommonArgs) -> Config {
@@ -119,6 +155,8 @@ impl Config {
             inventory_url: "http://localhost:8082".into(),
             step_timeout_ms: 30_000,
             compensation_give_up_s: 86_400,
+            suspend_on: SuspendWhen::Off,
+            suspend_for_s: 3_600,
             sweep_interval_ms: 500,
             console_relays: Vec::new(),
             console_dead_letter_topics: Vec::new(),
@@ -171,8 +209,12 @@ impl Config {
             give_up_after: Duration::from_secs(self.compensation_give_up_s),
             ..CompensationRetry::default()
         };
-        let definition =
-            placement::definition(&topics, Duration::from_millis(self.step_timeout_ms), retry)?;
+        let suspension = self.suspend_on.on().map(|on| Suspension {
+            on,
+            hold: Duration::from_secs(self.suspend_for_s),
+        });
+        let step_timeout = Duration::from_millis(self.step_timeout_ms);
+        let definition = placement::definition(&topics, step_timeout, retry, suspension)?;
         Ok(Orchestrator::new(
             definition,
             Outbox::new(),

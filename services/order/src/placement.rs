@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use saga_core::saga::{Command, CompensationRetry, Reply, SagaDefinition, StepFailed};
+use saga_core::saga::{Command, CompensationRetry, Reply, SagaDefinition, StepFailed, Suspension};
 use serde::{Deserialize, Serialize};
 use service_kit::Topics;
 use sqlx::PgConnection;
@@ -226,11 +226,13 @@ fn approve_order<'a>(
 
 /// The saga's definition; commands go to the topics of `topics`, and every
 /// participant step fails (and is compensated) when its reply takes longer than
-/// `step_timeout`; a failing compensation is retried as `compensation_retry` says.
+/// `step_timeout`; a failing compensation is retried as `compensation_retry` says;
+/// a failure `suspension` covers waits for an operator first.
 pub fn definition(
     topics: &Topics,
     step_timeout: Duration,
     compensation_retry: CompensationRetry,
+    suspension: Option<Suspension>,
 ) -> Result<SagaDefinition<OrderPlacement>, saga_core::saga::DefinitionError> {
     let (t1, t2, t3, t4, t5, t6) = (
         topics.clone(),
@@ -240,9 +242,13 @@ pub fn definition(
         topics.clone(),
         topics.clone(),
     );
-    SagaDefinition::<OrderPlacement>::builder(SAGA_TYPE)
+    let mut builder = SagaDefinition::<OrderPlacement>::builder(SAGA_TYPE)
         .version(DEFINITION_VERSION)
-        .compensation_retry(compensation_retry)
+        .compensation_retry(compensation_retry);
+    if let Some(s) = suspension {
+        builder = builder.suspend_failed(s.on, s.hold);
+    }
+    builder
         .step("create")
         .invoke_local(create_order)
         .with_compensation(reject_order)
@@ -296,6 +302,7 @@ mod tests {
             &topics,
             Duration::from_secs(5),
             CompensationRetry::default(),
+            None,
         )
         .expect("a valid saga");
         assert_eq!(definition.version(), DEFINITION_VERSION);

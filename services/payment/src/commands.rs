@@ -156,19 +156,26 @@ async fn charge(
     limit: Amount,
 ) -> Result<ParticipantReply, HandlerError> {
     let earlier: Option<String> =
-        sqlx::query_scalar("SELECT status FROM payments WHERE order_id = $1")
+        sqlx::query_scalar("SELECT status FROM payments WHERE order_id = $1 FOR UPDATE")
             .bind(command.order_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(HandlerError::transient)?;
-    if earlier.is_some() {
-        // One saga per order: a second charge for the same order comes from another
-        // saga, and charging one order twice would never be undone.
-        return Err(HandlerError::definite(format!(
-            "order {} already has a payment from another saga",
-            command.order_id
-        )));
-    }
+    // Behind the barrier, the charge of one saga's step runs again only as a new
+    // attempt after a refusal (a declined charge retried, or restarted by an
+    // operator once the limit or the card was mended): it decides again on the
+    // declined row. Any other earlier payment comes from another saga, and
+    // charging one order twice would never be undone.
+    let retrying = match earlier.as_deref() {
+        None => false,
+        Some("DECLINED") => true,
+        Some(_) => {
+            return Err(HandlerError::definite(format!(
+                "order {} already has a payment from another saga",
+                command.order_id
+            )));
+        }
+    };
     let amount = Amount(command.amount_cents);
     let reason = decline_reason(&command.card_number, amount, limit);
     let status = if reason.is_some() {
@@ -176,18 +183,22 @@ async fn charge(
     } else {
         "CHARGED"
     };
-    sqlx::query(
+    let record = if retrying {
+        "UPDATE payments SET amount = $2::bigint::numeric / 100, card_last4 = $3, status = $4, \
+         reason = $5, updated_at = now() WHERE order_id = $1 AND status = 'DECLINED'"
+    } else {
         "INSERT INTO payments (order_id, amount, card_last4, status, reason) \
-         VALUES ($1, $2::bigint::numeric / 100, $3, $4, $5)",
-    )
-    .bind(command.order_id)
-    .bind(command.amount_cents)
-    .bind(last4(&command.card_number))
-    .bind(status)
-    .bind(reason.as_deref())
-    .execute(&mut *tx)
-    .await
-    .map_err(HandlerError::transient)?;
+         VALUES ($1, $2::bigint::numeric / 100, $3, $4, $5)"
+    };
+    sqlx::query(record)
+        .bind(command.order_id)
+        .bind(command.amount_cents)
+        .bind(last4(&command.card_number))
+        .bind(status)
+        .bind(reason.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(HandlerError::transient)?;
     Ok(match reason {
         Some(reason) => {
             tracing::info!(order_id = %command.order_id, customer_id = %command.customer_id, %amount, reason = %reason, "payment declined");

@@ -342,3 +342,52 @@ async fn commands_that_can_never_apply_are_definite_failures() {
     assert_eq!(f.payment(order).await, None);
     assert!(f.replies().await.is_empty());
 }
+
+/// A declined charge tried again as a new attempt (the definition's retry, or an
+/// operator restarting the step after raising the limit) decides again on the
+/// same payment: charged now, replied once per attempt, and a redelivery of
+/// either attempt charges nothing more.
+#[tokio::test]
+async fn a_declined_charge_tried_again_as_a_new_attempt_is_charged_once() {
+    let low = Fixture::with_limit(Amount(10_000)).await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let attempt = |n: u32| {
+        SagaCommand::new(saga, STEP, CHARGE)
+            .topic("shop.payment.request")
+            .reply_to(REPLY_TO)
+            .attempt(n)
+            .payload(charge(order, 20_000, CARD))
+            .message()
+    };
+    low.handle(&attempt(1)).await.unwrap();
+    assert_eq!(
+        low.payment(order).await.map(|p| p.2),
+        Some("DECLINED".to_owned())
+    );
+    // The limit was raised: the same database, a handler with the new limit.
+    let raised = Fixture {
+        db: low.db,
+        handler: CommandHandler::new(Amount(50_000)),
+    };
+    raised.handle(&attempt(2)).await.unwrap();
+    assert_eq!(
+        raised.payment(order).await,
+        Some((20_000, "1234".to_owned(), "CHARGED".to_owned(), None))
+    );
+    let replies = raised.replies().await;
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_reply(&replies[0], saga, PAYMENT_DECLINED, "failure");
+    assert_reply(&replies[1], saga, PAYMENT_CHARGED, "success");
+    // Both attempts delivered again: answered from the barrier, nothing charged.
+    raised.handle(&attempt(1)).await.unwrap();
+    raised.handle(&attempt(2)).await.unwrap();
+    let replies = raised.replies().await;
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    for replay in &replies[2..] {
+        assert_replay(replay, &replies[1]);
+    }
+    assert_eq!(
+        raised.payment(order).await.map(|p| p.2),
+        Some("CHARGED".to_owned())
+    );
+}

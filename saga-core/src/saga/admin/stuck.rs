@@ -188,7 +188,10 @@ pub struct StuckSaga {
 impl SagaAdmin {
     /// Running sagas (`STARTED`, `ABORTING`) that are stuck by `rules`, with the
     /// reason, longest without progress first: on a definition version the known
-    /// code cannot drive, or without progress past their limit.
+    /// code cannot drive (a `SUSPENDED` one too: it could not be restarted), or
+    /// without progress past their limit. A `SUSPENDED` saga on a known version
+    /// is not stuck: it waits for an operator by design, and moves on by itself
+    /// when its suspension ends.
     pub async fn stuck(&self, rules: &StuckRules) -> Result<Vec<StuckSaga>, SagaError> {
         let mut stuck: BTreeMap<Uuid, StuckSaga> = BTreeMap::new();
         for outlines in rules.sagas.values() {
@@ -198,7 +201,7 @@ impl SagaAdmin {
                 .map(|v| i32::try_from(v).unwrap_or(i32::MAX))
                 .collect();
             let rows = sqlx::query(&format!(
-                "{COLUMNS} WHERE saga_type = $1 AND status IN ('STARTED', 'ABORTING') \
+                "{COLUMNS} WHERE saga_type = $1 AND status IN ('STARTED', 'SUSPENDED', 'ABORTING') \
                  AND NOT (definition_version = ANY($2))"
             ))
             .bind(outlines.saga())

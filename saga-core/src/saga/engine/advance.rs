@@ -91,8 +91,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                                 let detail = json!({"reason": failed.0, "timed_out": false, "retrying": false, "local": true});
                                 let state = instance.steps.entry(step.name.clone()).or_default();
                                 state.set_failed(failed.0, false);
-                                instance.status = SagaStatus::Aborting;
                                 instance.record(EventKind::StepFailed, Some(&step.name), detail);
+                                self.fail_forward(instance, definition, &step.name, false);
                             }
                         },
                         Action::Participant(command) => {
@@ -204,9 +204,10 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                         }
                     }
                 }
-                SagaStatus::Aborted | SagaStatus::Completed | SagaStatus::CompensationFailed => {
-                    return Ok(())
-                }
+                SagaStatus::Suspended
+                | SagaStatus::Aborted
+                | SagaStatus::Completed
+                | SagaStatus::CompensationFailed => return Ok(()),
             }
         }
     }

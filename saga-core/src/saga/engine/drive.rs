@@ -317,7 +317,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             .collect();
         let rows = sqlx::query(
             "SELECT id, status, current_step, step_status, definition_version FROM saga_state \
-             WHERE saga_type = $1 AND status IN ('STARTED', 'ABORTING') \
+             WHERE saga_type = $1 AND status IN ('STARTED', 'SUSPENDED', 'ABORTING') \
              AND NOT (definition_version = ANY($2)) ORDER BY updated_at",
         )
         .bind(&self.definition().name)

@@ -123,7 +123,6 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                 } else {
                     state.set(StepStatus::Failed);
                     state.reason = message.message_type.clone();
-                    instance.status = SagaStatus::Aborting;
                 }
                 let detail = serde_json::json!({
                     "reason": message.message_type,
@@ -131,6 +130,9 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                     "retrying": retrying,
                 });
                 instance.record(EventKind::StepFailed, Some(&step), detail);
+                if !retrying {
+                    self.fail_forward(&mut instance, definition, &step, false);
+                }
             }
         } else {
             let state = instance.steps.entry(step.clone()).or_default();

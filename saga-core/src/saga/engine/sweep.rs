@@ -54,7 +54,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         let mut handled = self.release_held(pool, limit, &passed).await?;
         passed.extend(self.unknown_version_sagas().into_iter().map(|(id, _)| id));
         let due: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM saga_state s WHERE saga_type = $1 AND status IN ('STARTED', 'ABORTING') \
+            "SELECT id FROM saga_state s WHERE saga_type = $1 AND status IN ('STARTED', 'SUSPENDED', 'ABORTING') \
              AND deadline <= $3 AND NOT (id = ANY($4)) AND definition_version = ANY($5) \
              AND NOT EXISTS (SELECT 1 FROM saga_held_replies h WHERE h.saga_id = s.id) \
              ORDER BY deadline LIMIT $2",
