@@ -124,8 +124,8 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
     );
     browser.screenshot("console-relays").await;
 
-    // A poison reply (no id header): the order service's consumer dead-letters it,
-    // and the page lists it with its reason and source.
+    // A poison reply of the waiting saga (no id header): the order service's
+    // consumer dead-letters it, and the page lists it with its reason and source.
     let reply_topic = service_kit::Topics::new(shop.shop.config.prefix.clone()).order_reply();
     let producer: FutureProducer = testkit::producer_config().create().unwrap();
     producer
@@ -133,10 +133,17 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
             FutureRecord::<str, str>::to(&reply_topic)
                 .key("poison-1")
                 .payload("not json")
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "type",
-                    value: Some("Nonsense"),
-                })),
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: "type",
+                            value: Some("Nonsense"),
+                        })
+                        .insert(Header {
+                            key: "saga-id",
+                            value: Some(&waiting.to_string()),
+                        }),
+                ),
             Duration::from_secs(10),
         )
         .await
@@ -176,10 +183,12 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
     assert!(asked.contains(&reply_topic), "{asked}");
     browser.accept_dialog().await;
     browser.wait_for("#done", WAIT).await;
-    assert!(browser
-        .text("#done")
-        .await
-        .contains(&format!("to {reply_topic}")));
+    let done = browser.text("#done").await;
+    assert!(done.contains(&format!("to {reply_topic}")), "{done}");
+    assert!(
+        done.contains(&format!("Recorded in the trail of saga {waiting}")),
+        "{done}"
+    );
     letters(2).await;
 
     // One saga: its timeline has a lane per step it reached and a mark per event.
@@ -271,8 +280,8 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
         browser
             .count("svg.timeline a.mark[data-kind='operator_action']")
             .await,
-        2,
-        "the step sent again and the abort"
+        3,
+        "the dead letter replayed, the step sent again and the abort"
     );
     browser
         .run_script("document.querySelector('svg.timeline').previousElementSibling.previousElementSibling.scrollIntoView(); return null;")
@@ -289,9 +298,25 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
     assert_eq!(
         actions,
         [
+            (
+                serde_json::json!("dead_letter_replayed"),
+                serde_json::json!("alice")
+            ),
             (serde_json::json!("retry_step"), serde_json::json!("bob")),
             (serde_json::json!("abort"), serde_json::json!("alice")),
         ]
+    );
+    let replay = &events
+        .iter()
+        .find(|e| e.detail["action"] == "dead_letter_replayed")
+        .expect("the replay is in the trail")
+        .detail;
+    assert_eq!(replay["to"]["topic"], reply_topic.as_str(), "{replay}");
+    assert!(
+        replay["from"]["topic"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(".dlq")),
+        "{replay}"
     );
     let action = events
         .iter()

@@ -99,13 +99,13 @@ impl DeadLetters {
     }
 
     /// Produces the letter at `topic`/`partition`/`offset` to its source topic;
-    /// where it went (topic, partition, offset).
+    /// where it went.
     pub(crate) async fn replay(
         &self,
         topic: &str,
         partition: i32,
         offset: i64,
-    ) -> Result<(String, i32, i64), String> {
+    ) -> Result<Replayed, String> {
         if !self.topics.iter().any(|t| t == topic) {
             return Err(format!(
                 "{topic} is not a dead-letter topic of this console"
@@ -160,8 +160,26 @@ impl DeadLetters {
             .send(record, PRODUCE_TIMEOUT)
             .await
             .map_err(|(e, _)| format!("the broker refused the replay to {target}: {e}"))?;
-        Ok((target, delivered.partition, delivered.offset))
+        Ok(Replayed {
+            saga_id: original.header("saga-id").and_then(|v| v.parse().ok()),
+            message_id: original.header("id").map(str::to_owned),
+            target,
+            partition: delivered.partition,
+            offset: delivered.offset,
+        })
     }
+}
+
+/// Where a replayed letter went, and whose it was.
+#[derive(Debug, Clone)]
+pub(crate) struct Replayed {
+    pub(crate) target: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    /// The saga the record belongs to (its `saga-id` header), if any.
+    pub(crate) saga_id: Option<uuid::Uuid>,
+    /// The record's `id` header.
+    pub(crate) message_id: Option<String>,
 }
 
 /// Reads `topic` (one partition, or all) from the beginning to its end, handing
@@ -271,6 +289,15 @@ struct Original {
 }
 
 impl Original {
+    /// A header's value as text.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
     fn of(m: &BorrowedMessage<'_>) -> Original {
         let mut headers = Vec::new();
         let mut target = None;

@@ -284,12 +284,30 @@ async fn replay(State(console): State<Arc<Console>>, Form(form): Form<ReplayForm
         .replay(&form.topic, form.partition, form.offset)
         .await
     {
-        Ok((target, partition, offset)) => {
+        Ok(replayed) => {
+            let target = &replayed.target;
             tracing::info!(operator, topic = %form.topic, partition = form.partition, offset = form.offset, %target, "dead letter replayed from the console");
-            let done = format!(
-                "Replayed {}/{}/{} to {target} (partition {partition}, offset {offset}).",
-                form.topic, form.partition, form.offset
+            let mut done = format!(
+                "Replayed {}/{}/{} to {target} (partition {}, offset {}).",
+                form.topic, form.partition, form.offset, replayed.partition, replayed.offset
             );
+            if let Some(saga) = replayed.saga_id {
+                // The saga's trail says that its message came back, and who sent it.
+                let action = serde_json::json!({
+                    "action": "dead_letter_replayed",
+                    "from": {"topic": form.topic, "partition": form.partition, "offset": form.offset},
+                    "to": {"topic": target, "partition": replayed.partition, "offset": replayed.offset},
+                    "message_id": replayed.message_id,
+                });
+                let admin = SagaAdmin::new(console.pool.clone()).acting_as(operator);
+                match admin.record_action(saga, action).await {
+                    Ok(true) => done.push_str(&format!(" Recorded in the trail of saga {saga}.")),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(saga_id = %saga, error = %e, "the replay could not be recorded in the saga's trail");
+                    }
+                }
+            }
             Redirect::to(&format!(
                 "{BASE}/dead-letters?done={}",
                 html::url_value(&done)

@@ -9,7 +9,7 @@ use sqlx::types::chrono;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::saga::audit::EventKind;
+use crate::saga::audit::{self, EventKind, PendingEvent};
 use crate::saga::engine::{Orchestrator, SagaError, SagaInstance};
 use crate::saga::SagaData;
 use crate::status::{SagaStatus, StepStatus};
@@ -239,6 +239,34 @@ impl SagaAdmin {
             },
         )
         .await
+    }
+
+    /// Records in saga `id`'s trail an operator action taken beside it rather
+    /// than on it (a message of the saga's replayed from a dead-letter topic):
+    /// `action` with who took it, at the saga's current version; the saga itself
+    /// is unchanged. Whether the saga is in this database (nothing is recorded
+    /// when it is not).
+    pub async fn record_action(
+        &self,
+        id: Uuid,
+        mut action: serde_json::Value,
+    ) -> Result<bool, SagaError> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders the event after every change committed before it.
+        let saga: Option<(String, i32)> =
+            sqlx::query_as("SELECT saga_type, version FROM saga_state WHERE id = $1 FOR SHARE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((saga_type, version)) = saga else {
+            return Ok(false);
+        };
+        action["actor"] = json!(self.actor);
+        let event = PendingEvent::new(EventKind::OperatorAction, None, action);
+        let now = sqlx::types::chrono::Utc::now();
+        audit::write(&mut tx, id, &saga_type, version, now, &[event], None).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Changes a saga in one of the statuses `expected` by hand, puts it in status `then`
