@@ -247,18 +247,7 @@ async fn the_console_lists_filters_draws_a_timeline_and_an_abort_clicked_compens
         .await
         .expect("payment back");
     let saga_page = format!("{console}/sagas/{waiting}");
-    let started = Instant::now();
-    loop {
-        browser.goto(&saga_page).await;
-        if browser.text("#status").await == "ABORTED" {
-            break;
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "the aborted saga never compensated"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_status(&browser, &saga_page, "ABORTED", WAIT).await;
     // Payment, credit and goods were compensated, in that order.
     let compensated: Vec<String> = events_of(&shop, waiting)
         .await
