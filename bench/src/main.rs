@@ -25,6 +25,7 @@
 
 mod large_tx;
 mod latency;
+mod legs;
 mod outage;
 mod relay_lab;
 mod sagas;
@@ -524,6 +525,33 @@ fn print_sagas(s: &sagas::Sagas) {
         s.cpu_ms_per_saga.values().sum::<f64>(),
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    if !s.legs.is_empty() {
+        println!(
+            "steady {:.0}/s, each participant step, ms p50/p99: command leg (written -> the \
+             participant's transaction begins), reply leg (-> the reply applied)",
+            sagas::LATENCY_RATE
+        );
+        for leg in &s.legs {
+            println!(
+                "  {:<16} {:>6} commands  command {:>6.1} / {:>6.1}  reply {:>6.1} / {:>6.1}",
+                leg.step,
+                leg.count,
+                leg.command_ms.0,
+                leg.command_ms.1,
+                leg.reply_ms.0,
+                leg.reply_ms.1
+            );
+        }
+        let relays: Vec<String> = s
+            .relay_ms
+            .iter()
+            .map(|(relay, p50, p99)| format!("{relay} {p50:.1} / {p99:.1}"))
+            .collect();
+        println!(
+            "  relays, commit -> broker ack ms p50/p99: {}",
+            relays.join(", ")
+        );
+    }
     let peaks: Vec<String> = s
         .peak_rss_kib
         .iter()

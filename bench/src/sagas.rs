@@ -63,6 +63,10 @@ pub(crate) struct Sagas {
     pub(crate) latency_orders: usize,
     pub(crate) latency_p50_ms: f64,
     pub(crate) latency_p99_ms: f64,
+    /// The participant steps' legs in the latency run.
+    pub(crate) legs: Vec<crate::legs::Leg>,
+    /// Each relay's commit -> broker ack p50 and p99 (ms) in the latency run.
+    pub(crate) relay_ms: Vec<(&'static str, f64, f64)>,
     pub(crate) in_flight_orders: usize,
     /// Sagas running at once, at most (sampled).
     pub(crate) in_flight_peak: i64,
@@ -86,6 +90,7 @@ impl Sagas {
         ]
         .iter()
         .all(|v| v.is_finite() && *v > 0.0)
+            && self.legs.len() == 3
             && self.in_flight_peak > 0
             && !self.in_flight_drain.is_zero()
             && self.peak_rss_kib.values().all(|&v| v > 0)
@@ -121,6 +126,15 @@ pub(crate) async fn run(bin_dir: &Path, log_root: &Path, sizes: Sizes) -> anyhow
     }
     for name in SERVICES {
         config = config.with_env(name, "KAFKA_OPTIONS", FETCH_WAIT);
+        // Experiments: more environment for every service, KEY=VALUE,...
+        for pair in std::env::var("BENCH_SERVICE_ENV")
+            .unwrap_or_default()
+            .split(',')
+        {
+            if let Some((key, value)) = pair.split_once('=') {
+                config = config.with_env(name, key, value);
+            }
+        }
     }
     let mut shop = lab.start(config).await?;
     let outcome = measure(&mut lab, &mut shop, sizes).await;
@@ -193,6 +207,7 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
     let latency_orders = (LATENCY_RATE * sizes.latency_seconds).round() as usize;
     eprintln!("    latency: {latency_orders} orders at {LATENCY_RATE}/s");
     let mark = server_now(&order).await?;
+    let relays_before = crate::legs::relay_histograms(shop).await;
     let load = shop::lab::place_in_background(
         &client,
         plain_orders(latency_orders),
@@ -215,6 +230,9 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
     .await?;
     result.latency_orders = latency_orders;
     (result.latency_p50_ms, result.latency_p99_ms) = crate::latency::p50_p99_ms(latencies);
+    result.legs = crate::legs::measure(&lab.ledger, &mark).await?;
+    let relays_after = crate::legs::relay_histograms(shop).await;
+    result.relay_ms = crate::legs::relay_latencies(&relays_before, &relays_after);
 
     // 1,000 in flight: the payment service paused while they are accepted.
     eprintln!(

@@ -220,6 +220,11 @@ impl Shop {
     }
 
     /// The port of the relay of `service`'s database.
+    /// The HTTP address (`/health`, `/metrics`) of `service`'s relay.
+    pub fn relay_url(&self, service: &str) -> String {
+        format!("http://127.0.0.1:{}", self.relay_port(service))
+    }
+
     fn relay_port(&self, service: &str) -> u16 {
         self.relay_ports.get(service).copied().unwrap_or(0)
     }
@@ -245,7 +250,7 @@ impl Shop {
             .iter()
             .map(|s| order_service::ConsoleRelay {
                 name: format!("relay-{s}"),
-                url: format!("http://127.0.0.1:{}", self.relay_port(s)),
+                url: self.relay_url(s),
             })
             .collect()
     }
