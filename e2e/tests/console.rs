@@ -423,6 +423,8 @@ async fn a_suspended_saga_restarted_from_the_page_completes_charged_once() {
             .await,
         1
     );
+    let summary = browser.text("table.summary").await;
+    assert!(summary.contains("compensates at"), "{summary}");
     // Nothing was compensated: the order waits.
     let pending = client.order(id).await.expect("order readable");
     assert_eq!(pending["status"], "PENDING", "{pending}");

@@ -221,7 +221,7 @@ pub(crate) fn saga(
          <tr><td>current step</td><td>{}</td></tr>\
          <tr><td>started</td><td>{} ({} ago)</td></tr>\
          <tr><td>last change</td><td>{} (version {})</td></tr>\
-         <tr><td>deadline</td><td>{}</td></tr>{}</tbody></table>",
+         <tr><td>{}</td><td>{}</td></tr>{}</tbody></table>",
         escape(&s.saga_type),
         status_class(&s.status),
         escape(&s.status),
@@ -230,6 +230,12 @@ pub(crate) fn saga(
         duration(saga.now - s.created_at),
         time(s.updated_at),
         s.version,
+        // A suspended saga's deadline is when it compensates unless restarted.
+        if s.status == "SUSPENDED" {
+            "compensates at"
+        } else {
+            "deadline"
+        },
         s.deadline.map_or("none".to_owned(), |d| {
             let when = if d > saga.now {
                 format!("in {}", duration(d - saga.now))
