@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use outbox_relay::metrics::COMMIT_TO_ACK;
+use outbox_relay::metrics::{COMMIT_TO_ACK, COMMIT_TO_SEND};
 use shop::invariants::Ledger;
 use shop::Shop;
 use uuid::Uuid;
@@ -23,8 +23,9 @@ use crate::latency::{quantile, Buckets};
 /// The relays, by the service they serve.
 const RELAYS: [&str; 4] = ["order", "customer", "inventory", "payment"];
 
-/// Each relay's `outbox_relay_commit_to_ack_seconds` histogram now.
-pub(crate) async fn relay_histograms(shop: &Shop) -> Vec<(&'static str, Buckets)> {
+/// Each relay's commit -> handed to the producer and commit -> broker ack
+/// histograms now.
+pub(crate) async fn relay_histograms(shop: &Shop) -> Vec<(&'static str, Buckets, Buckets)> {
     let http = reqwest::Client::new();
     let mut all = Vec::new();
     for relay in RELAYS {
@@ -33,30 +34,42 @@ pub(crate) async fn relay_histograms(shop: &Shop) -> Vec<(&'static str, Buckets)
             Ok(answer) => answer.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
-        all.push((relay, Buckets::parse(&text, COMMIT_TO_ACK)));
+        let send = Buckets::parse(&text, COMMIT_TO_SEND);
+        all.push((relay, send, Buckets::parse(&text, COMMIT_TO_ACK)));
     }
     all
 }
 
-/// Each relay's commit -> broker ack p50 and p99 (ms) between `before` and `after`.
+/// One relay's p50 (ms) between two readings: commit -> handed to the producer,
+/// commit -> broker ack; and the latter's p99.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RelayLatency {
+    pub(crate) relay: &'static str,
+    pub(crate) send_p50: f64,
+    pub(crate) ack_p50: f64,
+    pub(crate) ack_p99: f64,
+}
+
+/// Each relay's latencies between `before` and `after`.
 pub(crate) fn relay_latencies(
-    before: &[(&'static str, Buckets)],
-    after: &[(&'static str, Buckets)],
-) -> Vec<(&'static str, f64, f64)> {
+    before: &[(&'static str, Buckets, Buckets)],
+    after: &[(&'static str, Buckets, Buckets)],
+) -> Vec<RelayLatency> {
     after
         .iter()
-        .map(|(relay, buckets)| {
-            let earlier = before
+        .map(|(relay, send, ack)| {
+            let (send_before, ack_before) = before
                 .iter()
-                .find(|(r, _)| r == relay)
-                .map(|(_, b)| b.clone())
+                .find(|(r, _, _)| r == relay)
+                .map(|(_, s, a)| (s.clone(), a.clone()))
                 .unwrap_or_default();
-            let between = buckets.minus(&earlier);
-            (
-                *relay,
-                between.quantile(0.5) * 1e3,
-                between.quantile(0.99) * 1e3,
-            )
+            let ack = ack.minus(&ack_before);
+            RelayLatency {
+                relay,
+                send_p50: send.minus(&send_before).quantile(0.5) * 1e3,
+                ack_p50: ack.quantile(0.5) * 1e3,
+                ack_p99: ack.quantile(0.99) * 1e3,
+            }
         })
         .collect()
 }

@@ -545,10 +545,15 @@ fn print_sagas(s: &sagas::Sagas) {
         let relays: Vec<String> = s
             .relay_ms
             .iter()
-            .map(|(relay, p50, p99)| format!("{relay} {p50:.1} / {p99:.1}"))
+            .map(|r| {
+                format!(
+                    "{} {:.1} ({:.1} to the producer) / {:.1}",
+                    r.relay, r.ack_p50, r.send_p50, r.ack_p99
+                )
+            })
             .collect();
         println!(
-            "  relays, commit -> broker ack ms p50/p99: {}",
+            "  relays, commit -> broker ack ms p50 (commit -> handed to the producer) / p99: {}",
             relays.join(", ")
         );
     }

@@ -65,8 +65,8 @@ pub(crate) struct Sagas {
     pub(crate) latency_p99_ms: f64,
     /// The participant steps' legs in the latency run.
     pub(crate) legs: Vec<crate::legs::Leg>,
-    /// Each relay's commit -> broker ack p50 and p99 (ms) in the latency run.
-    pub(crate) relay_ms: Vec<(&'static str, f64, f64)>,
+    /// Each relay's latencies in the latency run.
+    pub(crate) relay_ms: Vec<crate::legs::RelayLatency>,
     pub(crate) in_flight_orders: usize,
     /// Sagas running at once, at most (sampled).
     pub(crate) in_flight_peak: i64,

@@ -221,6 +221,9 @@ impl<S: Sink, T: Copy> Delivery<S, T> {
         letter: Option<Reason>,
         commit_time: Option<SystemTime>,
     ) -> Result<(), DeliveryError> {
+        if let Some(elapsed) = commit_time.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+            self.metrics.commit_to_send(elapsed);
+        }
         let mut flight = Flight {
             tag,
             size: record.size(),

@@ -7,9 +7,9 @@
 //! read by the HTTP server; each value is read on its own, so one scrape is not a
 //! snapshot across metrics. The only label is the dead-letter reason, a fixed enum of
 //! three values, every one of which is rendered even at 0 so that `rate()` and
-//! alerts see the series from the first scrape. The one histogram,
-//! [`COMMIT_TO_ACK`], keeps a count per bucket and renders them cumulatively, as
-//! Prometheus expects.
+//! alerts see the series from the first scrape. The histograms,
+//! [`COMMIT_TO_ACK`] and [`COMMIT_TO_SEND`], keep a count per bucket and render
+//! them cumulatively, as Prometheus expects.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +38,11 @@ pub const BEHIND_SOURCE_MS: &str = "outbox_relay_milliseconds_behind_source";
 /// its records. Across hosts it includes the clock difference, as Debezium's
 /// `MilliSecondsBehindSource` does.
 pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
-/// Upper bounds (seconds) of the buckets of [`COMMIT_TO_ACK`]: fine below 25 ms,
+/// Histogram: seconds from a transaction's commit to each of its records being
+/// handed to the sink: the server's part (writing the commit, decoding, sending)
+/// and the relay's routing. [`COMMIT_TO_ACK`] minus this is the broker's part.
+pub const COMMIT_TO_SEND: &str = "outbox_relay_commit_to_send_seconds";
+/// Upper bounds (seconds) of the buckets of [`COMMIT_TO_ACK`] and [`COMMIT_TO_SEND`]: fine below 25 ms,
 /// where a healthy relay lives, coarse up to a minute for outages.
 pub const COMMIT_TO_ACK_BUCKETS: [f64; 20] = [
     0.000_5, 0.001, 0.002, 0.003, 0.004, 0.005, 0.007_5, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -104,6 +108,8 @@ pub enum Family {
     BehindSourceMs,
     /// [`COMMIT_TO_ACK`]
     CommitToAck,
+    /// [`COMMIT_TO_SEND`]
+    CommitToSend,
     /// [`CONFIRMED_LSN`]
     ConfirmedLsn,
     /// [`HEARTBEATS_SENT`]
@@ -124,7 +130,7 @@ pub enum Family {
 
 impl Family {
     /// Every family, in the order they are rendered.
-    pub const ALL: [Family; 15] = [
+    pub const ALL: [Family; 16] = [
         Family::EventsRouted,
         Family::EventsDeadLettered,
         Family::BytesRouted,
@@ -132,6 +138,7 @@ impl Family {
         Family::SlotLagBytes,
         Family::BehindSourceMs,
         Family::CommitToAck,
+        Family::CommitToSend,
         Family::ConfirmedLsn,
         Family::HeartbeatsSent,
         Family::Reconnects,
@@ -152,6 +159,7 @@ impl Family {
             Family::SlotLagBytes => SLOT_LAG_BYTES,
             Family::BehindSourceMs => BEHIND_SOURCE_MS,
             Family::CommitToAck => COMMIT_TO_ACK,
+            Family::CommitToSend => COMMIT_TO_SEND,
             Family::ConfirmedLsn => CONFIRMED_LSN,
             Family::HeartbeatsSent => HEARTBEATS_SENT,
             Family::Reconnects => RECONNECTS,
@@ -180,7 +188,7 @@ impl Family {
             | Family::Up
             | Family::Role
             | Family::StreamedOpen => Kind::Gauge,
-            Family::CommitToAck => Kind::Histogram,
+            Family::CommitToAck | Family::CommitToSend => Kind::Histogram,
         }
     }
 
@@ -201,6 +209,10 @@ impl Family {
             Family::CommitToAck => {
                 "Seconds from a transaction's commit to the broker's acknowledgement of each \
                  of its records."
+            }
+            Family::CommitToSend => {
+                "Seconds from a transaction's commit to each of its records being handed \
+                 to the sink."
             }
             Family::ConfirmedLsn => "WAL position last confirmed to the server, as an integer.",
             Family::HeartbeatsSent => "Heartbeats written with pg_logical_emit_message.",
@@ -233,6 +245,7 @@ pub struct Metrics {
     slot_lag_bytes: AtomicU64,
     behind_source_ms: AtomicU64,
     commit_to_ack: Histogram,
+    commit_to_send: Histogram,
     confirmed_lsn: AtomicU64,
     heartbeats: AtomicU64,
     reconnects: AtomicU64,
@@ -280,6 +293,11 @@ impl Metrics {
     /// A record whose transaction committed `latency` ago was acknowledged.
     pub fn commit_to_ack(&self, latency: Duration) {
         self.commit_to_ack.observe(latency);
+    }
+
+    /// A record whose transaction committed `latency` ago was handed to the sink.
+    pub fn commit_to_send(&self, latency: Duration) {
+        self.commit_to_send.observe(latency);
     }
 
     /// `lsn` was confirmed to the server.
@@ -344,6 +362,10 @@ impl Metrics {
                 }
                 Family::CommitToAck => {
                     self.commit_to_ack.render(&mut out, name);
+                    continue;
+                }
+                Family::CommitToSend => {
+                    self.commit_to_send.render(&mut out, name);
                     continue;
                 }
                 Family::Role => {

@@ -119,6 +119,9 @@ fn every_family_is_rendered_with_zero_values() {
     let bucket = format!("{COMMIT_TO_ACK}_bucket");
     let sum = format!("{COMMIT_TO_ACK}_sum");
     let count = format!("{COMMIT_TO_ACK}_count");
+    let send_bucket = format!("{COMMIT_TO_SEND}_bucket");
+    let send_sum = format!("{COMMIT_TO_SEND}_sum");
+    let send_count = format!("{COMMIT_TO_SEND}_count");
     let expected: BTreeSet<&str> = [
         EVENTS_ROUTED,
         EVENTS_DEAD_LETTERED,
@@ -129,6 +132,9 @@ fn every_family_is_rendered_with_zero_values() {
         &bucket,
         &sum,
         &count,
+        &send_bucket,
+        &send_sum,
+        &send_count,
         CONFIRMED_LSN,
         HEARTBEATS_SENT,
         RECONNECTS,
@@ -142,15 +148,14 @@ fn every_family_is_rendered_with_zero_values() {
     .collect();
     assert_eq!(names, expected);
     // One sample per family, but a reason per dead-letter sample, a role per
-    // role sample, and a bucket per bound (and +Inf), a sum and a count for the
+    // role sample, and a bucket per bound (and +Inf), a sum and a count for each
     // histogram.
     assert_eq!(
         samples.len(),
-        Family::ALL.len() - 3
+        Family::ALL.len() - 4
             + Reason::ALL.len()
             + Role::ALL.len()
-            + COMMIT_TO_ACK_BUCKETS.len()
-            + 3
+            + 2 * (COMMIT_TO_ACK_BUCKETS.len() + 3)
     );
     for reason in ["too_large", "bad_row", "bad_route", "undeliverable"] {
         let labels = format!("reason=\"{reason}\"");
