@@ -37,6 +37,8 @@ pub(crate) struct AppState {
     pub(crate) orchestrator: Arc<Orchestrator<OrderPlacement>>,
     pub(crate) references: References,
     pub(crate) http: reqwest::Client,
+    /// Customers and goods known to exist, for a while.
+    pub(crate) known: Arc<crate::known::Known>,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -114,22 +116,23 @@ async fn place_order(
             return Ok(existing);
         }
     }
-    check_exists(
+    let customer = check_exists(
         &state,
         state.references.customer_url.as_deref(),
         "customers",
         request.customer_id,
         "customer",
-    )
-    .await?;
-    check_exists(
+    );
+    let goods = check_exists(
         &state,
         state.references.inventory_url.as_deref(),
         "goods",
         request.goods_id,
         "goods",
-    )
-    .await?;
+    );
+    let (customer, goods) = tokio::join!(customer, goods);
+    customer?;
+    goods?;
 
     let order_id = Uuid::now_v7();
     let mut tx = state.pool.begin().await?;
@@ -244,20 +247,24 @@ async fn replay(pool: &PgPool, key: &str, fingerprint: &str) -> Result<Option<Re
     )))
 }
 
-/// Asks the owning service whether `id` exists. A 404 refuses the order; a
-/// service that does not answer does not: the saga's own reply (`GoodsNotFound`,
+/// Asks the owning service whether `id` exists, unless it said so within the
+/// last minute ([`crate::known`]). A 404 refuses the order; a service that does
+/// not answer does not: the saga's own reply (`GoodsNotFound`,
 /// `CustomerNotFound`) rejects it later, and orders keep being accepted while a
 /// participant is down.
 async fn check_exists(
     state: &AppState,
     base: Option<&str>,
-    path: &str,
+    path: &'static str,
     id: Uuid,
     what: &str,
 ) -> Result<(), ApiError> {
     let Some(base) = base else {
         return Ok(());
     };
+    if state.known.exists(path, id, std::time::Instant::now()) {
+        return Ok(());
+    }
     let url = format!("{}/{path}/{id}", base.trim_end_matches('/'));
     match state
         .http
@@ -271,7 +278,10 @@ async fn check_exists(
             "unknown_reference",
             format!("{what} {id} does not exist"),
         )),
-        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) if response.status().is_success() => {
+            state.known.remember(path, id, std::time::Instant::now());
+            Ok(())
+        }
         Ok(response) => {
             tracing::warn!(%url, status = %response.status(), "reference check failed; the saga will check");
             Ok(())

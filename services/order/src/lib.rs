@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+pub mod known;
 pub mod placement;
 
 use std::sync::Arc;
@@ -237,6 +238,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         orchestrator: Arc::clone(&orchestrator),
         references: config.references(),
         http: reqwest::Client::new(),
+        known: Arc::new(known::Known::new()),
     };
     let prepare = service_kit::cli::prepare(
         pool.clone(),
