@@ -18,7 +18,7 @@ use shop::invariants::Ledger;
 use shop::Shop;
 use uuid::Uuid;
 
-use crate::latency::{quantile, Buckets};
+use crate::latency::{p50_p99_ms, Buckets};
 
 /// The relays, by the service they serve.
 const RELAYS: [&str; 4] = ["order", "customer", "inventory", "payment"];
@@ -125,21 +125,14 @@ pub(crate) async fn measure(ledger: &Ledger, since: &str) -> anyhow::Result<Vec<
         command.push(at - sent_at);
         reply.push(applied_at - at);
     }
-    let p50_p99 = |mut seconds: Vec<f64>| {
-        seconds.sort_by(f64::total_cmp);
-        (
-            quantile(&seconds, 0.5) * 1e3,
-            quantile(&seconds, 0.99) * 1e3,
-        )
-    };
     Ok(steps
         .into_iter()
         .filter_map(|step| {
             let (command, reply) = legs.remove(&step)?;
             Some(Leg {
                 count: command.len(),
-                command_ms: p50_p99(command),
-                reply_ms: p50_p99(reply),
+                command_ms: p50_p99_ms(command),
+                reply_ms: p50_p99_ms(reply),
                 step,
             })
         })

@@ -337,22 +337,6 @@ impl Shop {
                                 millis(self.config.step_timeout).to_string(),
                             ),
                             (
-                                "SAGA_SUSPEND_ON".to_owned(),
-                                if self.config.suspend_timeouts_for.is_some() {
-                                    "timeouts"
-                                } else {
-                                    "off"
-                                }
-                                .to_owned(),
-                            ),
-                            (
-                                "SAGA_SUSPEND_FOR_S".to_owned(),
-                                self.config
-                                    .suspend_timeouts_for
-                                    .map_or(3_600, |d| d.as_secs().max(1))
-                                    .to_string(),
-                            ),
-                            (
                                 "CONSOLE_DEAD_LETTER_TOPICS".to_owned(),
                                 self.dead_letter_topics().join(","),
                             ),
@@ -371,6 +355,13 @@ impl Shop {
                             }
                         }
                         _ => {}
+                    }
+                    if let (Some(hold), "order") = (self.config.suspend_timeouts_for, service) {
+                        env.push(("SAGA_SUSPEND_ON".to_owned(), "timeouts".to_owned()));
+                        env.push((
+                            "SAGA_SUSPEND_FOR_S".to_owned(),
+                            hold.as_secs().max(1).to_string(),
+                        ));
                     }
                     let url = format!("http://127.0.0.1:{port}");
                     self.spawn_process(
