@@ -29,6 +29,7 @@ mod legs;
 mod outage;
 mod relay_lab;
 mod sagas;
+mod statements;
 mod takeover;
 mod throughput;
 
@@ -524,6 +525,10 @@ fn print_sagas(s: &sagas::Sagas) {
         cpu.join(", "),
         s.cpu_ms_per_saga.values().sum::<f64>(),
         std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    println!(
+        "statements per saga at saturation: {}",
+        statements::describe(&s.statements_per_saga)
     );
     if !s.legs.is_empty() {
         println!(

@@ -60,6 +60,8 @@ pub(crate) struct Sagas {
     /// CPU milliseconds per saga during the saturation run, by who spent them
     /// (see [`cpu_by_part`]).
     pub(crate) cpu_ms_per_saga: BTreeMap<&'static str, f64>,
+    /// Statements and commits per saga during the saturation run, by database.
+    pub(crate) statements_per_saga: crate::statements::PerSaga,
     pub(crate) latency_orders: usize,
     pub(crate) latency_p50_ms: f64,
     pub(crate) latency_p99_ms: f64,
@@ -94,6 +96,7 @@ impl Sagas {
             && self.in_flight_peak > 0
             && !self.in_flight_drain.is_zero()
             && self.peak_rss_kib.values().all(|&v| v > 0)
+            && self.statements_per_saga.len() == 4
     }
 }
 
@@ -109,6 +112,7 @@ pub(crate) async fn run(bin_dir: &Path, log_root: &Path, sizes: Sizes) -> anyhow
     let settings = LabSettings {
         bin_dir: bin_dir.to_owned(),
         log_root: log_root.to_owned(),
+        server_settings: crate::statements::SERVER_SETTINGS.to_vec(),
     };
     let mut lab = Lab::new(&settings, "bench-sagas", false).await?;
     let mut config = lab.shop_config();
@@ -175,7 +179,9 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
         "    saturation: {} orders from {CLIENTS} clients",
         sizes.saturation
     );
+    crate::statements::prepare(&order).await?;
     let mark = server_now(&order).await?;
+    let statements_before = crate::statements::read(&order).await?;
     let cpu_before = cpu_by_part(shop, lab);
     let placing = Instant::now();
     place_all(&client, sizes.saturation, CLIENTS).await?;
@@ -183,7 +189,10 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
     memory.sample(shop);
     wait_all_ended(&order, 20 + sizes.saturation, bound).await?;
     let cpu_after = cpu_by_part(shop, lab);
+    let statements_after = crate::statements::read(&order).await?;
     memory.sample(shop);
+    result.statements_per_saga =
+        crate::statements::per_saga(&statements_before, &statements_after, sizes.saturation);
     result.cpu_ms_per_saga = cpu_after
         .iter()
         .map(|(part, after)| {

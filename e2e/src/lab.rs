@@ -45,6 +45,8 @@ pub const DECLINED_CARD: &str = "4000 0000 0000 9999";
 pub struct LabSettings {
     pub bin_dir: PathBuf,
     pub log_root: PathBuf,
+    /// More server settings for the lab's PostgreSQL cluster (`-c name=value`).
+    pub server_settings: Vec<(&'static str, &'static str)>,
 }
 
 /// One scenario's world.
@@ -139,16 +141,16 @@ impl Lab {
         }
         std::fs::create_dir_all(&log_dir)
             .with_context(|| format!("cannot create {}", log_dir.display()))?;
-        let cluster = tokio::task::spawn_blocking(|| {
-            PrivateCluster::start(&[
-                ("wal_level", "logical"),
-                ("max_replication_slots", "16"),
-                ("max_wal_senders", "16"),
-                ("max_connections", "200"),
-            ])
-        })
-        .await
-        .context("starting a private PostgreSQL cluster")?;
+        let mut server_settings = vec![
+            ("wal_level", "logical"),
+            ("max_replication_slots", "16"),
+            ("max_wal_senders", "16"),
+            ("max_connections", "200"),
+        ];
+        server_settings.extend(settings.server_settings.iter().copied());
+        let cluster = tokio::task::spawn_blocking(move || PrivateCluster::start(&server_settings))
+            .await
+            .context("starting a private PostgreSQL cluster")?;
         let broker_file = log_dir.join("broker.db");
         let broker = tokio::task::spawn_blocking(move || {
             if durable {

@@ -2,14 +2,20 @@
 //!
 //! ```text
 //!  Kafka ──stream──▶ run loop ──lane per key──▶ task: BEGIN
-//!    ▲   (paused at     │                         INSERT INTO processed_messages … ON CONFLICT DO NOTHING
-//!    │    max_in_flight)│                           0 rows → ROLLBACK, done (a redelivery)
-//!    │                  │                           1 row  → handler(tx, message) → COMMIT, done
-//!    │                  │                         or, given up: dead letter, acknowledged → done
+//!    ▲   (paused at     │   (the first message     INSERT INTO processed_messages … ON CONFLICT DO NOTHING
+//!    │    max_in_flight)│    of each idle lane       0 rows → ROLLBACK, done (a redelivery)
+//!    │                  │    at hand: up to          1 row  → handler(tx, message) → COMMIT, done
+//!    │                  │    batch_max a task)     or, given up: dead letter, acknowledged → done
 //!    │                  ◀──────────── done ───────┘
 //!    │  store_offsets(lowest offset not done)     (per partition)
 //!    └─ commit: automatic every 5 s, on revocation, on shutdown (of stored offsets only)
 //! ```
+//!
+//! Messages of different lanes that are at hand together (one poll returned them)
+//! share one transaction, up to [`ConsumerConfig::batch_max`]: one journal
+//! statement for all of them, their handlers, one commit; if anything in it fails,
+//! it is rolled back and each message runs alone as drawn above (the `batch`
+//! module says why that keeps every promise below).
 //!
 //! # Why each message's effects happen once
 //!
@@ -137,23 +143,23 @@
 //! so that its partitions move at once. A consumer that stops with an error keeps
 //! its membership, for the next run under the same id to take over.)
 
+mod batch;
 mod config;
 mod dead_letter;
 mod error;
 mod handling;
+mod lanes;
 mod membership;
 mod message;
 mod offsets;
 mod rebalance;
 pub mod scope;
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
@@ -162,13 +168,12 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 pub use config::{
-    ConsumerConfig, DEAD_LETTER_SUFFIX, DEFAULT_BACKOFF, DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REJOIN_AFTER,
-    DEFAULT_SESSION_TIMEOUT, DEFAULT_STATIC_SESSION_TIMEOUT,
+    ConsumerConfig, DEAD_LETTER_SUFFIX, DEFAULT_BACKOFF, DEFAULT_BATCH_MAX,
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_REJOIN_AFTER, DEFAULT_SESSION_TIMEOUT, DEFAULT_STATIC_SESSION_TIMEOUT,
 };
 pub use dead_letter::{
     DeadLetterReason, DEAD_LETTER_PARTITIONS, DEAD_LETTER_REPLICATION_FACTOR, DEAD_LETTER_TIMEOUT,
@@ -180,7 +185,8 @@ pub use membership::MAX_REJOIN_WAIT;
 pub use message::{HandlerError, IncomingMessage, MessageHandler, HEADER_ID, HEADER_TYPE};
 pub use rebalance::RebalanceEvent;
 
-use handling::{process, Job, Lane, Outcome, Shared};
+use handling::{Outcome, Shared};
+use lanes::{Finished, Work};
 use membership::{fatal_error, Membership};
 use message::RawMessage;
 use offsets::OffsetTracker;
@@ -351,12 +357,13 @@ impl<H: MessageHandler> Consumer<H> {
             stats: Arc::clone(&self.stats),
             stopped,
         });
-        let mut work = Work {
+        // More transactions at once than the pool has connections would only wait.
+        let connections = usize::try_from(self.pool.options().get_max_connections()).unwrap_or(1);
+        let mut work = Work::new(
             shared,
-            lanes: HashMap::new(),
-            tasks: JoinSet::new(),
-            pending: 0,
-        };
+            self.config.batch_max,
+            connections.min(self.config.max_in_flight),
+        );
 
         // Rejoins while the member has no partitions and should have some; stops
         // (aborted) with the loop.
@@ -387,22 +394,24 @@ impl<H: MessageHandler> Consumer<H> {
                         }
                     }
                     next = stream.next(), if work.pending < self.config.max_in_flight => {
-                        match next {
-                            Some(Ok(message)) => work.accept(RawMessage::of(&message)),
-                            // librdkafka reports a fatal error (a fenced member among
-                            // them) to a consumer as the code `Fatal`; the client
-                            // holds the cause.
-                            Some(Err(
-                                err @ (KafkaError::MessageConsumptionFatal(_)
-                                | KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)),
-                            )) => {
-                                break Some(self.fatal(err));
-                            }
-                            Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
-                            None => break Some(ConsumerError::Kafka(KafkaError::NoMessageReceived)),
+                        if let Err(err) = self.take(&mut work, next) {
+                            break Some(err);
+                        }
+                        // What the stream has at hand joins this message, so that
+                        // the ready ones start together.
+                        let mut taken = Ok(());
+                        while taken.is_ok() && work.pending < self.config.max_in_flight {
+                            let Some(next) = stream.next().now_or_never() else {
+                                break;
+                            };
+                            taken = self.take(&mut work, next);
+                        }
+                        if let Err(err) = taken {
+                            break Some(err);
                         }
                     }
                 }
+                work.launch();
             }
         };
         watchdog.abort();
@@ -465,31 +474,57 @@ impl<H: MessageHandler> Consumer<H> {
     fn finish(
         &self,
         work: &mut Work<H>,
-        joined: Result<Finished, tokio::task::JoinError>,
+        joined: Result<Vec<Finished>, tokio::task::JoinError>,
         go_on: bool,
     ) -> Result<(), ConsumerError> {
         let finished = joined.map_err(ConsumerError::Task)?;
-        work.pending -= 1;
-        let Finished {
+        let mut fatal = None;
+        for Finished {
             lane,
             topic,
             partition,
             offset,
             generation,
             outcome,
-        } = finished;
-        match outcome {
-            Outcome::Done => {
-                let storable = lock(&self.tracker).done(&topic, partition, generation, offset);
-                if let Some(next) = storable {
-                    self.store(&topic, partition, next);
+        } in finished
+        {
+            work.pending -= 1;
+            match outcome {
+                Outcome::Done => {
+                    let storable = lock(&self.tracker).done(&topic, partition, generation, offset);
+                    if let Some(next) = storable {
+                        self.store(&topic, partition, next);
+                    }
+                }
+                Outcome::Abandoned => {}
+                Outcome::Fatal(err) => {
+                    fatal.get_or_insert(err);
                 }
             }
-            Outcome::Abandoned => {}
-            Outcome::Fatal(err) => return Err(err),
+            if go_on && fatal.is_none() {
+                work.start_next(lane);
+            }
         }
-        if go_on {
-            work.start_next(lane);
+        fatal.map_or(Ok(()), Err)
+    }
+
+    /// Takes what the stream gave: a message is accepted; returns the error the
+    /// consumer must stop with.
+    fn take(
+        &self,
+        work: &mut Work<H>,
+        next: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
+    ) -> Result<(), ConsumerError> {
+        match next {
+            Some(Ok(message)) => work.accept(RawMessage::of(&message)),
+            // librdkafka reports a fatal error (a fenced member among them) to a
+            // consumer as the code `Fatal`; the client holds the cause.
+            Some(Err(
+                err @ (KafkaError::MessageConsumptionFatal(_)
+                | KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)),
+            )) => return Err(self.fatal(err)),
+            Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
+            None => return Err(ConsumerError::Kafka(KafkaError::NoMessageReceived)),
         }
         Ok(())
     }
@@ -508,104 +543,6 @@ impl<H: MessageHandler> Consumer<H> {
                 tracing::warn!(topic, partition, offset = next, error = %err, "cannot store offset");
             }
         }
-    }
-}
-
-/// Messages accepted and not yet done, by lane.
-struct Work<H> {
-    shared: Arc<Shared<H>>,
-    /// A lane is present while one of its messages runs; the deque holds those waiting.
-    lanes: HashMap<Lane, VecDeque<Job>>,
-    tasks: JoinSet<Finished>,
-    /// Messages running or waiting in a lane.
-    pending: usize,
-}
-
-/// What a message task reports.
-struct Finished {
-    lane: Lane,
-    topic: String,
-    partition: i32,
-    offset: i64,
-    generation: u64,
-    outcome: Outcome,
-}
-
-impl<H: MessageHandler> Work<H> {
-    /// Takes a message from the stream: runs it, or queues it behind its lane.
-    fn accept(&mut self, raw: RawMessage) {
-        let generation = lock(&self.shared.tracker).received(&raw.topic, raw.partition, raw.offset);
-        let lane = match &raw.key {
-            Some(key) => Lane::Key(key.clone()),
-            None => Lane::Keyless {
-                topic: raw.topic.clone(),
-                partition: raw.partition,
-            },
-        };
-        let job = Job {
-            raw,
-            generation,
-            lane,
-        };
-        self.pending += 1;
-        match self.lanes.entry(job.lane.clone()) {
-            Entry::Occupied(mut waiting) => waiting.get_mut().push_back(job),
-            Entry::Vacant(idle) => {
-                idle.insert(VecDeque::new());
-                self.spawn(job);
-            }
-        }
-    }
-
-    /// Starts the next message of `lane` whose partition is still assigned; drops the
-    /// others (their next owner handles them).
-    fn start_next(&mut self, lane: Lane) {
-        let Entry::Occupied(mut waiting) = self.lanes.entry(lane) else {
-            return;
-        };
-        while let Some(job) = waiting.get_mut().pop_front() {
-            let current = lock(&self.shared.tracker).is_current(
-                &job.raw.topic,
-                job.raw.partition,
-                job.generation,
-            );
-            if current {
-                self.spawn(job);
-                return;
-            }
-            self.pending -= 1;
-            tracing::debug!(
-                topic = %job.raw.topic,
-                partition = job.raw.partition,
-                offset = job.raw.offset,
-                "partition revoked, message left to its next owner"
-            );
-        }
-        waiting.remove();
-    }
-
-    fn spawn(&mut self, job: Job) {
-        let span = tracing::info_span!(
-            "message",
-            topic = %job.raw.topic,
-            partition = job.raw.partition,
-            offset = job.raw.offset,
-        );
-        let shared = Arc::clone(&self.shared);
-        self.tasks.spawn(
-            async move {
-                let outcome = process(&shared, &job).await;
-                Finished {
-                    topic: job.raw.topic,
-                    partition: job.raw.partition,
-                    offset: job.raw.offset,
-                    generation: job.generation,
-                    lane: job.lane,
-                    outcome,
-                }
-            }
-            .instrument(span),
-        );
     }
 }
 

@@ -44,7 +44,8 @@ async fn setup(partitions: i32) -> (TestDatabase, String) {
              key             text,
              n               bigint NOT NULL,
              kafka_partition int    NOT NULL,
-             kafka_offset    bigint NOT NULL
+             kafka_offset    bigint NOT NULL,
+             txid            bigint NOT NULL DEFAULT txid_current()  -- the transaction it ran in
          )",
     )
     .execute(db.pool())
@@ -747,6 +748,115 @@ async fn messages_already_in_the_journal_are_skipped_and_passed() {
     assert_eq!(
         committed(&group, &topic, 2).await,
         expected_offsets(&ends(&positions), 2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_at_hand_share_a_transaction_unless_batches_are_off() {
+    for batch_max in [8, 1] {
+        let (db, topic) = setup(1).await;
+        let group = testkit::unique_name("group");
+        // One key each: all 40 are the first of their lanes, and one fetch brings
+        // them.
+        let records: Vec<Record> = (0..40)
+            .map(|n| Record::new(&format!("key-{n}"), "effect", n))
+            .collect();
+        let positions = produce(&topic, &records).await;
+
+        let handler = Arc::new(TestHandler::default());
+        let mut config = config(&group, &topic);
+        config.batch_max = batch_max;
+        let running = start(config, db.pool(), &handler);
+        wait_for_count(db.pool(), "SELECT count(*) FROM effects", 40).await;
+        running.stop().await.unwrap();
+
+        assert_eq!(
+            count(db.pool(), "SELECT count(DISTINCT message_id) FROM effects").await,
+            40
+        );
+        assert_eq!(handler.calls(), 40);
+        let transactions = count(db.pool(), "SELECT count(DISTINCT txid) FROM effects").await;
+        let largest = count(
+            db.pool(),
+            "SELECT max(n) FROM (SELECT count(*) AS n FROM effects GROUP BY txid) AS t",
+        )
+        .await;
+        if batch_max == 1 {
+            assert_eq!(transactions, 40, "batch_max 1 batched");
+        } else {
+            assert!(
+                transactions < 40,
+                "40 messages at hand took {transactions} transactions"
+            );
+            assert!(largest <= 8, "a batch of {largest} with batch_max 8");
+        }
+        // The journal rows commit with their effects.
+        assert_eq!(
+            count(
+                db.pool(),
+                "SELECT count(*) FROM processed_messages p JOIN effects e \
+                 ON e.message_id = p.message_id AND e.txid % 4294967296 = p.xmin::text::bigint"
+            )
+            .await,
+            40
+        );
+        assert_eq!(
+            committed(&group, &topic, 1).await,
+            expected_offsets(&ends(&positions), 1)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_in_a_batch_runs_each_of_its_messages_alone() {
+    let (db, topic) = setup(1).await;
+    let group = testkit::unique_name("group");
+    let mut records: Vec<Record> = (0..30)
+        .map(|n| Record::new(&format!("key-{n}"), "effect", n))
+        .collect();
+    records.insert(5, Record::new("flaky", "flaky", 1));
+    records.insert(12, Record::new("rejected", "reject", 1));
+    records.insert(20, Record::new("panics", "panic", 1));
+    let positions = produce(&topic, &records).await;
+
+    let handler = Arc::new(TestHandler::default());
+    let mut config = config(&group, &topic);
+    config.batch_max = 64;
+    config.max_attempts = 3;
+    let running = start(config, db.pool(), &handler);
+    wait_for_count(db.pool(), "SELECT count(*) FROM effects", 31).await;
+    running.stop().await.unwrap();
+
+    // Every message that could be applied was, once; the batch's rolled-back
+    // writes left nothing behind.
+    for record in &records {
+        let expected = match record.kind {
+            "effect" | "flaky" => 1,
+            _ => 0,
+        };
+        assert_eq!(
+            effects_of(db.pool(), record.id.unwrap()).await,
+            expected,
+            "{}",
+            record.kind
+        );
+    }
+    assert_eq!(
+        count(db.pool(), "SELECT count(*) FROM processed_messages").await,
+        31,
+        "the refused and the panicking message are not journalled"
+    );
+    // Alone, the messages take 35 calls (the flaky one three). More calls: the
+    // handlers before the first failure also ran in the batch that was rolled back.
+    assert!(
+        handler.calls() > 35,
+        "{} calls: no batch ran",
+        handler.calls()
+    );
+    assert_eq!(handler.flaky_attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        committed(&group, &topic, 1).await,
+        expected_offsets(&ends(&positions), 1)
     );
 }
 

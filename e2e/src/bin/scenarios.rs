@@ -133,6 +133,7 @@ fn main() -> ExitCode {
             let settings = LabSettings {
                 bin_dir,
                 log_root: logs,
+                server_settings: Vec::new(),
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(4)

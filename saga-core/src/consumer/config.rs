@@ -18,6 +18,8 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Messages being handled or waiting for their key, at most.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// The default for [`ConsumerConfig::batch_max`].
+pub const DEFAULT_BATCH_MAX: usize = 32;
 /// The suffix of the default dead-letter topic: `<group_id>.dlq`.
 pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
 /// `session.timeout.ms` of a member without instance id, unless the options say
@@ -63,6 +65,11 @@ pub struct ConsumerConfig {
     pub max_backoff: Duration,
     /// Messages being handled or waiting for their key, at most; at least 1.
     pub max_in_flight: usize,
+    /// Messages of different keys handled in one transaction, at most; 1 handles
+    /// every message in a transaction of its own. Messages are batched only when
+    /// they are at hand together (a poll returned several), so a batch never waits
+    /// to fill up.
+    pub batch_max: usize,
     /// The member's instance id (`group.instance.id`, static membership): a member
     /// started again under the same id, while its predecessor's membership has not
     /// expired, takes that membership over at once instead of waiting for the
@@ -104,6 +111,7 @@ impl ConsumerConfig {
             backoff: DEFAULT_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            batch_max: DEFAULT_BATCH_MAX,
             instance_id: None,
             rejoin_after: DEFAULT_REJOIN_AFTER,
             options: BTreeMap::new(),
@@ -136,6 +144,9 @@ impl ConsumerConfig {
         }
         if self.max_in_flight == 0 {
             return invalid("max_in_flight is 0: no message could ever be handled");
+        }
+        if self.batch_max == 0 {
+            return invalid("batch_max is 0: use 1 for a transaction per message");
         }
         if self.max_backoff < self.backoff {
             return invalid("max_backoff is shorter than backoff");
@@ -246,6 +257,7 @@ impl std::fmt::Debug for ConsumerConfig {
             .field("backoff", &self.backoff)
             .field("max_backoff", &self.max_backoff)
             .field("max_in_flight", &self.max_in_flight)
+            .field("batch_max", &self.batch_max)
             .field("instance_id", &self.instance_id)
             .field("rejoin_after", &self.rejoin_after)
             .field("options", &self.options.keys().collect::<Vec<_>>())

@@ -229,7 +229,7 @@ async fn apply<H: MessageHandler>(
 
 /// Rolls back; if that fails, the connection is closed by sqlx and the server rolls
 /// back on its own.
-async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>) {
+pub(super) async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>) {
     if let Err(err) = tx.rollback().await {
         tracing::debug!(error = %err, "rollback failed");
     }

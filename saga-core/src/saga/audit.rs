@@ -204,11 +204,7 @@ pub(crate) async fn write(
     if events.is_empty() {
         return Ok(());
     }
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let steps: Vec<Option<&str>> = events.iter().map(|e| e.step.as_deref()).collect();
-    let details: Vec<&Value> = events.iter().map(|e| &e.detail).collect();
-    let mut all_changes: Vec<Option<Value>> = vec![None; events.len()];
-    all_changes[0] = changes;
+    let rows = EventRows::of(events, changes);
     // One statement; `ORDER BY n` gives the rows their ids in the events' order.
     sqlx::query(
         "INSERT INTO saga_events (saga_id, saga_type, version, at, kind, step, detail, changes) \
@@ -220,13 +216,37 @@ pub(crate) async fn write(
     .bind(saga_type)
     .bind(version)
     .bind(at)
-    .bind(&kinds)
-    .bind(&steps)
-    .bind(&details)
-    .bind(&all_changes)
+    .bind(&rows.kinds)
+    .bind(&rows.steps)
+    .bind(&rows.details)
+    .bind(&rows.changes)
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// The events of one transaction as the arrays a statement unnests into rows,
+/// `changes` on the first.
+pub(crate) struct EventRows<'a> {
+    pub(crate) kinds: Vec<&'a str>,
+    pub(crate) steps: Vec<Option<&'a str>>,
+    pub(crate) details: Vec<&'a Value>,
+    pub(crate) changes: Vec<Option<Value>>,
+}
+
+impl EventRows<'_> {
+    pub(crate) fn of(events: &[PendingEvent], changes: Option<Value>) -> EventRows<'_> {
+        let mut all_changes: Vec<Option<Value>> = vec![None; events.len()];
+        if let Some(first) = all_changes.first_mut() {
+            *first = changes;
+        }
+        EventRows {
+            kinds: events.iter().map(|e| e.kind.as_str()).collect(),
+            steps: events.iter().map(|e| e.step.as_deref()).collect(),
+            details: events.iter().map(|e| &e.detail).collect(),
+            changes: all_changes,
+        }
+    }
 }
 
 /// One event as stored.

@@ -49,6 +49,12 @@ pub struct CommonArgs {
           value_delimiter = ',', value_parser = parse_option)]
     pub kafka_options: Vec<(String, String)>,
 
+    /// Messages of different keys the consumer handles in one transaction, at most,
+    /// when a poll brings several; 1: a transaction per message.
+    #[arg(long, env = "CONSUMER_BATCH_MAX", value_name = "N",
+          default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub consumer_batch_max: u32,
+
     /// Connections in the database pool, at most.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", value_name = "N", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -71,6 +77,7 @@ impl std::fmt::Debug for CommonArgs {
             .field("topic_prefix", &self.topic_prefix)
             .field("topic_partitions", &self.topic_partitions)
             .field("group_id", &self.group_id)
+            .field("consumer_batch_max", &self.consumer_batch_max)
             .field(
                 "kafka_options",
                 &self
@@ -157,6 +164,7 @@ impl CommonArgs {
             topic_partitions: 3,
             group_id: None,
             kafka_options: Vec::new(),
+            consumer_batch_max: 32,
             max_connections: 10,
             instance_name: None,
         }
@@ -197,6 +205,7 @@ impl CommonArgs {
         let mut config = ConsumerConfig::new(&self.brokers, self.group(service), topics);
         config.options = self.kafka_option_map();
         config.instance_id = self.instance_name();
+        config.batch_max = usize::try_from(self.consumer_batch_max).unwrap_or(usize::MAX);
         config
     }
 
@@ -258,6 +267,12 @@ mod tests {
         }
         if !set_outside("TOPIC_PARTITIONS") {
             assert_eq!(cli.common.topic_partitions, 3);
+        }
+        if !set_outside("CONSUMER_BATCH_MAX") {
+            assert_eq!(
+                cli.common.consumer_config("customer", &[]).batch_max,
+                saga_core::consumer::DEFAULT_BATCH_MAX
+            );
         }
         let mut common = cli.common.clone();
         common.group_id = None;
