@@ -530,6 +530,13 @@ fn print_sagas(s: &sagas::Sagas) {
         "statements per saga at saturation: {}",
         statements::describe(&s.statements_per_saga)
     );
+    println!("  the statements that took the most server time, per saga: calls, ms, database");
+    for top in &s.top_statements {
+        println!(
+            "  {:>5.2} {:>6.3} ms  {:<9} {}",
+            top.calls, top.ms, top.database, top.query
+        );
+    }
     if !s.legs.is_empty() {
         println!(
             "steady {:.0}/s, each participant step, ms p50/p99: command leg (written -> the \

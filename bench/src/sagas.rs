@@ -62,6 +62,8 @@ pub(crate) struct Sagas {
     pub(crate) cpu_ms_per_saga: BTreeMap<&'static str, f64>,
     /// Statements and commits per saga during the saturation run, by database.
     pub(crate) statements_per_saga: crate::statements::PerSaga,
+    /// The statements that took the most server time in the saturation run.
+    pub(crate) top_statements: Vec<crate::statements::Top>,
     pub(crate) latency_orders: usize,
     pub(crate) latency_p50_ms: f64,
     pub(crate) latency_p99_ms: f64,
@@ -180,6 +182,7 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
         sizes.saturation
     );
     crate::statements::prepare(&order).await?;
+    crate::statements::reset(&order).await?;
     let mark = server_now(&order).await?;
     let statements_before = crate::statements::read(&order).await?;
     let cpu_before = cpu_by_part(shop, lab);
@@ -193,6 +196,7 @@ async fn measure(lab: &mut Lab, shop: &mut Shop, sizes: Sizes) -> anyhow::Result
     memory.sample(shop);
     result.statements_per_saga =
         crate::statements::per_saga(&statements_before, &statements_after, sizes.saturation);
+    result.top_statements = crate::statements::top(&order, sizes.saturation, 12).await?;
     result.cpu_ms_per_saga = cpu_after
         .iter()
         .map(|(part, after)| {

@@ -20,6 +20,15 @@ const DATABASES: [&str; 4] = ["order_db", "customer_db", "inventory_db", "paymen
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Counts(BTreeMap<String, (i64, i64)>);
 
+/// One statement's share of a saga: database, calls and server time per saga.
+#[derive(Debug, Clone)]
+pub(crate) struct Top {
+    pub(crate) database: String,
+    pub(crate) calls: f64,
+    pub(crate) ms: f64,
+    pub(crate) query: String,
+}
+
 /// Statements and commits per saga, by database (`order` for `order_db`).
 pub(crate) type PerSaga = BTreeMap<String, (f64, f64)>;
 
@@ -34,7 +43,7 @@ pub(crate) async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
 pub(crate) async fn read(pool: &PgPool) -> anyhow::Result<Counts> {
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT d.datname, sum(s.calls)::bigint, \
-                (sum(s.calls) FILTER (WHERE s.query IN ('COMMIT', 'END')))::bigint \
+                coalesce(sum(s.calls) FILTER (WHERE s.query IN ('COMMIT', 'END')), 0)::bigint \
          FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
          WHERE d.datname = ANY($1) GROUP BY d.datname",
     )
@@ -46,6 +55,39 @@ pub(crate) async fn read(pool: &PgPool) -> anyhow::Result<Counts> {
             .map(|(name, statements, commits)| (name, (statements, commits)))
             .collect(),
     ))
+}
+
+/// The statements that took the most server time since the counters were reset
+/// ([`reset`]), per saga: where the database's part of a saga goes.
+pub(crate) async fn top(pool: &PgPool, sagas: usize, n: i64) -> anyhow::Result<Vec<Top>> {
+    let rows: Vec<(String, i64, f64, String)> = sqlx::query_as(
+        "SELECT d.datname, s.calls, s.total_exec_time, \
+                regexp_replace(s.query, '\\s+', ' ', 'g') \
+         FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+         WHERE d.datname = ANY($1) ORDER BY s.total_exec_time DESC LIMIT $2",
+    )
+    .bind(&DATABASES[..])
+    .bind(n)
+    .fetch_all(pool)
+    .await?;
+    let per = sagas as f64;
+    Ok(rows
+        .into_iter()
+        .map(|(database, calls, ms, query)| Top {
+            database: database.trim_end_matches("_db").to_owned(),
+            calls: calls as f64 / per,
+            ms: ms / per,
+            query: query.chars().take(110).collect(),
+        })
+        .collect())
+}
+
+/// Sets the statement counters to zero.
+pub(crate) async fn reset(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// What `sagas` sagas cost between `before` and `after`.
