@@ -221,6 +221,32 @@ const RECORD_ANSWER: &str = "UPDATE saga_barrier \
                              SET reply_outcome = $4, reply_type = $5, reply_payload = $6 \
                              WHERE saga_id = $1 AND branch = $2 AND op = $3";
 
+/// [`RECORD_ANSWER`] as the CTE `answered`, which returns the row it updated: the
+/// participant's reply is inserted from it in the same statement
+/// ([`answer_arguments`] binds it).
+pub(crate) const RECORD_ANSWER_CTE: &str = "WITH answered AS (UPDATE saga_barrier \
+     SET reply_outcome = $4, reply_type = $5, reply_payload = $6 \
+     WHERE saga_id = $1 AND branch = $2 AND op = $3 RETURNING 1)";
+
+/// The parameters of [`RECORD_ANSWER_CTE`].
+pub(crate) fn answer_arguments(
+    saga_id: &str,
+    branch: &str,
+    op: BarrierOp,
+    answer: &ParticipantReply,
+) -> Result<sqlx::postgres::PgArguments, sqlx::Error> {
+    use sqlx::Arguments as _;
+    let mut args = sqlx::postgres::PgArguments::default();
+    let encode = sqlx::Error::Encode;
+    args.add(saga_id).map_err(encode)?;
+    args.add(branch).map_err(encode)?;
+    args.add(op.as_str()).map_err(encode)?;
+    args.add(answer.outcome.as_str()).map_err(encode)?;
+    args.add(&answer.reply_type).map_err(encode)?;
+    args.add(&answer.payload).map_err(encode)?;
+    Ok(args)
+}
+
 const RECORDED_ANSWER: &str = "SELECT reply_outcome, reply_type, reply_payload FROM saga_barrier \
                                WHERE saga_id = $1 AND branch = $2 AND op = $3";
 

@@ -189,6 +189,55 @@ impl Outbox {
         }
     }
 
+    /// [`Outbox::publish`] as the end of one statement that begins with the
+    /// data-modifying CTE `with` (its parameters `$1`..`$n` in `args`): the event
+    /// is inserted `FROM guard`, so it is written only if `guard` returns a row.
+    /// Returns whether it was. One round trip instead of two when a change and
+    /// its event go together (a participant's stored answer and its reply).
+    pub(crate) async fn publish_after(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &OutboxEvent,
+        with: &str,
+        guard: &str,
+        args: sqlx::postgres::PgArguments,
+    ) -> Result<bool, OutboxError> {
+        use sqlx::Arguments as _;
+        let n = args.len();
+        let table = &self.table;
+        let sql = format!(
+            "{with} INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload, headers) \
+             SELECT ${}, ${}, ${}, ${}, ${}, ${} FROM {guard}",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5,
+            n + 6
+        );
+        let headers = (!event.headers.is_empty()).then_some(Json(&event.headers));
+        let inserted = sqlx::query_with(&sql, args)
+            .bind(event.id)
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .bind(&event.event_type)
+            .bind(Json(&event.payload))
+            .bind(headers)
+            .execute(&mut *tx)
+            .await
+            .map_err(|source| OutboxError::Insert {
+                table: self.table.clone(),
+                event_id: event.id,
+                source,
+            })?
+            .rows_affected()
+            == 1;
+        if inserted && self.delete_after_insert {
+            self.delete(tx, event.id).await?;
+        }
+        Ok(inserted)
+    }
+
     /// Inserts the event in the caller's transaction (and deletes it again in the same
     /// transaction when configured: the INSERT stays in the WAL, the relay still sees it).
     ///
@@ -220,15 +269,7 @@ impl Outbox {
                 source,
             })?;
         if self.delete_after_insert {
-            sqlx::query(&self.delete_sql)
-                .bind(event.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(|source| OutboxError::Delete {
-                    table: self.table.clone(),
-                    event_id: event.id,
-                    source,
-                })?;
+            self.delete(tx, event.id).await?;
         }
         tracing::trace!(
             event_id = %event.id,
@@ -237,6 +278,20 @@ impl Outbox {
             "outbox event written"
         );
         Ok(event.id)
+    }
+
+    /// The DELETE of [`Outbox::delete_after_insert`].
+    async fn delete(&self, tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(), OutboxError> {
+        sqlx::query(&self.delete_sql)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|source| OutboxError::Delete {
+                table: self.table.clone(),
+                event_id: id,
+                source,
+            })?;
+        Ok(())
     }
 }
 

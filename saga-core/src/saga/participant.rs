@@ -124,6 +124,18 @@ async fn publish_reply(
     payload: &impl Serialize,
     replay: bool,
 ) -> Result<Uuid, OutboxError> {
+    let event = reply_event(command, outcome, reply_type, payload, replay)?;
+    outbox.publish(tx, &event).await
+}
+
+/// The reply to `command`; `replay` marks an answer given again to a duplicate.
+fn reply_event(
+    command: &CommandEnvelope,
+    outcome: Outcome,
+    reply_type: &str,
+    payload: &impl Serialize,
+    replay: bool,
+) -> Result<OutboxEvent, OutboxError> {
     let mut event = OutboxEvent::new(
         command.reply_to.clone(),
         command.saga_id.clone(),
@@ -137,7 +149,7 @@ async fn publish_reply(
     if replay {
         event = event.header(HEADER_REPLAY, "true");
     }
-    outbox.publish(tx, &event).await
+    Ok(event)
 }
 
 /// What a participant's business logic answers to a command.
@@ -238,7 +250,8 @@ where
     F: for<'c> FnOnce(&'c mut PgConnection, &'c CommandEnvelope) -> Effect<'c>,
 {
     use crate::barrier::{
-        enter_attempt, record_answer, recorded_answer, BarrierOp, BarrierOutcome,
+        answer_arguments, enter_attempt, recorded_answer, BarrierOp, BarrierOutcome,
+        RECORD_ANSWER_CTE,
     };
     use crate::consumer::HandlerError;
 
@@ -310,18 +323,25 @@ where
             return Ok(());
         }
     };
-    record_answer(&mut *tx, &command.saga_id, &command.step, op, &answer).await?;
-    publish_reply(
-        tx,
-        outbox,
+    // The answer stored on the barrier row and the reply in one statement.
+    let event = reply_event(
         &command,
         answer.outcome,
         &answer.reply_type,
         &answer.payload,
         false,
     )
-    .await
     .map_err(outbox_failure)?;
+    let args = answer_arguments(&command.saga_id, &command.step, op, &answer)
+        .map_err(HandlerError::transient)?;
+    let written = outbox
+        .publish_after(tx, &event, RECORD_ANSWER_CTE, "answered", args)
+        .await
+        .map_err(outbox_failure)?;
+    if !written {
+        // No barrier row to hold the answer: the same error `record_answer` gives.
+        return Err(sqlx::Error::RowNotFound.into());
+    }
     Ok(())
 }
 
