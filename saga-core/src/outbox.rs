@@ -138,6 +138,40 @@ pub fn is_valid_traceparent(value: &str) -> bool {
         && not_zero(parent_id)
 }
 
+/// Events as the six arrays [`Outbox::insert_from`] unnests.
+#[derive(Debug, Default)]
+pub(crate) struct OutboxRows {
+    pub(crate) ids: Vec<Uuid>,
+    pub(crate) aggregate_types: Vec<String>,
+    pub(crate) aggregate_ids: Vec<String>,
+    pub(crate) types: Vec<String>,
+    pub(crate) payloads: Vec<serde_json::Value>,
+    pub(crate) headers: Vec<Option<serde_json::Value>>,
+}
+
+impl OutboxRows {
+    pub(crate) fn of(events: &[OutboxEvent]) -> OutboxRows {
+        let mut rows = OutboxRows::default();
+        for event in events {
+            rows.ids.push(event.id);
+            rows.aggregate_types.push(event.aggregate_type.clone());
+            rows.aggregate_ids.push(event.aggregate_id.clone());
+            rows.types.push(event.event_type.clone());
+            rows.payloads.push(event.payload.clone());
+            rows.headers.push((!event.headers.is_empty()).then(|| {
+                serde_json::Value::Object(
+                    event
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect(),
+                )
+            }));
+        }
+        rows
+    }
+}
+
 /// Writes events into an outbox table with the shared table's columns.
 #[derive(Clone, Debug)]
 pub struct Outbox {
@@ -187,6 +221,42 @@ impl Outbox {
             insert_sql,
             delete_sql,
         }
+    }
+
+    /// An `INSERT` of `rows` into the outbox, one row per row of `guard` and event
+    /// (`guard` returns one row or none), from the six arrays bound at `$first`
+    /// onwards ([`OutboxRows`]), in the events' order. For a data-modifying CTE:
+    /// events written with the change they belong to, in one statement.
+    pub(crate) fn insert_from(&self, guard: &str, first: usize) -> String {
+        let table = &self.table;
+        let p = |i: usize| first + i;
+        format!(
+            "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload, headers) \
+             SELECT e.id, e.aggregatetype, e.aggregateid, e.type, e.payload, e.headers \
+             FROM {guard}, UNNEST(${}::uuid[], ${}::text[], ${}::text[], ${}::text[], \
+                                  ${}::jsonb[], ${}::jsonb[]) \
+             WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload, headers, n) \
+             ORDER BY e.n",
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5)
+        )
+    }
+
+    /// After events were written by [`Outbox::insert_from`]: deletes them again
+    /// when the outbox is configured to ([`Outbox::delete_after_insert`]).
+    pub(crate) async fn inserted(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        ids: &[Uuid],
+    ) -> Result<(), OutboxError> {
+        for id in ids.iter().filter(|_| self.delete_after_insert) {
+            self.delete(tx, *id).await?;
+        }
+        Ok(())
     }
 
     /// [`Outbox::publish`] as the end of one statement that begins with the

@@ -216,6 +216,37 @@ async fn the_success_path_runs_every_step_in_order() {
     f.assert_trail_rebuilds().await;
 }
 
+/// The commands a transaction of the test wrote to the outbox and deleted again,
+/// counted by the server for that transaction.
+async fn outbox_writes(tx: &mut PgConnection) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT n_tup_ins, n_tup_del FROM pg_stat_xact_user_tables WHERE relname = 'outbox'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_outbox_that_deletes_its_rows_gets_each_command_written_and_deleted() {
+    let f = Fixture::new(None).await;
+    let deleting = Orchestrator::new(
+        definition(None),
+        Outbox::new().delete_after_insert(true),
+        support::REPLY_TOPIC,
+    )
+    .with_clock(f.clock.clone());
+    let mut tx = f.pool().begin().await.unwrap();
+    let id = Uuid::now_v7();
+    deleting.start(&mut tx, id, order()).await.unwrap();
+    // The first command went in with the saga's row, and out again.
+    assert_eq!(outbox_writes(&mut tx).await, (1, 1));
+    tx.commit().await.unwrap();
+    assert!(f.sent().await.is_empty(), "a command row was left behind");
+    assert_eq!(f.status(id).await, SagaStatus::Started);
+    f.assert_trail_rebuilds().await;
+}
+
 #[tokio::test]
 async fn a_failed_participant_step_compensates_exactly_the_earlier_steps_in_reverse() {
     let f = Fixture::new(None).await;

@@ -74,7 +74,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::outbox::Outbox;
-use crate::saga::audit::{self, EventKind, PendingEvent, Snapshot};
+use crate::saga::audit::{EventKind, PendingEvent, Snapshot};
 use crate::saga::clock::{Clock, SystemClock};
 use crate::saga::definition::{DefinitionError, SagaData, SagaDefinition};
 use crate::saga::state::StepState;
@@ -84,6 +84,7 @@ use crate::status::{SagaStatus, StepStatus};
 mod advance;
 mod drive;
 mod reply;
+mod store;
 mod suspend;
 mod sweep;
 
@@ -161,6 +162,9 @@ pub struct SagaInstance<D> {
     pub(crate) trail: Vec<PendingEvent>,
     /// The state as it was loaded, so that the trail records what changed.
     pub(crate) loaded: Option<Snapshot>,
+    /// The commands of the transition under way, written to the outbox with the
+    /// state that expects their replies (in the same statement).
+    pub(crate) outgoing: Vec<crate::outbox::OutboxEvent>,
 }
 
 impl<D> SagaInstance<D> {
@@ -301,40 +305,12 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             deadline: None,
             trail: Vec::new(),
             loaded: None,
+            outgoing: Vec::new(),
         };
         let detail = serde_json::json!({"definition_version": definition_version});
         instance.record(EventKind::SagaStarted, None, detail);
         self.advance(tx, &mut instance).await?;
-        let after = self.snapshot(&instance)?;
-        let (events, changes) = self.take_trail(&mut instance, &after);
-        let rows = audit::EventRows::of(&events, changes);
-        // The row and its events in one statement.
-        sqlx::query(
-            "WITH created AS ( \
-                 INSERT INTO saga_state (id, saga_type, current_step, payload, status, step_status, version, deadline, definition_version) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8) RETURNING id) \
-             INSERT INTO saga_events (saga_id, saga_type, version, at, kind, step, detail, changes) \
-             SELECT c.id, $2, 1, $9, e.kind, e.step, e.detail, e.changes \
-             FROM created AS c, \
-                  UNNEST($10::text[], $11::text[], $12::jsonb[], $13::jsonb[]) \
-                  WITH ORDINALITY AS e(kind, step, detail, changes, n) ORDER BY e.n",
-        )
-        .bind(id)
-        .bind(&self.definition().name)
-        .bind(&instance.current_step)
-        .bind(&after.payload)
-        .bind(instance.status.as_str())
-        .bind(sqlx::types::Json(&after.steps))
-        .bind(instance.deadline)
-        .bind(to_column(definition_version))
-        .bind(self.clock.now())
-        .bind(&rows.kinds)
-        .bind(&rows.steps)
-        .bind(&rows.details)
-        .bind(&rows.changes)
-        .execute(&mut *tx)
-        .await?;
-        instance.loaded = Some(after);
+        self.insert_new(tx, &mut instance).await?;
         instance.version = 1;
         Ok(instance)
     }
@@ -463,52 +439,6 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         })
     }
 
-    /// Writes the transition's events (the audit trail), once its change of
-    /// `saga_state` passed the version check: with what it changed on the first,
-    /// and the saga's change of status last.
-    async fn write_trail(
-        &self,
-        tx: &mut PgConnection,
-        instance: &mut SagaInstance<D>,
-        version: i32,
-        after: Snapshot,
-    ) -> Result<(), SagaError> {
-        let (events, changes) = self.take_trail(instance, &after);
-        audit::write(
-            tx,
-            instance.id,
-            &self.definition().name,
-            version,
-            self.clock.now(),
-            &events,
-            changes,
-        )
-        .await?;
-        instance.loaded = Some(after);
-        Ok(())
-    }
-
-    /// The events of this transaction, with the status change and the changed
-    /// fields since the instance was loaded; the instance's trail is emptied.
-    fn take_trail(
-        &self,
-        instance: &mut SagaInstance<D>,
-        after: &Snapshot,
-    ) -> (Vec<audit::PendingEvent>, Option<serde_json::Value>) {
-        let before = instance.loaded.as_ref();
-        let from = before.map_or(SagaStatus::Started.as_str(), |b| b.status.as_str());
-        if from != after.status {
-            let detail = serde_json::json!({"from": from, "to": after.status});
-            instance.record(EventKind::StatusChanged, None, detail);
-        }
-        let changes = audit::changes(&self.definition().name, instance.loaded.as_ref(), after);
-        if instance.trail.is_empty() && changes.is_some() {
-            // Every path records its cause first; a change without one is still kept.
-            instance.record(EventKind::StatusChanged, None, serde_json::json!({}));
-        }
-        (std::mem::take(&mut instance.trail), changes)
-    }
-
     /// Records a reply no step waited for. The saga is unchanged, unless it was
     /// moved onto a newer definition version as it was loaded: that move is
     /// stored with the reply.
@@ -529,58 +459,6 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         }
         self.write_trail(tx, instance, instance.version, after)
             .await
-    }
-
-    /// Stores the instance if nobody changed it since it was loaded, with its
-    /// events.
-    async fn save(
-        &self,
-        tx: &mut PgConnection,
-        instance: &mut SagaInstance<D>,
-    ) -> Result<(), SagaError> {
-        let after = self.snapshot(instance)?;
-        let (events, changes) = self.take_trail(instance, &after);
-        let rows = audit::EventRows::of(&events, changes);
-        // The row and its events in one statement (the events are written only
-        // if the row was). `clock_timestamp()`: a consumer may handle several
-        // messages in one transaction, whose `now()` is its start.
-        let updated: i64 = sqlx::query_scalar(
-            "WITH updated AS ( \
-                 UPDATE saga_state SET current_step = $3, payload = $4, status = $5, step_status = $6, \
-                 deadline = $7, definition_version = $8, version = version + 1, \
-                 updated_at = clock_timestamp() \
-                 WHERE id = $1 AND version = $2 RETURNING version), \
-             events AS ( \
-                 INSERT INTO saga_events (saga_id, saga_type, version, at, kind, step, detail, changes) \
-                 SELECT $1, $9, u.version, $10, e.kind, e.step, e.detail, e.changes \
-                 FROM updated AS u, \
-                      UNNEST($11::text[], $12::text[], $13::jsonb[], $14::jsonb[]) \
-                      WITH ORDINALITY AS e(kind, step, detail, changes, n) ORDER BY e.n) \
-             SELECT count(*) FROM updated",
-        )
-        .bind(instance.id)
-        .bind(instance.version)
-        .bind(&instance.current_step)
-        .bind(&after.payload)
-        .bind(instance.status.as_str())
-        .bind(sqlx::types::Json(&after.steps))
-        .bind(instance.deadline)
-        .bind(to_column(instance.definition_version))
-        .bind(&self.definition().name)
-        .bind(self.clock.now())
-        .bind(&rows.kinds)
-        .bind(&rows.steps)
-        .bind(&rows.details)
-        .bind(&rows.changes)
-        .fetch_one(&mut *tx)
-        .await?;
-        if updated == 0 {
-            self.conflicts.fetch_add(1, Ordering::Relaxed);
-            return Err(SagaError::Conflict(instance.id));
-        }
-        instance.loaded = Some(after);
-        instance.version += 1;
-        Ok(())
     }
 }
 

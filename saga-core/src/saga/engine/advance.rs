@@ -104,9 +104,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                                 Some(&step.name),
                                 json!({"attempt": attempt}),
                             );
-                            let request = self
-                                .send(tx, instance, &step.name, &command, false, attempt)
-                                .await?;
+                            let request =
+                                self.send(instance, &step.name, &command, false, attempt)?;
                             let state = instance.steps.entry(step.name.clone()).or_default();
                             state.set(StepStatus::Started);
                             state.request_id = Some(request);
@@ -193,9 +192,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
                                 Some(&step.name),
                                 json!({"attempt": attempt}),
                             );
-                            let request = self
-                                .send(tx, instance, &step.name, &command, true, attempt)
-                                .await?;
+                            let request =
+                                self.send(instance, &step.name, &command, true, attempt)?;
                             let state = instance.steps.entry(step.name.clone()).or_default();
                             state.request_id = Some(request);
                             let timeout = step.timeout.unwrap_or(DEFAULT_COMPENSATION_TIMEOUT);
@@ -212,12 +210,11 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         }
     }
 
-    /// Writes the command to the outbox with the saga envelope (`attempt`: its number
-    /// among the commands sent for the step's action, or its compensation); returns
-    /// its request id.
-    async fn send(
+    /// Queues the command with the saga envelope (`attempt`: its number among the
+    /// commands sent for the step's action, or its compensation) for the outbox, to
+    /// be written with the state that waits for its reply; returns its request id.
+    fn send(
         &self,
-        tx: &mut PgConnection,
         instance: &mut SagaInstance<D>,
         step: &str,
         command: &crate::saga::Command,
@@ -241,7 +238,6 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .header(HEADER_REPLY_TO, self.reply_topic.clone())
         .header(HEADER_COMPENSATION, compensation.to_string())
         .header(HEADER_ATTEMPT, attempt.to_string());
-        self.outbox.publish(tx, &event).await?;
         instance.record(
             EventKind::CommandSent,
             Some(step),
@@ -256,6 +252,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             }),
         );
         tracing::debug!(saga_id = %id, step, command = %command.command_type, compensation, attempt, "command sent");
+        // Written with the state that waits for its reply.
+        instance.outgoing.push(event);
         Ok(request)
     }
 }

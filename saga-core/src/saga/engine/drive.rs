@@ -93,6 +93,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             deadline,
             trail: Vec::new(),
             loaded: Some(loaded),
+            outgoing: Vec::new(),
         })
     }
 
