@@ -26,6 +26,7 @@
 mod large_tx;
 mod latency;
 mod legs;
+mod lost;
 mod outage;
 mod relay_lab;
 mod sagas;
@@ -577,10 +578,12 @@ fn print_sagas(s: &sagas::Sagas) {
     println!("peak RSS: {}", peaks.join(", "));
     if s.timed_out > 0 {
         println!(
-            "{} sagas ended by a step's timeout instead (a reply was never handed to the \
-             orchestrator) and are left out above",
+            "{} sagas ended by a step's timeout instead and are left out above:",
             s.timed_out
         );
+        for line in &s.lost {
+            println!("  {line}");
+        }
     }
 }
 

@@ -81,6 +81,8 @@ pub(crate) struct Sagas {
     /// Sagas that ended because a step timed out (their reply never came); left
     /// out of the rates and latencies, which count completed sagas.
     pub(crate) timed_out: usize,
+    /// How far the first command of each timed-out step and its reply got.
+    pub(crate) lost: Vec<String>,
 }
 
 impl Sagas {
@@ -154,6 +156,7 @@ pub(crate) async fn run(bin_dir: &Path, log_root: &Path, sizes: Sizes) -> anyhow
         );
     }
     result.timed_out = usize::try_from(timed_out(&lab.ledger.order).await?)?;
+    result.lost = crate::lost::describe(&lab.ledger).await?;
     let not_approved = report.orders - report.approved;
     if not_approved > result.timed_out {
         bail!(
