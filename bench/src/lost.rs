@@ -40,10 +40,11 @@ pub(crate) async fn describe(ledger: &Ledger) -> anyhow::Result<Vec<String>> {
             None => false,
         };
         lines.push(format!(
-            "saga {saga} step {step}: command handled by the participant: {}; reply written: {}; \
+            "saga {saga} step {step}: command handled by the participant: {}; reply written: {}{}; \
              reply journalled by the order service: {}",
             yes(handled),
             yes(reply.is_some()),
+            reply.map(|id| format!(" (id {id})")).unwrap_or_default(),
             yes(received)
         ));
     }

@@ -62,6 +62,13 @@ impl<H: MessageHandler> Work<H> {
     /// Takes a message from the stream: ready when its lane is idle, queued behind
     /// its lane otherwise.
     pub(super) fn accept(&mut self, raw: RawMessage) {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let id = raw.headers.iter().rev().find(|(name, _)| name == "id");
+            let id = id
+                .and_then(|(_, v)| v.as_deref())
+                .map(String::from_utf8_lossy);
+            tracing::trace!(topic = %raw.topic, partition = raw.partition, offset = raw.offset, id = ?id, "received");
+        }
         let generation = lock(&self.shared.tracker).received(&raw.topic, raw.partition, raw.offset);
         let lane = match &raw.key {
             Some(key) => Lane::Key(key.clone()),
