@@ -285,8 +285,43 @@ impl Outbox {
             n + 5,
             n + 6
         );
+        let inserted = self.insert(tx, event, sqlx::query_with(&sql, args)).await?;
+        Ok(inserted)
+    }
+
+    /// Inserts the event in the caller's transaction (and deletes it again in the same
+    /// transaction when configured: the INSERT stays in the WAL, the relay still sees it).
+    ///
+    /// `tx` should be inside a transaction (`&mut *tx` of a `sqlx::Transaction`); on a
+    /// connection in autocommit mode the row is committed on its own. Returns the
+    /// event id. On error the caller's transaction is aborted and must be rolled back.
+    pub async fn publish(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &OutboxEvent,
+    ) -> Result<Uuid, OutboxError> {
+        self.insert(tx, event, sqlx::query(&self.insert_sql))
+            .await?;
+        tracing::trace!(
+            event_id = %event.id,
+            aggregate_type = %event.aggregate_type,
+            event_type = %event.event_type,
+            "outbox event written"
+        );
+        Ok(event.id)
+    }
+
+    /// Runs `query` (an insert whose last six parameters are the event's columns)
+    /// with the event bound, and the DELETE when configured; whether a row was
+    /// inserted.
+    async fn insert<'q>(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &'q OutboxEvent,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<bool, OutboxError> {
         let headers = (!event.headers.is_empty()).then_some(Json(&event.headers));
-        let inserted = sqlx::query_with(&sql, args)
+        let inserted = query
             .bind(event.id)
             .bind(&event.aggregate_type)
             .bind(&event.aggregate_id)
@@ -306,48 +341,6 @@ impl Outbox {
             self.delete(tx, event.id).await?;
         }
         Ok(inserted)
-    }
-
-    /// Inserts the event in the caller's transaction (and deletes it again in the same
-    /// transaction when configured: the INSERT stays in the WAL, the relay still sees it).
-    ///
-    /// `tx` should be inside a transaction (`&mut *tx` of a `sqlx::Transaction`); on a
-    /// connection in autocommit mode the row is committed on its own. Returns the
-    /// event id. On error the caller's transaction is aborted and must be rolled back.
-    pub async fn publish(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        event: &OutboxEvent,
-    ) -> Result<Uuid, OutboxError> {
-        let headers = if event.headers.is_empty() {
-            None
-        } else {
-            Some(Json(&event.headers))
-        };
-        sqlx::query(&self.insert_sql)
-            .bind(event.id)
-            .bind(&event.aggregate_type)
-            .bind(&event.aggregate_id)
-            .bind(&event.event_type)
-            .bind(Json(&event.payload))
-            .bind(headers)
-            .execute(&mut *tx)
-            .await
-            .map_err(|source| OutboxError::Insert {
-                table: self.table.clone(),
-                event_id: event.id,
-                source,
-            })?;
-        if self.delete_after_insert {
-            self.delete(tx, event.id).await?;
-        }
-        tracing::trace!(
-            event_id = %event.id,
-            aggregate_type = %event.aggregate_type,
-            event_type = %event.event_type,
-            "outbox event written"
-        );
-        Ok(event.id)
     }
 
     /// The DELETE of [`Outbox::delete_after_insert`].

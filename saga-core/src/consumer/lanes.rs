@@ -109,12 +109,7 @@ impl<H: MessageHandler> Work<H> {
                 return;
             }
             self.pending -= 1;
-            tracing::debug!(
-                topic = %job.raw.topic,
-                partition = job.raw.partition,
-                offset = job.raw.offset,
-                "partition revoked, message left to its next owner"
-            );
+            left_to_next_owner(&job);
         }
         waiting.remove();
     }
@@ -158,12 +153,7 @@ impl<H: MessageHandler> Work<H> {
             }
             for job in revoked {
                 self.pending -= 1;
-                tracing::debug!(
-                    topic = %job.raw.topic,
-                    partition = job.raw.partition,
-                    offset = job.raw.offset,
-                    "partition revoked, message left to its next owner"
-                );
+                left_to_next_owner(&job);
                 self.start_next(job.lane);
             }
         }
@@ -198,4 +188,13 @@ impl<H: MessageHandler> Work<H> {
             .instrument(span),
         );
     }
+}
+
+fn left_to_next_owner(job: &Job) {
+    tracing::debug!(
+        topic = %job.raw.topic,
+        partition = job.raw.partition,
+        offset = job.raw.offset,
+        "partition revoked, message left to its next owner"
+    );
 }

@@ -10,6 +10,7 @@
 //! recorded in (`WITH ORDINALITY … ORDER BY`), which gives their ids that order. An
 //! outbox that deletes its rows again gets its `DELETE`s right after.
 
+use sqlx::types::chrono;
 use sqlx::PgConnection;
 
 use super::{to_column, Orchestrator, SagaError, SagaInstance};
@@ -25,11 +26,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         tx: &mut PgConnection,
         instance: &mut SagaInstance<D>,
     ) -> Result<(), SagaError> {
-        let after = self.snapshot(instance)?;
-        let (events, changes) = self.take_trail(instance, &after);
+        let (after, events, changes, sent) = self.transition(instance)?;
         let rows = EventRows::of(&events, changes);
-        let outgoing = std::mem::take(&mut instance.outgoing);
-        let sent = OutboxRows::of(&outgoing);
         let sql = format!(
             "WITH created AS ( \
                  INSERT INTO saga_state (id, saga_type, current_step, payload, status, step_status, \
@@ -45,7 +43,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
              SELECT count(*) FROM created",
             self.outbox.insert_from("created", 14)
         );
-        sqlx::query_scalar::<_, i64>(&sql)
+        let query = sqlx::query_scalar::<_, i64>(&sql)
             .bind(instance.id)
             .bind(&self.definition().name)
             .bind(&instance.current_step)
@@ -53,18 +51,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             .bind(instance.status.as_str())
             .bind(sqlx::types::Json(&after.steps))
             .bind(instance.deadline)
-            .bind(to_column(instance.definition_version))
-            .bind(self.clock.now())
-            .bind(&rows.kinds)
-            .bind(&rows.steps)
-            .bind(&rows.details)
-            .bind(&rows.changes)
-            .bind(&sent.ids)
-            .bind(&sent.aggregate_types)
-            .bind(&sent.aggregate_ids)
-            .bind(&sent.types)
-            .bind(&sent.payloads)
-            .bind(&sent.headers)
+            .bind(to_column(instance.definition_version));
+        bind_tail(query, self.clock.now(), &rows, &sent)
             .fetch_one(&mut *tx)
             .await?;
         self.outbox.inserted(tx, &sent.ids).await?;
@@ -79,11 +67,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         tx: &mut PgConnection,
         instance: &mut SagaInstance<D>,
     ) -> Result<(), SagaError> {
-        let after = self.snapshot(instance)?;
-        let (events, changes) = self.take_trail(instance, &after);
+        let (after, events, changes, sent) = self.transition(instance)?;
         let rows = EventRows::of(&events, changes);
-        let outgoing = std::mem::take(&mut instance.outgoing);
-        let sent = OutboxRows::of(&outgoing);
         // `clock_timestamp()`: a consumer may handle several messages in one
         // transaction, whose `now()` is its start.
         let sql = format!(
@@ -102,7 +87,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
              SELECT count(*) FROM updated",
             self.outbox.insert_from("updated", 15)
         );
-        let updated: i64 = sqlx::query_scalar(&sql)
+        let query = sqlx::query_scalar::<_, i64>(&sql)
             .bind(instance.id)
             .bind(instance.version)
             .bind(&instance.current_step)
@@ -111,18 +96,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             .bind(sqlx::types::Json(&after.steps))
             .bind(instance.deadline)
             .bind(to_column(instance.definition_version))
-            .bind(&self.definition().name)
-            .bind(self.clock.now())
-            .bind(&rows.kinds)
-            .bind(&rows.steps)
-            .bind(&rows.details)
-            .bind(&rows.changes)
-            .bind(&sent.ids)
-            .bind(&sent.aggregate_types)
-            .bind(&sent.aggregate_ids)
-            .bind(&sent.types)
-            .bind(&sent.payloads)
-            .bind(&sent.headers)
+            .bind(&self.definition().name);
+        let updated = bind_tail(query, self.clock.now(), &rows, &sent)
             .fetch_one(&mut *tx)
             .await?;
         if updated == 0 {
@@ -166,6 +141,27 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         Ok(())
     }
 
+    /// What storing the instance writes: its state, the transition's events (with
+    /// the changed fields) and its commands, taken from the instance.
+    #[allow(clippy::type_complexity)]
+    fn transition(
+        &self,
+        instance: &mut SagaInstance<D>,
+    ) -> Result<
+        (
+            Snapshot,
+            Vec<PendingEvent>,
+            Option<serde_json::Value>,
+            OutboxRows,
+        ),
+        SagaError,
+    > {
+        let after = self.snapshot(instance)?;
+        let (events, changes) = self.take_trail(instance, &after);
+        let sent = OutboxRows::of(&std::mem::take(&mut instance.outgoing));
+        Ok((after, events, changes, sent))
+    }
+
     /// The events of this transaction, with the status change and the changed
     /// fields since the instance was loaded; the instance's trail is emptied.
     fn take_trail(
@@ -186,4 +182,29 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         }
         (std::mem::take(&mut instance.trail), changes)
     }
+}
+
+type CountQuery<'q> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+
+/// Binds what both statements end with: the events' time, the events and the
+/// commands.
+fn bind_tail<'q>(
+    query: CountQuery<'q>,
+    at: chrono::DateTime<chrono::Utc>,
+    rows: &'q EventRows<'q>,
+    sent: &'q OutboxRows,
+) -> CountQuery<'q> {
+    query
+        .bind(at)
+        .bind(&rows.kinds)
+        .bind(&rows.steps)
+        .bind(&rows.details)
+        .bind(&rows.changes)
+        .bind(&sent.ids)
+        .bind(&sent.aggregate_types)
+        .bind(&sent.aggregate_ids)
+        .bind(&sent.types)
+        .bind(&sent.payloads)
+        .bind(&sent.headers)
 }
