@@ -214,7 +214,8 @@ impl ConsumerStats {
         self.duplicates.load(Ordering::Relaxed)
     }
 
-    /// Attempts that failed transiently and were rolled back to be tried again.
+    /// Attempts that failed transiently and were rolled back to be tried again,
+    /// and messages of a batch that was rolled back to run them alone.
     pub fn retried(&self) -> u64 {
         self.retried.load(Ordering::Relaxed)
     }

@@ -97,6 +97,13 @@ pub(super) async fn process_all<H: MessageHandler>(
                     reason = %reason,
                     "batch rolled back, its messages run one by one"
                 );
+                // Each message's attempt in the batch was rolled back and is tried
+                // again (alone).
+                let rolled_back = u64::try_from(together.len()).unwrap_or(u64::MAX);
+                shared
+                    .stats
+                    .retried
+                    .fetch_add(rolled_back, Ordering::Relaxed);
                 let singles: Vec<Job> = together.into_iter().map(|(job, _)| job).collect();
                 alone.splice(0..0, singles);
             }
