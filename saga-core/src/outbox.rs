@@ -158,15 +158,8 @@ impl OutboxRows {
             rows.aggregate_ids.push(event.aggregate_id.clone());
             rows.types.push(event.event_type.clone());
             rows.payloads.push(event.payload.clone());
-            rows.headers.push((!event.headers.is_empty()).then(|| {
-                serde_json::Value::Object(
-                    event
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                        .collect(),
-                )
-            }));
+            rows.headers
+                .push((!event.headers.is_empty()).then(|| serde_json::json!(event.headers)));
         }
         rows
     }
@@ -253,8 +246,10 @@ impl Outbox {
         tx: &mut sqlx::PgConnection,
         ids: &[Uuid],
     ) -> Result<(), OutboxError> {
-        for id in ids.iter().filter(|_| self.delete_after_insert) {
-            self.delete(tx, *id).await?;
+        if self.delete_after_insert {
+            for id in ids {
+                self.delete(tx, *id).await?;
+            }
         }
         Ok(())
     }
@@ -285,8 +280,7 @@ impl Outbox {
             n + 5,
             n + 6
         );
-        let inserted = self.insert(tx, event, sqlx::query_with(&sql, args)).await?;
-        Ok(inserted)
+        self.insert(tx, event, sqlx::query_with(&sql, args)).await
     }
 
     /// Inserts the event in the caller's transaction (and deletes it again in the same
