@@ -308,6 +308,26 @@ async fn role_may(
 }
 
 async fn check_brokers(config: &RelayConfig, report: &mut CheckReport) {
+    use crate::sink::{any::SinkKind, nats, rabbitmq, redis};
+    if config.sink == SinkKind::Kafka {
+        return check_kafka(config, report).await;
+    }
+    let probe = async {
+        match config.sink {
+            SinkKind::Nats => nats::probe(&config.nats).await,
+            SinkKind::Rabbitmq => rabbitmq::probe(&config.rabbitmq).await,
+            SinkKind::Redis | SinkKind::Kafka => redis::probe(&config.redis).await,
+        }
+    };
+    let name = config.sink.as_str();
+    match tokio::time::timeout(BROKER_TIMEOUT, probe).await {
+        Ok(Ok(detail)) => report.pass(name, detail),
+        Ok(Err(detail)) => report.fail(name, detail),
+        Err(_) => report.fail(name, "the check did not finish"),
+    }
+}
+
+async fn check_kafka(config: &RelayConfig, report: &mut CheckReport) {
     let client_config = client_config(&config.kafka);
     let brokers = config.kafka.brokers.clone();
     let outcome = tokio::task::spawn_blocking(move || {

@@ -7,7 +7,8 @@
 //!
 //! An option is declared once, as an `Option` field of its section's struct
 //! ([`PostgresSection`], [`OutboxSection`], [`ColumnsSection`], [`HttpSection`],
-//! [`KafkaSection`], together [`Sections`]): the field name is the TOML key, its
+//! [`KafkaSection`], [`NatsSection`], [`RabbitmqSection`], [`RedisSection`],
+//! together [`Sections`]): the field name is the TOML key, its
 //! `#[arg]` names the flag and the environment variable, and its doc comment is the
 //! `--help` text, which states the default. The same struct is read from the file
 //! (serde, unknown keys refused) and flattened into the command line (clap), so the
@@ -40,9 +41,13 @@ pub use crate::sink::kafka::config::{
     KafkaConfig, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOPIC_PARTITIONS, DEFAULT_TOPIC_REPLICATION_FACTOR,
     PROTECTED_KAFKA_OPTIONS,
 };
+pub use crate::sink::any::SinkKind;
+pub use crate::sink::nats::{NatsConfig, NatsStorage};
+pub use crate::sink::rabbitmq::RabbitmqConfig;
+pub use crate::sink::redis::RedisConfig;
 pub use options::{
-    ColumnsSection, HttpSection, KafkaOption, KafkaSection, Layer, OutboxSection, PostgresSection,
-    Sections,
+    ColumnsSection, HttpSection, KafkaOption, KafkaSection, Layer, NatsSection, OutboxSection,
+    PostgresSection, RabbitmqSection, RedisSection, Sections,
 };
 
 /// The outbox table.
@@ -174,7 +179,13 @@ pub struct HttpConfig {
 pub struct RelayConfig {
     pub postgres: PostgresConfig,
     pub outbox: OutboxConfig,
+    /// Where records go; only its section is used.
+    pub sink: SinkKind,
+    /// The Kafka sink; `max_in_flight` bounds every sink.
     pub kafka: KafkaConfig,
+    pub nats: NatsConfig,
+    pub rabbitmq: RabbitmqConfig,
+    pub redis: RedisConfig,
     pub http: HttpConfig,
 }
 
@@ -236,10 +247,14 @@ impl RelayConfig {
                 messages: None,
                 columns: DEFAULT_COLUMNS,
             },
+            sink: SinkKind::Kafka,
             kafka: KafkaConfig {
                 brokers: brokers.into(),
                 ..KafkaConfig::default()
             },
+            nats: NatsConfig::default(),
+            rabbitmq: RabbitmqConfig::default(),
+            redis: RedisConfig::default(),
             http: HttpConfig {
                 listen: DEFAULT_HTTP_LISTEN.parse().ok(),
                 stall_timeout: Duration::from_millis(DEFAULT_STALL_TIMEOUT_MS),

@@ -5,9 +5,10 @@
 //! each family exhaustively, so a family cannot be declared without being rendered.
 //! Values are plain atomics, updated without locks from the replication loop and
 //! read by the HTTP server; each value is read on its own, so one scrape is not a
-//! snapshot across metrics. The only label is the dead-letter reason, a fixed enum of
-//! three values, every one of which is rendered even at 0 so that `rate()` and
-//! alerts see the series from the first scrape. The histograms,
+//! snapshot across metrics. The labels are fixed enums (the dead-letter reason and
+//! the role), every value of which is rendered even at 0 so that `rate()` and
+//! alerts see the series from the first scrape, and the sink's name on
+//! [`SINK_INFO`]. The histograms,
 //! [`COMMIT_TO_ACK`] and [`COMMIT_TO_SEND`], keep a count per bucket and render
 //! them cumulatively, as Prometheus expects.
 
@@ -65,6 +66,9 @@ pub const TAKEOVERS: &str = "outbox_relay_takeovers_total";
 pub const STREAMED_OPEN: &str = "outbox_relay_streamed_transactions_open";
 /// Counter: bytes of streamed transactions written to spill files.
 pub const SPILLED_BYTES: &str = "outbox_relay_spilled_bytes_total";
+/// Gauge, by `sink` (`kafka`, `nats`, `rabbitmq`, `redis`): 1 for the sink the relay
+/// delivers to, to label the other series by in queries (`* on() group_left(sink)`).
+pub const SINK_INFO: &str = "outbox_relay_sink_info";
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -126,11 +130,13 @@ pub enum Family {
     StreamedOpen,
     /// [`SPILLED_BYTES`]
     SpilledBytes,
+    /// [`SINK_INFO`]
+    SinkInfo,
 }
 
 impl Family {
     /// Every family, in the order they are rendered.
-    pub const ALL: [Family; 16] = [
+    pub const ALL: [Family; 17] = [
         Family::EventsRouted,
         Family::EventsDeadLettered,
         Family::BytesRouted,
@@ -147,6 +153,7 @@ impl Family {
         Family::Takeovers,
         Family::StreamedOpen,
         Family::SpilledBytes,
+        Family::SinkInfo,
     ];
 
     /// The metric name.
@@ -168,6 +175,7 @@ impl Family {
             Family::Takeovers => TAKEOVERS,
             Family::StreamedOpen => STREAMED_OPEN,
             Family::SpilledBytes => SPILLED_BYTES,
+            Family::SinkInfo => SINK_INFO,
         }
     }
 
@@ -187,7 +195,8 @@ impl Family {
             | Family::ConfirmedLsn
             | Family::Up
             | Family::Role
-            | Family::StreamedOpen => Kind::Gauge,
+            | Family::StreamedOpen
+            | Family::SinkInfo => Kind::Gauge,
             Family::CommitToAck | Family::CommitToSend => Kind::Histogram,
         }
     }
@@ -230,6 +239,7 @@ impl Family {
                 "Transactions the server streams while in progress, kept until they end."
             }
             Family::SpilledBytes => "Bytes of streamed transactions written to spill files.",
+            Family::SinkInfo => "1 for the sink records are delivered to, by name.",
         }
     }
 }
@@ -252,12 +262,18 @@ pub struct Metrics {
     takeovers: AtomicU64,
     streamed_open: AtomicU64,
     spilled_bytes: AtomicU64,
+    sink: std::sync::OnceLock<&'static str>,
 }
 
 impl Metrics {
     /// All values at 0.
     pub fn new() -> Metrics {
         Metrics::default()
+    }
+
+    /// The relay delivers to the sink named `name` (set once).
+    pub fn set_sink(&self, name: &'static str) {
+        let _ = self.sink.set(name);
     }
 
     /// `n` more events were routed and acknowledged.
@@ -379,6 +395,12 @@ impl Metrics {
                                 value = u64::from(role == Some(each)),
                             ),
                         );
+                    }
+                    continue;
+                }
+                Family::SinkInfo => {
+                    if let Some(sink) = self.sink.get() {
+                        line(&mut out, format_args!("{name}{{sink=\"{sink}\"}} 1"));
                     }
                     continue;
                 }

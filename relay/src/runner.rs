@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError, ReplicationStream};
 use crate::resume;
 use crate::setup::{self, SetupError, SlotState};
-use crate::sink::kafka::KafkaSink;
+use crate::sink::any::AnySink;
 use crate::sink::SinkError;
 use crate::snapshot::SnapshotError;
 use crate::standby::{self, StandbyError};
@@ -105,6 +105,7 @@ pub async fn run(
     let connect = ConnectConfig::from_url(config.postgres.url.expose()).map_err(RelayError::Url)?;
     let shutdown = shutdown.boxed().shared();
     let metrics = Arc::new(Metrics::new());
+    metrics.set_sink(config.sink.as_str());
     let health = Arc::new(Health::new(HealthThresholds {
         stream_stall: config.http.stall_timeout,
         broker_stall: config.http.stall_timeout,
@@ -158,7 +159,7 @@ async fn relay(
         // A new sink for every session: a client that failed (librdkafka's fatal
         // state, say) is never used again, and records of an ended session are
         // not delivered behind the new session's back.
-        let attempt = match KafkaSink::new(&config.kafka) {
+        let attempt = match AnySink::connect(config).await {
             Ok(sink) => {
                 session(
                     config,
@@ -206,7 +207,7 @@ async fn relay(
 async fn session(
     config: &RelayConfig,
     connect: &ConnectConfig,
-    mut sink: KafkaSink,
+    mut sink: AnySink,
     shutdown: Shared<BoxFuture<'static, ()>>,
     backoff: &mut Duration,
     observe: (Arc<Metrics>, Arc<Health>),

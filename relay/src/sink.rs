@@ -4,7 +4,8 @@
 //! is durable at the destination; everything between the replication stream and
 //! that promise rests on the contract below. [`crate::delivery`] is the one loop
 //! that drives a sink (for the stream and for the initial snapshot alike);
-//! [`kafka`] is the production sink, [`memory`] a double of this contract for
+//! [`kafka`], [`nats`], [`rabbitmq`] and [`redis`] are the destinations ([`any`]
+//! picks the configured one), [`memory`] a double of this contract for
 //! deterministic tests of the loop.
 //!
 //! # The contract
@@ -46,8 +47,13 @@ use std::task::{Context, Poll};
 
 use crate::routing::OutboxRecord;
 
+pub mod any;
 pub mod kafka;
 pub mod memory;
+pub mod nats;
+pub mod rabbitmq;
+pub mod redis;
+mod worker;
 
 /// The caller's handle on one handed-over record; echoed in its outcome.
 pub type Ticket = u64;
@@ -177,7 +183,8 @@ impl SinkError {
 
 /// A destination for outbox records, keeping the contract of this module.
 pub trait Sink {
-    /// The sink's name in logs and metrics (`kafka`, `memory`).
+    /// The sink's name in logs and metrics (`kafka`, `nats`, `rabbitmq`, `redis`,
+    /// `memory`).
     fn name(&self) -> &'static str;
 
     /// Whether the destination can have a record under this name (a rendered

@@ -13,6 +13,10 @@
 //! together with its replication slots when the value goes out of scope) and topics
 //! named by [`unique_name`], so tests run in parallel without seeing each other.
 //!
+//! The relay's other sinks are tested against NATS, RabbitMQ and Redis at the
+//! addresses [`service_url`] reads (`NATS_URL`, `RABBITMQ_URL`, `REDIS_URL`, from
+//! the environment or the settings file).
+//!
 //! Tests of web pages drive a headless Chromium through [`browser::Browser`]; it
 //! needs no settings, only the browser packages `scripts/env up` installs.
 
@@ -25,6 +29,7 @@ mod database;
 mod kafka;
 pub mod leftovers;
 pub mod process;
+mod proxy;
 mod settings;
 
 pub use broker::{free_port, PrivateBroker};
@@ -34,7 +39,10 @@ pub use kafka::{
     consumer_config, consumer_config_on, create_topic, create_topic_on, producer_config,
     producer_config_on, wait_for_topic, wait_for_topic_on,
 };
-pub use settings::{crate_dir, setting, settings, Settings, SettingsError, ENV_UP_COMMAND};
+pub use proxy::PausableProxy;
+pub use settings::{
+    crate_dir, service_url, setting, settings, Settings, SettingsError, ENV_UP_COMMAND,
+};
 
 /// A name nobody else uses: `prefix` followed by `_` and 16 random hex digits.
 ///

@@ -163,6 +163,21 @@ pub fn setting(name: &str) -> Option<String> {
         .map(|(_, value)| value)
 }
 
+/// The URL of one of the other brokers (`NATS_URL`, `RABBITMQ_URL`, `REDIS_URL`),
+/// from the environment or the settings file.
+///
+/// # Panics
+/// When neither has it, naming the command that writes it.
+pub fn service_url(name: &str) -> String {
+    setting(name).unwrap_or_else(|| {
+        panic!(
+            "{name} is set neither in the environment nor in {}: start the local environment \
+             with `{ENV_UP_COMMAND}`",
+            settings_file().display()
+        )
+    })
+}
+
 /// The folder of the crate whose test runs: `CARGO_MANIFEST_DIR` as cargo sets it
 /// for the run, else `compiled_in` (pass `env!("CARGO_MANIFEST_DIR")`). The
 /// compiled-in folder may be another checkout's: with checkouts sharing a target

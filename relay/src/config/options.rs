@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{InitialSnapshot, PayloadFormat, Secret};
+use super::{InitialSnapshot, NatsStorage, PayloadFormat, Secret, SinkKind};
 
 /// One source of options laid over a lower one.
 pub trait Layer {
@@ -78,8 +78,20 @@ section! {
         pub outbox: OutboxSection,
         #[command(flatten)]
         pub http: HttpSection,
+
+        /// Where records go: kafka, nats (JetStream), rabbitmq or redis (streams);
+        /// each has its own section of options [default: kafka].
+        #[arg(long, env = "OUTBOX_RELAY_SINK", value_name = "SINK")]
+        pub sink: Option<SinkKind>,
+
         #[command(flatten)]
         pub kafka: KafkaSection,
+        #[command(flatten)]
+        pub nats: NatsSection,
+        #[command(flatten)]
+        pub rabbitmq: RabbitmqSection,
+        #[command(flatten)]
+        pub redis: RedisSection,
     }
 }
 
@@ -313,6 +325,149 @@ section! {
         /// [default: -1].
         #[arg(long, env = "OUTBOX_RELAY_TOPIC_REPLICATION_FACTOR", value_name = "N")]
         pub topic_replication_factor: Option<i32>,
+    }
+}
+
+section! {
+    /// `[nats]`: the NATS JetStream sink (`sink = "nats"`).
+    pub struct NatsSection {
+        /// NATS server URLs, comma-separated; may hold user:password@
+        /// [default: nats://127.0.0.1:4222].
+        #[arg(
+            id = "nats_url",
+            long = "nats-url",
+            env = "OUTBOX_RELAY_NATS_URL",
+            value_name = "URL",
+            hide_env_values = true,
+            value_parser = secret
+        )]
+        #[serde(deserialize_with = "optional_secret")]
+        pub url: Option<Secret>,
+
+        /// A .creds file (user JWT and NKey seed) to authenticate with.
+        #[arg(long = "nats-credentials-file", env = "OUTBOX_RELAY_NATS_CREDENTIALS_FILE", value_name = "FILE")]
+        pub credentials_file: Option<PathBuf>,
+
+        /// The JetStream stream records are published into; a record's topic is its
+        /// subject, and must be one of the stream's subjects [default: OUTBOX].
+        #[arg(id = "nats_stream", long = "nats-stream", env = "OUTBOX_RELAY_NATS_STREAM", value_name = "NAME")]
+        pub stream: Option<String>,
+
+        /// Subjects of the stream when the relay creates it, comma-separated; they
+        /// must cover the topic template and the dead-letter topic [default: outbox.>].
+        #[arg(
+            long = "nats-subjects",
+            env = "OUTBOX_RELAY_NATS_SUBJECTS",
+            value_name = "SUBJECTS",
+            value_delimiter = ','
+        )]
+        pub subjects: Option<Vec<String>>,
+
+        /// Create the stream when it is missing [default: true].
+        #[arg(long = "nats-create-stream", env = "OUTBOX_RELAY_NATS_CREATE_STREAM", value_name = "BOOL")]
+        pub create_stream: Option<bool>,
+
+        /// Storage of a created stream: file or memory [default: file].
+        #[arg(long = "nats-storage", env = "OUTBOX_RELAY_NATS_STORAGE", value_name = "STORAGE")]
+        pub storage: Option<NatsStorage>,
+
+        /// Replicas of a created stream [default: 1].
+        #[arg(long = "nats-replicas", env = "OUTBOX_RELAY_NATS_REPLICAS", value_name = "N")]
+        pub replicas: Option<usize>,
+
+        /// Milliseconds JetStream remembers a message id (Nats-Msg-Id, the outbox id)
+        /// to drop a re-sent record, for a created stream [default: 120000].
+        #[arg(long = "nats-duplicate-window-ms", env = "OUTBOX_RELAY_NATS_DUPLICATE_WINDOW_MS", value_name = "MS")]
+        pub duplicate_window_ms: Option<u64>,
+
+        /// Milliseconds a publish acknowledgement may take; past that the relay starts
+        /// over from what it confirmed [default: 30000].
+        #[arg(long = "nats-ack-timeout-ms", env = "OUTBOX_RELAY_NATS_ACK_TIMEOUT_MS", value_name = "MS")]
+        pub ack_timeout_ms: Option<u64>,
+    }
+}
+
+section! {
+    /// `[rabbitmq]`: the RabbitMQ sink (`sink = "rabbitmq"`).
+    pub struct RabbitmqSection {
+        /// AMQP URL, amqp://user:password@host:port/vhost
+        /// [default: amqp://guest:guest@127.0.0.1:5672/%2f].
+        #[arg(
+            id = "rabbitmq_url",
+            long = "rabbitmq-url",
+            env = "OUTBOX_RELAY_RABBITMQ_URL",
+            value_name = "URL",
+            hide_env_values = true,
+            value_parser = secret
+        )]
+        #[serde(deserialize_with = "optional_secret")]
+        pub url: Option<Secret>,
+
+        /// Exchange records are published to; {topic} is replaced by the record's
+        /// topic [default: outbox].
+        #[arg(long = "rabbitmq-exchange", env = "OUTBOX_RELAY_RABBITMQ_EXCHANGE", value_name = "TEMPLATE")]
+        pub exchange: Option<String>,
+
+        /// Type of a declared exchange: topic, direct, fanout or headers [default: topic].
+        #[arg(long = "rabbitmq-exchange-type", env = "OUTBOX_RELAY_RABBITMQ_EXCHANGE_TYPE", value_name = "TYPE")]
+        pub exchange_type: Option<String>,
+
+        /// Declare the exchange (durable) when it is missing [default: true].
+        #[arg(long = "rabbitmq-declare-exchange", env = "OUTBOX_RELAY_RABBITMQ_DECLARE_EXCHANGE", value_name = "BOOL")]
+        pub declare_exchange: Option<bool>,
+
+        /// Routing key of a record; {topic} is replaced by the record's topic
+        /// [default: {topic}].
+        #[arg(long = "rabbitmq-routing-key", env = "OUTBOX_RELAY_RABBITMQ_ROUTING_KEY", value_name = "TEMPLATE")]
+        pub routing_key: Option<String>,
+
+        /// The largest record sent, in bytes of key, value and headers; larger ones
+        /// are dead-lettered [default: 134217728, RabbitMQ's max_message_size].
+        #[arg(long = "rabbitmq-max-message-bytes", env = "OUTBOX_RELAY_RABBITMQ_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+        pub max_message_bytes: Option<usize>,
+    }
+}
+
+section! {
+    /// `[redis]`: the Redis Streams sink (`sink = "redis"`).
+    pub struct RedisSection {
+        /// Redis URL, redis://[user:password@]host:port[/db] or rediss://
+        /// [default: redis://127.0.0.1:6379].
+        #[arg(
+            id = "redis_url",
+            long = "redis-url",
+            env = "OUTBOX_RELAY_REDIS_URL",
+            value_name = "URL",
+            hide_env_values = true,
+            value_parser = secret
+        )]
+        #[serde(deserialize_with = "optional_secret")]
+        pub url: Option<Secret>,
+
+        /// Stream key of a record; {topic} is replaced by the record's topic
+        /// [default: {topic}].
+        #[arg(id = "redis_stream", long = "redis-stream", env = "OUTBOX_RELAY_REDIS_STREAM", value_name = "TEMPLATE")]
+        pub stream: Option<String>,
+
+        /// Trim each stream to about this many entries (XADD MAXLEN ~); unset keeps
+        /// every entry.
+        #[arg(long = "redis-maxlen", env = "OUTBOX_RELAY_REDIS_MAXLEN", value_name = "N")]
+        pub maxlen: Option<u64>,
+
+        /// Replicas that must have an entry (WAIT) before it counts as delivered
+        /// [default: 0].
+        #[arg(long = "redis-wait-replicas", env = "OUTBOX_RELAY_REDIS_WAIT_REPLICAS", value_name = "N")]
+        pub wait_replicas: Option<u32>,
+
+        /// Milliseconds a reply may take; past that the relay starts over from what it
+        /// confirmed [default: 30000].
+        #[arg(long = "redis-response-timeout-ms", env = "OUTBOX_RELAY_REDIS_RESPONSE_TIMEOUT_MS", value_name = "MS")]
+        pub response_timeout_ms: Option<u64>,
+
+        /// The largest record sent, in bytes of key, value and headers; larger ones
+        /// are dead-lettered [default: 67108864].
+        #[arg(long = "redis-max-record-bytes", env = "OUTBOX_RELAY_REDIS_MAX_RECORD_BYTES", value_name = "BYTES")]
+        pub max_record_bytes: Option<usize>,
     }
 }
 

@@ -123,6 +123,59 @@ fn the_example_file_is_valid_and_states_the_defaults() {
         defaults.kafka.topic_replication_factor
     );
     assert_eq!(config.slot_name("orders"), "outbox_relay_orders");
+    assert_eq!(config.sink, defaults.sink);
+    let (nats, nats_default) = (&config.nats, &defaults.nats);
+    assert_eq!(nats.url.expose(), nats_default.url.expose());
+    assert_eq!(
+        (&nats.stream, &nats.subjects, nats.create_stream, nats.storage, nats.replicas),
+        (
+            &nats_default.stream,
+            &nats_default.subjects,
+            nats_default.create_stream,
+            nats_default.storage,
+            nats_default.replicas
+        )
+    );
+    assert_eq!(
+        (nats.duplicate_window, nats.ack_timeout),
+        (nats_default.duplicate_window, nats_default.ack_timeout)
+    );
+    let (rabbitmq, rabbitmq_default) = (&config.rabbitmq, &defaults.rabbitmq);
+    assert_eq!(rabbitmq.url.expose(), rabbitmq_default.url.expose());
+    assert_eq!(
+        (
+            &rabbitmq.exchange,
+            &rabbitmq.exchange_type,
+            rabbitmq.declare_exchange,
+            &rabbitmq.routing_key,
+            rabbitmq.max_message_bytes
+        ),
+        (
+            &rabbitmq_default.exchange,
+            &rabbitmq_default.exchange_type,
+            rabbitmq_default.declare_exchange,
+            &rabbitmq_default.routing_key,
+            rabbitmq_default.max_message_bytes
+        )
+    );
+    let (redis, redis_default) = (&config.redis, &defaults.redis);
+    assert_eq!(redis.url.expose(), redis_default.url.expose());
+    assert_eq!(
+        (
+            &redis.stream,
+            redis.maxlen,
+            redis.wait_replicas,
+            redis.response_timeout,
+            redis.max_record_bytes
+        ),
+        (
+            &redis_default.stream,
+            redis_default.maxlen,
+            redis_default.wait_replicas,
+            redis_default.response_timeout,
+            redis_default.max_record_bytes
+        )
+    );
 }
 
 #[test]
@@ -429,12 +482,34 @@ fn flags_and_environment_variables_keep_their_names() {
         ("dead-letter-topic", "DEAD_LETTER_TOPIC"),
         ("http-listen", "HTTP_LISTEN"),
         ("stall-timeout-ms", "STALL_TIMEOUT_MS"),
+        ("sink", "SINK"),
         ("kafka-brokers", "KAFKA_BROKERS"),
         ("kafka-option", "KAFKA_OPTIONS"),
         ("max-in-flight", "MAX_IN_FLIGHT"),
         ("create-topics", "CREATE_TOPICS"),
         ("topic-partitions", "TOPIC_PARTITIONS"),
         ("topic-replication-factor", "TOPIC_REPLICATION_FACTOR"),
+        ("nats-url", "NATS_URL"),
+        ("nats-credentials-file", "NATS_CREDENTIALS_FILE"),
+        ("nats-stream", "NATS_STREAM"),
+        ("nats-subjects", "NATS_SUBJECTS"),
+        ("nats-create-stream", "NATS_CREATE_STREAM"),
+        ("nats-storage", "NATS_STORAGE"),
+        ("nats-replicas", "NATS_REPLICAS"),
+        ("nats-duplicate-window-ms", "NATS_DUPLICATE_WINDOW_MS"),
+        ("nats-ack-timeout-ms", "NATS_ACK_TIMEOUT_MS"),
+        ("rabbitmq-url", "RABBITMQ_URL"),
+        ("rabbitmq-exchange", "RABBITMQ_EXCHANGE"),
+        ("rabbitmq-exchange-type", "RABBITMQ_EXCHANGE_TYPE"),
+        ("rabbitmq-declare-exchange", "RABBITMQ_DECLARE_EXCHANGE"),
+        ("rabbitmq-routing-key", "RABBITMQ_ROUTING_KEY"),
+        ("rabbitmq-max-message-bytes", "RABBITMQ_MAX_MESSAGE_BYTES"),
+        ("redis-url", "REDIS_URL"),
+        ("redis-stream", "REDIS_STREAM"),
+        ("redis-maxlen", "REDIS_MAXLEN"),
+        ("redis-wait-replicas", "REDIS_WAIT_REPLICAS"),
+        ("redis-response-timeout-ms", "REDIS_RESPONSE_TIMEOUT_MS"),
+        ("redis-max-record-bytes", "REDIS_MAX_RECORD_BYTES"),
     ]
     .map(|(long, env)| (long.to_owned(), format!("OUTBOX_RELAY_{env}")));
     assert_eq!(names, expected);
@@ -458,4 +533,60 @@ fn an_unset_takeover_bound_keeps_clear_of_a_long_status_interval() {
     .unwrap();
     let error = short.resolve().unwrap_err().to_string();
     assert!(error.contains("takeover_after_ms"), "{error}");
+}
+
+#[test]
+fn another_sink_needs_no_brokers_and_reads_its_own_section() {
+    let file: Sections = toml::from_str(
+        "sink = \"nats\"\n[postgres]\nurl = \"postgres://u@h/db\"\n\
+         [outbox]\ndead_letter_topic = \"shop.dlq\"\n\
+         [nats]\nurl = \"nats://n:4222\"\nstream = \"SHOP\"\nsubjects = [\"shop.>\"]\n\
+         storage = \"memory\"\nduplicate_window_ms = 60000\n",
+    )
+    .unwrap();
+    let config = file.resolve().unwrap();
+    assert_eq!(config.sink, SinkKind::Nats);
+    assert_eq!(config.nats.url.expose(), "nats://n:4222");
+    assert_eq!(config.nats.stream, "SHOP");
+    assert_eq!(config.nats.subjects, ["shop.>"]);
+    assert_eq!(config.nats.storage, NatsStorage::Memory);
+    assert_eq!(config.nats.duplicate_window, Duration::from_secs(60));
+    assert!(config.nats.create_stream);
+
+    // Kafka, the default, still needs its brokers.
+    let kafka: Sections = toml::from_str("[postgres]\nurl = \"postgres://u@h/db\"\n").unwrap();
+    let error = kafka.resolve().unwrap_err().to_string();
+    assert!(error.contains("kafka.brokers"), "{error}");
+
+    let redis: Sections = toml::from_str(
+        "sink = \"redis\"\n[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nmaxlen = 1000\nwait_replicas = 1\n",
+    )
+    .unwrap();
+    let config = redis.resolve().unwrap();
+    assert_eq!((config.redis.maxlen, config.redis.wait_replicas), (Some(1000), 1));
+    assert_eq!(config.redis.stream, "{topic}");
+
+    let rabbitmq: Sections = toml::from_str(
+        "sink = \"rabbitmq\"\n[postgres]\nurl = \"postgres://u@h/db\"\n[rabbitmq]\nexchange = \"shop\"\nrouting_key = \"shop.{topic}\"\n",
+    )
+    .unwrap();
+    let config = rabbitmq.resolve().unwrap();
+    assert_eq!(config.rabbitmq.exchange, "shop");
+    assert_eq!(config.rabbitmq.routing_key, "shop.{topic}");
+}
+
+#[test]
+fn a_stream_that_would_not_take_the_dead_letters_is_refused() {
+    // The default dead-letter topic outbox.dlq is not under shop.>.
+    let file: Sections = toml::from_str(
+        "sink = \"nats\"\n[postgres]\nurl = \"postgres://u@h/db\"\n[nats]\nsubjects = [\"shop.>\"]\n",
+    )
+    .unwrap();
+    let error = file.resolve().unwrap_err().to_string();
+    assert!(error.contains("nats.subjects") && error.contains("outbox.dlq"), "{error}");
+    let bad_type: Sections = toml::from_str(
+        "sink = \"rabbitmq\"\n[postgres]\nurl = \"postgres://u@h/db\"\n[rabbitmq]\nexchange_type = \"x\"\n",
+    )
+    .unwrap();
+    assert!(bad_type.resolve().is_err());
 }

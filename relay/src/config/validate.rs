@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use super::{
     Columns, ColumnsSection, ConfigError, HttpConfig, HttpSection, Ident, KafkaConfig,
-    KafkaSection, MessageRouting, OutboxConfig, OutboxSection, PostgresConfig, PostgresSection,
-    RelayConfig, Secret, Sections, TableName, TopicTemplate,
+    KafkaSection, MessageRouting, NatsConfig, NatsSection, OutboxConfig, OutboxSection,
+    PostgresConfig, PostgresSection, RabbitmqConfig, RabbitmqSection, RedisConfig, RedisSection,
+    RelayConfig, Secret, Sections, SinkKind, TableName, TopicTemplate,
 };
 
 impl Sections {
@@ -18,23 +19,39 @@ impl Sections {
             mut postgres,
             outbox,
             http,
+            sink,
             kafka,
+            nats,
+            rabbitmq,
+            redis,
         } = self;
+        let sink = sink.unwrap_or_default();
         let url = postgres.url.take().ok_or(ConfigError::Missing {
             option: "postgres.url",
             flag: "postgres-url",
             env: "OUTBOX_RELAY_POSTGRES_URL",
         })?;
-        let brokers = kafka.brokers.clone().ok_or(ConfigError::Missing {
-            option: "kafka.brokers",
-            flag: "kafka-brokers",
-            env: "OUTBOX_RELAY_KAFKA_BROKERS",
-        })?;
+        // The brokers are required only of the Kafka sink.
+        let brokers = match (kafka.brokers.clone(), sink) {
+            (Some(brokers), _) => brokers,
+            (None, SinkKind::Kafka) => {
+                return Err(ConfigError::Missing {
+                    option: "kafka.brokers",
+                    flag: "kafka-brokers",
+                    env: "OUTBOX_RELAY_KAFKA_BROKERS",
+                })
+            }
+            (None, _) => String::new(),
+        };
         let defaults = RelayConfig::new("", brokers);
         let config = RelayConfig {
             postgres: postgres.resolve(url, defaults.postgres)?,
             outbox: outbox.resolve(defaults.outbox)?,
+            sink,
             kafka: kafka.resolve(defaults.kafka)?,
+            nats: nats.resolve(defaults.nats),
+            rabbitmq: rabbitmq.resolve(defaults.rabbitmq),
+            redis: redis.resolve(defaults.redis),
             http: http.resolve(defaults.http)?,
         };
         config.validate()?;
@@ -163,6 +180,57 @@ impl KafkaSection {
     }
 }
 
+impl NatsSection {
+    fn resolve(self, default: NatsConfig) -> NatsConfig {
+        NatsConfig {
+            url: self.url.unwrap_or(default.url),
+            credentials_file: self.credentials_file.or(default.credentials_file),
+            stream: self.stream.unwrap_or(default.stream),
+            subjects: self
+                .subjects
+                .map(|subjects| {
+                    subjects
+                        .into_iter()
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or(default.subjects),
+            create_stream: self.create_stream.unwrap_or(default.create_stream),
+            storage: self.storage.unwrap_or(default.storage),
+            replicas: self.replicas.unwrap_or(default.replicas),
+            duplicate_window: millis(self.duplicate_window_ms, default.duplicate_window),
+            ack_timeout: millis(self.ack_timeout_ms, default.ack_timeout),
+        }
+    }
+}
+
+impl RabbitmqSection {
+    fn resolve(self, default: RabbitmqConfig) -> RabbitmqConfig {
+        RabbitmqConfig {
+            url: self.url.unwrap_or(default.url),
+            exchange: self.exchange.unwrap_or(default.exchange),
+            exchange_type: self.exchange_type.unwrap_or(default.exchange_type),
+            declare_exchange: self.declare_exchange.unwrap_or(default.declare_exchange),
+            routing_key: self.routing_key.unwrap_or(default.routing_key),
+            max_message_bytes: self.max_message_bytes.unwrap_or(default.max_message_bytes),
+        }
+    }
+}
+
+impl RedisSection {
+    fn resolve(self, default: RedisConfig) -> RedisConfig {
+        RedisConfig {
+            url: self.url.unwrap_or(default.url),
+            stream: self.stream.unwrap_or(default.stream),
+            maxlen: self.maxlen.or(default.maxlen),
+            wait_replicas: self.wait_replicas.unwrap_or(default.wait_replicas),
+            response_timeout: millis(self.response_timeout_ms, default.response_timeout),
+            max_record_bytes: self.max_record_bytes.unwrap_or(default.max_record_bytes),
+        }
+    }
+}
+
 impl HttpSection {
     fn resolve(self, default: HttpConfig) -> Result<HttpConfig, ConfigError> {
         Ok(HttpConfig {
@@ -259,7 +327,13 @@ impl RelayConfig {
                 );
             }
         }
-        if let Err((option, reason)) = self.kafka.validate() {
+        let sink = match self.sink {
+            SinkKind::Kafka => self.kafka.validate(),
+            SinkKind::Nats => self.nats.validate().and_then(|()| self.nats_routes()),
+            SinkKind::Rabbitmq => self.rabbitmq.validate(),
+            SinkKind::Redis => self.redis.validate(),
+        };
+        if let Err((option, reason)) = sink {
             return invalid(option, reason);
         }
         let names = self.outbox.columns.all();
@@ -270,6 +344,33 @@ impl RelayConfig {
             if names[i + 1..].contains(a) {
                 return invalid("columns", format!("column {a} is configured twice"));
             }
+        }
+        Ok(())
+    }
+}
+
+impl RelayConfig {
+    /// A stream the relay creates must take the dead letters: a dead letter whose
+    /// subject it does not cover could not be delivered either.
+    fn nats_routes(&self) -> Result<(), (&'static str, String)> {
+        let Some(topic) = &self.outbox.dead_letter_topic else {
+            return Ok(());
+        };
+        if self.nats.create_stream
+            && !self
+                .nats
+                .subjects
+                .iter()
+                .any(|filter| crate::sink::nats::subject_matches(filter, topic))
+        {
+            return Err((
+                "nats.subjects",
+                format!(
+                    "{:?} do not cover the dead-letter topic {topic:?}: add it, or a wildcard \
+                     such as outbox.>",
+                    self.nats.subjects
+                ),
+            ));
         }
         Ok(())
     }

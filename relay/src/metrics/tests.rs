@@ -148,11 +148,11 @@ fn every_family_is_rendered_with_zero_values() {
     .collect();
     assert_eq!(names, expected);
     // One sample per family, but a reason per dead-letter sample, a role per
-    // role sample, and a bucket per bound (and +Inf), a sum and a count for each
-    // histogram.
+    // role sample, a bucket per bound (and +Inf), a sum and a count for each
+    // histogram, and no sink before one is set.
     assert_eq!(
         samples.len(),
-        Family::ALL.len() - 4
+        Family::ALL.len() - 5
             + Reason::ALL.len()
             + Role::ALL.len()
             + 2 * (COMMIT_TO_ACK_BUCKETS.len() + 3)
@@ -162,6 +162,15 @@ fn every_family_is_rendered_with_zero_values() {
         assert_eq!(value(&samples, EVENTS_DEAD_LETTERED, &labels), "0");
     }
     assert!(samples.values().all(|v| v == "0"), "{samples:?}");
+}
+
+#[test]
+fn the_sink_is_named_once_set() {
+    let (health, _clock) = health();
+    let metrics = Metrics::new();
+    metrics.set_sink("nats");
+    let samples = parse(&metrics.render(&health));
+    assert_eq!(value(&samples, SINK_INFO, "sink=\"nats\""), "1");
 }
 
 #[test]

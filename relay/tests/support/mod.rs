@@ -17,6 +17,8 @@ use sqlx::PgPool;
 use testkit::{consumer_config_on, unique_name, wait_for_topic_on, TestDatabase};
 use uuid::Uuid;
 
+pub mod sinks;
+
 /// The outbox table, as services create it.
 const OUTBOX_DDL: &str = include_str!("../../../sql/shared/0001_outbox.sql");
 
@@ -541,6 +543,17 @@ impl Collector {
                 ),
             };
             self.received.push(received(&message));
+        }
+    }
+
+    /// The next record, if one comes within `wait`.
+    pub async fn next(&mut self, wait: Duration) -> Option<Received> {
+        let mut stream = self.consumer.stream();
+        match tokio::time::timeout(wait, stream.next()).await {
+            Ok(Some(Ok(message))) => Some(received(&message)),
+            Ok(Some(Err(e))) => panic!("consumer error: {e}"),
+            Ok(None) => panic!("the consumer stream ended"),
+            Err(_) => None,
         }
     }
 
