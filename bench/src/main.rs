@@ -15,7 +15,10 @@
 //!   the server spilled, COMMIT → last acknowledgement, duplicates after a SIGKILL
 //!   halfway;
 //! - [`sagas`]: order sagas through the four services and their relays: at
-//!   saturation, at 100/s, and 1,000 in flight at once.
+//!   saturation, at 100/s, and 1,000 in flight at once;
+//! - [`sinks`]: the relay to Kafka, NATS JetStream, RabbitMQ and Redis Streams,
+//!   each against a producer to that destination alone, and commit → ack at
+//!   1 k events/s.
 //!
 //! Each part gets a fresh private cluster and broker. The output is one set of
 //! tables; the run fails when a number could not be produced, never on a
@@ -30,6 +33,7 @@ mod lost;
 mod outage;
 mod relay_lab;
 mod sagas;
+mod sinks;
 mod statements;
 mod takeover;
 mod throughput;
@@ -56,8 +60,8 @@ struct Cli {
     #[arg(long)]
     events: Option<u64>,
     /// Only these parts (comma-separated): throughput, latency, outage, takeover,
-    /// sagas, large-tx.
-    #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "takeover", "sagas", "large-tx"])]
+    /// sagas, large-tx, sinks.
+    #[arg(long, value_delimiter = ',', value_parser = ["throughput", "latency", "outage", "takeover", "sagas", "large-tx", "sinks"])]
     only: Vec<String>,
     /// Rows of the large-tx part's transactions [default: 1000000, 20000 with
     /// --quick].
@@ -246,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "takeover",
             "sagas",
             "large-tx",
+            "sinks",
         ]
         .into()
     } else {
@@ -362,12 +367,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("large transactions: a number is missing: {result:?}");
         }
     }
+    if parts.contains("sinks") {
+        eprintln!("==> sinks");
+        let rows = sinks::run(plan.events, plan.latency_seconds, &relay_bin)
+            .await
+            .context("sinks")?;
+        print_sinks(&rows);
+        if let Some(bad) = rows.iter().find(|r| !r.complete()) {
+            bail!("sinks, {}: a number is missing: {bad:?}", bad.sink);
+        }
+    }
     println!("\n(the run took {:.0} s)", started.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn print_sinks(rows: &[sinks::SinkRun]) {
+    println!(
+        "\nSinks: one backlog ({}) drained by a producer to the destination alone and by the \
+         relay, events/s; commit -> ack at {} events/s, ms\n\
+         {:<9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        sinks::WORKLOAD,
+        sinks::LATENCY_RATE,
+        "sink",
+        "events",
+        "producer",
+        "relay",
+        "r/prod",
+        "CPU/ev",
+        "p50",
+        "p99"
+    );
+    for r in rows {
+        println!(
+            "{:<9} {:>7} {:>9.0} {:>8.0} {:>8.2} {:>5.1} us {:>8.2} {:>8.2}",
+            r.sink,
+            r.events,
+            r.producer,
+            r.relay,
+            r.relay / r.producer,
+            r.relay_cpu_us,
+            r.p50_ms,
+            r.p99_ms
+        );
+    }
 }
 
 fn print_throughput(rows: &[throughput::Throughput]) {

@@ -247,7 +247,11 @@ pub(crate) fn bench_payload(bytes: usize) -> String {
 
 /// Produces `events` records and waits for every acknowledgement, keeping no more
 /// in flight than the relay would; the seconds it took.
-async fn produce_only(brokers: &str, workload: Workload, events: u64) -> anyhow::Result<f64> {
+pub(crate) async fn produce_only(
+    brokers: &str,
+    workload: Workload,
+    events: u64,
+) -> anyhow::Result<f64> {
     let topic = "bench.broker-only";
     let producer = broker_only_producer(brokers, topic).await?;
     let max_in_flight = outbox_relay::config::DEFAULT_MAX_IN_FLIGHT;

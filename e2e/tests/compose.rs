@@ -381,8 +381,8 @@ fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
     let mut problems = Vec::new();
     // database → the serving services (replicas) on it, with their programs
     let mut owners: BTreeMap<String, Vec<(&str, &str)>> = BTreeMap::new();
-    // serving service → the relays beside it
-    let mut sidecars: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    // (serving service, sink) → the relays beside it publishing to that kind of sink
+    let mut sidecars: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     for service in &resolved {
         if service.role == Role::Other {
             continue;
@@ -434,8 +434,12 @@ fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
                     .collect();
                 match beside.as_slice() {
                     [owner] => {
+                        // A relay per replica and sink: NATS beside Kafka is a
+                        // publication of its own, not a second streaming relay.
+                        let sink = relay_config(service, &BTreeMap::new())
+                            .map_or("kafka", |config| config.sink.as_str());
                         sidecars
-                            .entry(owner.name.as_str())
+                            .entry((owner.name.as_str(), sink))
                             .or_default()
                             .push(&service.name);
                         let owner_db = owner
@@ -490,16 +494,25 @@ fn check_databases(compose: &Value, repo: &mut Repo) -> Vec<String> {
             ));
         }
         for (name, _) in services {
-            match sidecars.get(name).map(Vec::as_slice) {
-                None | Some([]) => problems.push(format!(
+            let beside: Vec<(&str, &Vec<&str>)> = sidecars
+                .iter()
+                .filter(|((owner, _), _)| owner == name)
+                .map(|((_, sink), relays)| (*sink, relays))
+                .collect();
+            if beside.is_empty() {
+                problems.push(format!(
                     "service `{name}`: no relay sits beside it (waits for it) to stream its \
                      database `{database}`"
-                )),
-                Some([_]) => {}
-                Some(many) => problems.push(format!(
-                    "service `{name}`: relays {} all sit beside it; one relay per replica",
-                    quoted_list(many)
-                )),
+                ));
+            }
+            for (sink, relays) in beside {
+                if relays.len() > 1 {
+                    problems.push(format!(
+                        "service `{name}`: relays {} all sit beside it, publishing to {sink}; \
+                         one relay per replica and sink",
+                        quoted_list(relays)
+                    ));
+                }
             }
         }
     }
@@ -731,10 +744,11 @@ fn the_file_has_the_shop() {
     let mut repo = Repo::load();
     let compose = load_compose(&repo.root);
     let (resolved, _) = resolve(&compose, &mut repo);
+    // What `docker compose up` starts: services of no profile.
     let servers = |role| {
         resolved
             .iter()
-            .filter(|s| s.role == role && s.serves())
+            .filter(|s| s.role == role && s.serves() && s.def.get("profiles").is_none())
             .count()
     };
     let programs: BTreeSet<&str> = resolved

@@ -37,11 +37,11 @@ pub use crate::routing::outbox::{
     Columns, Ident, MessageRouting, OutboxConfig, PayloadFormat, TopicTemplate, DEFAULT_COLUMNS,
     DEFAULT_TOPIC_TEMPLATE,
 };
+pub use crate::sink::any::SinkKind;
 pub use crate::sink::kafka::config::{
     KafkaConfig, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TOPIC_PARTITIONS, DEFAULT_TOPIC_REPLICATION_FACTOR,
     PROTECTED_KAFKA_OPTIONS,
 };
-pub use crate::sink::any::SinkKind;
 pub use crate::sink::nats::{NatsConfig, NatsStorage};
 pub use crate::sink::rabbitmq::RabbitmqConfig;
 pub use crate::sink::redis::RedisConfig;

@@ -1,54 +1,17 @@
-//! The relay end to end on the real PostgreSQL and broker: what arrives, in which
-//! order, and what survives SIGKILL, SIGTERM and a paused broker.
+//! The relay end to end on the real PostgreSQL and Kafka broker: what is and is not
+//! published, what a bad row does without a dead-letter topic, how often a crash
+//! re-sends. What every sink promises alike (every row once and in order, SIGKILL,
+//! SIGTERM, a paused broker, dead letters) is in `sink_suite.rs`.
 
 mod support;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::{
-    check_records, scale, seed, write_workload, Collector, OutboxDb, Received, Relay,
-    RelaySettings, Rng, Row, KEYS,
-};
-use testkit::{settings, PrivateBroker};
+use support::{Collector, OutboxDb, Received, Relay, RelaySettings, Row};
+use testkit::settings;
 
 const NO_PROGRESS: Duration = Duration::from_secs(60);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_committed_row_arrives_in_order_per_key() {
-    let db = OutboxDb::new().await;
-    let brokers = settings().kafka_brokers.clone();
-    let settings = RelaySettings::new(&db, &brokers);
-    let relay = Relay::start(&settings);
-    db.wait_for_slot().await;
-
-    let mut rng = Rng::new(seed());
-    let mut seqs = vec![0; KEYS];
-    let written = write_workload(db.pool(), &mut rng, 30 * scale(), &mut seqs).await;
-
-    let topics = [settings.topic("order"), settings.topic("customer")];
-    let mut collector = Collector::new(&brokers, &topics, 3).await;
-    let expected = written.len();
-    collector.until(NO_PROGRESS, |r| r.len() >= expected).await;
-    collector.drain_for(Duration::from_secs(1)).await;
-    check_records(&settings, &written, &collector.received, true);
-
-    // The metrics count what was delivered.
-    let deadline = std::time::Instant::now() + NO_PROGRESS;
-    while relay.metric("outbox_relay_events_routed_total").await != Some(expected as f64) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "events_routed never reached {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (status, body) = relay.http_get("/health").await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        relay.metric("outbox_relay_records_in_flight").await,
-        Some(0.0)
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_tables_updates_and_deletes_are_not_published() {
@@ -90,100 +53,6 @@ async fn other_tables_updates_and_deletes_are_not_published() {
     let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
     assert_eq!(ids, [a.id.to_string(), b.id.to_string(), marker_id]);
     assert_eq!(collector.received[0].payload, Some(a.payload));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_confirms_and_a_restart_resends_nothing() {
-    let db = OutboxDb::new().await;
-    let brokers = settings().kafka_brokers.clone();
-    // A long status interval: only the drain on SIGTERM confirms.
-    let settings =
-        RelaySettings::new(&db, &brokers).with("OUTBOX_RELAY_STATUS_INTERVAL_MS", "600000");
-    let mut relay = Relay::start(&settings);
-    db.wait_for_slot().await;
-    let before = db.confirmed_flush().await;
-
-    let mut rng = Rng::new(seed());
-    let mut seqs = vec![0; KEYS];
-    let written = write_workload(db.pool(), &mut rng, 8, &mut seqs).await;
-    let topics = [settings.topic("order"), settings.topic("customer")];
-    let mut collector = Collector::new(&brokers, &topics, 3).await;
-    collector
-        .until(NO_PROGRESS, |r| r.len() >= written.len())
-        .await;
-
-    let status = relay.terminate(Duration::from_secs(40));
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        relay.log_text()
-    );
-    let after = db.confirmed_flush().await;
-    assert_ne!(before, after, "the drain did not confirm");
-
-    let _relay = Relay::start(&settings);
-    db.wait_for_streaming().await;
-    let marker = Row::event(0, 10_000);
-    db.write(std::slice::from_ref(&marker), false).await;
-    let marker_id = marker.id.to_string();
-    collector
-        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
-        .await;
-    collector.drain_for(Duration::from_secs(1)).await;
-    let mut all = written;
-    all.push(marker);
-    check_records(&settings, &all, &collector.received, true);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_points_loses_nothing() {
-    let db = OutboxDb::new().await;
-    let brokers = settings().kafka_brokers.clone();
-    let settings = RelaySettings::new(&db, &brokers);
-    let mut relay = Relay::start(&settings);
-    db.wait_for_slot().await;
-
-    let seed = seed();
-    let mut rng = Rng::new(seed);
-    // The writer runs on its own while the relay is killed and restarted.
-    let writer = {
-        let pool = db.pool().clone();
-        let transactions = 60 * scale();
-        tokio::spawn(async move {
-            let mut rng = Rng::new(seed ^ 0x5eed);
-            let mut seqs = vec![0; KEYS];
-            let mut written = Vec::new();
-            for _ in 0..transactions {
-                written.extend(write_workload(&pool, &mut rng, 1, &mut seqs).await);
-                tokio::time::sleep(Duration::from_millis(rng.range(0, 40))).await;
-            }
-            written
-        })
-    };
-    let kills = 3 * scale();
-    for _ in 0..kills {
-        tokio::time::sleep(Duration::from_millis(rng.range(200, 1500))).await;
-        relay.kill();
-        relay = Relay::start(&settings);
-    }
-    let written = writer.await.expect("the writer finished");
-
-    let topics = [settings.topic("order"), settings.topic("customer")];
-    let mut collector = Collector::new(&brokers, &topics, 3).await;
-    let ids: HashSet<String> = written.iter().map(|r| r.id.to_string()).collect();
-    collector
-        .until(NO_PROGRESS, |r| {
-            let got: HashSet<&str> = r.iter().map(Received::id).collect();
-            ids.iter().all(|id| got.contains(id.as_str()))
-        })
-        .await;
-    collector.drain_for(Duration::from_secs(1)).await;
-    check_records(&settings, &written, &collector.received, false);
-    eprintln!(
-        "{} events, {} records delivered after {kills} kills",
-        written.len(),
-        collector.received.len()
-    );
 }
 
 /// With the documented defaults (a standby status update every 10 s, a window of
@@ -281,94 +150,6 @@ async fn each_kill_during_a_drain_resends_at_most_one_window() {
         "{copies} copies after {kills} kills: more than one window ({DEFAULT_MAX_IN_FLIGHT}) per kill"
     );
     drop(relay);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_broker_stops_reading_keeps_the_connection_and_loses_nothing() {
-    let broker = PrivateBroker::start();
-    let db = OutboxDb::new().await;
-    // The server drops a replication connection silent for this long; the pause
-    // below lasts several times as long.
-    sqlx::raw_sql(&format!(
-        "ALTER DATABASE {} SET wal_sender_timeout = '3s'",
-        db.db.name()
-    ))
-    .execute(db.pool())
-    .await
-    .unwrap();
-    let brokers = broker.bootstrap();
-    let settings = RelaySettings::new(&db, &brokers)
-        .with("OUTBOX_RELAY_MAX_IN_FLIGHT", 500)
-        .with("OUTBOX_RELAY_STATUS_INTERVAL_MS", 500)
-        .with("OUTBOX_RELAY_HEARTBEAT_INTERVAL_MS", 1000)
-        .with("OUTBOX_RELAY_STALL_TIMEOUT_MS", 3000);
-    let mut relay = Relay::start(&settings);
-    db.wait_for_slot().await;
-
-    let mut rng = Rng::new(seed());
-    let mut seqs = vec![0; KEYS];
-    let mut written = write_workload(db.pool(), &mut rng, 5, &mut seqs).await;
-    let topics = [settings.topic("order"), settings.topic("customer")];
-    let mut collector = Collector::new(&brokers, &topics, 3).await;
-    collector
-        .until(NO_PROGRESS, |r| r.len() >= written.len())
-        .await;
-    let walsender = db.wait_for_streaming().await;
-    let rss_before = relay.rss_kib();
-
-    broker.pause();
-    let mut rss_peak = rss_before;
-    for _ in 0..5 {
-        written.extend(write_workload(db.pool(), &mut rng, 20, &mut seqs).await);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        rss_peak = rss_peak.max(relay.rss_kib());
-        assert!(
-            relay.is_running(),
-            "the relay died while the broker was paused:\n{}",
-            relay.log_text()
-        );
-    }
-    assert_eq!(
-        db.slot_pid().await,
-        Some(Some(walsender)),
-        "the replication connection did not survive the pause"
-    );
-    // Records have been unacknowledged for longer than the stall timeout.
-    let (status, body) = relay.http_get("/health").await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("broker_unreachable"), "{body}");
-    broker.resume();
-
-    collector
-        .until(NO_PROGRESS, |r| {
-            let got: HashSet<&str> = r.iter().map(Received::id).collect();
-            written
-                .iter()
-                .all(|w| got.contains(w.id.to_string().as_str()))
-        })
-        .await;
-    check_records(&settings, &written, &collector.received, false);
-    let deadline = std::time::Instant::now() + NO_PROGRESS;
-    loop {
-        let (status, body) = relay.http_get("/health").await;
-        if status == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/health stayed {status} after the broker came back: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let growth_kib = rss_peak.saturating_sub(rss_before);
-    eprintln!(
-        "{} events; relay RSS {rss_before} KiB before the pause, peak {rss_peak} KiB during it",
-        written.len()
-    );
-    assert!(
-        growth_kib < 32 * 1024,
-        "relay memory grew by {growth_kib} KiB while the broker was paused"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,72 +262,6 @@ async fn headers_that_are_not_an_object_stop_the_relay_naming_the_row() {
     let mut row = Row::event(0, 2);
     row.headers = Some(serde_json::json!(["not", "an", "object"]));
     a_bad_row_stops_the_relay(row, "is not a JSON object").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_that_cannot_be_delivered_are_dead_lettered_and_the_stream_goes_on() {
-    let db = OutboxDb::new().await;
-    let brokers = settings().kafka_brokers.clone();
-    let base = RelaySettings::new(&db, &brokers);
-    let dlq = format!("{}.dlq", base.topic_prefix);
-    let settings = base.with("OUTBOX_RELAY_DEAD_LETTER_TOPIC", &dlq);
-    let _relay = Relay::start(&settings);
-    db.wait_for_slot().await;
-
-    let first = Row::event(0, 1);
-    let mut bad_headers = Row::event(0, 2);
-    bad_headers.headers = Some(serde_json::json!("not an object"));
-    let mut too_large = Row::event(0, 3);
-    too_large.payload = serde_json::json!({ "blob": "x".repeat(2 * 1024 * 1024) });
-    let last = Row::event(0, 4);
-    db.write(std::slice::from_ref(&first), false).await;
-    db.write(&[bad_headers.clone(), too_large.clone()], false)
-        .await;
-    db.write(std::slice::from_ref(&last), false).await;
-
-    let last_id = last.id.to_string();
-    let collector = Collector::through(&brokers, &[settings.topic("order")], &last_id).await;
-    let ids: Vec<&str> = collector.received.iter().map(Received::id).collect();
-    assert_eq!(ids, [first.id.to_string(), last_id.clone()]);
-
-    let mut letters = Collector::new(&brokers, std::slice::from_ref(&dlq), 3).await;
-    letters.until(NO_PROGRESS, |r| r.len() >= 2).await;
-    letters.drain_for(Duration::from_secs(1)).await;
-    assert_eq!(letters.received.len(), 2, "{:?}", letters.received);
-    let code = |r: &Received| {
-        r.headers
-            .get("dlq-reason-code")
-            .cloned()
-            .unwrap_or_default()
-    };
-    let bad = &letters.received[0];
-    assert_eq!(code(bad), "bad_row");
-    assert_eq!(bad.key, "key-0");
-    let body = bad.payload.as_ref().expect("a dead letter has a body");
-    assert_eq!(body["row"]["id"], bad_headers.id.to_string());
-    assert!(body["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("not a JSON object"));
-    let large = &letters.received[1];
-    assert_eq!(code(large), "too_large");
-    assert_eq!(large.id(), too_large.id.to_string());
-    assert_eq!(
-        large.headers.get("dlq-original-topic"),
-        Some(&settings.topic("order"))
-    );
-    // Both came from the same transaction, in order.
-    assert_eq!(
-        bad.headers.get("dlq-source-lsn"),
-        large.headers.get("dlq-source-lsn")
-    );
-    assert_eq!(
-        (
-            bad.headers.get("dlq-source-index").map(String::as_str),
-            large.headers.get("dlq-source-index").map(String::as_str)
-        ),
-        (Some("0"), Some("1"))
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

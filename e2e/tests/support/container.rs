@@ -497,17 +497,22 @@ pub struct StreamingRelay {
     pub config: RelayConfig,
 }
 
-/// Relays streaming one database are configured alike.
+/// Relays streaming one database to one kind of sink are configured alike, so that
+/// they share its slot. A relay publishing the same outbox to another kind of sink
+/// (NATS beside Kafka, say) is a publication of its own, with a slot of its own.
 pub fn check_relays_alike(relays: &[StreamingRelay]) -> Vec<String> {
-    let mut by_database: BTreeMap<&(String, String), Vec<(&str, Identity)>> = BTreeMap::new();
+    /// Host, database and sink.
+    type Publication<'a> = (&'a str, &'a str, &'a str);
+    let mut by_database: BTreeMap<Publication<'_>, Vec<(&str, Identity)>> = BTreeMap::new();
     for relay in relays {
+        let (host, database) = (&relay.database.0, &relay.database.1);
         by_database
-            .entry(&relay.database)
+            .entry((host, database, relay.config.sink.as_str()))
             .or_default()
-            .push((&relay.who, relay_identity(&relay.config, &relay.database.1)));
+            .push((&relay.who, relay_identity(&relay.config, database)));
     }
     let mut problems = Vec::new();
-    for ((host, database), group) in by_database {
+    for ((host, database, _), group) in by_database {
         let Some(((first, expected), rest)) = group.split_first() else {
             continue;
         };

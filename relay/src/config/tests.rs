@@ -127,7 +127,13 @@ fn the_example_file_is_valid_and_states_the_defaults() {
     let (nats, nats_default) = (&config.nats, &defaults.nats);
     assert_eq!(nats.url.expose(), nats_default.url.expose());
     assert_eq!(
-        (&nats.stream, &nats.subjects, nats.create_stream, nats.storage, nats.replicas),
+        (
+            &nats.stream,
+            &nats.subjects,
+            nats.create_stream,
+            nats.storage,
+            nats.replicas
+        ),
         (
             &nats_default.stream,
             &nats_default.subjects,
@@ -563,7 +569,10 @@ fn another_sink_needs_no_brokers_and_reads_its_own_section() {
     )
     .unwrap();
     let config = redis.resolve().unwrap();
-    assert_eq!((config.redis.maxlen, config.redis.wait_replicas), (Some(1000), 1));
+    assert_eq!(
+        (config.redis.maxlen, config.redis.wait_replicas),
+        (Some(1000), 1)
+    );
     assert_eq!(config.redis.stream, "{topic}");
 
     let rabbitmq: Sections = toml::from_str(
@@ -583,7 +592,10 @@ fn a_stream_that_would_not_take_the_dead_letters_is_refused() {
     )
     .unwrap();
     let error = file.resolve().unwrap_err().to_string();
-    assert!(error.contains("nats.subjects") && error.contains("outbox.dlq"), "{error}");
+    assert!(
+        error.contains("nats.subjects") && error.contains("outbox.dlq"),
+        "{error}"
+    );
     let bad_type: Sections = toml::from_str(
         "sink = \"rabbitmq\"\n[postgres]\nurl = \"postgres://u@h/db\"\n[rabbitmq]\nexchange_type = \"x\"\n",
     )

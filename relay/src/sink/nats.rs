@@ -373,9 +373,8 @@ impl Publisher for JetStream {
 fn message(record: &OutboxRecord) -> Result<HeaderMap, Refusal> {
     let mut headers = HeaderMap::new();
     let text = |what: &str, value: &Bytes| {
-        let text = std::str::from_utf8(value).map_err(|_| {
-            Refusal::new(RefusalKind::Invalid, format!("{what} is not UTF-8 text"))
-        })?;
+        let text = std::str::from_utf8(value)
+            .map_err(|_| Refusal::new(RefusalKind::Invalid, format!("{what} is not UTF-8 text")))?;
         async_nats::HeaderValue::from_str(text).map_err(|e| {
             Refusal::new(
                 RefusalKind::Invalid,
@@ -385,10 +384,7 @@ fn message(record: &OutboxRecord) -> Result<HeaderMap, Refusal> {
     };
     headers.insert("key", text("the key", &record.key)?);
     for (name, value) in &record.headers {
-        let name_ok = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_graphic() && c != ':');
+        let name_ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_graphic() && c != ':');
         if !name_ok {
             return Err(Refusal::new(
                 RefusalKind::Invalid,
@@ -415,7 +411,6 @@ impl std::fmt::Display for ErrorText {
 }
 
 impl std::error::Error for ErrorText {}
-
 
 #[cfg(test)]
 mod tests {

@@ -24,7 +24,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 
 use super::worker::{Acks, Failure, Job, Piped, Publisher};
 use super::{Handed, Refusal, RefusalKind, Sink, SinkError, Ticket};
@@ -183,9 +185,8 @@ impl RabbitmqSink {
         dead_letter_topic: Option<&str>,
         max_in_flight: usize,
     ) -> Result<RabbitmqSink, SinkError> {
-        let failed = |what: String| {
-            move |e: lapin::Error| SinkError::unavailable(NAME, what).with_source(e)
-        };
+        let failed =
+            |what: String| move |e: lapin::Error| SinkError::unavailable(NAME, what).with_source(e);
         let connection = Connection::connect(
             config.url.expose(),
             ConnectionProperties::default().with_connection_name("outbox-relay".into()),
@@ -221,7 +222,9 @@ impl RabbitmqSink {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(failed(format!("cannot declare the dead-letter queue {queue}")))?;
+                .map_err(failed(format!(
+                    "cannot declare the dead-letter queue {queue}"
+                )))?;
             publisher
                 .channel
                 .queue_bind(
@@ -379,12 +382,14 @@ impl Publisher for Amqp {
                             ),
                             record.payload,
                         )),
-                        Ok(Confirmation::Nack(_)) => Err(Failure::Destination(
-                            SinkError::unavailable(
+                        Ok(Confirmation::Nack(_)) => {
+                            Err(Failure::Destination(SinkError::unavailable(
                                 NAME,
-                                format!("the broker refused to take a record for {exchange} (nack)"),
-                            ),
-                        )),
+                                format!(
+                                    "the broker refused to take a record for {exchange} (nack)"
+                                ),
+                            )))
+                        }
                         Ok(Confirmation::NotRequested) => Err(Failure::Destination(
                             SinkError::unavailable(NAME, "the channel is not in confirm mode"),
                         )),

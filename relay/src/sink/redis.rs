@@ -135,13 +135,15 @@ pub struct RedisSink {
 
 impl RedisSink {
     /// Connects (and checks the connection with `PING`).
-    pub async fn connect(config: &RedisConfig, max_in_flight: usize) -> Result<RedisSink, SinkError> {
+    pub async fn connect(
+        config: &RedisConfig,
+        max_in_flight: usize,
+    ) -> Result<RedisSink, SinkError> {
         let failed = |what: &'static str| {
             move |e: redis::RedisError| SinkError::unavailable(NAME, what).with_source(e)
         };
-        let client = redis::Client::open(config.url.expose()).map_err(|e| {
-            SinkError::fatal(NAME, "redis.url is not a Redis URL").with_source(e)
-        })?;
+        let client = redis::Client::open(config.url.expose())
+            .map_err(|e| SinkError::fatal(NAME, "redis.url is not a Redis URL").with_source(e))?;
         let settings = AsyncConnectionConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(10)));
@@ -246,10 +248,10 @@ impl Publisher for Streams {
                 .arg(self.config.wait_replicas)
                 .arg(WAIT_TIMEOUT_MS);
         }
-        let replies: Vec<redis::RedisResult<Value>> = pipe
-            .query_async(&mut self.connection)
-            .await
-            .map_err(|e| SinkError::unavailable(NAME, "a pipeline of XADD failed").with_source(e))?;
+        let replies: Vec<redis::RedisResult<Value>> =
+            pipe.query_async(&mut self.connection).await.map_err(|e| {
+                SinkError::unavailable(NAME, "a pipeline of XADD failed").with_source(e)
+            })?;
         if replies.len() != batch.len() + usize::from(waits) {
             return Err(SinkError::unavailable(
                 NAME,

@@ -93,7 +93,11 @@ impl Piped {
     }
 
     /// Queues a record for the task.
-    pub(crate) fn send(&mut self, ticket: Ticket, record: &OutboxRecord) -> Result<Handed, SinkError> {
+    pub(crate) fn send(
+        &mut self,
+        ticket: Ticket,
+        record: &OutboxRecord,
+    ) -> Result<Handed, SinkError> {
         match self.jobs.try_send((ticket, record.clone())) {
             Ok(()) => Ok(Handed::Accepted),
             Err(mpsc::error::TrySendError::Full(_)) => {

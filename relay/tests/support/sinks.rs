@@ -119,6 +119,8 @@ pub struct SinkCollector {
     pub received: Vec<Received>,
 }
 
+// One reader per test: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Reader {
     /// Subscribes at the first read, when the relay has created the topics.
     Kafka {
@@ -141,6 +143,7 @@ enum Reader {
     },
     Redis {
         connection: redis::aio::MultiplexedConnection,
+        prefix: String,
         keys: Vec<String>,
         last: Vec<String>,
         offsets: BTreeMap<String, i64>,
@@ -151,7 +154,11 @@ impl SinkCollector {
     /// Starts reading `topics` (topics, subjects, routing keys or stream keys; with
     /// the dead-letter topic when the test reads dead letters). Call it before the
     /// relay publishes: a RabbitMQ exchange delivers only to queues bound by then.
-    pub async fn start(backend: Backend, relay: &RelaySettings, topics: &[String]) -> SinkCollector {
+    pub async fn start(
+        backend: Backend,
+        relay: &RelaySettings,
+        topics: &[String],
+    ) -> SinkCollector {
         let prefix = &relay.topic_prefix;
         let reader = match backend {
             Backend::Kafka => Reader::Kafka {
@@ -170,10 +177,12 @@ impl SinkCollector {
                 }
             }
             Backend::Rabbitmq => {
-                let connection =
-                    Connection::connect(&service_url("RABBITMQ_URL"), ConnectionProperties::default())
-                        .await
-                        .expect("connect to RabbitMQ");
+                let connection = Connection::connect(
+                    &service_url("RABBITMQ_URL"),
+                    ConnectionProperties::default(),
+                )
+                .await
+                .expect("connect to RabbitMQ");
                 let channel = connection.create_channel().await.expect("a channel");
                 // The relay declares the same exchange; whoever comes first creates it.
                 channel
@@ -241,6 +250,7 @@ impl SinkCollector {
                     .expect("connect to Redis");
                 Reader::Redis {
                     connection,
+                    prefix: prefix.clone(),
                     keys: topics.to_vec(),
                     last: vec!["0".to_owned(); topics.len()],
                     offsets: BTreeMap::new(),
@@ -326,6 +336,7 @@ impl SinkCollector {
                 keys,
                 last,
                 offsets,
+                ..
             } => loop {
                 let block = deadline
                     .saturating_duration_since(Instant::now())
@@ -344,7 +355,10 @@ impl SinkCollector {
                     .expect("XREAD");
                 let mut batch = Vec::new();
                 for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                    let index = keys.iter().position(|k| *k == stream.key).expect("a key read");
+                    let index = keys
+                        .iter()
+                        .position(|k| *k == stream.key)
+                        .expect("a key read");
                     for entry in stream.ids {
                         let offset = offsets.entry(stream.key.clone()).or_default();
                         *offset += 1;
@@ -361,57 +375,81 @@ impl SinkCollector {
 }
 
 impl Drop for SinkCollector {
-    /// Removes the test's stream, exchange and dead-letter queue, or stream keys.
+    /// Removes the test's stream, exchange and dead-letter queue, or stream keys,
+    /// over connections of its own on a runtime of its own: the test's runtime may
+    /// be shutting down.
     fn drop(&mut self) {
         let cleanup = match &self.reader {
             Reader::Kafka { .. } => return,
-            Reader::Nats {
-                context, stream, ..
-            } => {
-                let (context, stream) = (context.clone(), stream.clone());
+            Reader::Nats { stream, .. } => {
+                let stream = stream.clone();
                 async move {
-                    let _ = context.delete_stream(stream).await;
+                    if let Ok(client) = async_nats::connect(service_url("NATS_URL")).await {
+                        let _ = async_nats::jetstream::new(client)
+                            .delete_stream(stream)
+                            .await;
+                    }
                 }
                 .boxed()
             }
             Reader::Rabbitmq {
-                channel,
                 exchange,
                 dead_letters,
                 ..
             } => {
-                let (channel, exchange, queue) =
-                    (channel.clone(), exchange.clone(), dead_letters.clone());
+                let (exchange, queue) = (exchange.clone(), dead_letters.clone());
                 async move {
+                    let url = service_url("RABBITMQ_URL");
+                    let Ok(connection) =
+                        Connection::connect(&url, ConnectionProperties::default()).await
+                    else {
+                        return;
+                    };
+                    let Ok(channel) = connection.create_channel().await else {
+                        return;
+                    };
                     let _ = channel
                         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                         .await;
                     let _ = channel
                         .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                         .await;
+                    let _ = connection.close(0, "done".into()).await;
                 }
                 .boxed()
             }
-            Reader::Redis {
-                connection, keys, ..
-            } => {
-                let (mut connection, keys) = (connection.clone(), keys.clone());
+            Reader::Redis { prefix, .. } => {
+                let pattern = format!("{prefix}.*");
                 async move {
-                    let _ = redis::cmd("DEL")
-                        .arg(&keys)
-                        .query_async::<()>(&mut connection)
-                        .await;
+                    let Ok(client) = redis::Client::open(service_url("REDIS_URL")) else {
+                        return;
+                    };
+                    let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+                        return;
+                    };
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(&pattern)
+                        .query_async(&mut connection)
+                        .await
+                        .unwrap_or_default();
+                    if !keys.is_empty() {
+                        let _ = redis::cmd("DEL")
+                            .arg(&keys)
+                            .query_async::<()>(&mut connection)
+                            .await;
+                    }
                 }
                 .boxed()
             }
         };
-        // The test's runtime may be shutting down: clean up on a runtime of our own.
         let _ = std::thread::spawn(move || {
             if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(5), cleanup));
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
+                });
             }
         })
         .join();
