@@ -18,7 +18,11 @@ use crate::metrics::Metrics;
 use crate::replication::{ConnectConfig, ReplicationClient, ReplicationError, ReplicationStream};
 use crate::resume;
 use crate::setup::{self, SetupError, SlotState};
-use crate::sink::any::AnySink;
+use crate::sink::any::{AnySink, SinkKind};
+use crate::sink::kafka::KafkaSink;
+use crate::sink::nats::NatsSink;
+use crate::sink::rabbitmq::RabbitmqSink;
+use crate::sink::redis::RedisSink;
 use crate::sink::SinkError;
 use crate::snapshot::SnapshotError;
 use crate::standby::{self, StandbyError};
@@ -159,7 +163,7 @@ async fn relay(
         // A new sink for every session: a client that failed (librdkafka's fatal
         // state, say) is never used again, and records of an ended session are
         // not delivered behind the new session's back.
-        let attempt = match AnySink::connect(config).await {
+        let attempt = match connect_sink(config).await {
             Ok(sink) => {
                 session(
                     config,
@@ -202,6 +206,24 @@ async fn relay(
             () = shutdown.clone() => return Ok(()),
         }
     }
+}
+
+/// Builds the configured sink; the asynchronous ones connect first.
+async fn connect_sink(config: &RelayConfig) -> Result<AnySink, SinkError> {
+    let max_in_flight = config.kafka.max_in_flight;
+    Ok(match config.sink {
+        SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(&config.kafka)?),
+        SinkKind::Nats => AnySink::Nats(NatsSink::connect(&config.nats, max_in_flight).await?),
+        SinkKind::Rabbitmq => AnySink::Rabbitmq(
+            RabbitmqSink::connect(
+                &config.rabbitmq,
+                config.outbox.dead_letter_topic.as_deref(),
+                max_in_flight,
+            )
+            .await?,
+        ),
+        SinkKind::Redis => AnySink::Redis(RedisSink::connect(&config.redis, max_in_flight).await?),
+    })
 }
 
 async fn session(

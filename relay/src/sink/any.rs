@@ -1,5 +1,6 @@
 //! The configured sink: [`SinkKind`] names it, [`AnySink`] is whichever one runs,
-//! passing every call of [`Sink`] to it.
+//! passing every call of [`Sink`] to it (the runner builds it from the
+//! configuration).
 
 use std::task::{Context, Poll};
 
@@ -8,7 +9,6 @@ use super::nats::NatsSink;
 use super::rabbitmq::RabbitmqSink;
 use super::redis::RedisSink;
 use super::{Event, Handed, Sink, SinkError, Ticket};
-use crate::config::RelayConfig;
 use crate::routing::OutboxRecord;
 
 /// Where records go.
@@ -43,26 +43,6 @@ pub enum AnySink {
 }
 
 impl AnySink {
-    /// Builds the configured sink; the asynchronous ones connect first.
-    pub async fn connect(config: &RelayConfig) -> Result<AnySink, SinkError> {
-        let max_in_flight = config.kafka.max_in_flight;
-        Ok(match config.sink {
-            SinkKind::Kafka => AnySink::Kafka(KafkaSink::new(&config.kafka)?),
-            SinkKind::Nats => AnySink::Nats(NatsSink::connect(&config.nats, max_in_flight).await?),
-            SinkKind::Rabbitmq => AnySink::Rabbitmq(
-                RabbitmqSink::connect(
-                    &config.rabbitmq,
-                    config.outbox.dead_letter_topic.as_deref(),
-                    max_in_flight,
-                )
-                .await?,
-            ),
-            SinkKind::Redis => {
-                AnySink::Redis(RedisSink::connect(&config.redis, max_in_flight).await?)
-            }
-        })
-    }
-
     fn inner(&mut self) -> &mut dyn Sink {
         match self {
             AnySink::Kafka(sink) => sink,

@@ -27,7 +27,7 @@ use futures::FutureExt;
 
 use super::worker::{Acks, Failure, Job, Piped, Publisher};
 use super::{Handed, Refusal, RefusalKind, Sink, SinkError, Ticket};
-use crate::config::Secret;
+use crate::replication::Secret;
 use crate::routing::OutboxRecord;
 
 /// The sink's name in logs and metrics.

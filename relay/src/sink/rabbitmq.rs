@@ -30,7 +30,7 @@ use lapin::{
 
 use super::worker::{Acks, Failure, Job, Piped, Publisher};
 use super::{Handed, Refusal, RefusalKind, Sink, SinkError, Ticket};
-use crate::config::Secret;
+use crate::replication::Secret;
 use crate::routing::OutboxRecord;
 
 /// The sink's name in logs and metrics.
