@@ -11,7 +11,8 @@ use outbox_relay::runner::{error_chain, run};
 use tracing_subscriber::EnvFilter;
 
 /// Relays committed outbox rows from PostgreSQL logical replication (pgoutput) to
-/// Kafka, confirming the replication slot only after the broker acknowledged.
+/// Kafka (or NATS JetStream, RabbitMQ, Redis Streams: --sink), confirming the
+/// replication slot only after the destination acknowledged.
 ///
 /// Without a command it streams. Every option can also be set in the TOML file given
 /// with --config and as an environment variable; flags win over the environment,
@@ -28,7 +29,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Stream outbox rows to Kafka (the default).
+    /// Stream outbox rows to the sink (the default).
     Run {
         #[command(flatten)]
         args: Args,
@@ -42,8 +43,8 @@ enum Command {
         args: Args,
     },
     /// Check the configuration, PostgreSQL (connection, privileges, wal_level, outbox
-    /// table, publication, slot) and the brokers without changing anything; exit 1 if
-    /// anything is wrong.
+    /// table, publication, slot) and the configured sink without changing anything;
+    /// exit 1 if anything is wrong.
     Check {
         #[command(flatten)]
         args: Args,

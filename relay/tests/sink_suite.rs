@@ -10,7 +10,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::sinks::{Backend, SinkCollector};
+use support::sinks::{check_sink_properties, Backend, SinkCollector};
 use support::{
     check_records, relay_subcommand, scale, seed, write_workload, OutboxDb, Received, Relay,
     RelaySettings, Rng, Row, KEYS,
@@ -52,6 +52,19 @@ fn topics(settings: &RelaySettings) -> Vec<String> {
     vec![settings.topic("order"), settings.topic("customer")]
 }
 
+/// Writes a marker row (key 0, number `seq`), reads until it arrived and then
+/// whatever else comes within a second; the marker.
+async fn read_through_marker(db: &OutboxDb, collector: &mut SinkCollector, seq: usize) -> Row {
+    let marker = Row::event(0, seq);
+    db.write(std::slice::from_ref(&marker), false).await;
+    let marker_id = marker.id.to_string();
+    collector
+        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
+        .await;
+    collector.drain_for(Duration::from_secs(1)).await;
+    marker
+}
+
 async fn every_row_arrives_with_its_fields_in_order_per_key(backend: Backend) {
     let db = OutboxDb::new().await;
     let settings = backend.settings(&db);
@@ -66,6 +79,7 @@ async fn every_row_arrives_with_its_fields_in_order_per_key(backend: Backend) {
     collector.until(NO_PROGRESS, |r| r.len() >= expected).await;
     collector.drain_for(Duration::from_secs(1)).await;
     check_records(&settings, &written, &collector.received, true);
+    check_sink_properties(backend, &collector.received);
 
     // The metrics count what was delivered, labelled by the sink.
     let deadline = std::time::Instant::now() + NO_PROGRESS;
@@ -116,13 +130,7 @@ async fn sigterm_drains_confirms_and_a_restart_resends_nothing(backend: Backend)
 
     let _relay = Relay::start(&settings);
     db.wait_for_streaming().await;
-    let marker = Row::event(0, 10_000);
-    db.write(std::slice::from_ref(&marker), false).await;
-    let marker_id = marker.id.to_string();
-    collector
-        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
-        .await;
-    collector.drain_for(Duration::from_secs(1)).await;
+    let marker = read_through_marker(&db, &mut collector, 10_000).await;
     let mut all = written;
     all.push(marker);
     check_records(&settings, &all, &collector.received, true);
@@ -483,13 +491,7 @@ async fn nats_keeps_one_copy_of_rows_published_twice() {
         format!("{}_again", settings.topic_prefix),
     );
     let second = Relay::start(&again);
-    let marker = Row::event(0, 1_000);
-    db.write(std::slice::from_ref(&marker), false).await;
-    let marker_id = marker.id.to_string();
-    collector
-        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == marker_id))
-        .await;
-    collector.drain_for(Duration::from_secs(1)).await;
+    let marker = read_through_marker(&db, &mut collector, 1_000).await;
     let dropped = second.log_text().matches("dropped a duplicate").count();
     let mut all = rows;
     all.push(marker);
@@ -500,4 +502,37 @@ async fn nats_keeps_one_copy_of_rows_published_twice() {
         "the second relay's snapshot should have been dropped whole:\n{}",
         second.log_text()
     );
+}
+
+/// `redis.maxlen` trims each stream to about that many entries (`MAXLEN ~`: whole
+/// macro nodes, so a little above it), keeping the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_trims_streams_to_about_maxlen() {
+    let backend = Backend::Redis;
+    let db = OutboxDb::new().await;
+    let settings = backend.settings(&db).with("OUTBOX_RELAY_REDIS_MAXLEN", 100);
+    let mut collector = SinkCollector::start(backend, &settings, &topics(&settings)).await;
+    let _relay = Relay::start(&settings);
+    db.wait_for_slot().await;
+    // 1,000 rows of key 0 (topic `order`), in ten transactions.
+    let rows: Vec<Row> = (1..=1_000).map(|seq| Row::event(0, seq)).collect();
+    for chunk in rows.chunks(100) {
+        db.write(chunk, false).await;
+    }
+    let last = rows.last().expect("rows").id.to_string();
+    collector
+        .until(NO_PROGRESS, |r| r.iter().any(|x| x.id() == last))
+        .await;
+    let client = ::redis::Client::open(testkit::service_url("REDIS_URL")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let length: u64 = ::redis::cmd("XLEN")
+        .arg(settings.topic("order"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        (100..1_000).contains(&length),
+        "the stream holds {length} entries with maxlen 100"
+    );
+    eprintln!("redis: {length} entries kept of 1000 with maxlen 100");
 }

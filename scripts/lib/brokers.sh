@@ -56,24 +56,38 @@ nats_up() {
   nats_private
 }
 
-# Starts (or finds) this checkout's private nats server; sets NATS_URL.
-nats_private() {
-  local port
-  if port=$(private_port nats) && nats_answers "$port"; then
-    say "the private NATS server runs on 127.0.0.1:$port"
+# Runs this checkout's private server $1 (reused while it answers), installing
+# Debian's package $2 when its program $3 is missing, on a free port from $4 up;
+# the rest of the arguments are its command line, with @PORT@ and @DIR@ (its data
+# folder) filled in. Sets PRIVATE_PORT.
+private_server() {
+  local name=$1 package=$2 program=$3 base=$4 port
+  shift 4
+  if port=$(private_port "$name") && "${name}_answers" "$port"; then
+    say "the private $name server runs on 127.0.0.1:$port"
   else
-    command -v nats-server >/dev/null 2>&1 || apt_install nats-server
-    port=$(free_port $((24222 + $(hash_offset))))
-    say "starting a private NATS server with JetStream on 127.0.0.1:$port"
-    mkdir -p "$STATE/nats"
-    setsid nats-server -a 127.0.0.1 -p "$port" -js -sd "$STATE/nats" \
-      >>"$STATE/nats.log" 2>&1 </dev/null &
+    command -v "$program" >/dev/null 2>&1 || apt_install "$package"
+    port=$(free_port $((base + $(hash_offset))))
+    say "starting a private $name server on 127.0.0.1:$port"
+    mkdir -p "$STATE/$name"
+    local args=() arg
+    for arg in "$@"; do
+      arg=${arg//@PORT@/$port}
+      args+=("${arg//@DIR@/$STATE/$name}")
+    done
+    setsid "${args[@]}" >>"$STATE/$name.log" 2>&1 </dev/null &
     local pid=$!
-    printf '%s\n' "$pid" >"$STATE/nats.pid"
-    printf '%s\n' "$port" >"$STATE/nats.port"
-    wait_answers nats "$port" "$pid"
+    printf '%s\n' "$pid" >"$STATE/$name.pid"
+    printf '%s\n' "$port" >"$STATE/$name.port"
+    wait_answers "$name" "$port" "$pid"
   fi
-  NATS_URL=nats://127.0.0.1:$port
+  PRIVATE_PORT=$port
+}
+
+nats_private() {
+  private_server nats nats-server nats-server 24222 \
+    nats-server -a 127.0.0.1 -p @PORT@ -js -sd @DIR@
+  NATS_URL=nats://127.0.0.1:$PRIVATE_PORT
 }
 
 redis_up() {
@@ -85,25 +99,11 @@ redis_up() {
   redis_private
 }
 
-# Starts (or finds) this checkout's private redis server; sets REDIS_URL.
 redis_private() {
-  local port
-  if port=$(private_port redis) && redis_answers "$port"; then
-    say "the private Redis server runs on 127.0.0.1:$port"
-  else
-    command -v redis-server >/dev/null 2>&1 || apt_install redis-server
-    port=$(free_port $((26379 + $(hash_offset))))
-    say "starting a private Redis server on 127.0.0.1:$port"
-    mkdir -p "$STATE/redis"
-    setsid redis-server --bind 127.0.0.1 --port "$port" --dir "$STATE/redis" \
-      --save '' --appendonly no --protected-mode no \
-      >>"$STATE/redis.log" 2>&1 </dev/null &
-    local pid=$!
-    printf '%s\n' "$pid" >"$STATE/redis.pid"
-    printf '%s\n' "$port" >"$STATE/redis.port"
-    wait_answers redis "$port" "$pid"
-  fi
-  REDIS_URL=redis://127.0.0.1:$port
+  private_server redis redis-server redis-server 26379 \
+    redis-server --bind 127.0.0.1 --port @PORT@ --dir @DIR@ --save '' --appendonly no \
+    --protected-mode no
+  REDIS_URL=redis://127.0.0.1:$PRIVATE_PORT
 }
 
 rabbitmq_up() {

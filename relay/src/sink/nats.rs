@@ -39,6 +39,10 @@ pub const DEFAULT_STREAM: &str = "OUTBOX";
 pub const DEFAULT_SUBJECTS: &str = "outbox.>";
 /// JetStream's own default: how long a message id is remembered.
 pub const DEFAULT_DUPLICATE_WINDOW_MS: u64 = 120_000;
+/// Bytes of a message's header section besides the names and values (the
+/// version line, separators, the `key` and `Nats-Msg-Id` names), at most for
+/// the headers an outbox record has.
+const HEADER_FRAMING: usize = 64;
 /// How long a publish acknowledgement may take before the relay starts over.
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 30_000;
 
@@ -292,18 +296,13 @@ impl Sink for NatsSink {
     }
 
     fn send(&mut self, ticket: Ticket, record: &OutboxRecord) -> Result<Handed, SinkError> {
-        // Headers travel in the same frame as the payload.
-        if record.size() + 64 > self.max_payload {
-            return Ok(Handed::Refused(Refusal::new(
-                RefusalKind::TooLarge,
-                format!(
-                    "{} bytes with headers; the server's max_payload is {}",
-                    record.size(),
-                    self.max_payload
-                ),
-            )));
-        }
-        self.piped.send(ticket, record)
+        // Headers travel in the same frame as the payload, with their framing.
+        self.piped.send_within(
+            ticket,
+            record,
+            self.max_payload.saturating_sub(HEADER_FRAMING),
+            "the server's max_payload less the header framing",
+        )
     }
 
     fn poll_next(

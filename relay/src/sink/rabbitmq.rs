@@ -267,17 +267,27 @@ impl Sink for RabbitmqSink {
     }
 
     fn send(&mut self, ticket: Ticket, record: &OutboxRecord) -> Result<Handed, SinkError> {
-        if record.size() > self.config.max_message_bytes {
+        // AMQP carries header names as short strings.
+        if let Some((name, _)) = record
+            .headers
+            .iter()
+            .find(|(name, _)| name.len() > MAX_SHORT_STRING)
+        {
             return Ok(Handed::Refused(Refusal::new(
-                RefusalKind::TooLarge,
+                RefusalKind::Invalid,
                 format!(
-                    "{} bytes with headers; max_message_bytes is {}",
-                    record.size(),
-                    self.config.max_message_bytes
+                    "header name {}... is {} bytes; AMQP allows 255",
+                    name.chars().take(32).collect::<String>(),
+                    name.len()
                 ),
             )));
         }
-        self.piped.send(ticket, record)
+        self.piped.send_within(
+            ticket,
+            record,
+            self.config.max_message_bytes,
+            "max_message_bytes",
+        )
     }
 
     fn poll_next(

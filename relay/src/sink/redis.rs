@@ -184,17 +184,8 @@ impl Sink for RedisSink {
     }
 
     fn send(&mut self, ticket: Ticket, record: &OutboxRecord) -> Result<Handed, SinkError> {
-        if record.size() > self.max_record_bytes {
-            return Ok(Handed::Refused(Refusal::new(
-                RefusalKind::TooLarge,
-                format!(
-                    "{} bytes with headers; max_record_bytes is {}",
-                    record.size(),
-                    self.max_record_bytes
-                ),
-            )));
-        }
-        self.piped.send(ticket, record)
+        self.piped
+            .send_within(ticket, record, self.max_record_bytes, "max_record_bytes")
     }
 
     fn poll_next(

@@ -92,12 +92,26 @@ impl Piped {
         }
     }
 
-    /// Queues a record for the task.
-    pub(crate) fn send(
+    /// Queues a record for the task, unless it is larger than `limit` bytes of key,
+    /// value and headers (`what` names the limit in the refusal).
+    pub(crate) fn send_within(
         &mut self,
         ticket: Ticket,
         record: &OutboxRecord,
+        limit: usize,
+        what: &str,
     ) -> Result<Handed, SinkError> {
+        if record.size() > limit {
+            return Ok(Handed::Refused(Refusal::new(
+                super::RefusalKind::TooLarge,
+                format!("{} bytes with headers; {what} is {limit}", record.size()),
+            )));
+        }
+        self.send(ticket, record)
+    }
+
+    /// Queues a record for the task.
+    fn send(&mut self, ticket: Ticket, record: &OutboxRecord) -> Result<Handed, SinkError> {
         match self.jobs.try_send((ticket, record.clone())) {
             Ok(()) => Ok(Handed::Accepted),
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -21,6 +21,30 @@ use testkit::{service_url, settings};
 
 use super::{Collector, OutboxDb, Received, RelaySettings};
 
+/// What a sink promises beyond the fields every sink carries: JetStream's message
+/// id, RabbitMQ's persistent delivery and message id, both the outbox id.
+pub fn check_sink_properties(backend: Backend, received: &[Received]) {
+    let (name, expected) = match backend {
+        Backend::Nats => ("Nats-Msg-Id", None),
+        Backend::Rabbitmq => ("amqp-message-id", Some("2")),
+        Backend::Kafka | Backend::Redis => return,
+    };
+    for record in received {
+        assert_eq!(
+            record.headers.get(name).map(String::as_str),
+            Some(record.id()),
+            "{name} of {record:?}"
+        );
+        if let Some(mode) = expected {
+            assert_eq!(
+                record.headers.get("amqp-delivery-mode").map(String::as_str),
+                Some(mode),
+                "not persistent: {record:?}"
+            );
+        }
+    }
+}
+
 /// One of the relay's sinks, at the server the tests share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -472,7 +496,6 @@ fn nats_received(message: &async_nats::jetstream::message::StreamMessage) -> Rec
         let value = values.first().map(ToString::to_string).unwrap_or_default();
         match name.as_ref() {
             "key" => key = value,
-            "Nats-Msg-Id" => {}
             other => {
                 headers.insert(other.to_owned(), value);
             }
@@ -503,6 +526,13 @@ fn rabbitmq_received(delivery: &lapin::message::Delivery, offset: i64) -> Receiv
                 headers.insert(name.as_str().to_owned(), text);
             }
         }
+    }
+    // The message properties the sink sets, beside the headers.
+    if let Some(mode) = delivery.properties.delivery_mode() {
+        headers.insert("amqp-delivery-mode".to_owned(), mode.to_string());
+    }
+    if let Some(id) = delivery.properties.message_id() {
+        headers.insert("amqp-message-id".to_owned(), id.as_str().to_owned());
     }
     Received {
         topic: delivery.routing_key.as_str().to_owned(),
