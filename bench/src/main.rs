@@ -388,8 +388,8 @@ fn mib(kib: u64) -> String {
 fn print_sinks(rows: &[sinks::SinkRun]) {
     println!(
         "\nSinks: one backlog ({}) drained by a producer to the destination alone and by the \
-         relay, events/s; commit -> ack at {} events/s, ms\n\
-         {:<9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+         relay, events/s; at {} events/s, ms: relay commit -> ack, producer hand-over -> ack\n\
+         {:<9} {:>7} {:>9} {:>8} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9}",
         sinks::WORKLOAD,
         sinks::LATENCY_RATE,
         "sink",
@@ -398,12 +398,14 @@ fn print_sinks(rows: &[sinks::SinkRun]) {
         "relay",
         "r/prod",
         "CPU/ev",
-        "p50",
-        "p99"
+        "relay p50",
+        "relay p99",
+        "prod p50",
+        "prod p99"
     );
     for r in rows {
         println!(
-            "{:<9} {:>7} {:>9.0} {:>8.0} {:>8.2} {:>5.1} us {:>8.2} {:>8.2}",
+            "{:<9} {:>7} {:>9.0} {:>8.0} {:>7.2} {:>5.1} us {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             r.sink,
             r.events,
             r.producer,
@@ -411,7 +413,9 @@ fn print_sinks(rows: &[sinks::SinkRun]) {
             r.relay / r.producer,
             r.relay_cpu_us,
             r.p50_ms,
-            r.p99_ms
+            r.p99_ms,
+            r.producer_p50_ms,
+            r.producer_p99_ms
         );
     }
 }

@@ -2,7 +2,8 @@
 //! against a producer that publishes the same number of records of the same size
 //! to that destination with the relay's client and guarantees (acknowledged,
 //! persistent, at most the relay's window in flight) and nothing else; then
-//! commit → acknowledgement at 1 k events/s, from the relay's histogram.
+//! commit → acknowledgement at 1 k events/s, from the relay's histogram, beside
+//! that producer's own hand-over → acknowledgement at the same rate.
 //!
 //! Kafka is the lab's private broker; NATS, RabbitMQ and Redis are the servers
 //! `scripts/env up` found or started (`NATS_URL`, `RABBITMQ_URL`, `REDIS_URL`),
@@ -12,18 +13,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+
+mod producers;
+
+use producers::{kafka_one, nats_only, nats_paced, paced, redis_only, redis_paced, Rabbit};
 
 use crate::latency::Buckets;
 use crate::relay_lab::RelayLab;
-use crate::throughput::{bench_payload, produce_only};
+use crate::throughput::produce_only;
 use crate::Workload;
 
 /// The backlog's shape: transactions of 100 rows of 300 B.
@@ -34,7 +32,7 @@ pub(crate) const WORKLOAD: Workload = Workload {
 /// The offered load of the latency measurement, events per second.
 pub(crate) const LATENCY_RATE: u32 = 1_000;
 /// Records a producer keeps in flight: the relay's window.
-const WINDOW: usize = outbox_relay::config::DEFAULT_MAX_IN_FLIGHT;
+pub(super) const WINDOW: usize = outbox_relay::config::DEFAULT_MAX_IN_FLIGHT;
 
 /// The four sinks, in the order of the table.
 pub(crate) const SINKS: [&str; 4] = ["kafka", "nats", "rabbitmq", "redis"];
@@ -50,6 +48,9 @@ pub(crate) struct SinkRun {
     pub(crate) relay_cpu_us: f64,
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
+    /// The producer's hand-over → acknowledgement at [`LATENCY_RATE`].
+    pub(crate) producer_p50_ms: f64,
+    pub(crate) producer_p99_ms: f64,
 }
 
 impl SinkRun {
@@ -60,6 +61,8 @@ impl SinkRun {
             self.relay_cpu_us,
             self.p50_ms,
             self.p99_ms,
+            self.producer_p50_ms,
+            self.producer_p99_ms,
         ]
         .iter()
         .all(|v| v.is_finite() && *v > 0.0)
@@ -67,9 +70,9 @@ impl SinkRun {
 }
 
 /// Where a sink's records go in one run.
-struct Names {
+pub(super) struct Names {
     /// Topic prefix; also the RabbitMQ exchange and, in capitals, the NATS stream.
-    prefix: String,
+    pub(super) prefix: String,
 }
 
 impl Names {
@@ -83,8 +86,14 @@ impl Names {
         format!("{}.bench", self.prefix)
     }
 
-    fn stream(&self) -> String {
+    pub(super) fn stream(&self) -> String {
         self.prefix.to_uppercase()
+    }
+
+    /// The producers' names: apart from the relay's (a JetStream subject belongs
+    /// to one stream).
+    pub(super) fn producer_root(&self) -> String {
+        format!("{}_p", self.prefix)
     }
 
     /// The relay's settings for `sink` (beside the lab's own).
@@ -118,7 +127,7 @@ impl Names {
     }
 }
 
-fn url(name: &str) -> anyhow::Result<String> {
+pub(super) fn url(name: &str) -> anyhow::Result<String> {
     testkit::setting(name).with_context(|| {
         format!("{name} is not set: the sinks part needs `scripts/env up` (NATS, RabbitMQ, Redis)")
     })
@@ -197,9 +206,33 @@ async fn one(
         );
     }
     relay.stop().await;
+
+    eprintln!("    {sink}: the producer alone at {LATENCY_RATE} events/s");
+    let acks = match sink {
+        "kafka" => {
+            let producer =
+                crate::throughput::broker_only_producer(&lab.broker.bootstrap(), "bench.paced")
+                    .await?;
+            let acks = paced(latency_events, |n| kafka_one(&producer, n)).await?;
+            drop(producer);
+            acks
+        }
+        "nats" => nats_paced(&names, latency_events).await?,
+        "rabbitmq" => {
+            rabbit
+                .as_ref()
+                .context("bound")?
+                .paced(&names, latency_events)
+                .await?
+        }
+        _ => redis_paced(&names, latency_events).await?,
+    };
+    let (producer_p50_ms, producer_p99_ms) = crate::latency::p50_p99_ms(acks);
     lab.close().await;
     cleanup(sink, &names, rabbit).await;
     Ok(SinkRun {
+        producer_p50_ms,
+        producer_p99_ms,
         sink,
         events,
         producer: events as f64 / producer_secs,
@@ -208,196 +241,6 @@ async fn one(
         p50_ms: window.quantile(0.5) * 1e3,
         p99_ms: window.quantile(0.99) * 1e3,
     })
-}
-
-/// JetStream: the relay's publish (message id, headers, file storage), acknowledged,
-/// at most the relay's window awaited.
-async fn nats_only(names: &Names, events: u64) -> anyhow::Result<f64> {
-    use async_nats::jetstream::{self, message::PublishMessage, stream};
-    let client = async_nats::connect(url("NATS_URL")?).await?;
-    let context = jetstream::ContextBuilder::new()
-        .max_ack_inflight(WINDOW)
-        .backpressure_on_inflight(true)
-        .build(client);
-    let stream_name = format!("{}_ONLY", names.stream());
-    context
-        .get_or_create_stream(stream::Config {
-            name: stream_name.clone(),
-            subjects: vec![format!("{}.only.>", names.prefix)],
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
-    let subject = format!("{}.only.bench", names.prefix);
-    let payload = bytes::Bytes::from(bench_payload(WORKLOAD.payload_bytes));
-    let started = Instant::now();
-    let mut acks = FuturesUnordered::new();
-    for n in 0..events {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("key", (n % 1000).to_string().as_str());
-        headers.insert("type", "BenchEvent");
-        let id = uuid::Uuid::new_v4().to_string();
-        headers.insert("id", id.as_str());
-        let message = PublishMessage::build()
-            .payload(payload.clone())
-            .headers(headers)
-            .message_id(&id);
-        let ack = context.send_publish(subject.clone(), message).await?;
-        acks.push(std::future::IntoFuture::into_future(ack));
-        while acks.len() >= WINDOW {
-            acks.next().await.context("an ack")??;
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        ack?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let _ = context.delete_stream(stream_name).await;
-    Ok(secs)
-}
-
-/// Redis: `XADD` in pipelines of the relay's batch, one after another on one
-/// connection.
-async fn redis_only(names: &Names, events: u64) -> anyhow::Result<f64> {
-    const BATCH: u64 = 256;
-    let client = redis::Client::open(url("REDIS_URL")?)?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    let stream = format!("{}.only.bench", names.prefix);
-    let payload = bench_payload(WORKLOAD.payload_bytes);
-    let started = Instant::now();
-    let mut sent = 0;
-    while sent < events {
-        let mut pipe = redis::pipe();
-        for n in sent..(sent + BATCH).min(events) {
-            let headers = format!(
-                "{{\"id\":\"{}\",\"type\":\"BenchEvent\"}}",
-                uuid::Uuid::new_v4()
-            );
-            pipe.cmd("XADD")
-                .arg(&stream)
-                .arg("*")
-                .arg("key")
-                .arg((n % 1000).to_string())
-                .arg("value")
-                .arg(&payload)
-                .arg("headers")
-                .arg(headers);
-        }
-        let _: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
-        sent = (sent + BATCH).min(events);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let _: () = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut connection)
-        .await?;
-    Ok(secs)
-}
-
-/// A durable queue bound to every routing key of the run's exchange.
-struct Rabbit {
-    connection: Connection,
-    channel: lapin::Channel,
-    queue: String,
-}
-
-impl Rabbit {
-    async fn bind(names: &Names) -> anyhow::Result<Rabbit> {
-        let connection =
-            Connection::connect(&url("RABBITMQ_URL")?, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .exchange_declare(
-                names.prefix.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let queue = format!("{}.all", names.prefix);
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                names.prefix.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Rabbit {
-            connection,
-            channel,
-            queue,
-        })
-    }
-
-    /// Persistent, mandatory messages with publisher confirms on one channel, at
-    /// most the relay's window unconfirmed.
-    async fn produce(&self, names: &Names, events: u64) -> anyhow::Result<f64> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let payload = bench_payload(WORKLOAD.payload_bytes);
-        let routing_key = format!("{}.only", names.prefix);
-        let started = Instant::now();
-        let mut confirms = FuturesUnordered::new();
-        for n in 0..events {
-            let mut headers = FieldTable::default();
-            headers.insert(
-                "key".into(),
-                lapin::types::AMQPValue::LongString((n % 1000).to_string().into()),
-            );
-            headers.insert(
-                "type".into(),
-                lapin::types::AMQPValue::LongString("BenchEvent".into()),
-            );
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(uuid::Uuid::new_v4().to_string().into())
-                .with_headers(headers);
-            let confirm = channel
-                .basic_publish(
-                    names.prefix.as_str().into(),
-                    routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    payload.as_bytes(),
-                    properties,
-                )
-                .await?;
-            confirms.push(confirm);
-            while confirms.len() >= WINDOW {
-                check_confirm(confirms.next().await.context("a confirm")??)?;
-            }
-        }
-        while let Some(confirm) = confirms.next().await {
-            check_confirm(confirm?)?;
-        }
-        Ok(started.elapsed().as_secs_f64())
-    }
-}
-
-fn check_confirm(confirmation: lapin::Confirmation) -> anyhow::Result<()> {
-    match confirmation {
-        lapin::Confirmation::Ack(None) => Ok(()),
-        other => bail!("RabbitMQ did not take a record: {other:?}"),
-    }
 }
 
 /// Removes what the run left on the shared servers.
