@@ -17,14 +17,13 @@
 //!   acknowledgement: what the broker and librdkafka alone cost.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use futures::StreamExt;
 use outbox_relay::metrics::COMMIT_TO_ACK;
 
 use crate::relay_lab::{on_own_thread, stream_slot, RelayLab};
-use crate::throughput::{bench_payload, bench_record, broker_only_producer};
+use crate::throughput::broker_only_producer;
 
 /// Payload bytes of the latency runs.
 pub(crate) const PAYLOAD_BYTES: usize = 300;
@@ -184,36 +183,10 @@ async fn broker_latencies(
     per_second: u32,
     events: u64,
 ) -> anyhow::Result<Vec<f64>> {
-    let topic = "bench.latency";
-    let payload = bench_payload(PAYLOAD_BYTES);
-    let mut pending = futures::stream::FuturesUnordered::new();
-    let mut latencies = Vec::with_capacity(usize::try_from(events)?);
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut sent = 0u64;
-    while sent < events || !pending.is_empty() {
-        tokio::select! {
-            _ = tick.tick(), if sent < events => {
-                let due = (started.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
-                while sent < due.min(events) {
-                    let key = (sent % 1000).to_string();
-                    let id = uuid::Uuid::new_v4().to_string();
-                    let delivery = producer
-                        .send_result(bench_record(topic, &key, &id, &payload))
-                        .map_err(|(e, _)| anyhow::anyhow!("handing a record to the producer: {e}"))?;
-                    let handed = Instant::now();
-                    pending.push(async move { (delivery.await, handed.elapsed()) });
-                    sent += 1;
-                }
-            }
-            Some((result, elapsed)) = pending.next(), if !pending.is_empty() => {
-                result?.map_err(|(e, _)| e)?;
-                latencies.push(elapsed.as_secs_f64());
-            }
-        }
-    }
-    Ok(latencies)
+    crate::sinks::producers::paced(per_second, events, |n| {
+        crate::sinks::producers::kafka_one(producer, "bench.latency", n)
+    })
+    .await
 }
 
 /// The median and the 99th percentile of `seconds`, in milliseconds.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 
-mod producers;
+pub(crate) mod producers;
 
 use producers::{kafka_one, nats_only, nats_paced, paced, redis_only, redis_paced, Rabbit};
 
@@ -213,7 +213,10 @@ async fn one(
             let producer =
                 crate::throughput::broker_only_producer(&lab.broker.bootstrap(), "bench.paced")
                     .await?;
-            let acks = paced(latency_events, |n| kafka_one(&producer, n)).await?;
+            let acks = paced(LATENCY_RATE, latency_events, |n| {
+                kafka_one(&producer, "bench.paced", n)
+            })
+            .await?;
             drop(producer);
             acks
         }

@@ -21,22 +21,12 @@ use crate::throughput::bench_payload;
 /// JetStream: the relay's publish (message id, headers, file storage), acknowledged,
 /// at most the relay's window awaited.
 pub(super) async fn nats_only(names: &Names, events: u64) -> anyhow::Result<f64> {
-    use async_nats::jetstream::{self, message::PublishMessage, stream};
-    let client = async_nats::connect(url("NATS_URL")?).await?;
+    use async_nats::jetstream::{self, message::PublishMessage};
     let context = jetstream::ContextBuilder::new()
         .max_ack_inflight(WINDOW)
         .backpressure_on_inflight(true)
-        .build(client);
-    let stream_name = names.producer_root().to_uppercase();
-    context
-        .get_or_create_stream(stream::Config {
-            name: stream_name.clone(),
-            subjects: vec![format!("{}.>", names.producer_root())],
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
-    let subject = format!("{}.bench", names.producer_root());
+        .build(async_nats::connect(url("NATS_URL")?).await?);
+    let (stream_name, subject) = nats_stream(&context, names, "BACKLOG").await?;
     let payload = bytes::Bytes::from(bench_payload(WORKLOAD.payload_bytes));
     let started = Instant::now();
     let mut acks = FuturesUnordered::new();
@@ -67,10 +57,11 @@ pub(super) async fn nats_only(names: &Names, events: u64) -> anyhow::Result<f64>
 /// A record's hand-over to its acknowledgement.
 type Ack = futures::future::BoxFuture<'static, anyhow::Result<()>>;
 
-/// Hands `events` records over at [`LATENCY_RATE`] (`send(n)` hands record `n` over
-/// and returns its acknowledgement), each timed from its hand-over to its
+/// Hands `events` records over at `per_second` (`send(n)` hands record `n` over and
+/// returns its acknowledgement), each timed from its hand-over to its
 /// acknowledgement; the seconds of each.
-pub(super) async fn paced(
+pub(crate) async fn paced(
+    per_second: u32,
     events: u64,
     mut send: impl FnMut(u64) -> anyhow::Result<Ack>,
 ) -> anyhow::Result<Vec<f64>> {
@@ -83,7 +74,7 @@ pub(super) async fn paced(
     while sent < events || !pending.is_empty() {
         tokio::select! {
             _ = tick.tick(), if sent < events => {
-                let due = (started.elapsed().as_secs_f64() * f64::from(LATENCY_RATE)) as u64;
+                let due = (started.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
                 while sent < due.min(events) {
                     let ack = send(sent)?;
                     let handed = Instant::now();
@@ -100,20 +91,17 @@ pub(super) async fn paced(
     Ok(seconds)
 }
 
-pub(super) fn kafka_one(
+/// Hands record `n` (300 B, like the relay's) to a Kafka producer, for `topic`.
+pub(crate) fn kafka_one(
     producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
     n: u64,
 ) -> anyhow::Result<Ack> {
     use futures::FutureExt;
     let payload = bench_payload(WORKLOAD.payload_bytes);
     let (key, id) = ((n % 1000).to_string(), uuid::Uuid::new_v4().to_string());
     let delivery = producer
-        .send_result(crate::throughput::bench_record(
-            "bench.paced",
-            &key,
-            &id,
-            &payload,
-        ))
+        .send_result(crate::throughput::bench_record(topic, &key, &id, &payload))
         .map_err(|(e, _)| anyhow::anyhow!("handing a record to the producer: {e}"))?;
     Ok(async move {
         delivery
@@ -124,22 +112,34 @@ pub(super) fn kafka_one(
     .boxed())
 }
 
-pub(super) async fn nats_paced(names: &Names, events: u64) -> anyhow::Result<Vec<f64>> {
-    use async_nats::jetstream::{self, message::PublishMessage, stream};
-    use futures::FutureExt;
-    let context = jetstream::new(async_nats::connect(url("NATS_URL")?).await?);
-    let stream_name = format!("{}_PACED", names.producer_root().to_uppercase());
+/// A file-backed stream of the producers', named after `what`, apart from the
+/// relay's; its name and the subject to publish to.
+async fn nats_stream(
+    context: &async_nats::jetstream::Context,
+    names: &Names,
+    what: &str,
+) -> anyhow::Result<(String, String)> {
+    use async_nats::jetstream::stream;
+    let root = format!("{}_{}", names.producer_root(), what.to_lowercase());
+    let name = root.to_uppercase();
     context
         .get_or_create_stream(stream::Config {
-            name: stream_name.clone(),
-            subjects: vec![format!("{}.>", names.producer_root())],
+            name: name.clone(),
+            subjects: vec![format!("{root}.>")],
             storage: stream::StorageType::File,
             ..Default::default()
         })
         .await?;
-    let subject = format!("{}.paced", names.producer_root());
+    Ok((name, format!("{root}.bench")))
+}
+
+pub(super) async fn nats_paced(names: &Names, events: u64) -> anyhow::Result<Vec<f64>> {
+    use async_nats::jetstream::{self, message::PublishMessage};
+    use futures::FutureExt;
+    let context = jetstream::new(async_nats::connect(url("NATS_URL")?).await?);
+    let (stream_name, subject) = nats_stream(&context, names, "PACED").await?;
     let payload = bytes::Bytes::from(bench_payload(WORKLOAD.payload_bytes));
-    let acks = paced(events, |n| {
+    let acks = paced(LATENCY_RATE, events, |n| {
         let (context, subject, payload) = (context.clone(), subject.clone(), payload.clone());
         Ok(async move {
             let mut headers = async_nats::HeaderMap::new();
@@ -165,7 +165,7 @@ pub(super) async fn redis_paced(names: &Names, events: u64) -> anyhow::Result<Ve
     let connection = client.get_multiplexed_async_connection().await?;
     let stream = format!("{}.paced", names.producer_root());
     let payload = bench_payload(WORKLOAD.payload_bytes);
-    let acks = paced(events, |n| {
+    let acks = paced(LATENCY_RATE, events, |n| {
         let (mut connection, stream, payload) =
             (connection.clone(), stream.clone(), payload.clone());
         Ok(async move {
@@ -291,31 +291,7 @@ impl Rabbit {
         let started = Instant::now();
         let mut confirms = FuturesUnordered::new();
         for n in 0..events {
-            let mut headers = FieldTable::default();
-            headers.insert(
-                "key".into(),
-                lapin::types::AMQPValue::LongString((n % 1000).to_string().into()),
-            );
-            headers.insert(
-                "type".into(),
-                lapin::types::AMQPValue::LongString("BenchEvent".into()),
-            );
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(uuid::Uuid::new_v4().to_string().into())
-                .with_headers(headers);
-            let confirm = channel
-                .basic_publish(
-                    names.prefix.as_str().into(),
-                    routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    payload.as_bytes(),
-                    properties,
-                )
-                .await?;
+            let confirm = publish_one(&channel, &names.prefix, &routing_key, &payload, n).await?;
             confirms.push(confirm);
             while confirms.len() >= WINDOW {
                 check_confirm(confirms.next().await.context("a confirm")??)?;
@@ -338,7 +314,7 @@ impl Rabbit {
             .await?;
         let payload = bench_payload(WORKLOAD.payload_bytes);
         let (exchange, routing_key) = (names.prefix.clone(), format!("{}.paced", names.prefix));
-        paced(events, |n| {
+        paced(LATENCY_RATE, events, |n| {
             let (channel, exchange, routing_key, payload) = (
                 channel.clone(),
                 exchange.clone(),
@@ -346,33 +322,49 @@ impl Rabbit {
                 payload.clone(),
             );
             Ok(async move {
-                let mut headers = FieldTable::default();
-                headers.insert(
-                    "key".into(),
-                    lapin::types::AMQPValue::LongString((n % 1000).to_string().into()),
-                );
-                let properties = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_message_id(uuid::Uuid::new_v4().to_string().into())
-                    .with_headers(headers);
-                let confirm = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        payload.as_bytes(),
-                        properties,
-                    )
-                    .await?;
+                let confirm = publish_one(&channel, &exchange, &routing_key, &payload, n).await?;
                 check_confirm(confirm.await?)
             }
             .boxed())
         })
         .await
     }
+}
+
+/// Publishes record `n` as the relay does: persistent, mandatory, with a message
+/// id and the `key` and `type` headers.
+async fn publish_one(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    payload: &str,
+    n: u64,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "key".into(),
+        lapin::types::AMQPValue::LongString((n % 1000).to_string().into()),
+    );
+    headers.insert(
+        "type".into(),
+        lapin::types::AMQPValue::LongString("BenchEvent".into()),
+    );
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            payload.as_bytes(),
+            properties,
+        )
+        .await
 }
 
 fn check_confirm(confirmation: lapin::Confirmation) -> anyhow::Result<()> {
