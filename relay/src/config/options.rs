@@ -431,7 +431,7 @@ section! {
 section! {
     /// `[redis]`: the Redis Streams sink (`sink = "redis"`).
     pub struct RedisSection {
-        /// Redis URL, redis://[user:password@]host:port[/db] or rediss://
+        /// Redis URL, redis://[user:password@]host:port[/db] (no TLS)
         /// [default: redis://127.0.0.1:6379].
         #[arg(
             id = "redis_url",

@@ -50,7 +50,7 @@ const TOPIC: &str = "{topic}";
 /// Where the Redis sink writes to.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://`).
+    /// `redis://[user:password@]host:port[/db]` (no TLS: `rediss://` is not built in).
     pub url: Secret,
     /// The stream key; `{topic}` is replaced by the record's topic.
     pub stream: String,
