@@ -1,12 +1,13 @@
 //! `outbox-relay`: tails one PostgreSQL database's logical replication stream
-//! (`pgoutput`) and relays committed outbox rows to Kafka, confirming the slot's
-//! position only after the broker has acknowledged them.
+//! (`pgoutput`) and relays committed outbox rows to Kafka, NATS JetStream, RabbitMQ
+//! or Redis Streams, confirming the slot's position only after the destination has
+//! acknowledged them.
 //!
 //! - [`replication`]: the replication-protocol client (no libpq).
 //! - [`pgoutput`]: the decoder of pgoutput messages, pure.
 //! - [`routing`]: outbox row to record, Debezium-compatible.
-//! - [`sink`]: where records go, and the delivery contract; [`sink::kafka`] is the
-//!   production sink.
+//! - [`sink`]: where records go, and the delivery contract; [`sink::kafka`],
+//!   [`sink::nats`], [`sink::rabbitmq`] and [`sink::redis`] are the destinations.
 //! - [`delivery`]: the one bounded delivery loop, dead letters included.
 //! - [`ack`]: which WAL position may be confirmed; [`resume`]: where inside a large
 //!   transaction a restart picks up.

@@ -204,6 +204,14 @@ pub trait Sink {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, SinkError>>;
 }
 
+/// An error and its causes, `outer: inner`, for `check`'s report.
+pub(crate) fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 /// Waits for the sink's next event.
 pub async fn next_event<S: Sink + ?Sized>(sink: &mut S) -> Result<Event, SinkError> {
     poll_fn(|cx| sink.poll_next(cx)).await

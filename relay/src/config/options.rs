@@ -344,6 +344,11 @@ section! {
         #[serde(deserialize_with = "optional_secret")]
         pub url: Option<Secret>,
 
+        /// PEM file of certificate authorities to trust; with it the connection must
+        /// be TLS (tls:// URLs use the system's roots otherwise).
+        #[arg(id = "nats_ca_file", long = "nats-ca-file", env = "OUTBOX_RELAY_NATS_CA_FILE", value_name = "FILE")]
+        pub ca_file: Option<PathBuf>,
+
         /// A .creds file (user JWT and NKey seed) to authenticate with.
         #[arg(long = "nats-credentials-file", env = "OUTBOX_RELAY_NATS_CREDENTIALS_FILE", value_name = "FILE")]
         pub credentials_file: Option<PathBuf>,
@@ -390,7 +395,7 @@ section! {
 section! {
     /// `[rabbitmq]`: the RabbitMQ sink (`sink = "rabbitmq"`).
     pub struct RabbitmqSection {
-        /// AMQP URL, amqp://user:password@host:port/vhost
+        /// AMQP URL, amqp://user:password@host:port/vhost, or amqps:// for TLS
         /// [default: amqp://guest:guest@127.0.0.1:5672/%2f].
         #[arg(
             id = "rabbitmq_url",
@@ -402,6 +407,11 @@ section! {
         )]
         #[serde(deserialize_with = "optional_secret")]
         pub url: Option<Secret>,
+
+        /// PEM file of the certificate authorities to trust for amqps:// instead of
+        /// the system's.
+        #[arg(id = "rabbitmq_ca_file", long = "rabbitmq-ca-file", env = "OUTBOX_RELAY_RABBITMQ_CA_FILE", value_name = "FILE")]
+        pub ca_file: Option<PathBuf>,
 
         /// Exchange records are published to; {topic} is replaced by the record's
         /// topic [default: outbox].
@@ -431,7 +441,7 @@ section! {
 section! {
     /// `[redis]`: the Redis Streams sink (`sink = "redis"`).
     pub struct RedisSection {
-        /// Redis URL, redis://[user:password@]host:port[/db] (no TLS)
+        /// Redis URL, redis://[user:password@]host:port[/db], or rediss:// for TLS
         /// [default: redis://127.0.0.1:6379].
         #[arg(
             id = "redis_url",
@@ -443,6 +453,11 @@ section! {
         )]
         #[serde(deserialize_with = "optional_secret")]
         pub url: Option<Secret>,
+
+        /// PEM file of the certificate authorities to trust for rediss:// instead of
+        /// the system's.
+        #[arg(id = "redis_ca_file", long = "redis-ca-file", env = "OUTBOX_RELAY_REDIS_CA_FILE", value_name = "FILE")]
+        pub ca_file: Option<PathBuf>,
 
         /// Stream key of a record; {topic} is replaced by the record's topic
         /// [default: {topic}].

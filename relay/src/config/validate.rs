@@ -185,6 +185,7 @@ impl NatsSection {
         NatsConfig {
             url: self.url.unwrap_or(default.url),
             credentials_file: self.credentials_file.or(default.credentials_file),
+            ca_file: self.ca_file.or(default.ca_file),
             stream: self.stream.unwrap_or(default.stream),
             subjects: self
                 .subjects
@@ -209,6 +210,7 @@ impl RabbitmqSection {
     fn resolve(self, default: RabbitmqConfig) -> RabbitmqConfig {
         RabbitmqConfig {
             url: self.url.unwrap_or(default.url),
+            ca_file: self.ca_file.or(default.ca_file),
             exchange: self.exchange.unwrap_or(default.exchange),
             exchange_type: self.exchange_type.unwrap_or(default.exchange_type),
             declare_exchange: self.declare_exchange.unwrap_or(default.declare_exchange),
@@ -222,6 +224,7 @@ impl RedisSection {
     fn resolve(self, default: RedisConfig) -> RedisConfig {
         RedisConfig {
             url: self.url.unwrap_or(default.url),
+            ca_file: self.ca_file.or(default.ca_file),
             stream: self.stream.unwrap_or(default.stream),
             maxlen: self.maxlen.or(default.maxlen),
             wait_replicas: self.wait_replicas.unwrap_or(default.wait_replicas),

@@ -53,6 +53,9 @@ pub struct NatsConfig {
     pub url: Secret,
     /// A `.creds` file (JWT and NKey seed), for servers that use decentralised auth.
     pub credentials_file: Option<std::path::PathBuf>,
+    /// PEM file of certificate authorities to trust; with it the connection must
+    /// be TLS.
+    pub ca_file: Option<std::path::PathBuf>,
     pub stream: String,
     /// Subjects of the stream when the relay creates it.
     pub subjects: Vec<String>,
@@ -80,6 +83,7 @@ impl Default for NatsConfig {
         NatsConfig {
             url: Secret::new("nats://127.0.0.1:4222"),
             credentials_file: None,
+            ca_file: None,
             stream: DEFAULT_STREAM.to_owned(),
             subjects: vec![DEFAULT_SUBJECTS.to_owned()],
             create_stream: true,
@@ -163,11 +167,24 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
     subject.next().is_none()
 }
 
+/// The client's options for `config`'s TLS: `ca_file` trusted, and TLS required,
+/// when given.
+fn tls_options(config: &NatsConfig) -> async_nats::ConnectOptions {
+    let options = async_nats::ConnectOptions::new();
+    match &config.ca_file {
+        Some(file) => options
+            .add_root_certificates(file.clone())
+            .require_tls(true),
+        None => options,
+    }
+}
+
 /// What `outbox-relay check` reports of the server, without changing anything.
 pub async fn probe(config: &NatsConfig) -> Result<String, String> {
-    let client = async_nats::connect(config.url.expose())
+    let client = tls_options(config)
+        .connect(config.url.expose())
         .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|e| format!("cannot connect: {}", super::describe(&e)))?;
     let info = client.server_info();
     if !info.jetstream {
         return Err(format!(
@@ -216,7 +233,7 @@ impl NatsSink {
                 SinkError::unavailable(NAME, what).with_source(ErrorText(e.to_string()))
             }
         };
-        let mut options = async_nats::ConnectOptions::new().name("outbox-relay");
+        let mut options = tls_options(config).name("outbox-relay");
         if let Some(file) = &config.credentials_file {
             options = options.credentials_file(file).await.map_err(|e| {
                 SinkError::fatal(NAME, format!("cannot read {}", file.display())).with_source(e)

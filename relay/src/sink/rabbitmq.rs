@@ -50,8 +50,11 @@ const MAX_SHORT_STRING: usize = 255;
 /// Where the RabbitMQ sink writes to.
 #[derive(Debug, Clone)]
 pub struct RabbitmqConfig {
-    /// `amqp://user:password@host:port/vhost`.
+    /// `amqp://user:password@host:port/vhost`, or `amqps://` for TLS.
     pub url: Secret,
+    /// PEM file of the certificate authorities to trust for `amqps://` instead of
+    /// the system's.
+    pub ca_file: Option<std::path::PathBuf>,
     /// The exchange; `{topic}` is replaced by the record's topic.
     pub exchange: String,
     /// `topic`, `direct`, `fanout` or `headers`, for a declared exchange.
@@ -67,6 +70,7 @@ impl Default for RabbitmqConfig {
     fn default() -> RabbitmqConfig {
         RabbitmqConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            ca_file: None,
             exchange: DEFAULT_EXCHANGE.to_owned(),
             exchange_type: "topic".to_owned(),
             declare_exchange: true,
@@ -130,11 +134,37 @@ fn check_exchange(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Connects to `config`'s URL, trusting `ca_file` for `amqps://` when given.
+async fn connect(
+    config: &RabbitmqConfig,
+    properties: ConnectionProperties,
+) -> Result<Connection, SinkError> {
+    let cert_chain = match &config.ca_file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            SinkError::fatal(
+                NAME,
+                format!("cannot read rabbitmq.ca_file {}", path.display()),
+            )
+            .with_source(e)
+        })?),
+        None => None,
+    };
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain,
+    };
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|e| SinkError::fatal(NAME, "no runtime for the AMQP client").with_source(e))?;
+    Connection::connect_with_config(config.url.expose(), properties, tls, runtime)
+        .await
+        .map_err(|e| SinkError::unavailable(NAME, "cannot connect to the broker").with_source(e))
+}
+
 /// What `outbox-relay check` reports of the broker, without changing anything.
 pub async fn probe(config: &RabbitmqConfig) -> Result<String, String> {
-    let connection = Connection::connect(config.url.expose(), ConnectionProperties::default())
+    let connection = connect(config, ConnectionProperties::default())
         .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|e| super::describe(&e))?;
     let channel = connection
         .create_channel()
         .await
@@ -187,12 +217,11 @@ impl RabbitmqSink {
     ) -> Result<RabbitmqSink, SinkError> {
         let failed =
             |what: String| move |e: lapin::Error| SinkError::unavailable(NAME, what).with_source(e);
-        let connection = Connection::connect(
-            config.url.expose(),
+        let connection = connect(
+            config,
             ConnectionProperties::default().with_connection_name("outbox-relay".into()),
         )
-        .await
-        .map_err(failed("cannot connect to the broker".to_owned()))?;
+        .await?;
         let channel = connection
             .create_channel()
             .await

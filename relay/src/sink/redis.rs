@@ -50,8 +50,11 @@ const TOPIC: &str = "{topic}";
 /// Where the Redis sink writes to.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` (no TLS: `rediss://` is not built in).
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: Secret,
+    /// PEM file of the certificate authorities to trust for `rediss://` instead of
+    /// the system's.
+    pub ca_file: Option<std::path::PathBuf>,
     /// The stream key; `{topic}` is replaced by the record's topic.
     pub stream: String,
     /// Trim each stream to about this many entries (`MAXLEN ~`); `None`: never.
@@ -66,6 +69,7 @@ impl Default for RedisConfig {
     fn default() -> RedisConfig {
         RedisConfig {
             url: Secret::new("redis://127.0.0.1:6379"),
+            ca_file: None,
             stream: DEFAULT_STREAM.to_owned(),
             maxlen: None,
             wait_replicas: 0,
@@ -101,10 +105,31 @@ impl RedisConfig {
     }
 }
 
+/// The client for `config`'s URL, trusting `ca_file` for `rediss://` when given.
+fn client(config: &RedisConfig) -> Result<redis::Client, SinkError> {
+    let refused = |e| SinkError::fatal(NAME, "redis.url is not a Redis URL").with_source(e);
+    let Some(path) = &config.ca_file else {
+        return redis::Client::open(config.url.expose()).map_err(refused);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        SinkError::fatal(
+            NAME,
+            format!("cannot read redis.ca_file {}", path.display()),
+        )
+        .with_source(e)
+    })?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    redis::Client::build_with_tls(config.url.expose(), certificates)
+        .map_err(|e| SinkError::fatal(NAME, "redis.ca_file needs a rediss:// URL").with_source(e))
+}
+
 /// What `outbox-relay check` reports of the server, without changing anything:
 /// that it answers, and whether it persists what it acknowledges.
 pub async fn probe(config: &RedisConfig) -> Result<String, String> {
-    let client = redis::Client::open(config.url.expose()).map_err(|e| e.to_string())?;
+    let client = client(config).map_err(|e| super::describe(&e))?;
     let mut connection = client
         .get_multiplexed_async_connection()
         .await
@@ -142,8 +167,7 @@ impl RedisSink {
         let failed = |what: &'static str| {
             move |e: redis::RedisError| SinkError::unavailable(NAME, what).with_source(e)
         };
-        let client = redis::Client::open(config.url.expose())
-            .map_err(|e| SinkError::fatal(NAME, "redis.url is not a Redis URL").with_source(e))?;
+        let client = client(config)?;
         let settings = AsyncConnectionConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(10)));

@@ -183,6 +183,18 @@ impl SinkCollector {
         relay: &RelaySettings,
         topics: &[String],
     ) -> SinkCollector {
+        SinkCollector::start_at(backend, None, relay, topics).await
+    }
+
+    /// [`SinkCollector::start`] on the server at `url` instead of the shared one
+    /// (not for Kafka, read at the relay's brokers).
+    pub async fn start_at(
+        backend: Backend,
+        url: Option<&str>,
+        relay: &RelaySettings,
+        topics: &[String],
+    ) -> SinkCollector {
+        let url = |name: &str| url.map_or_else(|| service_url(name), str::to_owned);
         let prefix = &relay.topic_prefix;
         let reader = match backend {
             Backend::Kafka => Reader::Kafka {
@@ -191,7 +203,7 @@ impl SinkCollector {
                 collector: None,
             },
             Backend::Nats => {
-                let client = async_nats::connect(service_url("NATS_URL"))
+                let client = async_nats::connect(url("NATS_URL"))
                     .await
                     .expect("connect to NATS");
                 Reader::Nats {
@@ -201,12 +213,10 @@ impl SinkCollector {
                 }
             }
             Backend::Rabbitmq => {
-                let connection = Connection::connect(
-                    &service_url("RABBITMQ_URL"),
-                    ConnectionProperties::default(),
-                )
-                .await
-                .expect("connect to RabbitMQ");
+                let connection =
+                    Connection::connect(&url("RABBITMQ_URL"), ConnectionProperties::default())
+                        .await
+                        .expect("connect to RabbitMQ");
                 let channel = connection.create_channel().await.expect("a channel");
                 // The relay declares the same exchange; whoever comes first creates it.
                 channel
@@ -267,7 +277,7 @@ impl SinkCollector {
                 }
             }
             Backend::Redis => {
-                let client = redis::Client::open(service_url("REDIS_URL")).expect("a Redis URL");
+                let client = redis::Client::open(url("REDIS_URL")).expect("a Redis URL");
                 let connection = client
                     .get_multiplexed_async_connection()
                     .await
