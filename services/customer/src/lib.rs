@@ -11,7 +11,6 @@ use service_kit::participant::Participant;
 use service_kit::{Amount, CommonArgs, Running, Topics};
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 pub mod api;
 pub mod commands;
@@ -24,11 +23,9 @@ pub const SERVICE: &str = "customer";
 /// Where the HTTP API listens unless `--listen` says otherwise.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8081";
 
-/// Demo customer Ada, credit limit 1000.00.
-pub const ADA: Uuid = Uuid::from_u128(0xc001);
-
-/// Demo customer Bob, credit limit 50.00 (a larger order exceeds it).
-pub const BOB: Uuid = Uuid::from_u128(0xc002);
+/// The demo customers Ada (credit limit 1000.00) and Bob (50.00); their ids are
+/// shared with the auth service's demo users through [`service_kit::demo`].
+pub use service_kit::demo::{ADA, BOB};
 
 /// This service's own tables (`sql/customer`); the shared tables come from
 /// [`saga_core::schema`].

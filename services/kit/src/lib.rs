@@ -4,12 +4,15 @@
 //! ([`topics`]), money as integer cents ([`money`]), the start of a participant of
 //! the order saga ([`participant`]), and the runner that keeps a service's
 //! consumer, background tasks and HTTP server going until it is told to stop
-//! ([`runner`]).
+//! ([`runner`]). Who is calling: the auth service's access tokens verified and the
+//! caller handed to handlers ([`auth`]); the demo data's shared ids ([`demo`]).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod instance;
 pub mod metrics;
@@ -20,6 +23,7 @@ pub mod runner;
 pub mod testing;
 pub mod topics;
 
+pub use auth::{AuthArgs, Caller, JwksVerifier};
 pub use config::{init_logging, CommonArgs};
 pub use http::{ApiError, ApiJson, ApiPath, ApiQuery};
 pub use metrics::{Counted, ServiceMetrics};
