@@ -310,7 +310,7 @@ fn plain_orders(count: usize) -> Vec<(shop::lab::OrderKind, OrderRequest)> {
                     goods_id: inventory_service::WIDGET,
                     quantity: 1,
                     amount: 1.0,
-                    card_number: GOOD_CARD.to_owned(),
+                    card: shop::Card::number(GOOD_CARD),
                 },
             )
         })

@@ -1,5 +1,7 @@
 //! A small client of the shop's REST APIs.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -16,7 +18,31 @@ pub struct OrderRequest {
     pub quantity: i64,
     /// Decimal, at most two places.
     pub amount: f64,
-    pub card_number: String,
+    #[serde(flatten)]
+    pub card: Card,
+}
+
+/// How an order names its card: by number (the order service has it tokenised)
+/// or by a token of the payment service's vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Card {
+    CardNumber(String),
+    CardToken(String),
+}
+
+impl Card {
+    pub fn number(number: &str) -> Card {
+        Card::CardNumber(number.to_owned())
+    }
+}
+
+/// Tokens the vaults gave, by (payment service, card number): a client tokenises
+/// a card once, as a shop's checkout page would, and keeps placing orders while
+/// the payment service is down.
+fn tokens() -> &'static Mutex<HashMap<(String, String), String>> {
+    static TOKENS: OnceLock<Mutex<HashMap<(String, String), String>>> = OnceLock::new();
+    TOKENS.get_or_init(Mutex::default)
 }
 
 /// Talks to one shop.
@@ -75,13 +101,47 @@ impl ShopClient {
         answer(request.send().await?).await
     }
 
+    /// The vault's token for the card `number` (`POST /cards` on the payment
+    /// service), once per card and payment service.
+    pub async fn card_token(&self, number: &str) -> anyhow::Result<String> {
+        let key = (self.payment_url.clone(), number.to_owned());
+        if let Some(token) = tokens().lock().ok().and_then(|t| t.get(&key).cloned()) {
+            return Ok(token);
+        }
+        let (status, body) = answer(
+            self.http
+                .post(format!("{}/cards", self.payment_url))
+                .json(&serde_json::json!({ "cardNumber": number }))
+                .send()
+                .await?,
+        )
+        .await?;
+        if !status.is_success() {
+            bail!("POST /cards answered {status}: {body}");
+        }
+        let token = body["cardToken"]
+            .as_str()
+            .with_context(|| format!("POST /cards answered no token: {body}"))?
+            .to_owned();
+        if let Ok(mut tokens) = tokens().lock() {
+            tokens.insert(key, token.clone());
+        }
+        Ok(token)
+    }
+
+    /// `POST /orders`; a card given by number is tokenised first
+    /// ([`ShopClient::card_token`]), so that no order carries a card number.
     pub async fn place(
         &self,
         order: &OrderRequest,
         idempotency_key: Option<&str>,
     ) -> anyhow::Result<Answer> {
+        let mut order = order.clone();
+        if let Card::CardNumber(number) = &order.card {
+            order.card = Card::CardToken(self.card_token(number).await?);
+        }
         self.post_order_raw(
-            &serde_json::to_string(order)?,
+            &serde_json::to_string(&order)?,
             "application/json",
             idempotency_key,
         )

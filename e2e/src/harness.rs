@@ -284,6 +284,7 @@ impl Shop {
                         let mut config = order_service::Config::new(common);
                         config.customer_url = self.customer_url.clone();
                         config.inventory_url = self.inventory_url.clone();
+                        config.payment_url = self.payment_url.clone();
                         config.step_timeout_ms = millis(self.config.step_timeout);
                         if let Some(hold) = self.config.suspend_timeouts_for {
                             config.suspend_on = order_service::SuspendWhen::Timeouts;
@@ -332,6 +333,7 @@ impl Shop {
                                 "INVENTORY_SERVICE_URL".to_owned(),
                                 self.inventory_url.clone(),
                             ),
+                            ("PAYMENT_SERVICE_URL".to_owned(), self.payment_url.clone()),
                             (
                                 "SAGA_STEP_TIMEOUT_MS".to_owned(),
                                 millis(self.config.step_timeout).to_string(),

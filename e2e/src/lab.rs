@@ -34,7 +34,9 @@ use testkit::{PrivateBroker, PrivateCluster};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::{Balances, Ledger, Mode, OrderRequest, ServiceDatabases, Shop, ShopClient, ShopConfig};
+use crate::{
+    Balances, Card, Ledger, Mode, OrderRequest, ServiceDatabases, Shop, ShopClient, ShopConfig,
+};
 
 /// A card the payment service accepts, and one it declines.
 pub const GOOD_CARD: &str = "4111 1111 1111 1111";
@@ -247,7 +249,18 @@ impl Lab {
 
     /// Starts the shop.
     pub async fn start(&mut self, config: ShopConfig) -> anyhow::Result<Shop> {
-        Shop::start(config, &mut |step| tracing::info!("{step}")).await
+        let shop = Shop::start(config, &mut |step| tracing::info!("{step}")).await?;
+        // The lab's cards are tokenised while every service is up, as a checkout
+        // page would before the order, so orders keep coming while the payment
+        // service is down.
+        let client = ShopClient::new(&shop);
+        for card in [GOOD_CARD, DECLINED_CARD] {
+            client
+                .card_token(card)
+                .await
+                .context("tokenising the lab's cards")?;
+        }
+        Ok(shop)
     }
 
     /// Records something the scenario observed.
@@ -583,7 +596,7 @@ pub fn order_mix(count: usize, seed: u64) -> Vec<(OrderKind, OrderRequest)> {
                     goods_id: goods,
                     quantity,
                     amount: cents as f64 / 100.0,
-                    card_number: card.to_owned(),
+                    card: Card::number(card),
                 },
             )
         })

@@ -6,12 +6,13 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod client;
+pub mod exposure;
 pub mod harness;
 pub mod invariants;
 pub mod lab;
 pub mod scenarios;
 
-pub use client::{OrderRequest, ShopClient};
+pub use client::{Card, OrderRequest, ShopClient};
 pub use harness::{Mode, ServiceDatabases, Shop, ShopConfig};
 pub use invariants::{Balances, Ledger, Report};
 

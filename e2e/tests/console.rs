@@ -26,7 +26,7 @@ fn order(card: &str) -> OrderRequest {
         goods_id: WIDGET,
         quantity: 1,
         amount: 12.5,
-        card_number: card.to_owned(),
+        card: shop::Card::number(card),
     }
 }
 

@@ -101,12 +101,11 @@ async fn two_hundred_concurrent_orders_end_consistent() {
             goods_id: goods,
             quantity: 1 + rng.below(4) as i64,
             amount: cents as f64 / 100.0,
-            card_number: if kind == Kind::DeclinedCard {
+            card: shop::Card::number(if kind == Kind::DeclinedCard {
                 DECLINED_CARD
             } else {
                 GOOD_CARD
-            }
-            .to_owned(),
+            }),
         };
         orders.push((kind, request));
     }
@@ -236,7 +235,75 @@ async fn two_hundred_concurrent_orders_end_consistent() {
     eprintln!("{trail}");
     assert!(trail.ok(), "{trail}");
     assert_eq!(trail.sagas, count);
+
+    no_card_number_is_kept(&shop, &client).await;
     shop.stop().await;
+}
+
+/// No full card number in any table of the four databases or on any topic after
+/// the run, where the cards' tokens are found (so the search sees what is kept).
+async fn no_card_number_is_kept(shop: &support::TestShop, client: &shop::ShopClient) {
+    use shop::exposure::{card_forms, tables_holding, topics_holding};
+    let numbers: Vec<String> = [GOOD_CARD, DECLINED_CARD]
+        .iter()
+        .flat_map(|card| card_forms(card))
+        .collect();
+    let mut tokens = Vec::new();
+    for card in [GOOD_CARD, DECLINED_CARD] {
+        tokens.push(client.card_token(card).await.expect("the card's token"));
+    }
+    let ledger = &shop.ledger;
+    for (name, pool) in [
+        ("order", &ledger.order),
+        ("customer", &ledger.customer),
+        ("inventory", &ledger.inventory),
+        ("payment", &ledger.payment),
+    ] {
+        let found = tables_holding(pool, &numbers).await.expect("tables read");
+        assert!(
+            found.is_empty(),
+            "card numbers in the {name} database: {found:?}"
+        );
+    }
+    let kept = tables_holding(&ledger.order, &tokens)
+        .await
+        .expect("tables read");
+    assert!(
+        kept.iter().any(|t| t.starts_with("public.saga_state:")),
+        "the order database holds no card token: the search is blind ({kept:?})"
+    );
+    let config = &shop.shop.config;
+    let search = topics_holding(
+        &config.brokers,
+        &config.prefix,
+        &["outbox.dlq"],
+        &numbers,
+        Duration::from_secs(60),
+    )
+    .expect("topics read");
+    eprintln!(
+        "searched {} records on {} topics for card numbers",
+        search.records,
+        search.topics.len()
+    );
+    assert!(
+        search.found.is_empty(),
+        "card numbers on the topics: {:?}",
+        search.found
+    );
+    let seen = topics_holding(
+        &config.brokers,
+        &config.prefix,
+        &[],
+        &tokens,
+        Duration::from_secs(60),
+    )
+    .expect("topics read");
+    assert!(
+        seen.found.iter().any(|f| f.contains("payment.request")),
+        "no card token on the payment topic: the search is blind ({:?})",
+        seen.topics
+    );
 }
 
 fn shop_cancelled() -> &'static str {

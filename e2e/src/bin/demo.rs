@@ -35,7 +35,7 @@ fn cases() -> Vec<Case> {
         goods_id: goods,
         quantity,
         amount,
-        card_number: card.to_owned(),
+        card: shop::Card::number(card),
     };
     vec![
         Case {

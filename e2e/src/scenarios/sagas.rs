@@ -108,7 +108,7 @@ pub(super) async fn compensation_retry(settings: LabSettings) -> anyhow::Result<
                 *kind = OrderKind::Declined;
                 request.customer_id = customer_service::ADA;
                 request.goods_id = inventory_service::WIDGET;
-                request.card_number = crate::lab::DECLINED_CARD.to_owned();
+                request.card = crate::Card::number(crate::lab::DECLINED_CARD);
             }
             let count = orders.len();
             let declined = placed(place_in_background(

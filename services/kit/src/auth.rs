@@ -200,6 +200,24 @@ pub struct AuthArgs {
 }
 
 impl AuthArgs {
+    /// Authentication off (the command line's default).
+    pub fn off() -> AuthArgs {
+        AuthArgs {
+            auth_jwks_url: String::new(),
+            auth_issuer: "shop-auth".to_owned(),
+            auth_audience: "shop".to_owned(),
+        }
+    }
+
+    /// Tokens verified against the JWKS at `url`, with the default issuer and
+    /// audience.
+    pub fn jwks(url: impl Into<String>) -> AuthArgs {
+        AuthArgs {
+            auth_jwks_url: url.into(),
+            ..AuthArgs::off()
+        }
+    }
+
     /// Authentication as configured; logs a warning when it is off.
     pub fn authentication(&self, service: &str) -> Authentication {
         let url = self.auth_jwks_url.trim();

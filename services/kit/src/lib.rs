@@ -1,4 +1,5 @@
-//! What the shop's services share: their configuration ([`config`]), the HTTP
+//! What the shop's services share: their configuration ([`config`]), card numbers
+//! and the vault's tokens for them ([`cards`]), the HTTP
 //! surface with JSON errors, `/health` and `/metrics` ([`http`], [`metrics`]), the
 //! consumer's instance name and its claim ([`instance`]), topic names and creation
 //! ([`topics`]), money as integer cents ([`money`]), the start of a participant of
@@ -10,6 +11,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod auth;
+pub mod cards;
 pub mod cli;
 pub mod config;
 pub mod demo;

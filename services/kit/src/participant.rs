@@ -14,7 +14,7 @@ use crate::{CommonArgs, Counted, Running, Service, ServiceMetrics, Task, Topics}
 
 /// What sets one participant apart from another.
 #[derive(Debug)]
-pub struct Participant<H> {
+pub struct Participant<H, A> {
     /// The service's name: its label on metrics, its consumer group's stem.
     pub name: &'static str,
     /// Where the HTTP API listens unless `--listen` says otherwise.
@@ -26,16 +26,20 @@ pub struct Participant<H> {
     /// The command handler.
     pub handler: H,
     /// The HTTP API on the service's pool.
-    pub api: fn(PgPool) -> Router,
+    pub api: A,
 }
 
 /// Starts the participant in the background: the API at once (503 until prepared),
 /// then migrations and topics (its request topic and the reply topic), then the
 /// consumer of its request topic.
-pub async fn start<H: MessageHandler>(
+pub async fn start<H, A>(
     common: CommonArgs,
-    participant: Participant<H>,
-) -> anyhow::Result<Running> {
+    participant: Participant<H, A>,
+) -> anyhow::Result<Running>
+where
+    H: MessageHandler,
+    A: FnOnce(PgPool) -> Router,
+{
     let pool = common
         .pool()
         .context("the database URL (--database-url, DATABASE_URL) is not valid")?;

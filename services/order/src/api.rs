@@ -1,4 +1,10 @@
 //! The REST API: place, cancel, read and list orders.
+//!
+//! Who may do what ([`service_kit::auth`], on when `AUTH_JWKS_URL` is set): a
+//! customer places orders only as themselves, and reads, lists and cancels only
+//! their own; an operator reads, lists and cancels any order but places none.
+//! Another customer's order is a 403, not a 404: the id was not guessed, and the
+//! answer says no more than that it is not the caller's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use saga_core::saga::Orchestrator;
 use serde::{Deserialize, Serialize};
+use service_kit::auth::Caller;
+use service_kit::cards::CardToken;
 use service_kit::{Amount, ApiError, ApiJson, ApiPath, ApiQuery};
 use sqlx::types::chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
@@ -29,6 +37,8 @@ pub const MAX_PAGE: i64 = 500;
 pub struct References {
     pub customer_url: Option<String>,
     pub inventory_url: Option<String>,
+    /// The payment service, whose card vault turns a `cardNumber` into a token.
+    pub payment_url: Option<String>,
 }
 
 #[derive(Clone)]
@@ -57,7 +67,12 @@ pub struct PlaceOrder {
     pub goods_id: Uuid,
     pub quantity: i64,
     pub amount: Amount,
-    pub card_number: String,
+    /// The card as a token of the payment service's vault (`POST /cards`)...
+    #[serde(default)]
+    pub card_token: Option<String>,
+    /// ...or its number, exchanged there for a token and never kept.
+    #[serde(default)]
+    pub card_number: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,18 +83,8 @@ struct Placed {
     status: String,
 }
 
-/// A card number: 12 to 19 digits; spaces and dashes between them are dropped.
-fn card_digits(text: &str) -> Result<String, ApiError> {
-    let digits: String = text.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
-    if (12..=19).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
-        Ok(digits)
-    } else {
-        Err(ApiError::invalid("cardNumber must have 12 to 19 digits"))
-    }
-}
-
 impl PlaceOrder {
-    fn validate(&self) -> Result<(i32, String), ApiError> {
+    fn validate(&self) -> Result<(i32, crate::card::Named), ApiError> {
         let quantity = i32::try_from(self.quantity)
             .ok()
             .filter(|q| *q > 0)
@@ -87,11 +92,13 @@ impl PlaceOrder {
         if self.amount.cents() <= 0 {
             return Err(ApiError::invalid("amount must be positive"));
         }
-        Ok((quantity, card_digits(&self.card_number)?))
+        let card = crate::card::named(self.card_number.as_deref(), self.card_token.as_deref())?;
+        Ok((quantity, card))
     }
 
-    /// What makes two requests the same request, for the Idempotency-Key.
-    fn fingerprint(&self, card: &str) -> String {
+    /// What makes two requests the same request, for the Idempotency-Key: the
+    /// card by its token (one card has one token), never by its number.
+    fn fingerprint(&self, card: &CardToken) -> String {
         format!(
             "{}|{}|{}|{}|{}",
             self.customer_id,
@@ -105,11 +112,14 @@ impl PlaceOrder {
 
 async fn place_order(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     ApiJson(request): ApiJson<PlaceOrder>,
 ) -> Result<Response, ApiError> {
+    caller.require_customer(request.customer_id)?;
     let (quantity, card) = request.validate()?;
     let key = idempotency_key(&headers)?;
+    let card = crate::card::token(&state, card).await?;
     let fingerprint = request.fingerprint(&card);
     if let Some(key) = &key {
         if let Some(existing) = replay(&state.pool, key, &fingerprint).await? {
@@ -162,7 +172,9 @@ async fn place_order(
         goods_id: request.goods_id,
         quantity,
         amount_cents: request.amount.cents(),
-        card_number: card,
+        card_token: Some(card.as_str().to_owned()),
+        card_last4: card.last4().to_owned(),
+        card_number: None,
         rejection: None,
     };
     let instance = state
@@ -293,10 +305,25 @@ async fn check_exists(
     }
 }
 
+/// 404 when the order does not exist, 403 when it is not the caller's.
+async fn check_owner(state: &AppState, caller: &Caller, id: Uuid) -> Result<(), ApiError> {
+    if !caller.authenticated {
+        return Ok(());
+    }
+    let owner: Option<Uuid> = sqlx::query_scalar("SELECT customer_id FROM orders WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?;
+    let owner = owner.ok_or_else(|| ApiError::not_found(format!("order {id} does not exist")))?;
+    caller.require_customer_or_operator(owner)
+}
+
 async fn cancel_order(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Response, ApiError> {
+    check_owner(&state, &caller, id).await?;
     let cancelled = sqlx::query(
         "UPDATE orders SET cancel_requested = true, updated_at = now() \
          WHERE id = $1 AND status = 'PENDING' RETURNING id",
@@ -397,8 +424,10 @@ fn order_view(row: &sqlx::postgres::PgRow) -> Result<OrderView, sqlx::Error> {
 
 async fn get_order(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<OrderView>, ApiError> {
+    check_owner(&state, &caller, id).await?;
     // The order and its saga from one snapshot: the saga's last transaction writes
     // both (APPROVED or REJECTED with COMPLETED or ABORTED), and two reads at two
     // moments could show a PENDING order beside an ended saga.
@@ -468,8 +497,17 @@ struct Page {
 
 async fn list_orders(
     State(state): State<AppState>,
+    caller: Caller,
     ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // A customer's list holds their own orders; an operator's, everyone's.
+    let only = if !caller.authenticated || caller.require_operator().is_ok() {
+        None
+    } else {
+        Some(caller.customer_id.ok_or_else(|| {
+            service_kit::auth::forbidden("only customers and operators list orders")
+        })?)
+    };
     let limit = page.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(
@@ -487,11 +525,13 @@ async fn list_orders(
     let rows = sqlx::query(&format!(
         "SELECT {ORDER_COLUMNS} FROM orders \
          WHERE ($1::uuid IS NULL OR id < $1) AND ($2::text IS NULL OR status = $2) \
+           AND ($4::uuid IS NULL OR customer_id = $4) \
          ORDER BY id DESC LIMIT $3"
     ))
     .bind(page.after)
     .bind(&page.status)
     .bind(limit + 1)
+    .bind(only)
     .fetch_all(&state.pool)
     .await?;
     let more = rows.len() as i64 > limit;
@@ -512,15 +552,36 @@ async fn list_orders(
 mod tests {
     use super::*;
 
+    const TOKEN: &str = "card_1111_0123456789abcdef0123456789abcdef";
+
     #[test]
-    fn card_numbers() {
-        assert_eq!(
-            card_digits("4111 1111-1111 1111").ok().as_deref(),
-            Some("4111111111111111")
-        );
-        for bad in ["", "4111", "4111x11111111111", "41111111111111111111"] {
-            assert!(card_digits(bad).is_err(), "{bad:?}");
+    fn an_order_names_its_card_by_number_or_token_not_both() {
+        let order = |number: Option<&str>, token: Option<&str>| PlaceOrder {
+            customer_id: Uuid::nil(),
+            goods_id: Uuid::nil(),
+            quantity: 1,
+            amount: Amount(100),
+            card_number: number.map(str::to_owned),
+            card_token: token.map(str::to_owned),
+        };
+        assert!(order(None, Some(TOKEN)).validate().is_ok());
+        assert!(order(Some("4111 1111 1111 1111"), None).validate().is_ok());
+        for (number, token) in [
+            (None, None),
+            (Some("4111 1111 1111 1111"), Some(TOKEN)),
+            (Some("4111"), None),
+            (None, Some("4111111111111111")),
+        ] {
+            let error = order(number, token).validate().expect_err("refused");
+            assert_eq!(
+                error.status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{number:?} {token:?}"
+            );
         }
+        let token = CardToken::parse(TOKEN).expect("a token");
+        let fingerprint = order(None, Some(TOKEN)).fingerprint(&token);
+        assert!(fingerprint.ends_with(TOKEN), "{fingerprint}");
     }
 
     #[test]
@@ -530,7 +591,8 @@ mod tests {
             goods_id: Uuid::nil(),
             quantity,
             amount: Amount(cents),
-            card_number: "4111111111111111".into(),
+            card_number: None,
+            card_token: Some(TOKEN.to_owned()),
         };
         assert!(order(1, 1).validate().is_ok());
         for (q, c) in [

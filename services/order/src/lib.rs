@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+mod card;
 pub mod known;
 pub mod placement;
 
@@ -47,6 +48,9 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
 
+    #[command(flatten)]
+    pub auth: service_kit::AuthArgs,
+
     /// The customer service, asked whether a customer exists before an order is
     /// accepted; empty: do not ask (the saga still rejects unknown customers).
     #[arg(
@@ -65,6 +69,17 @@ pub struct Config {
         default_value = "http://localhost:8082"
     )]
     pub inventory_url: String,
+
+    /// The payment service, whose card vault (`POST /cards`) exchanges a
+    /// `cardNumber` for a token before the order is written; empty: orders must
+    /// come with a `cardToken`.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_URL",
+        value_name = "URL",
+        default_value = "http://localhost:8083"
+    )]
+    pub payment_url: String,
 
     /// Milliseconds a participant has to reply before its step fails and is
     /// compensated.
@@ -152,8 +167,10 @@ impl Config {
     pub fn new(common: CommonArgs) -> Config {
         Config {
             common,
+            auth: service_kit::AuthArgs::off(),
             customer_url: "http://localhost:8081".into(),
             inventory_url: "http://localhost:8082".into(),
+            payment_url: "http://localhost:8083".into(),
             step_timeout_ms: 30_000,
             compensation_give_up_s: 86_400,
             suspend_on: SuspendWhen::Off,
@@ -178,6 +195,7 @@ impl Config {
         References {
             customer_url: url(&self.customer_url),
             inventory_url: url(&self.inventory_url),
+            payment_url: url(&self.payment_url),
         }
     }
 
@@ -273,6 +291,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let stuck_rules = config.stuck_rules().knowing(&orchestrator);
     let counted = Arc::clone(&orchestrator);
     let watched = Arc::clone(&orchestrator);
+    let authentication = config.auth.authentication(SERVICE);
     // The saga console beside the API: its actions go through this orchestrator.
     let console = saga_console::Console::new(pool.clone(), "order-service")
         .acting_through(Arc::clone(&orchestrator) as Arc<dyn saga_console::SagaActions>)
@@ -284,7 +303,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.console_dead_letter_topics(),
         ));
     Service::new(SERVICE, pool, listen, metrics)
-        .api(api::router(state).merge(saga_console::router(console)))
+        .api(
+            api::router(state)
+                .merge(saga_console::router(console))
+                .layer(service_kit::auth::layer(authentication)),
+        )
         .prepare(prepare)
         .task(consumer)
         .task(sweeper)

@@ -43,7 +43,15 @@ pub struct OrderPlacement {
     pub goods_id: Uuid,
     pub quantity: i32,
     pub amount_cents: i64,
-    pub card_number: String,
+    /// The card, as a token of the payment service's vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_token: Option<String>,
+    #[serde(default)]
+    pub card_last4: String,
+    /// Sagas started before the card vault carry the number itself; it is passed
+    /// on to the payment service as it was, which keeps only the last four digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_number: Option<String>,
     /// Why the order is rejected, once a step said so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejection: Option<String>,
@@ -51,8 +59,10 @@ pub struct OrderPlacement {
 
 impl OrderPlacement {
     fn last4(&self) -> &str {
-        let n = self.card_number.len();
-        &self.card_number[n.saturating_sub(4)..]
+        match &self.card_number {
+            Some(number) if self.card_last4.is_empty() => &number[number.len().saturating_sub(4)..],
+            _ => &self.card_last4,
+        }
     }
 }
 
@@ -132,14 +142,15 @@ fn credit(topics: &Topics, kind: &str, o: &OrderPlacement) -> Command {
 }
 
 fn charge(topics: &Topics, o: &OrderPlacement) -> Command {
-    command(
-        topics.payment_request(),
-        "Charge",
-        serde_json::json!({
-            "orderId": o.order_id, "customerId": o.customer_id,
-            "amountCents": o.amount_cents, "cardNumber": o.card_number,
-        }),
-    )
+    let mut payload = serde_json::json!({
+        "orderId": o.order_id, "customerId": o.customer_id, "amountCents": o.amount_cents,
+    });
+    match (&o.card_token, &o.card_number) {
+        (Some(token), _) => payload["cardToken"] = token.as_str().into(),
+        (None, Some(number)) => payload["cardNumber"] = number.as_str().into(),
+        (None, None) => {}
+    }
+    command(topics.payment_request(), "Charge", payload)
 }
 
 fn refund(topics: &Topics, o: &OrderPlacement) -> Command {
@@ -323,13 +334,34 @@ mod tests {
             goods_id: Uuid::nil(),
             quantity: 2,
             amount_cents: 1999,
-            card_number: "4111111111111111".into(),
+            card_token: Some("card_1111_0123456789abcdef0123456789abcdef".into()),
+            card_last4: "1111".into(),
+            card_number: None,
             rejection: None,
         };
         assert_eq!(o.last4(), "1111");
         let c = charge(&topics, &o);
         assert_eq!(c.topic, "p.payment.request");
         assert_eq!(c.payload["amountCents"], 1999);
+        assert_eq!(
+            c.payload["cardToken"],
+            o.card_token.as_deref().unwrap_or("")
+        );
+        assert!(c.payload.get("cardNumber").is_none(), "{}", c.payload);
+        let stored = serde_json::to_value(&o).expect("serialisable");
+        assert!(stored.get("cardNumber").is_none(), "{stored}");
+
+        // A saga stored before the vault: its number goes on as it came.
+        let legacy: OrderPlacement = serde_json::from_value(serde_json::json!({
+            "orderId": Uuid::nil(), "customerId": Uuid::nil(), "goodsId": Uuid::nil(),
+            "quantity": 1, "amountCents": 5, "cardNumber": "4000000000009999",
+        }))
+        .expect("an older saga's state");
+        assert_eq!(legacy.last4(), "9999");
+        assert_eq!(
+            charge(&topics, &legacy).payload["cardNumber"],
+            "4000000000009999"
+        );
         assert_eq!(
             goods(&topics, "ReleaseGoods", &o).topic,
             "p.inventory.request"

@@ -1,8 +1,9 @@
 //! Payment service: charges and refunds.
 //!
 //! It consumes the saga's `Charge` and `Refund` commands from `payment.request`
-//! ([`commands`]), replies to `order.reply` through its outbox, and answers
-//! `GET /payments/{orderId}` ([`api`]).
+//! ([`commands`]), replies to `order.reply` through its outbox, keeps the card
+//! vault that turns card numbers into tokens (`POST /cards`, [`cards`]), and
+//! answers `GET /payments/{orderId}` ([`api`]).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -12,6 +13,7 @@ use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
 pub mod api;
+pub mod cards;
 pub mod commands;
 
 pub use commands::CommandHandler;
@@ -45,6 +47,16 @@ pub struct Config {
     #[arg(long, env = "PAYMENT_CHARGE_LIMIT", value_name = "AMOUNT",
           default_value = "5000.00", value_parser = parse_limit)]
     pub charge_limit: Amount,
+
+    /// The card vault's HMAC key, 64 or more hex digits; unset: a key made once
+    /// and kept in the payment database (fine for a demo, not for production).
+    #[arg(
+        long,
+        env = "PAYMENT_CARD_VAULT_KEY",
+        value_name = "HEX",
+        hide_env_values = true
+    )]
+    pub card_vault_key: Option<cards::VaultKey>,
 }
 
 impl Config {
@@ -53,6 +65,7 @@ impl Config {
         Config {
             common,
             charge_limit: DEFAULT_CHARGE_LIMIT,
+            card_vault_key: None,
         }
     }
 }
@@ -75,7 +88,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         migrations: &MIGRATIONS,
         request_topic: Topics::payment_request,
         handler: CommandHandler::new(config.charge_limit),
-        api: api::router,
+        api: move |pool: PgPool| {
+            let key = config.card_vault_key.map(|key| key.0);
+            api::router(pool.clone()).merge(cards::router(cards::CardVault::new(pool, key)))
+        },
     };
     service_kit::participant::start(config.common, participant).await
 }

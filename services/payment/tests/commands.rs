@@ -2,14 +2,17 @@
 //! a transaction, as the consumer does, and looks at the payments and the replies in
 //! the outbox.
 
+use payment_service::cards::CardVault;
 use payment_service::commands::{
     CARD_DECLINED, CHARGE, PAYMENT_CHARGED, PAYMENT_DECLINED, PAYMENT_REFUNDED, REFUND,
+    UNKNOWN_CARD_TOKEN,
 };
 use payment_service::{CommandHandler, DEFAULT_CHARGE_LIMIT};
 use saga_core::consumer::{HandlerError, IncomingMessage};
 use saga_core::outbox::Outbox;
 use saga_core::testing::{assert_replay, outbox_rows, OutboxRow, SagaCommand};
 use serde_json::{json, Value};
+use service_kit::cards::CardNumber;
 use service_kit::Amount;
 use testkit::TestDatabase;
 use uuid::Uuid;
@@ -20,6 +23,9 @@ const STEP: &str = "payment";
 struct Fixture {
     db: TestDatabase,
     handler: CommandHandler,
+    vault: CardVault,
+    /// The token of [`CARD`].
+    card: String,
 }
 
 impl Fixture {
@@ -31,9 +37,13 @@ impl Fixture {
         let db = TestDatabase::create().await;
         payment_service::migrate(db.pool()).await.unwrap();
         payment_service::seed(db.pool()).await.unwrap();
+        let vault = CardVault::new(db.pool().clone(), None);
+        let card = token(&vault, CARD).await;
         Fixture {
             db,
             handler: CommandHandler::new(limit),
+            vault,
+            card,
         }
     }
 
@@ -70,12 +80,18 @@ fn command(saga: Uuid, kind: &str, compensation: bool, payload: Value) -> Incomi
         .message()
 }
 
-fn charge(order: Uuid, amount_cents: i64, card: &str) -> Value {
+async fn token(vault: &CardVault, card: &str) -> String {
+    let card = CardNumber::parse(card).unwrap();
+    vault.tokenise(&card).await.unwrap().card_token
+}
+
+/// A charge naming the card by its token.
+fn charge(order: Uuid, amount_cents: i64, card_token: &str) -> Value {
     json!({
         "orderId": order,
         "customerId": Uuid::from_u128(0xc001),
         "amountCents": amount_cents,
-        "cardNumber": card,
+        "cardToken": card_token,
     })
 }
 
@@ -98,7 +114,7 @@ fn assert_reply(reply: &OutboxRow, saga: Uuid, kind: &str, outcome: &str) {
 async fn a_charge_is_recorded_once_and_replied_once() {
     let f = Fixture::new().await;
     let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
-    let command_message = command(saga, CHARGE, false, charge(order, 4_990, CARD));
+    let command_message = command(saga, CHARGE, false, charge(order, 4_990, &f.card));
     f.handle(&command_message).await.unwrap();
     assert_eq!(
         f.payment(order).await,
@@ -118,7 +134,7 @@ async fn a_charge_is_recorded_once_and_replied_once() {
 
     // The same command again (a redelivery under another message id, or a retried
     // attempt) charges nothing more; each copy is answered again with the first answer.
-    let mut again = command(saga, CHARGE, false, charge(order, 4_990, CARD));
+    let mut again = command(saga, CHARGE, false, charge(order, 4_990, &f.card));
     again
         .headers
         .insert("request-id".to_owned(), Uuid::now_v7().to_string());
@@ -145,11 +161,11 @@ async fn a_refund_after_a_charge_pays_it_back_once() {
         Uuid::now_v7(),
         CHARGE,
         false,
-        charge(other, 100, CARD),
+        charge(other, 100, &f.card),
     ))
     .await
     .unwrap();
-    f.handle(&command(saga, CHARGE, false, charge(order, 2_500, CARD)))
+    f.handle(&command(saga, CHARGE, false, charge(order, 2_500, &f.card)))
         .await
         .unwrap();
 
@@ -192,7 +208,7 @@ async fn a_declined_card_is_recorded_and_its_refund_pays_nothing_back() {
         saga,
         CHARGE,
         false,
-        charge(order, 1_000, "4000-0000-0000-9999"),
+        charge(order, 1_000, &token(&f.vault, "4000-0000-0000-9999").await),
     ))
     .await
     .unwrap();
@@ -234,9 +250,14 @@ async fn a_declined_card_is_recorded_and_its_refund_pays_nothing_back() {
 async fn a_charge_above_the_limit_is_declined_naming_the_limit() {
     let f = Fixture::with_limit(Amount(10_000)).await;
     let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
-    f.handle(&command(saga, CHARGE, false, charge(order, 10_001, CARD)))
-        .await
-        .unwrap();
+    f.handle(&command(
+        saga,
+        CHARGE,
+        false,
+        charge(order, 10_001, &f.card),
+    ))
+    .await
+    .unwrap();
     let reason = "amount 100.01 is above the charge limit of 100.00";
     assert_eq!(
         f.payment(order).await,
@@ -257,9 +278,14 @@ async fn a_charge_above_the_limit_is_declined_naming_the_limit() {
 
     // The limit itself is allowed.
     let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
-    f.handle(&command(saga, CHARGE, false, charge(order, 10_000, CARD)))
-        .await
-        .unwrap();
+    f.handle(&command(
+        saga,
+        CHARGE,
+        false,
+        charge(order, 10_000, &f.card),
+    ))
+    .await
+    .unwrap();
     assert_eq!(
         f.payment(order).await.map(|p| p.2),
         Some("CHARGED".to_owned())
@@ -279,7 +305,7 @@ async fn a_refund_before_its_charge_is_skipped_and_the_late_charge_does_nothing(
 
     // The charge arriving after its compensation (hanging) must not take money that
     // nothing would ever pay back.
-    f.handle(&command(saga, CHARGE, false, charge(order, 700, CARD)))
+    f.handle(&command(saga, CHARGE, false, charge(order, 700, &f.card)))
         .await
         .unwrap();
     assert_eq!(f.payment(order).await, None);
@@ -325,7 +351,7 @@ async fn commands_that_can_never_apply_are_definite_failures() {
                 Uuid::now_v7(),
                 CHARGE,
                 false,
-                charge(order, cents, CARD),
+                charge(order, cents, &f.card),
             ))
             .await,
         );
@@ -351,12 +377,13 @@ async fn commands_that_can_never_apply_are_definite_failures() {
 async fn a_declined_charge_tried_again_as_a_new_attempt_is_charged_once() {
     let low = Fixture::with_limit(Amount(10_000)).await;
     let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let card = low.card.clone();
     let attempt = |n: u32| {
         SagaCommand::new(saga, STEP, CHARGE)
             .topic("shop.payment.request")
             .reply_to(REPLY_TO)
             .attempt(n)
-            .payload(charge(order, 20_000, CARD))
+            .payload(charge(order, 20_000, &card))
             .message()
     };
     low.handle(&attempt(1)).await.unwrap();
@@ -366,8 +393,8 @@ async fn a_declined_charge_tried_again_as_a_new_attempt_is_charged_once() {
     );
     // The limit was raised: the same database, a handler with the new limit.
     let raised = Fixture {
-        db: low.db,
         handler: CommandHandler::new(Amount(50_000)),
+        ..low
     };
     raised.handle(&attempt(2)).await.unwrap();
     assert_eq!(
@@ -388,6 +415,92 @@ async fn a_declined_charge_tried_again_as_a_new_attempt_is_charged_once() {
     }
     assert_eq!(
         raised.payment(order).await.map(|p| p.2),
+        Some("CHARGED".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn the_vault_gives_one_token_per_card_and_keeps_no_number() {
+    let f = Fixture::new().await;
+    let same = CardNumber::parse("4111-1111-1111-1234").unwrap();
+    let again = f.vault.tokenise(&same).await.unwrap();
+    assert_eq!(again.card_token, f.card, "the same card, the same token");
+    assert!(!again.created);
+    assert_eq!(again.card_last4, "1234");
+    let other = token(&f.vault, "5500 0000 0000 1234").await;
+    assert_ne!(other, f.card, "another card with the same last digits");
+    assert!(f.card.starts_with("card_1234_"), "{}", f.card);
+
+    let tables: String = sqlx::query_scalar("SELECT string_agg(t::text, ' ') FROM card_tokens t")
+        .fetch_one(f.db.pool())
+        .await
+        .unwrap();
+    assert!(tables.contains(&f.card), "{tables}");
+    for number in ["4111111111111234", "5500000000001234"] {
+        assert!(!tables.contains(number), "{number} is kept: {tables}");
+    }
+
+    // Another vault key: the digest differs, so the card gets a token of its own.
+    let keyed = CardVault::new(f.db.pool().clone(), Some(vec![7; 32]));
+    let keyed = token(&keyed, CARD).await;
+    assert_ne!(keyed, f.card);
+}
+
+#[tokio::test]
+async fn a_token_the_vault_did_not_make_is_declined() {
+    let f = Fixture::new().await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let forged = "card_4321_00000000000000000000000000000000";
+    f.handle(&command(saga, CHARGE, false, charge(order, 1_000, forged)))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.payment(order).await,
+        Some((
+            1_000,
+            "4321".to_owned(),
+            "DECLINED".to_owned(),
+            Some(UNKNOWN_CARD_TOKEN.to_owned())
+        ))
+    );
+    let replies = f.replies().await;
+    assert_reply(&replies[0], saga, PAYMENT_DECLINED, "failure");
+}
+
+#[tokio::test]
+async fn a_charge_from_a_saga_started_before_the_vault_keeps_only_the_last_digits() {
+    let f = Fixture::new().await;
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let legacy = json!({
+        "orderId": order,
+        "customerId": Uuid::from_u128(0xc001),
+        "amountCents": 1_500,
+        "cardNumber": "4000 0000 0000 9999",
+    });
+    f.handle(&command(saga, CHARGE, false, legacy))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.payment(order).await,
+        Some((
+            1_500,
+            "9999".to_owned(),
+            "DECLINED".to_owned(),
+            Some(CARD_DECLINED.to_owned())
+        ))
+    );
+    let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
+    let legacy = json!({
+        "orderId": order,
+        "customerId": Uuid::from_u128(0xc001),
+        "amountCents": 1_500,
+        "cardNumber": "4111 1111 1111 1111",
+    });
+    f.handle(&command(saga, CHARGE, false, legacy))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.payment(order).await.map(|p| p.2),
         Some("CHARGED".to_owned())
     );
 }

@@ -14,6 +14,8 @@ async fn migrations_create_shared_and_own_tables() {
     .unwrap();
     let mut expected = vec![
         "payments",
+        "card_tokens",
+        "card_vault_key",
         "outbox",
         "outbox_relay_snapshots",
         "outbox_relay_resume",

@@ -113,3 +113,38 @@ async fn a_command_on_the_request_topic_is_applied_and_answered() {
     );
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_vault_tokenises_cards_over_http() {
+    let db = TestDatabase::create().await;
+    let (running, base, _) = start(&db).await;
+    let http = reqwest::Client::new();
+    let tokenise = |card: &'static str| {
+        http.post(format!("{base}/cards"))
+            .json(&json!({ "cardNumber": card }))
+            .send()
+    };
+    let first = tokenise("4111 1111 1111 1111").await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: serde_json::Value = first.json().await.unwrap();
+    assert_eq!(first["cardLast4"], "1111");
+    let token = first["cardToken"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("card_1111_"), "{token}");
+
+    let again = tokenise("4111-1111-1111-1111").await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK, "the card had a token");
+    let again: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(again["cardToken"], token.as_str());
+
+    let bad = tokenise("4111").await.unwrap();
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let bad: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(bad["error"], "invalid");
+
+    let (status, body) = get_json(&format!("{base}/cards/{token}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["cardLast4"], "1111");
+    let (status, _) = get_json(&format!("{base}/cards/card_1111_{}", "0".repeat(32))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    running.stop().await.unwrap();
+}
