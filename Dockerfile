@@ -5,7 +5,7 @@
 #   relay     only /usr/local/bin/outbox-relay (ENTRYPOINT), for a team that runs the
 #             relay as a sidecar beside its own service:
 #               docker build --target relay -t outbox-relay .
-#   services  the four service binaries and outbox-relay; the container's command
+#   services  the four service binaries, auth-service and outbox-relay; the container's command
 #             names the binary (`order-service serve`, `outbox-relay`, ...). It is
 #             the last stage, so a build without --target makes it:
 #               docker build -t outbox-saga-services .
@@ -38,12 +38,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
         --bin customer-service \
         --bin inventory-service \
         --bin payment-service \
+        --bin auth-service \
     && mkdir -p /out \
     && cp target/release/outbox-relay \
           target/release/order-service \
           target/release/customer-service \
           target/release/inventory-service \
           target/release/payment-service \
+          target/release/auth-service \
           /out/
 
 # ---------------------------------------------------------------------------------
@@ -80,12 +82,13 @@ COPY --from=builder \
     /out/customer-service \
     /out/inventory-service \
     /out/payment-service \
+    /out/auth-service \
     /usr/local/bin/
-RUN for bin in outbox-relay order-service customer-service inventory-service payment-service; do \
+RUN for bin in outbox-relay order-service customer-service inventory-service payment-service auth-service; do \
         if ldd "/usr/local/bin/$bin" | grep 'not found'; then exit 1; fi; \
     done
 
 USER outbox:outbox
-# The services' default HTTP ports (order, customer, inventory, payment) and the
-# relay's.
-EXPOSE 8080 8081 8082 8083 9187
+# The services' default HTTP ports (order, customer, inventory, payment, auth) and
+# the relay's.
+EXPOSE 8080 8081 8082 8083 8085 9187

@@ -5,6 +5,7 @@ CREATE DATABASE "order" OWNER outbox;
 CREATE DATABASE customer OWNER outbox;
 CREATE DATABASE payment OWNER outbox;
 CREATE DATABASE inventory OWNER outbox;
+CREATE DATABASE auth OWNER outbox;
 
 -- The relays open logical replication connections as this role. The image makes
 -- POSTGRES_USER a superuser, which implies it; stated so that it stays true for a

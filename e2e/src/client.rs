@@ -53,6 +53,33 @@ pub struct ShopClient {
     pub customer_url: String,
     pub inventory_url: String,
     pub payment_url: String,
+    /// The auth service, when the shop runs with authentication: orders are then
+    /// placed signed in as their customer, and read or cancelled as the operator.
+    pub auth_url: Option<String>,
+}
+
+/// Access tokens by (auth service, user).
+fn access_tokens() -> &'static Mutex<HashMap<(String, String), String>> {
+    static TOKENS: OnceLock<Mutex<HashMap<(String, String), String>>> = OnceLock::new();
+    TOKENS.get_or_init(Mutex::default)
+}
+
+/// The demo operator's sign-in (`auth-service seed`).
+pub const OPERATOR: (&str, &str) = ("operator@shop.example", "operator-demo-password");
+
+/// The sign-in of the user acting for `customer`: the demo users for Ada and Bob,
+/// a user of its own (registered on first use) for any other.
+fn customer_user(customer: Uuid) -> (String, String) {
+    if customer == customer_service::ADA {
+        ("ada@shop.example".into(), "ada-demo-password".into())
+    } else if customer == customer_service::BOB {
+        ("bob@shop.example".into(), "bob-demo-password".into())
+    } else {
+        (
+            format!("customer-{}@test.shop.example", customer.simple()),
+            format!("password-{}", customer.simple()),
+        )
+    }
 }
 
 /// A status and a JSON body.
@@ -80,7 +107,86 @@ impl ShopClient {
             customer_url: shop.customer_url.clone(),
             inventory_url: shop.inventory_url.clone(),
             payment_url: shop.payment_url.clone(),
+            auth_url: shop.auth_url.clone(),
         }
+    }
+
+    /// `POST /token` at the auth service: the access token of `email`.
+    pub async fn sign_in(&self, email: &str, password: &str) -> anyhow::Result<String> {
+        let auth = self
+            .auth_url
+            .as_deref()
+            .context("the shop runs without authentication")?;
+        let key = (auth.to_owned(), email.to_owned());
+        if let Some(token) = access_tokens()
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&key).cloned())
+        {
+            return Ok(token);
+        }
+        let (status, body) = answer(
+            self.http
+                .post(format!("{auth}/token"))
+                .json(&serde_json::json!({ "email": email, "password": password }))
+                .send()
+                .await?,
+        )
+        .await?;
+        if status != reqwest::StatusCode::OK {
+            bail!("signing in as {email}: POST /token answered {status}: {body}");
+        }
+        let token = body["accessToken"]
+            .as_str()
+            .with_context(|| format!("POST /token answered no token: {body}"))?
+            .to_owned();
+        if let Ok(mut tokens) = access_tokens().lock() {
+            tokens.insert(key, token.clone());
+        }
+        Ok(token)
+    }
+
+    /// The access token of the user acting for `customer`; a user is registered
+    /// for a customer that has none.
+    pub async fn customer_token(&self, customer: Uuid) -> anyhow::Result<String> {
+        let (email, password) = customer_user(customer);
+        if let Ok(token) = self.sign_in(&email, &password).await {
+            return Ok(token);
+        }
+        let auth = self
+            .auth_url
+            .as_deref()
+            .context("the shop runs without authentication")?;
+        let (status, body) = answer(
+            self.http
+                .post(format!("{auth}/users"))
+                .json(&serde_json::json!({
+                    "email": email, "password": password, "customerId": customer,
+                }))
+                .send()
+                .await?,
+        )
+        .await?;
+        if !matches!(status.as_u16(), 201 | 409) {
+            bail!("registering {email}: POST /users answered {status}: {body}");
+        }
+        self.sign_in(&email, &password).await
+    }
+
+    /// The operator's access token.
+    pub async fn operator_token(&self) -> anyhow::Result<String> {
+        self.sign_in(OPERATOR.0, OPERATOR.1).await
+    }
+
+    /// `request` with the operator's token when the shop runs with authentication.
+    async fn as_operator(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        Ok(match self.auth_url {
+            Some(_) => request.bearer_auth(self.operator_token().await?),
+            None => request,
+        })
     }
 
     /// `POST /orders` with `body` as it is (to send malformed requests too).
@@ -97,6 +203,16 @@ impl ShopClient {
             .body(body.to_owned());
         if let Some(key) = idempotency_key {
             request = request.header("idempotency-key", key);
+        }
+        if self.auth_url.is_some() {
+            // Signed in as the order's customer when the body names one.
+            let customer = serde_json::from_str::<Value>(body)
+                .ok()
+                .and_then(|b| b["customerId"].as_str().and_then(|c| c.parse().ok()));
+            request = match customer {
+                Some(customer) => request.bearer_auth(self.customer_token(customer).await?),
+                None => self.as_operator(request).await?,
+            };
         }
         answer(request.send().await?).await
     }
@@ -157,18 +273,17 @@ impl ShopClient {
         Ok(serde_json::from_value(body["orderId"].clone())?)
     }
 
+    /// Cancels as the operator when the shop runs with authentication.
     pub async fn cancel(&self, order_id: Uuid) -> anyhow::Result<Answer> {
-        answer(
-            self.http
-                .post(format!("{}/orders/{order_id}/cancel", self.order_url))
-                .send()
-                .await?,
-        )
-        .await
+        let request = self
+            .http
+            .post(format!("{}/orders/{order_id}/cancel", self.order_url));
+        answer(self.as_operator(request).await?.send().await?).await
     }
 
+    /// `GET url`, as the operator when the shop runs with authentication.
     pub async fn get(&self, url: String) -> anyhow::Result<Answer> {
-        answer(self.http.get(url).send().await?).await
+        answer(self.as_operator(self.http.get(url)).await?.send().await?).await
     }
 
     pub async fn order(&self, order_id: Uuid) -> anyhow::Result<Value> {

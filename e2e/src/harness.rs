@@ -68,6 +68,10 @@ pub struct ShopConfig {
     /// Order-service instances (`Mode::Processes` only): more than one share the
     /// consumer group of the replies and the sweeping of deadlines.
     pub order_instances: usize,
+    /// The auth service's database: when set, the auth service starts first (its
+    /// demo users seeded) and the order service verifies tokens against its JWKS;
+    /// `None`: authentication is off.
+    pub auth_database: Option<String>,
 }
 
 impl ShopConfig {
@@ -87,6 +91,7 @@ impl ShopConfig {
             start_timeout: Duration::from_secs(60),
             env: BTreeMap::new(),
             order_instances: 1,
+            auth_database: None,
         }
     }
 
@@ -163,6 +168,8 @@ pub struct Shop {
     pub customer_url: String,
     pub inventory_url: String,
     pub payment_url: String,
+    /// The auth service, when the shop runs with authentication.
+    pub auth_url: Option<String>,
     /// The port of each relay's HTTP endpoint (`/health`, `/metrics`), by service;
     /// chosen before anything starts, so the order service's console knows them.
     relay_ports: BTreeMap<&'static str, u16>,
@@ -182,6 +189,7 @@ impl Shop {
             customer_url: String::new(),
             inventory_url: String::new(),
             payment_url: String::new(),
+            auth_url: None,
             relay_ports: SERVICES
                 .iter()
                 .map(|s| (*s, testkit::free_port()))
@@ -199,6 +207,19 @@ impl Shop {
 
     async fn start_all(&mut self, progress: &mut (dyn FnMut(&str) + Send)) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
+        if let Some(database) = self.config.auth_database.clone() {
+            progress("starting auth-service");
+            let url = self.start_auth(&database).await?;
+            wait_healthy(&http, &format!("{url}/health"), self.config.start_timeout)
+                .await
+                .context("auth-service did not become healthy")?;
+            let pool = sqlx::PgPool::connect(&database)
+                .await
+                .context("the auth database")?;
+            auth_service::seed(&pool).await?;
+            pool.close().await;
+            self.auth_url = Some(url);
+        }
         for service in SERVICES {
             progress(&format!("starting {service}-service"));
             let url = self.start_service(service).await?;
@@ -285,6 +306,9 @@ impl Shop {
                         config.customer_url = self.customer_url.clone();
                         config.inventory_url = self.inventory_url.clone();
                         config.payment_url = self.payment_url.clone();
+                        if let Some(jwks) = self.jwks_url() {
+                            config.auth = service_kit::AuthArgs::jwks(jwks);
+                        }
                         config.step_timeout_ms = millis(self.config.step_timeout);
                         if let Some(hold) = self.config.suspend_timeouts_for {
                             config.suspend_on = order_service::SuspendWhen::Timeouts;
@@ -335,6 +359,10 @@ impl Shop {
                             ),
                             ("PAYMENT_SERVICE_URL".to_owned(), self.payment_url.clone()),
                             (
+                                "AUTH_JWKS_URL".to_owned(),
+                                self.jwks_url().unwrap_or_default(),
+                            ),
+                            (
                                 "SAGA_STEP_TIMEOUT_MS".to_owned(),
                                 millis(self.config.step_timeout).to_string(),
                             ),
@@ -384,6 +412,44 @@ impl Shop {
                     }
                 }
                 Ok(first)
+            }
+        }
+    }
+
+    /// The auth service's JWKS, when it runs.
+    fn jwks_url(&self) -> Option<String> {
+        self.auth_url
+            .as_ref()
+            .map(|url| format!("{url}/.well-known/jwks.json"))
+    }
+
+    /// Starts the auth service on `database`; its base URL.
+    async fn start_auth(&mut self, database: &str) -> anyhow::Result<String> {
+        match self.config.mode.clone() {
+            Mode::InProcess => {
+                let mut config = auth_service::Config::new(database);
+                config.listen = Some(([127, 0, 0, 1], 0).into());
+                let running = auth_service::start(config).await?;
+                let url = format!("http://{}", running.addr());
+                self.components.push(Component::Service("auth", running));
+                Ok(url)
+            }
+            Mode::Processes { bin_dir, log_dir } => {
+                let port = testkit::free_port();
+                let url = format!("http://127.0.0.1:{port}");
+                let env = vec![
+                    ("DATABASE_URL".to_owned(), database.to_owned()),
+                    ("HTTP_LISTEN".to_owned(), format!("127.0.0.1:{port}")),
+                ];
+                self.spawn_process(
+                    "auth-service",
+                    bin_dir.join("auth-service"),
+                    vec!["serve".to_owned()],
+                    env,
+                    &log_dir,
+                    format!("{url}/health"),
+                )?;
+                Ok(url)
             }
         }
     }

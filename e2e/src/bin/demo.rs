@@ -1,6 +1,7 @@
-//! The shop's demo: starts the four services and their four relays as the real
-//! binaries on fresh databases, seeds them with the services' own `seed` command,
-//! places one order for each outcome the saga knows, prints what became of each
+//! The shop's demo: starts the auth service, the four services and their four
+//! relays as the real binaries on fresh databases, seeds them with the services'
+//! own `seed` command, signs in as the demo customers and the operator, places one
+//! order for each outcome the saga knows (each as its customer), prints what became of each
 //! and of the stock and credit, and stops everything it started. Exits non-zero
 //! when an outcome is not the expected one.
 
@@ -110,7 +111,19 @@ async fn run() -> anyhow::Result<()> {
     let bin_dir = testkit::process::own_bin_dir().context("the demo's own directory")?;
     let log_dir = PathBuf::from(".local/demo");
     std::fs::create_dir_all(&log_dir)?;
-    say("creating the four service databases");
+    say("creating the databases of the auth service and the four services");
+    let auth = fresh_database(&settings.database_url, "demo_auth").await?;
+    for command in ["migrate", "seed"] {
+        let status = std::process::Command::new(bin_dir.join("auth-service"))
+            .arg(command)
+            .env("DATABASE_URL", &auth)
+            .env("RUST_LOG", "warn")
+            .status()
+            .with_context(|| format!("running auth-service {command}"))?;
+        if !status.success() {
+            bail!("auth-service {command} failed: {status}");
+        }
+    }
     let databases = ServiceDatabases {
         order: fresh_database(&settings.database_url, "demo_order").await?,
         customer: fresh_database(&settings.database_url, "demo_customer").await?,
@@ -136,7 +149,8 @@ async fn run() -> anyhow::Result<()> {
             }
         }
     }
-    say("seeded: customers Ada (credit 1000.00) and Bob (50.00); 100 widgets, 1 gadget");
+    say("seeded: customers Ada (credit 1000.00) and Bob (50.00); 100 widgets, 1 gadget;");
+    say("        users ada@shop.example, bob@shop.example and operator@shop.example");
 
     // A fresh prefix: topics and consumer groups of earlier runs are not read.
     let prefix = format!(
@@ -150,6 +164,7 @@ async fn run() -> anyhow::Result<()> {
         bin_dir,
         log_dir: log_dir.clone(),
     };
+    config.auth_database = Some(auth);
     let mut shop = Shop::start(config, &mut |step| say(step)).await?;
     say(&format!("logs in {}", log_dir.display()));
     say(&format!(
@@ -175,6 +190,7 @@ async fn place_orders(
         payment: pool(&databases.payment).await?,
     };
     let before = Balances::read(&ledger.customer, &ledger.inventory).await?;
+    sign_in(&client).await?;
     print_balances("before", &client).await?;
 
     let cases = cases();
@@ -290,6 +306,26 @@ async fn place_orders(
     } else {
         bail!("unexpected outcomes:\n  {}", failures.join("\n  "))
     }
+}
+
+/// Shows that the order API wants a token, then signs in as Ada, Bob and the
+/// operator (the client places each order as its customer, and reads and
+/// cancels as the operator).
+async fn sign_in(client: &ShopClient) -> anyhow::Result<()> {
+    let anonymous = reqwest::Client::new()
+        .get(format!("{}/orders", client.order_url))
+        .send()
+        .await?
+        .status();
+    if anonymous != reqwest::StatusCode::UNAUTHORIZED {
+        bail!("GET /orders without a token answered {anonymous}, not 401");
+    }
+    say("GET /orders without a token: 401 Unauthorized");
+    client.customer_token(ADA).await?;
+    client.customer_token(BOB).await?;
+    client.operator_token().await?;
+    say("signed in (POST /token at the auth service) as Ada, Bob and the operator");
+    Ok(())
 }
 
 /// Opens a saga's console page in headless Chromium and saves its timeline at `to`.

@@ -300,6 +300,11 @@ pub fn check_binary(container: &Container, repo: &Repo) -> Vec<String> {
     }
 }
 
+/// Binaries that parse a configuration of their own rather than the kit's
+/// `CommonArgs`: the kit's variables (`KAFKA_BROKERS`, ...) are in their source
+/// closure but never read, so their localhost defaults do not apply.
+const OWN_CONFIGURATION: [&str; 1] = ["auth-service"];
+
 /// Every environment variable set on a built container is one its binary reads, and
 /// where it serves, every one it reads with a default at localhost is set.
 pub fn check_environment(container: &Container, repo: &Repo) -> Vec<String> {
@@ -325,7 +330,7 @@ pub fn check_environment(container: &Container, repo: &Repo) -> Vec<String> {
     // What the binary would otherwise reach at localhost is, in a container, not
     // there: kafka, postgres and the other services have names of their own. A
     // one-shot job (`migrate`, `seed`) talks to its database only.
-    if !container.serves() {
+    if !container.serves() || OWN_CONFIGURATION.contains(&program) {
         return problems;
     }
     for (name, default) in &read_by_binary {
