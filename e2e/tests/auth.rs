@@ -158,3 +158,122 @@ async fn the_order_api_answers_only_signed_in_callers_on_their_own_orders() {
     );
     shop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saga_console_is_for_signed_in_operators() {
+    let auth_db = TestDatabase::create().await;
+    let auth_url = auth_db.url();
+    let shop = support::start(|config| config.auth_database = Some(auth_url), "", "").await;
+    let client = &shop.client;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client");
+    let console = format!("{}/console", client.order_url);
+    let location = |response: &reqwest::Response| {
+        response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+
+    let anonymous = http.get(&console).send().await.expect("answered");
+    assert!(
+        anonymous.status().is_redirection(),
+        "{}",
+        anonymous.status()
+    );
+    assert_eq!(location(&anonymous).as_deref(), Some("/console/sign-in"));
+    let form = http
+        .get(format!("{console}/sign-in"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(form.status(), StatusCode::OK);
+    assert!(form
+        .text()
+        .await
+        .expect("a page")
+        .contains("type=\"password\""));
+
+    let sign_in = |email: &'static str, password: &'static str| {
+        http.post(format!("{console}/sign-in"))
+            .form(&[("email", email), ("password", password)])
+            .send()
+    };
+    let wrong = sign_in("operator@shop.example", "not-the-password")
+        .await
+        .expect("answered");
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let customer = sign_in("ada@shop.example", "ada-demo-password")
+        .await
+        .expect("answered");
+    assert_eq!(
+        customer.status(),
+        StatusCode::FORBIDDEN,
+        "a customer is no operator"
+    );
+    let operator = sign_in("operator@shop.example", "operator-demo-password")
+        .await
+        .expect("answered");
+    assert!(operator.status().is_redirection(), "{}", operator.status());
+    assert_eq!(location(&operator).as_deref(), Some("/console"));
+    let cookie = operator
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a session cookie")
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().expect("name=value").to_owned();
+
+    let page = http
+        .get(&console)
+        .header("cookie", &session)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.expect("a page").contains("saga console"));
+    let forged = http
+        .get(&console)
+        .header("cookie", format!("{}x", session))
+        .send()
+        .await
+        .expect("answered");
+    assert!(
+        forged.status().is_redirection(),
+        "a forged cookie: {}",
+        forged.status()
+    );
+
+    // An action with a customer's bearer token: refused; with the operator's: it runs.
+    let ada = client.customer_token(ADA).await.expect("Ada signs in");
+    let abort = format!("{console}/sagas/{}/abort", Uuid::now_v7());
+    let refused = http
+        .post(&abort)
+        .bearer_auth(&ada)
+        .form(&[("reason", "test")])
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let operator = client
+        .operator_token()
+        .await
+        .expect("the operator signs in");
+    let allowed = http
+        .post(&abort)
+        .bearer_auth(&operator)
+        .form(&[("reason", "test")])
+        .send()
+        .await
+        .expect("answered");
+    assert_ne!(allowed.status(), StatusCode::FORBIDDEN);
+    assert_ne!(allowed.status(), StatusCode::UNAUTHORIZED);
+    shop.stop().await;
+}

@@ -768,7 +768,11 @@ fn the_file_has_the_shop() {
         "four services and the auth service serve: {programs:?}"
     );
     assert_eq!(servers(Role::Service), 6, "one of them twice");
-    assert_eq!(servers(Role::Relay), 5, "a relay beside each but the auth service");
+    assert_eq!(
+        servers(Role::Relay),
+        5,
+        "a relay beside each but the auth service"
+    );
     let seeds = resolved
         .iter()
         .filter(|s| s.role == Role::Service && s.subcommand() == Some("seed"))

@@ -145,4 +145,6 @@ svg.timeline a:hover > * { stroke: #000; stroke-width: 2; }
 .legend i { display: inline-block; width: .8rem; height: .8rem; border-radius: 50%;
   vertical-align: -1px; margin-right: .3rem; }
 tr.event:target { background: #fff8c5; }
+form.sign-in { max-width: 22rem; display: flex; flex-direction: column; gap: .7rem; margin-top: 1rem; }
+form.sign-in label { display: flex; flex-direction: column; gap: .2rem; font-size: 12px; color: var(--muted); }
 ";

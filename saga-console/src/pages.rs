@@ -511,3 +511,24 @@ pub(crate) fn dead_letters(
     body.push_str("</tbody></table>");
     page(service, "Dead letters", &body)
 }
+
+/// The sign-in form of a console behind authentication: an operator's email and
+/// password, posted to `{BASE}/sign-in`; `message` says why the form is shown again.
+pub(crate) fn sign_in(service: &str, message: Option<&str>, email: &str) -> String {
+    let notice = message
+        .map(|m| format!("<p class=\"notice error\">{}</p>", escape(m)))
+        .unwrap_or_default();
+    let body = format!(
+        "<h1>Sign in</h1><p class=\"muted\">The saga console is for operators: sign in \
+         with an account that has the operator role.</p>{notice}\
+         <form class=\"sign-in\" method=\"post\" action=\"{base}/sign-in\">\
+         <label>Email<input name=\"email\" type=\"email\" autocomplete=\"username\" \
+         required value=\"{email}\"></label>\
+         <label>Password<input name=\"password\" type=\"password\" \
+         autocomplete=\"current-password\" required></label>\
+         <button class=\"primary\" type=\"submit\">Sign in</button></form>",
+        base = crate::BASE,
+        email = escape(email),
+    );
+    page(service, "Sign in", &body)
+}

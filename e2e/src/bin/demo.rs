@@ -331,6 +331,24 @@ async fn sign_in(client: &ShopClient) -> anyhow::Result<()> {
 /// Opens a saga's console page in headless Chromium and saves its timeline at `to`.
 async fn timeline_screenshot(page: &str, to: &std::path::Path) -> anyhow::Result<PathBuf> {
     let browser = testkit::browser::Browser::start().await;
+    // The console is for operators: sign in through its form first.
+    let (base, _) = page.split_once("/console").context("a console page")?;
+    browser.goto(&format!("{base}/console/sign-in")).await;
+    browser
+        .wait_for("form.sign-in", Duration::from_secs(30))
+        .await;
+    browser
+        .run_script(&format!(
+            "document.querySelector('input[name=email]').value = '{}'; \
+             document.querySelector('input[name=password]').value = '{}'; \
+             document.querySelector('form.sign-in').submit(); return null;",
+            shop::client::OPERATOR.0,
+            shop::client::OPERATOR.1
+        ))
+        .await;
+    browser
+        .wait_for("form.filters", Duration::from_secs(30))
+        .await;
     browser.goto(page).await;
     browser
         .wait_for("svg.timeline", Duration::from_secs(30))

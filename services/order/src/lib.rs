@@ -9,6 +9,7 @@
 
 pub mod api;
 mod card;
+pub mod console_gate;
 pub mod known;
 pub mod placement;
 
@@ -292,6 +293,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let counted = Arc::clone(&orchestrator);
     let watched = Arc::clone(&orchestrator);
     let authentication = config.auth.authentication(SERVICE);
+    let gate = console_gate::Gate {
+        authentication: authentication.clone(),
+        token_url: console_gate::token_url(&config.auth.auth_jwks_url),
+        http: reqwest::Client::new(),
+        service: "order-service".to_owned(),
+    };
     // The saga console beside the API: its actions go through this orchestrator.
     let console = saga_console::Console::new(pool.clone(), "order-service")
         .acting_through(Arc::clone(&orchestrator) as Arc<dyn saga_console::SagaActions>)
@@ -305,7 +312,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Service::new(SERVICE, pool, listen, metrics)
         .api(
             api::router(state)
-                .merge(saga_console::router(console))
+                .merge(console_gate::protect(saga_console::router(console), gate))
                 .layer(service_kit::auth::layer(authentication)),
         )
         .prepare(prepare)
