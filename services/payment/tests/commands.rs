@@ -95,6 +95,20 @@ fn charge(order: Uuid, amount_cents: i64, card_token: &str) -> Value {
     })
 }
 
+/// A declined payment as [`Fixture::payment`] reads it.
+fn declined(
+    cents: i64,
+    last4: &str,
+    reason: &str,
+) -> Option<(i64, String, String, Option<String>)> {
+    Some((
+        cents,
+        last4.to_owned(),
+        "DECLINED".to_owned(),
+        Some(reason.to_owned()),
+    ))
+}
+
 fn refund(order: Uuid) -> Value {
     json!({ "orderId": order })
 }
@@ -214,12 +228,7 @@ async fn a_declined_card_is_recorded_and_its_refund_pays_nothing_back() {
     .unwrap();
     assert_eq!(
         f.payment(order).await,
-        Some((
-            1_000,
-            "9999".to_owned(),
-            "DECLINED".to_owned(),
-            Some(CARD_DECLINED.to_owned())
-        ))
+        declined(1_000, "9999", CARD_DECLINED)
     );
     let replies = f.replies().await;
     assert_eq!(replies.len(), 1, "{replies:?}");
@@ -259,15 +268,7 @@ async fn a_charge_above_the_limit_is_declined_naming_the_limit() {
     .await
     .unwrap();
     let reason = "amount 100.01 is above the charge limit of 100.00";
-    assert_eq!(
-        f.payment(order).await,
-        Some((
-            10_001,
-            "1234".to_owned(),
-            "DECLINED".to_owned(),
-            Some(reason.to_owned())
-        ))
-    );
+    assert_eq!(f.payment(order).await, declined(10_001, "1234", reason));
     let replies = f.replies().await;
     assert_eq!(replies.len(), 1, "{replies:?}");
     assert_reply(&replies[0], saga, PAYMENT_DECLINED, "failure");
@@ -456,12 +457,7 @@ async fn a_token_the_vault_did_not_make_is_declined() {
         .unwrap();
     assert_eq!(
         f.payment(order).await,
-        Some((
-            1_000,
-            "4321".to_owned(),
-            "DECLINED".to_owned(),
-            Some(UNKNOWN_CARD_TOKEN.to_owned())
-        ))
+        declined(1_000, "4321", UNKNOWN_CARD_TOKEN)
     );
     let replies = f.replies().await;
     assert_reply(&replies[0], saga, PAYMENT_DECLINED, "failure");
@@ -482,12 +478,7 @@ async fn a_charge_from_a_saga_started_before_the_vault_keeps_only_the_last_digit
         .unwrap();
     assert_eq!(
         f.payment(order).await,
-        Some((
-            1_500,
-            "9999".to_owned(),
-            "DECLINED".to_owned(),
-            Some(CARD_DECLINED.to_owned())
-        ))
+        declined(1_500, "9999", CARD_DECLINED)
     );
     let (saga, order) = (Uuid::now_v7(), Uuid::now_v7());
     let legacy = json!({
