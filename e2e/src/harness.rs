@@ -525,6 +525,8 @@ impl Shop {
                         "OUTBOX_RELAY_DEAD_LETTER_TOPIC",
                         &self.relay_dead_letter_topic(),
                     ),
+                    // Its name in traces (when they are exported), unlike the other relays'.
+                    ("OTEL_SERVICE_NAME", &format!("{service}-relay")),
                 ]
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .to_vec();

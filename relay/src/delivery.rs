@@ -40,6 +40,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::routing::{OutboxRecord, Position};
 use crate::sink::{self, Event, Handed, Refusal, RefusalKind, Sink, SinkError, Ticket};
+use crate::trace::PublishSpan;
 
 /// The loop cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,8 @@ struct Flight<T> {
     /// Whether it is a dead letter shrunk to digests (the last resort).
     shrunk: bool,
     commit_time: Option<SystemTime>,
+    /// The record's span when it is traced; it ends when the flight is settled.
+    trace: Option<PublishSpan>,
 }
 
 /// The records accepted by the sink, by ticket. Tickets are handed out in
@@ -224,6 +227,8 @@ impl<S: Sink, T: Copy> Delivery<S, T> {
         if let Some(elapsed) = commit_time.and_then(|t| SystemTime::now().duration_since(t).ok()) {
             self.metrics.commit_to_send(elapsed);
         }
+        let mut record = record;
+        let trace = PublishSpan::start(&mut record, self.sink.name());
         let mut flight = Flight {
             tag,
             size: record.size(),
@@ -231,6 +236,7 @@ impl<S: Sink, T: Copy> Delivery<S, T> {
             letter,
             shrunk: false,
             commit_time,
+            trace,
         };
         if let Err(reason) = self.sink.check_name(&flight.record.topic) {
             flight = self.replace(flight, Refusal::new(RefusalKind::BadRoute, reason))?;
@@ -306,7 +312,10 @@ impl<S: Sink, T: Copy> Delivery<S, T> {
     }
 
     /// The dead letter taking a refused record's place, counted for its tag.
-    fn replace(&self, flight: Flight<T>, refusal: Refusal) -> Result<Flight<T>, DeliveryError> {
+    fn replace(&self, mut flight: Flight<T>, refusal: Refusal) -> Result<Flight<T>, DeliveryError> {
+        if let Some(trace) = &mut flight.trace {
+            trace.refused(&refusal);
+        }
         let undeliverable = |flight: Flight<T>, refusal, why| {
             Err(DeliveryError::Undeliverable {
                 position: flight.record.position,

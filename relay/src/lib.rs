@@ -14,6 +14,7 @@
 //! - [`stream`]: the replication loop tying them together.
 //! - [`snapshot`]: the rows already in the table when a slot is created.
 //! - [`standby`]: several relays on one slot: who holds it, taking it over.
+//! - [`trace`]: the span of a traced record, handed on in its headers.
 //! - [`runner`]: connect, prepare, stand by or stream, reconnect; [`run`] is the
 //!   entry point.
 
@@ -40,6 +41,7 @@ pub mod snapshot;
 pub mod sql;
 pub mod standby;
 pub mod stream;
+pub mod trace;
 
 pub use config::RelayConfig;
 pub use lsn::Lsn;

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use outbox_relay::config::{Args, RelayConfig};
 use outbox_relay::runner::{error_chain, run};
-use tracing_subscriber::EnvFilter;
 
 /// Relays committed outbox rows from PostgreSQL logical replication (pgoutput) to
 /// Kafka (or NATS JetStream, RabbitMQ, Redis Streams: --sink), confirming the
@@ -17,7 +16,8 @@ use tracing_subscriber::EnvFilter;
 /// Without a command it streams. Every option can also be set in the TOML file given
 /// with --config and as an environment variable; flags win over the environment,
 /// which wins over the file. Logging is configured with OUTBOX_RELAY_LOG (e.g.
-/// "info", "outbox_relay=debug").
+/// "info", "outbox_relay=debug"); traces are exported over OTLP/HTTP when
+/// OTEL_EXPORTER_OTLP_ENDPOINT is set.
 #[derive(Debug, Parser)]
 #[command(name = "outbox-relay", version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -53,14 +53,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("OUTBOX_RELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Logs as set by OUTBOX_RELAY_LOG; spans exported over OTLP/HTTP when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/tracing.md).
+    telemetry::init("outbox-relay", "OUTBOX_RELAY_LOG");
+    let code = relay(cli);
+    // The last publish spans, still queued, go out before the process ends.
+    telemetry::shutdown();
+    code
+}
 
+fn relay(cli: Cli) -> ExitCode {
     if let Err(error) = failpoints::init() {
         eprintln!("outbox-relay: {error}");
         return ExitCode::from(2);

@@ -154,6 +154,7 @@ mod message;
 mod offsets;
 mod rebalance;
 pub mod scope;
+mod trace;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

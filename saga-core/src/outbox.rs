@@ -15,15 +15,25 @@
 //! data-modifying CTE: the statements of one query share a snapshot, so the DELETE
 //! would not see the row it is meant to remove.
 //!
+//! With tracing on ([`telemetry::enabled`]), every write is an `outbox write` span,
+//! a child of the span the caller is in (an HTTP request, a message's handling),
+//! and each event written without a `traceparent` of its own gets one naming that
+//! span (plus `tracestate` when the trace has state): the relay continues the
+//! trace from there. The headers go into the row with the event, in the same
+//! statement, so they are exactly as durable as the event.
+//!
 //! Event ids are UUIDv7 by default: time-ordered (increasing within a process, as
 //! `uuid`'s v7 generator keeps a counter), which keeps the outbox's primary key index
 //! append-mostly, and unique, which is what the consumers' journal deduplicates on.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
 use sqlx::types::Json;
+use telemetry::{TraceHeaders, TRACESTATE};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// The header under which [`OutboxEvent::traceparent`] stores a W3C trace context.
@@ -107,39 +117,64 @@ impl OutboxEvent {
 /// `00-<trace-id: 32 hex>-<parent-id: 16 hex>-<flags: 2 hex>`, 55 characters,
 /// lowercase hex, with neither id all zeros (the specification calls those invalid).
 pub fn is_valid_traceparent(value: &str) -> bool {
-    fn lower_hex(s: &str) -> bool {
-        s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    }
-    fn not_zero(s: &str) -> bool {
-        s.bytes().any(|b| b != b'0')
-    }
-    if value.len() != 55 {
-        return false;
-    }
-    let mut parts = value.split('-');
-    let (Some(version), Some(trace_id), Some(parent_id), Some(flags), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return false;
-    };
-    version == "00"
-        && trace_id.len() == 32
-        && parent_id.len() == 16
-        && flags.len() == 2
-        && lower_hex(trace_id)
-        && lower_hex(parent_id)
-        && lower_hex(flags)
-        && not_zero(trace_id)
-        && not_zero(parent_id)
+    telemetry::propagation::is_valid_traceparent(value)
 }
 
-/// Events as the six arrays [`Outbox::insert_from`] unnests.
-#[derive(Debug, Default)]
+/// The span of one outbox write and the trace headers naming it: a disabled span
+/// and no headers when tracing is off.
+#[derive(Debug)]
+pub(crate) struct WriteSpan {
+    pub(crate) span: tracing::Span,
+    trace: Option<TraceHeaders>,
+}
+
+impl WriteSpan {
+    /// The span of writing `events` into `table`.
+    fn new(table: &str, events: &[OutboxEvent]) -> WriteSpan {
+        if !telemetry::enabled() || events.is_empty() {
+            return WriteSpan {
+                span: tracing::Span::none(),
+                trace: None,
+            };
+        }
+        let one = match events {
+            [one] => Some(one),
+            _ => None,
+        };
+        let span = tracing::info_span!(
+            "outbox write",
+            otel.kind = "producer",
+            "outbox.table" = table,
+            "messaging.operation.type" = "create",
+            "messaging.batch.message_count" = events.len(),
+            "messaging.message.id" = one.map(|e| tracing::field::display(e.id)),
+            "message.type" = one.map(|e| e.event_type.as_str()),
+            "outbox.aggregate_type" = one.map(|e| e.aggregate_type.as_str()),
+        );
+        let trace = TraceHeaders::of_span(&span);
+        WriteSpan { span, trace }
+    }
+
+    /// The headers `event` is written with: its own, plus `traceparent` (and
+    /// `tracestate`) naming this span unless it carries a `traceparent` already.
+    fn headers<'e>(&self, event: &'e OutboxEvent) -> Cow<'e, BTreeMap<String, String>> {
+        match &self.trace {
+            Some(trace) if !event.headers.contains_key(TRACEPARENT_HEADER) => {
+                let mut headers = event.headers.clone();
+                headers.insert(TRACEPARENT_HEADER.to_owned(), trace.traceparent.clone());
+                if let Some(state) = &trace.tracestate {
+                    headers.insert(TRACESTATE.to_owned(), state.clone());
+                }
+                Cow::Owned(headers)
+            }
+            _ => Cow::Borrowed(&event.headers),
+        }
+    }
+}
+
+/// Events as the six arrays [`Outbox::insert_from`] unnests, and the span their
+/// statement runs in.
+#[derive(Debug)]
 pub(crate) struct OutboxRows {
     pub(crate) ids: Vec<Uuid>,
     pub(crate) aggregate_types: Vec<String>,
@@ -147,22 +182,8 @@ pub(crate) struct OutboxRows {
     pub(crate) types: Vec<String>,
     pub(crate) payloads: Vec<serde_json::Value>,
     pub(crate) headers: Vec<Option<serde_json::Value>>,
-}
-
-impl OutboxRows {
-    pub(crate) fn of(events: &[OutboxEvent]) -> OutboxRows {
-        let mut rows = OutboxRows::default();
-        for event in events {
-            rows.ids.push(event.id);
-            rows.aggregate_types.push(event.aggregate_type.clone());
-            rows.aggregate_ids.push(event.aggregate_id.clone());
-            rows.types.push(event.event_type.clone());
-            rows.payloads.push(event.payload.clone());
-            rows.headers
-                .push((!event.headers.is_empty()).then(|| serde_json::json!(event.headers)));
-        }
-        rows
-    }
+    /// Instrument the statement that writes the rows with it.
+    pub(crate) span: tracing::Span,
 }
 
 /// Writes events into an outbox table with the shared table's columns.
@@ -195,6 +216,33 @@ impl Outbox {
     /// Deletes each row again in the same transaction right after inserting it.
     pub fn delete_after_insert(self, yes: bool) -> Self {
         Outbox::build(self.table, yes)
+    }
+
+    /// `events` as the arrays of [`Outbox::insert_from`], each with its trace
+    /// headers, and the span of the statement that writes them.
+    pub(crate) fn rows(&self, events: &[OutboxEvent]) -> OutboxRows {
+        let write = WriteSpan::new(&self.table, events);
+        let mut rows = OutboxRows {
+            ids: Vec::with_capacity(events.len()),
+            aggregate_types: Vec::with_capacity(events.len()),
+            aggregate_ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            headers: Vec::with_capacity(events.len()),
+            span: tracing::Span::none(),
+        };
+        for event in events {
+            rows.ids.push(event.id);
+            rows.aggregate_types.push(event.aggregate_type.clone());
+            rows.aggregate_ids.push(event.aggregate_id.clone());
+            rows.types.push(event.event_type.clone());
+            rows.payloads.push(event.payload.clone());
+            let headers = write.headers(event);
+            rows.headers
+                .push((!headers.is_empty()).then(|| serde_json::json!(headers)));
+        }
+        rows.span = write.span;
+        rows
     }
 
     /// The table written to, as it appears in SQL (quoted schema and name).
@@ -314,27 +362,35 @@ impl Outbox {
         event: &'q OutboxEvent,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<bool, OutboxError> {
-        let headers = (!event.headers.is_empty()).then_some(Json(&event.headers));
-        let inserted = query
+        let write = WriteSpan::new(&self.table, std::slice::from_ref(event));
+        let query = query
             .bind(event.id)
             .bind(&event.aggregate_type)
             .bind(&event.aggregate_id)
             .bind(&event.event_type)
-            .bind(Json(&event.payload))
-            .bind(headers)
-            .execute(&mut *tx)
-            .await
-            .map_err(|source| OutboxError::Insert {
-                table: self.table.clone(),
-                event_id: event.id,
-                source,
-            })?
-            .rows_affected()
-            == 1;
-        if inserted && self.delete_after_insert {
-            self.delete(tx, event.id).await?;
+            .bind(Json(&event.payload));
+        let query = match write.headers(event) {
+            Cow::Borrowed(headers) => query.bind((!headers.is_empty()).then_some(Json(headers))),
+            Cow::Owned(headers) => query.bind(Some(Json(headers))),
+        };
+        async {
+            let inserted = query
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| OutboxError::Insert {
+                    table: self.table.clone(),
+                    event_id: event.id,
+                    source,
+                })?
+                .rows_affected()
+                == 1;
+            if inserted && self.delete_after_insert {
+                self.delete(tx, event.id).await?;
+            }
+            Ok(inserted)
         }
-        Ok(inserted)
+        .instrument(write.span)
+        .await
     }
 
     /// The DELETE of [`Outbox::delete_after_insert`].
@@ -435,6 +491,46 @@ mod tests {
         ] {
             assert!(!is_valid_traceparent(bad), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn the_write_span_goes_into_the_headers_unless_the_event_has_its_own() {
+        let write = WriteSpan {
+            span: tracing::Span::none(),
+            trace: Some(TraceHeaders {
+                traceparent: VALID.to_owned(),
+                tracestate: Some("v=1".to_owned()),
+            }),
+        };
+        let event = OutboxEvent::new("order", "1", "OrderCreated", &serde_json::json!({}))
+            .unwrap()
+            .header("saga-id", "s");
+        let headers = write.headers(&event);
+        assert_eq!(headers.get("traceparent").map(String::as_str), Some(VALID));
+        assert_eq!(headers.get("tracestate").map(String::as_str), Some("v=1"));
+        assert_eq!(headers.get("saga-id").map(String::as_str), Some("s"));
+        // What the relay reads back names the same span.
+        let parent = telemetry::propagation::parent(
+            headers.get("traceparent").map(String::as_str),
+            headers.get("tracestate").map(String::as_str),
+        );
+        assert_eq!(TraceHeaders::of_context(&parent), write.trace.clone());
+
+        let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let chosen = event.clone().traceparent(Some(own));
+        assert_eq!(
+            write
+                .headers(&chosen)
+                .get("traceparent")
+                .map(String::as_str),
+            Some(own)
+        );
+        assert!(matches!(write.headers(&chosen), Cow::Borrowed(_)));
+        let off = WriteSpan {
+            span: tracing::Span::none(),
+            trace: None,
+        };
+        assert!(matches!(off.headers(&event), Cow::Borrowed(_)));
     }
 
     #[test]

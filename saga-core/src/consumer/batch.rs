@@ -39,6 +39,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 
 use futures::FutureExt;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::handling::{process, rollback, Job, Outcome, Shared};
@@ -135,12 +136,17 @@ async fn apply<H: MessageHandler>(
     for message in messages.iter().filter(|m| new.contains(&m.id)) {
         // Fault point (scenarios): a slow handler, holding its transaction open.
         let _ = failpoints::hit("consumer.before-handler").await;
+        let span = super::trace::handling(&shared.consumer, message);
         let handled = AssertUnwindSafe(shared.handler.handle(&mut tx, message))
             .catch_unwind()
+            .instrument(span.clone())
             .await;
         let failed = match handled {
             Ok(Ok(())) => continue,
-            Ok(Err(err)) => format!("message {}: {err}", message.id),
+            Ok(Err(err)) => {
+                super::trace::failed(&span, &err);
+                format!("message {}: {err}", message.id)
+            }
             Err(_) => format!("message {}: the handler panicked", message.id),
         };
         rollback(tx).await;

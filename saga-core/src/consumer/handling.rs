@@ -11,6 +11,7 @@ use futures::FutureExt;
 use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use super::dead_letter::{self, DeadLetterReason};
 use super::message::{is_transient_database_error, RawMessage};
@@ -198,12 +199,15 @@ async fn apply<H: MessageHandler>(
     }
     // Fault point (scenarios): a slow handler, holding its transaction open.
     let _ = failpoints::hit("consumer.before-handler").await;
+    let span = super::trace::handling(&shared.consumer, message);
     let handled = AssertUnwindSafe(shared.handler.handle(&mut tx, message))
         .catch_unwind()
+        .instrument(span.clone())
         .await;
     match handled {
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
+            super::trace::failed(&span, &err);
             rollback(tx).await;
             return Err(err.into());
         }

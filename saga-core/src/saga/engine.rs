@@ -175,6 +175,19 @@ impl<D> SagaInstance<D> {
         step: Option<&str>,
         detail: serde_json::Value,
     ) {
+        if telemetry::enabled() {
+            // The transition as an event of the span it happens in (the order
+            // request, or the handling of a participant's reply).
+            let mut attributes = vec![
+                telemetry::KeyValue::new("saga.id", self.id.to_string()),
+                telemetry::KeyValue::new("saga.event", kind.as_str()),
+            ];
+            if let Some(step) = step {
+                attributes.push(telemetry::KeyValue::new("saga.step", step.to_owned()));
+            }
+            let name = format!("{} {}", step.unwrap_or("saga"), kind.as_str());
+            telemetry::event(name, attributes);
+        }
         self.trail.push(PendingEvent::new(kind, step, detail));
     }
 }

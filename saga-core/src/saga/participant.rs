@@ -28,6 +28,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::PgConnection;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::consumer::IncomingMessage;
@@ -276,7 +277,10 @@ where
     .await
     .map_err(HandlerError::transient)?
     {
-        BarrierOutcome::Proceed => effect(&mut *tx, &command).await?,
+        BarrierOutcome::Proceed => {
+            let span = effect_span(&command);
+            effect(&mut *tx, &command).instrument(span).await?
+        }
         BarrierOutcome::NullCompensation => {
             tracing::info!(saga_id = %command.saga_id, step = %command.step, "null compensation: the step never ran here");
             ParticipantReply::success(
@@ -343,6 +347,24 @@ where
         return Err(sqlx::Error::RowNotFound.into());
     }
     Ok(())
+}
+
+/// The span of a command's business effect, inside the handling of the command;
+/// disabled when tracing is off.
+fn effect_span(command: &CommandEnvelope) -> tracing::Span {
+    if !telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "effect",
+        otel.kind = "internal",
+        otel.name = %format_args!("effect {}", command.command_type),
+        "saga.id" = %command.saga_id,
+        "saga.step" = %command.step,
+        "saga.compensation" = command.compensation,
+        "saga.attempt" = command.attempt,
+        "saga.request_id" = %command.request_id,
+    )
 }
 
 /// An outbox write that failed, as the consumer's error.

@@ -1,10 +1,11 @@
 //! The services' HTTP surface: JSON errors, extractors that answer bad input with
-//! them, and the `/health` and `/metrics` routes.
+//! them, the `/health` and `/metrics` routes, and a span per API request.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -163,4 +164,46 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 /// The answer to a path no route has.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such resource")
+}
+
+/// Runs an API request inside a server span named after its route
+/// (`POST /orders`), the child of the caller's span when the request carries a
+/// `traceparent` header: whatever the handler writes to the outbox continues this
+/// trace. Without export, the request just runs.
+pub async fn traced(request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    if !telemetry::enabled() {
+        return next.run(request).await;
+    }
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "http request",
+        otel.kind = "server",
+        otel.name = %format_args!("{method} {route}"),
+        otel.status_code = tracing::field::Empty,
+        "http.request.method" = %method,
+        "http.route" = %route,
+        "url.path" = request.uri().path(),
+        "http.response.status_code" = tracing::field::Empty,
+    );
+    {
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        telemetry::propagation::set_parent(
+            &span,
+            header(telemetry::TRACEPARENT),
+            header(telemetry::TRACESTATE),
+        );
+    }
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
 }

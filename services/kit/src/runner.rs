@@ -290,11 +290,15 @@ impl Running {
         self.join.await?
     }
 
-    /// Runs until `signal` resolves, then stops.
+    /// Runs until `signal` resolves, then stops, and exports the spans still
+    /// queued (the process is about to end).
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         signal.await;
         tracing::info!("stopping");
-        self.stop().await
+        let stopped = self.stop().await;
+        // The exporter's shutdown waits for its last export: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(telemetry::shutdown).await;
+        stopped
     }
 }
 
@@ -337,6 +341,7 @@ async fn supervise(
     let router = service
         .api
         .layer(axum::middleware::from_fn_with_state(shared.clone(), gate))
+        .layer(axum::middleware::from_fn(crate::http::traced))
         .merge(operations)
         .fallback(crate::http::not_found)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), count));

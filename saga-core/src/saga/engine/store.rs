@@ -14,6 +14,8 @@ use sqlx::types::chrono;
 use sqlx::PgConnection;
 
 use super::{to_column, Orchestrator, SagaError, SagaInstance};
+use tracing::Instrument as _;
+
 use crate::outbox::OutboxRows;
 use crate::saga::audit::{self, EventKind, EventRows, PendingEvent, Snapshot};
 use crate::saga::definition::SagaData;
@@ -54,6 +56,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             .bind(to_column(instance.definition_version));
         bind_tail(query, self.clock.now(), &rows, &sent)
             .fetch_one(&mut *tx)
+            .instrument(sent.span.clone())
             .await?;
         self.outbox.inserted(tx, &sent.ids).await?;
         instance.loaded = Some(after);
@@ -99,6 +102,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             .bind(&self.definition().name);
         let updated = bind_tail(query, self.clock.now(), &rows, &sent)
             .fetch_one(&mut *tx)
+            .instrument(sent.span.clone())
             .await?;
         if updated == 0 {
             self.conflicts
@@ -158,7 +162,7 @@ impl<D: SagaData + Clone> Orchestrator<D> {
     > {
         let after = self.snapshot(instance)?;
         let (events, changes) = self.take_trail(instance, &after);
-        let sent = OutboxRows::of(&std::mem::take(&mut instance.outgoing));
+        let sent = self.outbox.rows(&std::mem::take(&mut instance.outgoing));
         Ok((after, events, changes, sent))
     }
 
