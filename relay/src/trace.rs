@@ -32,7 +32,9 @@ use crate::routing::OutboxRecord;
 use crate::sink::Refusal;
 
 /// The span of a record in flight; it ends when dropped (the record settled).
-pub struct PublishSpan(opentelemetry_sdk::trace::Span);
+/// Boxed: a record in flight without a span carries one null pointer, not the
+/// span's few hundred bytes.
+pub struct PublishSpan(Box<opentelemetry_sdk::trace::Span>);
 
 impl std::fmt::Debug for PublishSpan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,7 +77,7 @@ impl PublishSpan {
             .start_with_context(tracer, &parent);
         let own = TraceHeaders::of(span.span_context())?;
         replace_trace_headers(record, own);
-        Some(PublishSpan(span))
+        Some(PublishSpan(Box::new(span)))
     }
 
     /// The destination refused the record; a dead letter takes its place.
@@ -224,6 +226,14 @@ mod tests {
             assert!(PublishSpan::start_with(&tracer, &mut r, "kafka").is_none());
             assert_eq!(r, before);
         }
+    }
+
+    #[test]
+    fn a_record_without_a_span_carries_a_pointer_at_most() {
+        assert_eq!(
+            std::mem::size_of::<Option<PublishSpan>>(),
+            std::mem::size_of::<usize>()
+        );
     }
 
     #[test]
