@@ -335,6 +335,20 @@ async fn one_order_is_one_trace_across_the_services_and_relays() {
         );
     }
 
+    // The order service's questions to the customer and inventory services are
+    // part of the order's trace.
+    for (service, route) in [
+        ("customer-service", "GET /customers/{id}"),
+        ("inventory-service", "GET /goods/{id}"),
+    ] {
+        let call = spans
+            .iter()
+            .find(|s| s.service == service && s.kind == SpanKind::Server)
+            .unwrap_or_else(|| panic!("no request to {service} in the trace:{listing}"));
+        assert_eq!(call.name, route, "{call:?}");
+        assert_eq!(by_id[call.parent.as_str()].name, "POST /orders", "{call:?}");
+    }
+
     // Each relay publishes rows its own service wrote: its span's parent is that
     // service's outbox write.
     let publishes: Vec<&Seen> = spans

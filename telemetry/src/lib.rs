@@ -51,6 +51,19 @@ pub const ENDPOINT_VARS: [&str; 2] = [
 ];
 /// `http/protobuf` (the default) or `http/json`.
 pub const PROTOCOL_VAR: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+/// Every variable of the OpenTelemetry specification a binary using this crate
+/// honours (docs/tracing.md); the SDK reads those not named above itself.
+pub const ENVIRONMENT: [&str; 9] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+];
 /// The log filter when the binary's variable is unset: the exporter's own
 /// lines only when something goes wrong.
 pub const DEFAULT_LOG: &str = "info,opentelemetry=warn";

@@ -287,6 +287,25 @@ fn scan_env(text: &str, vars: &mut BTreeMap<String, Option<String>>) {
     if text.contains("from_default_env()") {
         vars.entry("RUST_LOG".to_owned()).or_insert(None);
     }
+    // The log filter's variable a binary hands the telemetry crate:
+    // `telemetry::init("outbox-relay", "OUTBOX_RELAY_LOG")`.
+    for (at, _) in text.match_indices("telemetry::init(") {
+        let call = &text[at..];
+        let call = &call[..call.find(')').unwrap_or(call.len())];
+        if let Some((_, rest)) = call.split_once(", \"") {
+            if let Some(end) = rest.find('"') {
+                vars.entry(rest[..end].to_owned()).or_insert(None);
+            }
+        }
+    }
+    // The OpenTelemetry variables the telemetry crate names (`telemetry::ENVIRONMENT`):
+    // the SDK reads most of them itself.
+    for (at, _) in text.match_indices("\"OTEL_") {
+        let rest = &text[at + 1..];
+        if let Some(end) = rest.find('"') {
+            vars.entry(rest[..end].to_owned()).or_insert(None);
+        }
+    }
 }
 
 /// The `default_value = "..."` of the `#[arg(...)]` attribute around `at`.

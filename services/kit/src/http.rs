@@ -207,3 +207,18 @@ pub async fn traced(request: Request, next: Next) -> Response {
     }
     response
 }
+
+/// `request` with the current span's `traceparent` (and `tracestate`), so that a
+/// call to another service continues the caller's trace; unchanged without export.
+pub fn with_trace(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match telemetry::TraceHeaders::of_span(&tracing::Span::current()) {
+        Some(headers) => {
+            let request = request.header(telemetry::TRACEPARENT, headers.traceparent);
+            match headers.tracestate {
+                Some(state) => request.header(telemetry::TRACESTATE, state),
+                None => request,
+            }
+        }
+        None => request,
+    }
+}

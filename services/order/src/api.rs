@@ -278,9 +278,7 @@ async fn check_exists(
         return Ok(());
     }
     let url = format!("{}/{path}/{id}", base.trim_end_matches('/'));
-    match state
-        .http
-        .get(&url)
+    match service_kit::http::with_trace(state.http.get(&url))
         .timeout(Duration::from_secs(2))
         .send()
         .await

@@ -73,9 +73,7 @@ pub(crate) async fn token(state: &AppState, card: Named) -> Result<CardToken, Ap
             "the payment service's card vault cannot be reached; try again, or send a cardToken",
         )
     };
-    let response = state
-        .http
-        .post(&url)
+    let response = service_kit::http::with_trace(state.http.post(&url))
         .timeout(VAULT_TIMEOUT)
         .json(&serde_json::json!({ "cardNumber": number.digits() }))
         .send()
