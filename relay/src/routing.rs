@@ -117,6 +117,7 @@ pub struct OutboxLayout {
     event_type: (usize, String),
     payload: (usize, String),
     headers: Option<(usize, String)>,
+    tracing_span_context: Option<usize>,
     /// Every column of the relation, in tuple order (for dead letters of bad rows).
     column_names: Vec<String>,
 }
@@ -147,6 +148,7 @@ impl OutboxLayout {
             event_type: require(columns.event_type.as_str(), "event type")?,
             payload: require(columns.payload.as_str(), "payload")?,
             headers: find(columns.headers.as_str()).map(|i| (i, columns.headers.to_string())),
+            tracing_span_context: find(columns.tracing_span_context.as_str()),
             column_names: relation_columns.iter().map(|c| (*c).to_owned()).collect(),
         })
     }
@@ -213,7 +215,7 @@ impl OutboxLayout {
             Err(BadRow::Null { .. }) => None,
             Err(other) => return Err(other),
         };
-        let extra = match &self.headers {
+        let mut extra = match &self.headers {
             Some(column) => match text(column, "headers") {
                 Ok(Some(json)) => header_entries(&column.1, json)?,
                 Err(BadRow::Null { .. }) | Ok(None) => Vec::new(),
@@ -221,6 +223,12 @@ impl OutboxLayout {
             },
             None => Vec::new(),
         };
+        if let Some(ColumnValue::Text(context)) = self
+            .tracing_span_context
+            .and_then(|i| values.get(i).copied())
+        {
+            add_span_context(&mut extra, &String::from_utf8_lossy(context));
+        }
         Ok(assemble(
             outbox,
             outbox.topic_template.render(aggregate_type),
@@ -322,10 +330,15 @@ pub fn route_message(
         None | Some(serde_json::Value::Null) => None,
         Some(value) => Some(value.to_string()),
     };
-    let extra = match object.get(columns.headers.as_str()) {
+    let mut extra = match object.get(columns.headers.as_str()) {
         None | Some(serde_json::Value::Null) => Vec::new(),
         Some(value) => header_entries(columns.headers.as_str(), &value.to_string())?,
     };
+    if let Some(serde_json::Value::String(context)) =
+        object.get(columns.tracing_span_context.as_str())
+    {
+        add_span_context(&mut extra, context);
+    }
     Ok(assemble(
         outbox,
         topic,
@@ -338,6 +351,65 @@ pub fn route_message(
         extra,
         position,
     ))
+}
+
+/// Adds the `traceparent` and `tracestate` of a Debezium-style span context
+/// (`Properties` text: `key=value` or `key:value` lines, `#`/`!` comments,
+/// backslash escapes; or a bare traceparent) to `headers`, unless they already
+/// name a traceparent: the headers column is the more specific of the two. A
+/// context without a traceparent adds nothing; it is never a reason to refuse a
+/// row.
+fn add_span_context(headers: &mut Vec<(String, Bytes)>, context: &str) {
+    if headers.iter().any(|(k, _)| k == telemetry::TRACEPARENT) {
+        return;
+    }
+    let context = context.trim();
+    if !context.contains(['=', ':']) {
+        if !context.is_empty() && !context.contains('\n') {
+            headers.push((
+                telemetry::TRACEPARENT.to_owned(),
+                Bytes::from(context.to_owned()),
+            ));
+        }
+        return;
+    }
+    let mut found = Vec::new();
+    for line in context.lines().map(str::trim_start) {
+        if line.is_empty() || line.starts_with(['#', '!']) {
+            continue;
+        }
+        let Some(at) = line.find(['=', ':']) else {
+            continue;
+        };
+        let key = unescape(line[..at].trim_end());
+        let value = unescape(line[at + 1..].trim_start());
+        if key == telemetry::TRACEPARENT || key == telemetry::TRACESTATE {
+            found.push((key, Bytes::from(value)));
+        }
+    }
+    if found.iter().any(|(k, _)| k == telemetry::TRACEPARENT) {
+        headers.extend(found);
+    }
+}
+
+/// A `Properties` key or value with its backslash escapes resolved.
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
 }
 
 /// The entries of a jsonb headers object, in the object's order.
@@ -454,6 +526,51 @@ mod tests {
             Some(&b"16/B374D848"[..])
         );
         assert_eq!(header(&record, HEADER_INDEX), Some(&b"3"[..]));
+    }
+
+    #[test]
+    fn debeziums_tracing_span_context_column_becomes_the_trace_headers() {
+        let table = [
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "headers",
+            "tracingspancontext",
+        ];
+        let layout = OutboxLayout::resolve(&DEFAULT_COLUMNS, "public.outbox", &table).unwrap();
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let route = |headers: ColumnValue<'_>, context: &str| {
+            let mut values = row(headers, ColumnValue::Text(b"{}"));
+            values[6] = ColumnValue::Text(context.as_bytes());
+            layout.route(&template(), &values, POSITION).unwrap()
+        };
+        // As Debezium writes it: java.util.Properties text, a comment line first.
+        let properties =
+            format!("#Tue Dec 01 10:00:00 UTC 2026\ntraceparent={parent}\ntracestate=a\\=1\n");
+        let record = route(ColumnValue::Null, &properties);
+        assert_eq!(header(&record, "traceparent"), Some(parent.as_bytes()));
+        assert_eq!(header(&record, "tracestate"), Some(&b"a=1"[..]));
+        // A bare traceparent.
+        let record = route(ColumnValue::Null, parent);
+        assert_eq!(header(&record, "traceparent"), Some(parent.as_bytes()));
+        // The headers column names one already: it wins, and nothing is doubled.
+        let record = route(
+            ColumnValue::Text(br#"{"traceparent": "00-abc-def-01"}"#),
+            &properties,
+        );
+        let parents: Vec<_> = record
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "traceparent")
+            .collect();
+        assert_eq!(parents.len(), 1);
+        assert_eq!(header(&record, "traceparent"), Some(&b"00-abc-def-01"[..]));
+        // Nothing usable: no header, and the row is still routed.
+        let record = route(ColumnValue::Null, "#only a comment\nother=1\n");
+        assert_eq!(header(&record, "traceparent"), None);
+        assert_eq!(header(&record, "tracestate"), None);
     }
 
     #[test]

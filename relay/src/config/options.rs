@@ -267,6 +267,17 @@ section! {
             value_name = "COLUMN"
         )]
         pub headers: Option<String>,
+
+        /// Optional column with the trace context as Debezium's outbox event router
+        /// keeps it (`traceparent=…` lines, or a bare traceparent); it becomes the
+        /// record's traceparent/tracestate headers unless the headers column has one;
+        /// ignored when the table has no such column [default: tracingspancontext].
+        #[arg(
+            long = "column-tracing-span-context",
+            env = "OUTBOX_RELAY_COLUMN_TRACING_SPAN_CONTEXT",
+            value_name = "COLUMN"
+        )]
+        pub tracing_span_context: Option<String>,
     }
 }
 

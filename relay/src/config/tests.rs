@@ -377,6 +377,7 @@ aggregate_id = "c3"
 event_type = "c4"
 payload = "c5"
 headers = "c6"
+tracing_span_context = "c7"
 
 [kafka]
 brokers = "k:1"
@@ -429,7 +430,7 @@ stall_timeout_ms = 9
     let names = outbox.columns.all();
     assert_eq!(
         names.map(Ident::as_str),
-        ["c1", "c2", "c3", "c4", "c5", "c6"]
+        ["c1", "c2", "c3", "c4", "c5", "c6", "c7"]
     );
     let kafka = &c.kafka;
     assert_eq!(kafka.brokers, "k:1");
@@ -485,6 +486,7 @@ fn flags_and_environment_variables_keep_their_names() {
         ("column-event-type", "COLUMN_EVENT_TYPE"),
         ("column-payload", "COLUMN_PAYLOAD"),
         ("column-headers", "COLUMN_HEADERS"),
+        ("column-tracing-span-context", "COLUMN_TRACING_SPAN_CONTEXT"),
         ("dead-letter-topic", "DEAD_LETTER_TOPIC"),
         ("http-listen", "HTTP_LISTEN"),
         ("stall-timeout-ms", "STALL_TIMEOUT_MS"),

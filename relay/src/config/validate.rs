@@ -150,6 +150,7 @@ impl ColumnsSection {
             event_type: column(self.event_type, default.event_type),
             payload: column(self.payload, default.payload),
             headers: column(self.headers, default.headers),
+            tracing_span_context: column(self.tracing_span_context, default.tracing_span_context),
         }
     }
 }

@@ -20,6 +20,7 @@ pub const DEFAULT_COLUMNS: Columns = Columns {
     event_type: Ident::Static("type"),
     payload: Ident::Static("payload"),
     headers: Ident::Static("headers"),
+    tracing_span_context: Ident::Static("tracingspancontext"),
 };
 
 /// How rows become records.
@@ -78,11 +79,15 @@ pub struct Columns {
     pub payload: Ident,
     /// Optional: a table without it routes records without extra headers.
     pub headers: Ident,
+    /// Optional: the trace context as Debezium's outbox event router keeps it
+    /// (`traceparent=…` lines); it becomes the record's `traceparent`/`tracestate`
+    /// unless the headers column names one.
+    pub tracing_span_context: Ident,
 }
 
 impl Columns {
     /// Every column, in declaration order.
-    pub fn all(&self) -> [&Ident; 6] {
+    pub fn all(&self) -> [&Ident; 7] {
         [
             &self.id,
             &self.aggregate_type,
@@ -90,6 +95,7 @@ impl Columns {
             &self.event_type,
             &self.payload,
             &self.headers,
+            &self.tracing_span_context,
         ]
     }
 }
