@@ -224,14 +224,11 @@ impl ShopClient {
         if let Some(token) = tokens().lock().ok().and_then(|t| t.get(&key).cloned()) {
             return Ok(token);
         }
-        let (status, body) = answer(
-            self.http
-                .post(format!("{}/cards", self.payment_url))
-                .json(&serde_json::json!({ "cardNumber": number }))
-                .send()
-                .await?,
-        )
-        .await?;
+        let request = self
+            .http
+            .post(format!("{}/cards", self.payment_url))
+            .json(&serde_json::json!({ "cardNumber": number }));
+        let (status, body) = answer(self.as_operator(request).await?.send().await?).await?;
         if !status.is_success() {
             bail!("POST /cards answered {status}: {body}");
         }

@@ -280,6 +280,9 @@ impl Shop {
         let mut common = CommonArgs::new(self.config.databases.of(service), &self.config.brokers);
         common.listen = Some(listen);
         common.topic_prefix = self.config.prefix.clone();
+        if let Some(jwks) = self.jwks_url() {
+            common.auth = service_kit::AuthArgs::jwks(jwks);
+        }
         common
     }
 
@@ -306,9 +309,6 @@ impl Shop {
                         config.customer_url = self.customer_url.clone();
                         config.inventory_url = self.inventory_url.clone();
                         config.payment_url = self.payment_url.clone();
-                        if let Some(jwks) = self.jwks_url() {
-                            config.auth = service_kit::AuthArgs::jwks(jwks);
-                        }
                         config.step_timeout_ms = millis(self.config.step_timeout);
                         if let Some(hold) = self.config.suspend_timeouts_for {
                             config.suspend_on = order_service::SuspendWhen::Timeouts;
@@ -345,6 +345,10 @@ impl Shop {
                         ("KAFKA_BROKERS".to_owned(), self.config.brokers.clone()),
                         ("HTTP_LISTEN".to_owned(), format!("127.0.0.1:{port}")),
                         ("TOPIC_PREFIX".to_owned(), self.config.prefix.clone()),
+                        (
+                            "AUTH_JWKS_URL".to_owned(),
+                            self.jwks_url().unwrap_or_default(),
+                        ),
                         // Each process is a pod: its name stays across its
                         // restarts and differs between instances, as the pod's
                         // name does in `deploy/kubernetes`.
@@ -358,10 +362,6 @@ impl Shop {
                                 self.inventory_url.clone(),
                             ),
                             ("PAYMENT_SERVICE_URL".to_owned(), self.payment_url.clone()),
-                            (
-                                "AUTH_JWKS_URL".to_owned(),
-                                self.jwks_url().unwrap_or_default(),
-                            ),
                             (
                                 "SAGA_STEP_TIMEOUT_MS".to_owned(),
                                 millis(self.config.step_timeout).to_string(),

@@ -115,6 +115,52 @@ async fn the_order_api_answers_only_signed_in_callers_on_their_own_orders() {
     let (status, body, _) = send(http.post(&orders).bearer_auth(&ada).json(&order)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let id: Uuid = serde_json::from_value(body["orderId"].clone()).expect("an order id");
+    // By number: the order service has the card tokenised with Ada's own token.
+    let by_number = json!({
+        "customerId": ADA, "goodsId": WIDGET, "quantity": 1, "amount": 10.0,
+        "cardNumber": GOOD_CARD,
+    });
+    let (status, body, _) = send(http.post(&orders).bearer_auth(&ada).json(&by_number)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+
+    // The other services' APIs answer signed-in callers only, each on their own.
+    let customer = |who: Uuid| format!("{}/customers/{who}", client.customer_url);
+    let goods = format!("{}/goods/{WIDGET}", client.inventory_url);
+    let payment = format!("{}/payments/{id}", client.payment_url);
+    let cards = format!("{}/cards", client.payment_url);
+    for (what, request) in [
+        ("a customer", http.get(customer(ADA))),
+        ("goods", http.get(&goods)),
+        ("a payment", http.get(&payment)),
+        (
+            "a card",
+            http.post(&cards).json(&json!({ "cardNumber": GOOD_CARD })),
+        ),
+    ] {
+        let (status, body, _) = send(request).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{what} without a token: {body}"
+        );
+    }
+    let (status, body, _) = send(http.get(customer(BOB)).bearer_auth(&ada)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "Ada reading Bob: {body}");
+    let (status, body, _) = send(http.get(customer(ADA)).bearer_auth(&ada)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body, _) = send(http.get(&goods).bearer_auth(&bob)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body, _) = send(http.get(&payment).bearer_auth(&ada)).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "payments are the operators': {body}"
+    );
+    let (status, body, _) = send(http.get(&payment).bearer_auth(&operator)).await;
+    assert!(
+        matches!(status, StatusCode::OK | StatusCode::NOT_FOUND),
+        "{status} {body}"
+    );
 
     // Only Ada and the operator see or cancel it.
     let one = format!("{orders}/{id}");

@@ -94,12 +94,17 @@ impl SigningKey {
 async fn insert_new(tx: &mut sqlx::PgConnection) -> anyhow::Result<String> {
     let (private, public) = generate()?;
     let kid = uuid::Uuid::now_v7().simple().to_string();
-    sqlx::query("INSERT INTO signing_keys (kid, private_key, public_key) VALUES ($1, $2, $3)")
-        .bind(&kid)
-        .bind(private)
-        .bind(public)
-        .execute(tx)
-        .await?;
+    // The wall clock, not the transaction's start (`now()`): a transaction that
+    // waited for the keys' lock started before the key it retires was made.
+    sqlx::query(
+        "INSERT INTO signing_keys (kid, private_key, public_key, created_at) \
+         VALUES ($1, $2, $3, clock_timestamp())",
+    )
+    .bind(&kid)
+    .bind(private)
+    .bind(public)
+    .execute(tx)
+    .await?;
     Ok(kid)
 }
 
@@ -145,7 +150,8 @@ pub async fn rotate(pool: &PgPool, token_ttl: Duration) -> anyhow::Result<Rotati
         .execute(&mut *tx)
         .await?;
     let retired: Option<String> = sqlx::query_scalar(
-        "UPDATE signing_keys SET retired_at = now() WHERE retired_at IS NULL RETURNING kid",
+        "UPDATE signing_keys SET retired_at = clock_timestamp() WHERE retired_at IS NULL \
+         RETURNING kid",
     )
     .fetch_optional(&mut *tx)
     .await?;

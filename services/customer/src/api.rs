@@ -1,9 +1,11 @@
-//! The customer service's HTTP API: `GET /customers/{id}`.
+//! The customer service's HTTP API: `GET /customers/{id}`, for the customer
+//! themselves or an operator when authentication is on.
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+use service_kit::auth::Caller;
 use service_kit::{Amount, ApiError, ApiPath};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -27,8 +29,10 @@ pub fn router(pool: PgPool) -> Router {
 
 async fn customer(
     State(pool): State<PgPool>,
+    caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Customer>, ApiError> {
+    caller.require_customer_or_operator(id)?;
     let row: Option<(String, i64, i64)> = sqlx::query_as(
         "SELECT name, (credit_limit * 100)::bigint, (available_credit * 100)::bigint \
          FROM customers WHERE id = $1",

@@ -1,9 +1,11 @@
-//! The inventory's HTTP API: `GET /goods/{id}`.
+//! The inventory's HTTP API: `GET /goods/{id}`, for anyone signed in when
+//! authentication is on.
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+use service_kit::auth::Caller;
 use service_kit::{ApiError, ApiPath};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -26,6 +28,8 @@ pub fn router(pool: PgPool) -> Router {
 
 async fn goods(
     State(pool): State<PgPool>,
+    // A valid token, whoever's: the extractor answers 401 without one.
+    _caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Goods>, ApiError> {
     sqlx::query_as("SELECT id, name, stock FROM goods WHERE id = $1")

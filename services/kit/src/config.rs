@@ -66,6 +66,10 @@ pub struct CommonArgs {
     /// [default: the hostname].
     #[arg(long, env = "INSTANCE_NAME", value_name = "NAME", value_parser = parse_instance_name)]
     pub instance_name: Option<String>,
+
+    /// Who may call the API: the auth service's keys (`AUTH_JWKS_URL`, ...).
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
 }
 
 impl std::fmt::Debug for CommonArgs {
@@ -88,6 +92,7 @@ impl std::fmt::Debug for CommonArgs {
             )
             .field("max_connections", &self.max_connections)
             .field("instance_name", &self.instance_name)
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -167,6 +172,7 @@ impl CommonArgs {
             consumer_batch_max: 32,
             max_connections: 10,
             instance_name: None,
+            auth: crate::auth::AuthArgs::off(),
         }
     }
 

@@ -49,6 +49,7 @@ where
     let topics = Topics::new(common.topic_prefix.clone());
     let request = (participant.request_topic)(&topics);
     let metrics = ServiceMetrics::new();
+    let authentication = common.auth.authentication(participant.name);
     let handler = Counted::new(Arc::new(participant.handler), Arc::clone(&metrics));
     let consumer = Task::consumer(
         common.consumer_config(participant.name, std::slice::from_ref(&request)),
@@ -64,7 +65,7 @@ where
         vec![request, topics.order_reply()],
     );
     Service::new(participant.name, pool.clone(), listen, metrics)
-        .api((participant.api)(pool))
+        .api((participant.api)(pool).layer(crate::auth::layer(authentication)))
         .prepare(prepare)
         .task(consumer)
         .start()

@@ -119,7 +119,9 @@ async fn place_order(
     caller.require_customer(request.customer_id)?;
     let (quantity, card) = request.validate()?;
     let key = idempotency_key(&headers)?;
-    let card = crate::card::token(&state, card).await?;
+    // The calls to the other services are made with the caller's own token.
+    let authorization = headers.get(header::AUTHORIZATION);
+    let card = crate::card::token(&state, card, authorization).await?;
     let fingerprint = request.fingerprint(&card);
     if let Some(key) = &key {
         if let Some(existing) = replay(&state.pool, key, &fingerprint).await? {
@@ -129,16 +131,14 @@ async fn place_order(
     let customer = check_exists(
         &state,
         state.references.customer_url.as_deref(),
-        "customers",
-        request.customer_id,
-        "customer",
+        ("customers", request.customer_id, "customer"),
+        authorization,
     );
     let goods = check_exists(
         &state,
         state.references.inventory_url.as_deref(),
-        "goods",
-        request.goods_id,
-        "goods",
+        ("goods", request.goods_id, "goods"),
+        authorization,
     );
     let (customer, goods) = tokio::join!(customer, goods);
     customer?;
@@ -267,9 +267,8 @@ async fn replay(pool: &PgPool, key: &str, fingerprint: &str) -> Result<Option<Re
 async fn check_exists(
     state: &AppState,
     base: Option<&str>,
-    path: &'static str,
-    id: Uuid,
-    what: &str,
+    (path, id, what): (&'static str, Uuid, &str),
+    authorization: Option<&axum::http::HeaderValue>,
 ) -> Result<(), ApiError> {
     let Some(base) = base else {
         return Ok(());
@@ -278,11 +277,11 @@ async fn check_exists(
         return Ok(());
     }
     let url = format!("{}/{path}/{id}", base.trim_end_matches('/'));
-    match service_kit::http::with_trace(state.http.get(&url))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-    {
+    let mut request = service_kit::http::with_trace(state.http.get(&url));
+    if let Some(authorization) = authorization {
+        request = request.header(header::AUTHORIZATION, authorization.clone());
+    }
+    match request.timeout(Duration::from_secs(2)).send().await {
         Ok(response) if response.status() == StatusCode::NOT_FOUND => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown_reference",

@@ -56,7 +56,11 @@ struct Refusal {
 }
 
 /// The token for `card`: as given, or the vault's for the number.
-pub(crate) async fn token(state: &AppState, card: Named) -> Result<CardToken, ApiError> {
+pub(crate) async fn token(
+    state: &AppState,
+    card: Named,
+    authorization: Option<&axum::http::HeaderValue>,
+) -> Result<CardToken, ApiError> {
     let number = match card {
         Named::Token(token) => return Ok(token),
         Named::Number(number) => number,
@@ -73,7 +77,11 @@ pub(crate) async fn token(state: &AppState, card: Named) -> Result<CardToken, Ap
             "the payment service's card vault cannot be reached; try again, or send a cardToken",
         )
     };
-    let response = service_kit::http::with_trace(state.http.post(&url))
+    let mut request = service_kit::http::with_trace(state.http.post(&url));
+    if let Some(authorization) = authorization {
+        request = request.header(axum::http::header::AUTHORIZATION, authorization.clone());
+    }
+    let response = request
         .timeout(VAULT_TIMEOUT)
         .json(&serde_json::json!({ "cardNumber": number.digits() }))
         .send()

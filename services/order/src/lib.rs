@@ -49,9 +49,6 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    #[command(flatten)]
-    pub auth: service_kit::AuthArgs,
-
     /// The customer service, asked whether a customer exists before an order is
     /// accepted; empty: do not ask (the saga still rejects unknown customers).
     #[arg(
@@ -168,7 +165,6 @@ impl Config {
     pub fn new(common: CommonArgs) -> Config {
         Config {
             common,
-            auth: service_kit::AuthArgs::off(),
             customer_url: "http://localhost:8081".into(),
             inventory_url: "http://localhost:8082".into(),
             payment_url: "http://localhost:8083".into(),
@@ -292,10 +288,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let stuck_rules = config.stuck_rules().knowing(&orchestrator);
     let counted = Arc::clone(&orchestrator);
     let watched = Arc::clone(&orchestrator);
-    let authentication = config.auth.authentication(SERVICE);
+    let authentication = config.common.auth.authentication(SERVICE);
     let gate = console_gate::Gate {
         authentication: authentication.clone(),
-        token_url: console_gate::token_url(&config.auth.auth_jwks_url),
+        token_url: console_gate::token_url(&config.common.auth.auth_jwks_url),
         http: reqwest::Client::new(),
         service: "order-service".to_owned(),
     };

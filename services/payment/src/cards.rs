@@ -23,6 +23,7 @@ use axum::{Json, Router};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
+use service_kit::auth::Caller;
 use service_kit::cards::{CardNumber, CardToken};
 use service_kit::{ApiError, ApiJson, ApiPath};
 use sqlx::types::chrono::{DateTime, Utc};
@@ -182,6 +183,9 @@ pub fn router(vault: CardVault) -> Router {
 
 async fn tokenise(
     State(vault): State<CardVault>,
+    // Anyone signed in (a customer at checkout, the order service on their
+    // behalf) when authentication is on.
+    _caller: Caller,
     ApiJson(request): ApiJson<TokeniseCard>,
 ) -> Result<(StatusCode, Json<Tokenised>), ApiError> {
     let card = CardNumber::parse(&request.card_number).map_err(ApiError::invalid)?;
@@ -196,6 +200,7 @@ async fn tokenise(
 
 async fn token_info(
     State(vault): State<CardVault>,
+    _caller: Caller,
     ApiPath(token): ApiPath<String>,
 ) -> Result<Json<TokenInfo>, ApiError> {
     let row: Option<(String, DateTime<Utc>)> =
