@@ -530,15 +530,8 @@ mod tests {
 
     #[test]
     fn debeziums_tracing_span_context_column_becomes_the_trace_headers() {
-        let table = [
-            "id",
-            "aggregatetype",
-            "aggregateid",
-            "type",
-            "payload",
-            "headers",
-            "tracingspancontext",
-        ];
+        let mut table = TABLE;
+        table[6] = "tracingspancontext";
         let layout = OutboxLayout::resolve(&DEFAULT_COLUMNS, "public.outbox", &table).unwrap();
         let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let route = |headers: ColumnValue<'_>, context: &str| {
