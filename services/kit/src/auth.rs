@@ -43,7 +43,7 @@ use uuid::Uuid;
 mod caller;
 mod verifier;
 
-pub use caller::{forbidden, unauthorized, Caller};
+pub use caller::{bearer, forbidden, unauthorized, Caller};
 pub use verifier::{
     JwksVerifier, VerifyError, DEFAULT_LEEWAY_S, DEFAULT_MAX_AGE, DEFAULT_MIN_REFRESH,
 };

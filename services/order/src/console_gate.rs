@@ -58,13 +58,8 @@ pub(crate) fn protect(console: Router, gate: Gate) -> Router {
 }
 
 fn token_of(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().to_owned());
-    bearer.or_else(|| {
+    let bearer = service_kit::auth::bearer(headers).ok().flatten();
+    bearer.map(str::to_owned).or_else(|| {
         headers
             .get_all(header::COOKIE)
             .iter()

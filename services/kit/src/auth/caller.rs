@@ -87,9 +87,10 @@ pub fn unauthorized(message: &str, token_given: bool) -> Response {
     response
 }
 
-/// The token of an `Authorization: Bearer <token>` header.
-fn bearer(parts: &Parts) -> Result<Option<&str>, &'static str> {
-    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+/// The token of an `Authorization: Bearer <token>` header; `Ok(None)` without the
+/// header, an error for one of another form.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, &'static str> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
     let value = value
@@ -123,7 +124,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
             Authentication::Off => return Ok(Caller::unauthenticated()),
             Authentication::Jwks(verifier) => verifier,
         };
-        let token = match bearer(parts) {
+        let token = match bearer(&parts.headers) {
             Ok(Some(token)) => token,
             Ok(None) => return Err(unauthorized("a bearer token is required", false)),
             Err(message) => return Err(unauthorized(message, true)),
@@ -157,12 +158,15 @@ mod tests {
 
     #[test]
     fn the_bearer_token_is_read_from_the_authorization_header() {
-        assert_eq!(bearer(&parts(None)), Ok(None));
-        assert_eq!(bearer(&parts(Some("Bearer abc"))), Ok(Some("abc")));
-        assert_eq!(bearer(&parts(Some("bearer  abc "))), Ok(Some("abc")));
-        assert!(bearer(&parts(Some("Basic dXNlcjpwdw=="))).is_err());
-        assert!(bearer(&parts(Some("Bearer "))).is_err());
-        assert!(bearer(&parts(Some("Bearer"))).is_err());
+        assert_eq!(bearer(&parts(None).headers), Ok(None));
+        assert_eq!(bearer(&parts(Some("Bearer abc")).headers), Ok(Some("abc")));
+        assert_eq!(
+            bearer(&parts(Some("bearer  abc ")).headers),
+            Ok(Some("abc"))
+        );
+        assert!(bearer(&parts(Some("Basic dXNlcjpwdw==")).headers).is_err());
+        assert!(bearer(&parts(Some("Bearer ")).headers).is_err());
+        assert!(bearer(&parts(Some("Bearer")).headers).is_err());
     }
 
     fn caller(roles: &[Role], customer: Option<Uuid>) -> Caller {
