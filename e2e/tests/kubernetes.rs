@@ -18,11 +18,14 @@
 //! relay's own code accepts, with its spill directory on a writable volume, and the
 //! relays of one database configured alike; probes must ask the port the program
 //! listens on for a path it serves, with the endpoints the relay's health semantics
-//! call for; a pod's relay streams its service's database; every host a container
-//! connects to is a Service of the render; serving Deployments run two replicas or
-//! more under a PodDisruptionBudget, and every container has resources. Each check
-//! is its own test and names the resource and what is wrong with it. The last tests
-//! break a copy of the manifests in memory and expect the checks to say so.
+//! call for; a pod's relay streams its service's database (but for the auth
+//! service, which has no outbox); every host a container connects to is a Service
+//! of the render; every service that verifies callers' tokens fetches the keys from
+//! the auth service's Service; every serving container has a name of its own in
+//! traces; serving Deployments run two replicas or more under a
+//! PodDisruptionBudget, and every container has resources. Each check is its own
+//! test and names the resource and what is wrong with it. The last tests break a
+//! copy of the manifests in memory and expect the checks to say so.
 
 mod support;
 
@@ -41,7 +44,7 @@ use support::container::{
     check_binary, check_environment, check_flags, check_image, check_relays_alike, expect_problem,
     parse_database_url, relay_config, routes_of, scalar, Container, Repo, Role, StreamingRelay,
 };
-use support::workspace::repo_root;
+use support::workspace::{env_vars_read, repo_root};
 
 /// The overlay `kubectl apply -k` takes (README.md, "Run on Kubernetes").
 const OVERLAY: &str = "deploy/kubernetes/overlays/shop";
@@ -61,6 +64,19 @@ const TOOLS_SETTING: &str = "OUTBOX_K8S_TOOLS";
 const RELAY_LIVENESS_PATH: &str = "/health";
 const RELAY_READINESS_PATH: &str = "/ready";
 const SERVICE_READINESS_PATH: &str = "/health";
+/// Programs that write no events, so no relay sits beside them (as in
+/// `tests/compose.rs`).
+const WITHOUT_OUTBOX: [&str; 1] = ["auth-service"];
+/// The program that issues the tokens and publishes their keys; it checks the tokens
+/// it is given against its own keys, in its database, not through AUTH_JWKS_URL.
+const TOKEN_ISSUER: &str = "auth-service";
+/// The variable that turns authentication on in the services (services/kit), and
+/// the path the issuer publishes its keys at.
+const JWKS_VARIABLE: &str = "AUTH_JWKS_URL";
+const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// The variable that names a process in traces (docs/tracing.md); unset, the name is
+/// the binary's.
+const TRACE_NAME_VARIABLE: &str = "OTEL_SERVICE_NAME";
 
 // ---------------------------------------------------------------------------------
 // The tools
@@ -813,7 +829,8 @@ fn check_probes(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
 }
 
 /// In each pod the relay streams the database of the service beside it, one relay
-/// per serving service; pods of different services do not share a database.
+/// per serving service, none beside a service that writes no outbox
+/// ([`WITHOUT_OUTBOX`]); pods of different services do not share a database.
 fn check_databases(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
     let (pods, _) = pods(docs, repo);
     let mut problems = Vec::new();
@@ -855,11 +872,19 @@ fn check_databases(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
             let Some(database) = database_of(service) else {
                 continue;
             };
+            let program = service.container.program().unwrap_or_default();
             owners
                 .entry(database.clone())
                 .or_default()
-                .insert(service.container.program().unwrap_or_default().to_owned());
+                .insert(program.to_owned());
+            let without_outbox = WITHOUT_OUTBOX.contains(&program);
             match pod_relays.as_slice() {
+                [] if without_outbox => {}
+                [_, ..] if without_outbox => problems.push(format!(
+                    "{}: has a relay, but `{program}` writes no outbox: the relay finds no \
+                     outbox table in `{}`",
+                    pod.who, database.1
+                )),
                 [relay] => {
                     if let Some(streams) = database_of(relay) {
                         if streams != database {
@@ -902,9 +927,9 @@ fn check_databases(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
     problems
 }
 
-/// Every host a container connects to (databases, brokers, other services) is a
-/// Service of the render, at a port it has; every Service selects pods and sends to
-/// ports they declare.
+/// Every host a container connects to (databases, brokers, other services, the
+/// trace collector) is a Service of the render, at a port it has; every Service
+/// selects pods and sends to ports they declare.
 fn check_network(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
     let (pods, _) = pods(docs, repo);
     let mut problems = Vec::new();
@@ -922,7 +947,9 @@ fn check_network(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
                 }) {
                     addresses.push((variable.clone(), address));
                 }
-            } else if variable.ends_with("_URL") && value.starts_with("http") {
+            } else if (variable.ends_with("_URL") || variable.ends_with("_ENDPOINT"))
+                && value.starts_with("http")
+            {
                 if let Some(authority) = value
                     .split_once("://")
                     .and_then(|(_, r)| r.split('/').next())
@@ -1018,6 +1045,165 @@ fn check_network(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Every serving service that verifies callers' tokens (its program reads
+/// AUTH_JWKS_URL; unset, authentication is off and every request is let through)
+/// has it set to the issuer's key set: `http://<Service>:<port>/.well-known/jwks.json`,
+/// where the Service selects the pods serving `auth-service` and sends that port to
+/// the port the issuer listens on, and the issuer routes the path.
+fn check_authentication(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
+    let (pods, _) = pods(docs, repo);
+    let mut problems = Vec::new();
+    let services: BTreeMap<String, &Value> =
+        of_kind(docs, "Service").map(|s| (name(s), s)).collect();
+    let serving = |c: &&PodContainer<'_>| !c.init && c.container.serves();
+    // The issuer's pods, each with its serving container.
+    let issuers: Vec<(&Pod<'_>, &PodContainer<'_>)> = pods
+        .iter()
+        .filter_map(|pod| {
+            let issuer = pod
+                .containers
+                .iter()
+                .filter(serving)
+                .find(|c| c.container.program() == Some(TOKEN_ISSUER))?;
+            Some((pod, issuer))
+        })
+        .collect();
+    if issuers.is_empty() {
+        problems.push(format!(
+            "no workload serves `{TOKEN_ISSUER}`: nothing issues the tokens the services \
+             check, nor publishes their keys"
+        ));
+    }
+    for c in pods.iter().flat_map(|p| &p.containers).filter(serving) {
+        let (Role::Service, Some(program)) = (c.container.role, c.container.program()) else {
+            continue;
+        };
+        let dirs = repo.source_dirs(program, c.container.role);
+        if program == TOKEN_ISSUER || !env_vars_read(&dirs).contains_key(JWKS_VARIABLE) {
+            continue;
+        }
+        let who = &c.container.who;
+        let Some(url) = c
+            .container
+            .env(JWKS_VARIABLE)
+            .filter(|u| !u.trim().is_empty())
+        else {
+            problems.push(format!(
+                "{who}: `{program}` verifies callers' tokens against {JWKS_VARIABLE}, which is \
+                 not set: authentication is off and every request is let through; set it to \
+                 http://<the {TOKEN_ISSUER} Service>:<port>{JWKS_PATH}"
+            ));
+            continue;
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            problems.push(format!("{who}: {JWKS_VARIABLE} {url:?} is no URL"));
+            continue;
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if path != JWKS_PATH {
+            problems.push(format!(
+                "{who}: {JWKS_VARIABLE} asks path {path:?}; {TOKEN_ISSUER} publishes its keys \
+                 at {JWKS_PATH}"
+            ));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse::<u16>().ok()),
+            None => (
+                authority,
+                match scheme {
+                    "http" => Some(80),
+                    "https" => Some(443),
+                    _ => None,
+                },
+            ),
+        };
+        let service_name = host.split('.').next().unwrap_or_default();
+        let Some(service) = services.get(service_name) else {
+            problems.push(format!(
+                "{who}: {JWKS_VARIABLE} names host `{host}`, which is no Service of the render"
+            ));
+            continue;
+        };
+        let selector = labels(at(service, &["spec", "selector"]));
+        let selected: Vec<&(&Pod<'_>, &PodContainer<'_>)> = issuers
+            .iter()
+            .filter(|(pod, _)| selects(&selector, &pod.labels))
+            .collect();
+        if selected.is_empty() {
+            problems.push(format!(
+                "{who}: {JWKS_VARIABLE} asks Service `{service_name}`, which selects no pod \
+                 serving `{TOKEN_ISSUER}`"
+            ));
+            continue;
+        }
+        let service_port = items(service, &["spec", "ports"])
+            .iter()
+            .find(|p| text(p, &["port"]).and_then(|p| p.parse().ok()) == port);
+        let Some(service_port) = service_port else {
+            problems.push(format!(
+                "{who}: {JWKS_VARIABLE} asks Service `{service_name}` at port {}, which it \
+                 does not have",
+                port.map_or_else(|| "(none)".to_owned(), |p| p.to_string())
+            ));
+            continue;
+        };
+        let target = service_port
+            .get("targetPort")
+            .or_else(|| service_port.get("port"));
+        for (pod, issuer) in selected {
+            let routes = routes_of(&issuer.container, repo);
+            if !routes.contains(JWKS_PATH) {
+                problems.push(format!(
+                    "{}: `{TOKEN_ISSUER}` does not route {JWKS_PATH}, where {who} fetches the keys",
+                    pod.who
+                ));
+            }
+            let reached = target.and_then(|t| port_number(t, issuer.spec));
+            if reached.is_none() || reached != listening_port(issuer) {
+                problems.push(format!(
+                    "{who}: {JWKS_VARIABLE} reaches {} at port {}, but `{TOKEN_ISSUER}` listens \
+                     on {}",
+                    pod.who,
+                    reached.map_or_else(|| "(none)".to_owned(), |p| p.to_string()),
+                    listening_port(issuer).map_or_else(|| "(none)".to_owned(), |p| p.to_string())
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Every serving container has a name of its own in traces (OTEL_SERVICE_NAME, else
+/// its binary's): without one, every relay is `outbox-relay`, and the relay of one
+/// service cannot be told from another's. Replicas of a workload share its name.
+fn check_trace_names(docs: &Manifests, repo: &mut Repo) -> Vec<String> {
+    let (pods, _) = pods(docs, repo);
+    let mut named: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for c in pods
+        .iter()
+        .flat_map(|p| &p.containers)
+        .filter(|c| !c.init && c.container.serves())
+    {
+        let trace_name = c
+            .container
+            .env(TRACE_NAME_VARIABLE)
+            .filter(|n| !n.trim().is_empty())
+            .or_else(|| c.container.program().map(str::to_owned))
+            .unwrap_or_default();
+        named.entry(trace_name).or_default().push(&c.container.who);
+    }
+    named
+        .into_iter()
+        .filter(|(_, whos)| whos.len() > 1)
+        .map(|(trace_name, whos)| {
+            format!(
+                "{} are all `{trace_name}` in traces; give each its own {TRACE_NAME_VARIABLE}",
+                whos.join(" and ")
+            )
+        })
+        .collect()
 }
 
 /// Serving Deployments run two replicas or more, under a PodDisruptionBudget that
@@ -1183,6 +1369,16 @@ fn deployments_are_replicated_under_a_disruption_budget_with_resources() {
     assert_clean(check_availability, "availability");
 }
 
+#[test]
+fn services_that_verify_tokens_fetch_the_keys_from_the_auth_service() {
+    assert_clean(check_authentication, "authentication");
+}
+
+#[test]
+fn every_serving_container_has_a_name_of_its_own_in_traces() {
+    assert_clean(check_trace_names, "trace names");
+}
+
 /// The render is what the checks expect to read: otherwise they could pass by
 /// finding nothing to check.
 #[test]
@@ -1202,29 +1398,73 @@ fn the_overlay_has_the_shop() {
             "order-service",
             "customer-service",
             "inventory-service",
-            "payment-service"
+            "payment-service",
+            "auth-service"
         ]
         .into(),
-        "the four services serve"
+        "the four services and the auth service serve"
     );
     for pod in &pods {
+        let serving: Vec<&str> = pod
+            .containers
+            .iter()
+            .filter(|c| !c.init && c.container.role == Role::Service && c.container.serves())
+            .filter_map(|c| c.container.program())
+            .collect();
+        let wanted =
+            usize::from(!serving.is_empty() && !serving.iter().all(|p| WITHOUT_OUTBOX.contains(p)));
         assert_eq!(
             relays(pod).len(),
-            1,
-            "{}: a relay beside its service",
+            wanted,
+            "{}: a relay beside its service, none beside the auth service or a job",
             pod.who
         );
     }
-    assert_eq!(of_kind(docs, "PodDisruptionBudget").count(), 4);
+    assert_eq!(of_kind(docs, "PodDisruptionBudget").count(), 5);
+    for (service, what) in [
+        ("order", "the order REST API"),
+        ("auth", "the auth service"),
+    ] {
+        assert!(
+            of_kind(docs, "Service").any(|s| name(s) == service),
+            "{what} has a Service"
+        );
+    }
     assert!(
-        of_kind(docs, "Service").any(|s| name(s) == "order"),
-        "the order REST API has a Service"
+        pods.iter().any(|p| p.who == "job `auth-seed`"
+            && p.containers.iter().any(|c| {
+                c.container.program() == Some(TOKEN_ISSUER)
+                    && c.container.subcommand() == Some("seed")
+            })),
+        "the Job auth-seed writes the demo users"
     );
     let namespaces: BTreeSet<String> = docs
         .iter()
         .filter_map(|d| text(d, &["metadata", "namespace"]))
         .collect();
     assert_eq!(namespaces, ["shop".to_owned()].into(), "one namespace");
+}
+
+/// The base is no demo: the demo users are written by a Job of the overlay only.
+#[test]
+fn the_base_seeds_no_demo_data() {
+    let yaml = render(&tools(), &repo_root().join("deploy/kubernetes/base"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let docs = parse_manifests(&yaml);
+    let mut repo = Repo::load();
+    let (pods, _) = pods(&docs, &mut repo);
+    assert!(
+        pods.iter().any(|p| p.who == "deployment `auth`"),
+        "the base has the auth service"
+    );
+    let seeding: Vec<&str> = pods
+        .iter()
+        .flat_map(|p| &p.containers)
+        .filter(|c| c.container.subcommand() == Some("seed"))
+        .map(|c| c.container.who.as_str())
+        .collect();
+    assert!(seeding.is_empty(), "the base seeds demo data: {seeding:?}");
+    assert_eq!(of_kind(&docs, "Job").count(), 0, "the base has no Job");
 }
 
 #[test]
@@ -1763,6 +2003,156 @@ fn a_single_replica_a_missing_budget_or_resources_are_reported() {
         &[
             "deployment `inventory`, container `relay`",
             "no limits for memory",
+        ],
+    );
+}
+
+/// `variable` removed from the `env` of `c`.
+fn remove_env(c: &mut Value, variable: &str) {
+    c["env"]
+        .as_sequence_mut()
+        .expect("the container has env")
+        .retain(|v| v["name"].as_str() != Some(variable));
+}
+
+/// The data of the ConfigMap generated as `base`.
+fn config_map_data<'a>(docs: &'a mut [Value], base: &str) -> &'a mut Value {
+    let map = docs
+        .iter_mut()
+        .find(|d| kind(d) == "ConfigMap" && name(d).starts_with(base))
+        .unwrap_or_else(|| panic!("the render has ConfigMap {base}-<hash>"));
+    &mut map["data"]
+}
+
+#[test]
+fn a_service_that_does_not_fetch_the_auth_service_keys_is_reported() {
+    expect(
+        check_authentication,
+        |d| remove_env(container_mut(d, "order", "service"), JWKS_VARIABLE),
+        &[
+            "deployment `order`, container `service`",
+            "AUTH_JWKS_URL",
+            "not set",
+        ],
+    );
+    expect(
+        check_authentication,
+        |d| {
+            set_env(
+                container_mut(d, "payment", "service"),
+                JWKS_VARIABLE,
+                "http://customer:8081/.well-known/jwks.json",
+            )
+        },
+        &[
+            "deployment `payment`, container `service`",
+            "`customer`",
+            "selects no pod serving `auth-service`",
+        ],
+    );
+    expect(
+        check_authentication,
+        |d| {
+            set_env(
+                container_mut(d, "inventory", "service"),
+                JWKS_VARIABLE,
+                "http://auth:8080/.well-known/jwks.json",
+            )
+        },
+        &["deployment `inventory`, container `service`", "port 8080"],
+    );
+    expect(
+        check_authentication,
+        |d| {
+            set_env(
+                container_mut(d, "customer", "service"),
+                JWKS_VARIABLE,
+                "http://auth:8085/jwks",
+            )
+        },
+        &["deployment `customer`, container `service`", "\"/jwks\""],
+    );
+    expect(
+        check_authentication,
+        |d| {
+            set_env(
+                container_mut(d, "auth", "service"),
+                "HTTP_LISTEN",
+                "0.0.0.0:9000",
+            )
+        },
+        &["reaches deployment `auth` at port 8085", "listens on 9000"],
+    );
+    expect(
+        check_authentication,
+        |d| d.retain(|doc| !(kind(doc) == "Deployment" && name(doc) == "auth")),
+        &["no workload serves `auth-service`"],
+    );
+}
+
+#[test]
+fn a_relay_beside_the_auth_service_or_relays_of_one_name_are_reported() {
+    expect(
+        check_databases,
+        |d| {
+            let relay = container_mut(d, "customer", "relay").clone();
+            workload(d, "Deployment", "auth")["spec"]["template"]["spec"]["containers"]
+                .as_sequence_mut()
+                .unwrap()
+                .push(relay);
+        },
+        &["deployment `auth`", "has a relay", "writes no outbox"],
+    );
+    expect(
+        check_trace_names,
+        |d| {
+            for deployment in ["order", "payment"] {
+                remove_env(container_mut(d, deployment, "relay"), TRACE_NAME_VARIABLE);
+            }
+        },
+        &[
+            "deployment `order`, container `relay`",
+            "deployment `payment`, container `relay`",
+            "`outbox-relay`",
+        ],
+    );
+    expect(
+        check_trace_names,
+        |d| {
+            set_env(
+                container_mut(d, "inventory", "relay"),
+                TRACE_NAME_VARIABLE,
+                "customer-relay",
+            )
+        },
+        &[
+            "deployment `inventory`, container `relay`",
+            "`customer-relay`",
+        ],
+    );
+    expect(
+        check_network,
+        |d| {
+            config_map_data(d, "telemetry")["OTEL_EXPORTER_OTLP_ENDPOINT"] =
+                "http://otel-collector:4318".into()
+        },
+        &[
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "`otel-collector`",
+            "no Service",
+        ],
+    );
+    expect(
+        check_environment_and_flags,
+        |d| {
+            let data = config_map_data(d, "telemetry");
+            let endpoint = data["OTEL_EXPORTER_OTLP_ENDPOINT"].clone();
+            data["OTEL_EXPORTER_OTLP_ENDPIONT"] = endpoint;
+        },
+        &[
+            "deployment `order`, container `relay`",
+            "`OTEL_EXPORTER_OTLP_ENDPIONT`",
+            "outbox-relay",
         ],
     );
 }
