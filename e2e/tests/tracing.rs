@@ -25,7 +25,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message as _;
-use shop::{Card, Mode, OrderRequest};
+use shop::{Card, Mode, OrderRequest, ShopConfig};
 
 const SERVICES: [&str; 4] = ["order", "customer", "inventory", "payment"];
 
@@ -183,13 +183,13 @@ fn of_trace(receiver: &Receiver, trace: &str) -> Vec<Seen> {
         .collect()
 }
 
-/// The spans of the order's trace once every process has sent its part and
-/// every parent has arrived; what was there when the deadline passed otherwise.
-async fn whole_trace(receiver: &Receiver, deadline: Instant) -> (String, Vec<Seen>) {
-    let expected: BTreeSet<String> = SERVICES
-        .iter()
-        .flat_map(|s| [format!("{s}-service"), format!("{s}-relay")])
-        .collect();
+/// The spans of the order's trace once every parent has arrived and `done`
+/// holds for them; what was there when the deadline passed otherwise.
+async fn whole_trace(
+    receiver: &Receiver,
+    deadline: Instant,
+    done: impl Fn(&[Seen]) -> bool,
+) -> (String, Vec<Seen>) {
     loop {
         let root = receiver
             .lock()
@@ -200,16 +200,11 @@ async fn whole_trace(receiver: &Receiver, deadline: Instant) -> (String, Vec<See
             .map(|s| s.trace.clone());
         if let Some(trace) = root {
             let spans = of_trace(receiver, &trace);
-            let services: BTreeSet<String> = spans.iter().map(|s| s.service.clone()).collect();
             let ids: BTreeSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
             let complete = spans
                 .iter()
                 .all(|s| s.parent.is_empty() || ids.contains(s.parent.as_str()));
-            // The saga's last span is the order service's handling of the payment's
-            // reply: it ends after the order is APPROVED, so it may come last.
-            if (services == expected && complete && replies_handled(&spans) >= 3)
-                || Instant::now() > deadline
-            {
+            if (complete && done(&spans)) || Instant::now() > deadline {
                 return (trace, spans);
             }
         } else if Instant::now() > deadline {
@@ -217,6 +212,15 @@ async fn whole_trace(receiver: &Receiver, deadline: Instant) -> (String, Vec<See
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether every process (the four services and their relays) sent spans.
+fn every_process(spans: &[Seen]) -> bool {
+    let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+    SERVICES.iter().all(|s| {
+        services.contains(format!("{s}-service").as_str())
+            && services.contains(format!("{s}-relay").as_str())
+    })
 }
 
 /// The replies the order service handled: one per participant's step.
@@ -227,12 +231,15 @@ fn replies_handled(spans: &[Seen]) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_order_is_one_trace_across_the_services_and_relays() {
+/// The shop as processes exporting to a receiver of this test, configured
+/// further by `configure`.
+async fn traced_shop(
+    configure: impl FnOnce(&mut ShopConfig),
+) -> (support::TestShop, Receiver, Cleanup) {
     let (receiver_addr, receiver) = start_receiver().await;
     let log_dir = tempdir();
     let bin_dir = binaries(&log_dir);
-    let _copies = RemoveOnDrop(log_dir.join("bin"));
+    let copies = RemoveOnDrop(log_dir.join("bin"));
     eprintln!("process logs in {}", log_dir.display());
     let endpoint = format!("http://{receiver_addr}");
     let shop = support::start(
@@ -253,35 +260,21 @@ async fn one_order_is_one_trace_across_the_services_and_relays() {
                     env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
                 }
             }
+            configure(config);
         },
         "",
         "",
     )
     .await;
+    (shop, receiver, copies)
+}
 
-    let order = OrderRequest {
-        customer_id: ADA,
-        goods_id: WIDGET,
-        quantity: 1,
-        amount: 12.5,
-        card: Card::number("4111 1111 1111 1111"),
-    };
-    let id = shop
-        .client
-        .place_accepted(&order)
-        .await
-        .expect("the order is accepted");
-    let done = shop
-        .client
-        .wait_final(id, Duration::from_secs(60))
-        .await
-        .expect("the saga ends");
-    assert_eq!(done["status"], "APPROVED", "{done}");
+/// What a traced shop leaves to remove when the test ends.
+type Cleanup = RemoveOnDrop;
 
-    let (trace, spans) = whole_trace(&receiver, Instant::now() + Duration::from_secs(60)).await;
-    let requests = receiver.lock().unwrap().requests.clone();
-    shop.stop().await;
-    let listing: String = spans
+/// The spans of `spans` as lines, for a failure's message.
+fn listing(spans: &[Seen]) -> String {
+    spans
         .iter()
         .map(|s| {
             format!(
@@ -293,7 +286,11 @@ async fn one_order_is_one_trace_across_the_services_and_relays() {
                 if s.parent.is_empty() { "-" } else { &s.parent }
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Fails the test when no order's trace arrived, listing what did.
+fn require_trace(trace: &str, receiver: &Receiver) {
     if trace.is_empty() {
         let received = receiver.lock().unwrap();
         let names: Vec<String> = received
@@ -312,6 +309,60 @@ async fn one_order_is_one_trace_across_the_services_and_relays() {
             names.concat()
         );
     }
+}
+
+/// One tree: a single root, the order request, and every other parent in it.
+fn assert_one_tree(spans: &[Seen], listing: &str) {
+    let ids: BTreeSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
+    let roots: Vec<&Seen> = spans.iter().filter(|s| s.parent.is_empty()).collect();
+    assert_eq!(roots.len(), 1, "roots {roots:?}:{listing}");
+    assert_eq!(roots[0].name, "POST /orders");
+    assert_eq!(roots[0].service, "order-service");
+    assert_eq!(roots[0].kind, SpanKind::Server);
+    for span in spans {
+        assert!(
+            span.parent.is_empty() || ids.contains(span.parent.as_str()),
+            "the parent of {span:?} is missing:{listing}"
+        );
+    }
+}
+
+fn order() -> OrderRequest {
+    OrderRequest {
+        customer_id: ADA,
+        goods_id: WIDGET,
+        quantity: 1,
+        amount: 12.5,
+        card: Card::number("4111 1111 1111 1111"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_order_is_one_trace_across_the_services_and_relays() {
+    let (shop, receiver, _cleanup) = traced_shop(|_| {}).await;
+    let order = order();
+    let id = shop
+        .client
+        .place_accepted(&order)
+        .await
+        .expect("the order is accepted");
+    let done = shop
+        .client
+        .wait_final(id, Duration::from_secs(60))
+        .await
+        .expect("the saga ends");
+    assert_eq!(done["status"], "APPROVED", "{done}");
+
+    // The saga's last span is the order service's handling of the payment's
+    // reply: it ends after the order is APPROVED, so it may come last.
+    let (trace, spans) = whole_trace(&receiver, Instant::now() + Duration::from_secs(60), |s| {
+        every_process(s) && replies_handled(s) >= 3
+    })
+    .await;
+    let requests = receiver.lock().unwrap().requests.clone();
+    shop.stop().await;
+    require_trace(&trace, &receiver);
+    let listing = listing(&spans);
     eprintln!("trace {trace}: {} spans{listing}", spans.len());
     eprintln!("exports received by content type: {requests:?}");
     assert!(
@@ -333,19 +384,8 @@ async fn one_order_is_one_trace_across_the_services_and_relays() {
         }
     }
 
-    // One tree: a single root, the order request, and every other parent here.
+    assert_one_tree(&spans, &listing);
     let by_id: BTreeMap<&str, &Seen> = spans.iter().map(|s| (s.id.as_str(), s)).collect();
-    let roots: Vec<&Seen> = spans.iter().filter(|s| s.parent.is_empty()).collect();
-    assert_eq!(roots.len(), 1, "roots {roots:?}:{listing}");
-    assert_eq!(roots[0].name, "POST /orders");
-    assert_eq!(roots[0].service, "order-service");
-    assert_eq!(roots[0].kind, SpanKind::Server);
-    for span in &spans {
-        assert!(
-            span.parent.is_empty() || by_id.contains_key(span.parent.as_str()),
-            "the parent of {span:?} is missing:{listing}"
-        );
-    }
 
     // The order service's questions to the customer and inventory services are
     // part of the order's trace.
@@ -417,6 +457,73 @@ async fn one_order_is_one_trace_across_the_services_and_relays() {
             assert!(events.contains(event.as_str()), "no {event}: {events:?}");
         }
     }
+}
+
+/// An order whose payment step times out: the orchestrator's sweeper, not a
+/// message, starts the compensation, and it is still the order's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_order_is_compensated_in_its_own_trace() {
+    let (shop, receiver, _cleanup) = traced_shop(|config| {
+        // The payment service holds its first command past the step's timeout.
+        config.step_timeout = Duration::from_secs(3);
+        let env = config.env.entry("payment-service".to_owned()).or_default();
+        env.push((
+            failpoints::ENV.to_owned(),
+            "consumer.before-handler=sleep(8000)*1".to_owned(),
+        ));
+    })
+    .await;
+    let id = shop
+        .client
+        .place_accepted(&order())
+        .await
+        .expect("the order is accepted");
+    let done = shop
+        .client
+        .wait_final(id, Duration::from_secs(60))
+        .await
+        .expect("the saga ends");
+    assert_eq!(done["status"], "REJECTED", "{done}");
+    // The step that timed out (the payment, or an earlier one when its first
+    // reply was slower than the timeout) and those before it are compensated.
+    let compensated = |spans: &[Seen]| {
+        spans
+            .iter()
+            .any(|s| s.name.starts_with("effect Release") || s.name.starts_with("effect Refund"))
+    };
+    let (trace, spans) = whole_trace(
+        &receiver,
+        Instant::now() + Duration::from_secs(60),
+        compensated,
+    )
+    .await;
+    shop.stop().await;
+    require_trace(&trace, &receiver);
+    let listing = listing(&spans);
+    eprintln!("trace {trace}: {} spans{listing}", spans.len());
+    assert_one_tree(&spans, &listing);
+    let by_id: BTreeMap<&str, &Seen> = spans.iter().map(|s| (s.id.as_str(), s)).collect();
+    let deadline = spans
+        .iter()
+        .find(|s| s.name == "saga deadline")
+        .unwrap_or_else(|| panic!("no span of the passed deadline in the order's trace:{listing}"));
+    assert_eq!(deadline.service, "order-service", "{deadline:?}");
+    assert_eq!(
+        by_id[deadline.parent.as_str()].name,
+        "POST /orders",
+        "{deadline:?}"
+    );
+    assert!(
+        compensated(&spans),
+        "the compensations are not in the order's trace:{listing}"
+    );
+    // The first compensation command was written under the deadline's span.
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "outbox write" && s.parent == deadline.id),
+        "the sweeper wrote no command in the order's trace:{listing}"
+    );
 }
 
 /// A new folder for the processes' logs.

@@ -59,7 +59,9 @@ async fn shared_tables_are_created_once() {
             "created_at",
             "updated_at",
             "deadline",
-            "definition_version"
+            "definition_version",
+            "traceparent",
+            "tracestate"
         ]
     );
 }

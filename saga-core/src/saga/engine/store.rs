@@ -33,18 +33,21 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         let sql = format!(
             "WITH created AS ( \
                  INSERT INTO saga_state (id, saga_type, current_step, payload, status, step_status, \
-                                         version, deadline, definition_version) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8) RETURNING id), \
+                                         version, deadline, definition_version, traceparent, tracestate) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8, $9, $10) RETURNING id), \
              events AS ( \
                  INSERT INTO saga_events (saga_id, saga_type, version, at, kind, step, detail, changes) \
-                 SELECT c.id, $2, 1, $9, e.kind, e.step, e.detail, e.changes \
+                 SELECT c.id, $2, 1, $11, e.kind, e.step, e.detail, e.changes \
                  FROM created AS c, \
-                      UNNEST($10::text[], $11::text[], $12::jsonb[], $13::jsonb[]) \
+                      UNNEST($12::text[], $13::text[], $14::jsonb[], $15::jsonb[]) \
                       WITH ORDINALITY AS e(kind, step, detail, changes, n) ORDER BY e.n), \
              sent AS ({}) \
              SELECT count(*) FROM created",
-            self.outbox.insert_from("created", 14)
+            self.outbox.insert_from("created", 16)
         );
+        // The span the saga starts in (the order request): what the saga later does
+        // by itself is traced under it (see `Orchestrator::handle_deadline`).
+        let trace = telemetry::TraceHeaders::of_span(&tracing::Span::current());
         let query = sqlx::query_scalar::<_, i64>(&sql)
             .bind(instance.id)
             .bind(&self.definition().name)
@@ -53,7 +56,9 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             .bind(instance.status.as_str())
             .bind(sqlx::types::Json(&after.steps))
             .bind(instance.deadline)
-            .bind(to_column(instance.definition_version));
+            .bind(to_column(instance.definition_version))
+            .bind(trace.as_ref().map(|t| t.traceparent.as_str()))
+            .bind(trace.as_ref().and_then(|t| t.tracestate.as_deref()));
         bind_tail(query, self.clock.now(), &rows, &sent)
             .fetch_one(&mut *tx)
             .instrument(sent.span.clone())

@@ -3,11 +3,15 @@
 //! It also applies the held replies of sagas this code can drive (before their
 //! deadlines: the reply may have come in time) and, now and then, looks for sagas
 //! on definition versions it cannot drive, which it leaves alone.
+//!
+//! A deadline is handled in a span under the one the saga started in (stored
+//! with it), so a timed-out order's compensation is part of the order's trace.
 
 use std::sync::PoisonError;
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Orchestrator, SagaError, Skipped, SKIPPED_RETRY};
@@ -53,8 +57,8 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         };
         let mut handled = self.release_held(pool, limit, &passed).await?;
         passed.extend(self.unknown_version_sagas().into_iter().map(|(id, _)| id));
-        let due: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM saga_state s WHERE saga_type = $1 AND status IN ('STARTED', 'SUSPENDED', 'ABORTING') \
+        let due: Vec<(Uuid, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT id, traceparent, tracestate FROM saga_state s WHERE saga_type = $1 AND status IN ('STARTED', 'SUSPENDED', 'ABORTING') \
              AND deadline <= $3 AND NOT (id = ANY($4)) AND definition_version = ANY($5) \
              AND NOT EXISTS (SELECT 1 FROM saga_held_replies h WHERE h.saga_id = s.id) \
              ORDER BY deadline LIMIT $2",
@@ -66,9 +70,10 @@ impl<D: SagaData + Clone> Orchestrator<D> {
         .bind(self.drivable_column())
         .fetch_all(pool)
         .await?;
-        for id in due {
+        for (id, traceparent, tracestate) in due {
+            let span = self.deadline_span(id, traceparent.as_deref(), tracestate.as_deref());
             let mut tx = pool.begin().await?;
-            match self.handle_deadline(&mut tx, id).await {
+            match self.handle_deadline(&mut tx, id).instrument(span).await {
                 Ok(changed) => {
                     tx.commit().await?;
                     handled += usize::from(changed);
@@ -89,6 +94,30 @@ impl<D: SagaData + Clone> Orchestrator<D> {
             }
         }
         Ok(handled)
+    }
+
+    /// The span handling saga `id`'s passed deadline: a child of the span the saga
+    /// started in (its stored trace context), so that the commands the sweeper
+    /// sends (a step sent again, a compensation) continue the order's trace
+    /// instead of starting one of their own. Disabled when tracing is off.
+    fn deadline_span(
+        &self,
+        id: Uuid,
+        traceparent: Option<&str>,
+        tracestate: Option<&str>,
+    ) -> tracing::Span {
+        if !telemetry::enabled() {
+            return tracing::Span::none();
+        }
+        let span = tracing::info_span!(
+            parent: None,
+            "saga deadline",
+            otel.kind = "internal",
+            "saga.type" = %self.definition().name,
+            "saga.id" = %id,
+        );
+        telemetry::propagation::set_parent(&span, traceparent, tracestate);
+        span
     }
 
     /// Leaves saga `id`, which this code cannot handle for `reason`, out of the
