@@ -89,7 +89,12 @@ pub struct Measurement {
     pub violations: Vec<String>,
     pub facts: Vec<String>,
     pub elapsed: Duration,
+    /// When a violation was found: what the processes said ([`crate::post_mortem`]).
+    pub diagnosis: Vec<String>,
 }
+
+/// How many violations a report lists.
+const SHOWN_VIOLATIONS: usize = 12;
 
 impl Measurement {
     pub fn ok(&self) -> bool {
@@ -123,8 +128,16 @@ impl std::fmt::Display for Measurement {
                 "NOT conserved"
             }
         )?;
-        for v in &self.violations {
+        // Hundreds of orders can break the same rule: the first ones tell.
+        for v in self.violations.iter().take(SHOWN_VIOLATIONS) {
             writeln!(f, "    VIOLATED: {v}")?;
+        }
+        if self.violations.len() > SHOWN_VIOLATIONS {
+            writeln!(
+                f,
+                "    VIOLATED: … and {} more",
+                self.violations.len() - SHOWN_VIOLATIONS
+            )?;
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ pub mod exposure;
 pub mod harness;
 pub mod invariants;
 pub mod lab;
+pub mod post_mortem;
 pub mod scenarios;
 
 pub use client::{Card, OrderRequest, ShopClient};

@@ -141,8 +141,27 @@ where
         lab.measure(&mut shop, bound).await
     }
     .await;
+    let failed = !outcome.as_ref().is_ok_and(Measurement::ok);
+    let mut diagnosis = if failed {
+        crate::post_mortem::relays(&mut shop).await
+    } else {
+        Vec::new()
+    };
     shop.stop().await;
-    outcome
+    if !failed {
+        return outcome;
+    }
+    diagnosis.extend(crate::post_mortem::log_tails(&lab.log_dir));
+    match outcome {
+        Ok(mut m) => {
+            m.diagnosis = diagnosis;
+            Ok(m)
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "{e:#}\n    what the processes said:\n      {}",
+            diagnosis.join("\n      ")
+        )),
+    }
 }
 
 fn seed() -> u64 {

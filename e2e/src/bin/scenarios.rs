@@ -220,6 +220,23 @@ async fn run(
 }
 
 fn summary(rows: &[Row], settings: &LabSettings, interrupted: Option<&str>) {
+    // Right above the table, so that the end of a CI log explains its failures.
+    for row in rows {
+        if let Ok(m) = &row.outcome {
+            if !m.ok() {
+                println!(
+                    "\n=== {} (round {}) FAILED: what the processes said",
+                    row.scenario.name, row.round
+                );
+                for v in m.violations.iter().take(3) {
+                    println!("    VIOLATED: {v}");
+                }
+                for line in &m.diagnosis {
+                    println!("    {line}");
+                }
+            }
+        }
+    }
     println!("\n=== summary (copies: duplicate records on the topics; skipped: redeliveries the consumers' journals skipped; twice: commands applied twice)");
     println!(
         "{:<22} {:>5} {:>8} {:>9} {:>6} {:>7} {:>7} {:>8} {:>5} {:>9} {:>7}  result",
