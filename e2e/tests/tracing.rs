@@ -337,20 +337,23 @@ fn order() -> OrderRequest {
     }
 }
 
+/// Places one order and waits for its final state.
+async fn place_one(shop: &support::TestShop) -> serde_json::Value {
+    let id = shop
+        .client
+        .place_accepted(&order())
+        .await
+        .expect("the order is accepted");
+    shop.client
+        .wait_final(id, Duration::from_secs(60))
+        .await
+        .expect("the saga ends")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_order_is_one_trace_across_the_services_and_relays() {
     let (shop, receiver, _cleanup) = traced_shop(|_| {}).await;
-    let order = order();
-    let id = shop
-        .client
-        .place_accepted(&order)
-        .await
-        .expect("the order is accepted");
-    let done = shop
-        .client
-        .wait_final(id, Duration::from_secs(60))
-        .await
-        .expect("the saga ends");
+    let done = place_one(&shop).await;
     assert_eq!(done["status"], "APPROVED", "{done}");
 
     // The saga's last span is the order service's handling of the payment's
@@ -473,16 +476,7 @@ async fn a_timed_out_order_is_compensated_in_its_own_trace() {
         ));
     })
     .await;
-    let id = shop
-        .client
-        .place_accepted(&order())
-        .await
-        .expect("the order is accepted");
-    let done = shop
-        .client
-        .wait_final(id, Duration::from_secs(60))
-        .await
-        .expect("the saga ends");
+    let done = place_one(&shop).await;
     assert_eq!(done["status"], "REJECTED", "{done}");
     // The step that timed out (the payment, or an earlier one when its first
     // reply was slower than the timeout) and those before it are compensated.
