@@ -85,10 +85,10 @@ pub fn log_tails(dir: &Path) -> Vec<String> {
                 (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("slow statement")
             })
             .collect();
-        let skipped = notable.len().saturating_sub(LOG_LINES);
         if notable.is_empty() {
             continue;
         }
+        let skipped = notable.len().saturating_sub(LOG_LINES);
         lines.push(format!(
             "{name}: {} warnings and errors{}",
             notable.len(),

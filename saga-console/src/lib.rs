@@ -204,13 +204,13 @@ impl Console {
     }
 }
 
-/// The console's routes, under [`BASE`].
 /// The page asking an operator to sign in, for a service that puts the console
 /// behind authentication; `message` says why it is shown again (a wrong password).
 pub fn sign_in_page(service: &str, message: Option<&str>, email: &str) -> String {
     pages::sign_in(service, message, email)
 }
 
+/// The console's routes, under [`BASE`].
 pub fn router(console: Console) -> Router {
     Router::new()
         .route(BASE, get(list))

@@ -259,6 +259,19 @@ async fn replay(pool: &PgPool, key: &str, fingerprint: &str) -> Result<Option<Re
     )))
 }
 
+/// `request` to another service on the caller's behalf: with the caller's own
+/// `Authorization` header, and continuing the request's trace.
+pub(crate) fn onward(
+    request: reqwest::RequestBuilder,
+    authorization: Option<&axum::http::HeaderValue>,
+) -> reqwest::RequestBuilder {
+    let request = service_kit::http::with_trace(request);
+    match authorization {
+        Some(authorization) => request.header(header::AUTHORIZATION, authorization.clone()),
+        None => request,
+    }
+}
+
 /// Asks the owning service whether `id` exists, unless it said so within the
 /// last minute ([`crate::known`]). A 404 refuses the order; a service that does
 /// not answer does not: the saga's own reply (`GoodsNotFound`,
@@ -277,11 +290,11 @@ async fn check_exists(
         return Ok(());
     }
     let url = format!("{}/{path}/{id}", base.trim_end_matches('/'));
-    let mut request = service_kit::http::with_trace(state.http.get(&url));
-    if let Some(authorization) = authorization {
-        request = request.header(header::AUTHORIZATION, authorization.clone());
-    }
-    match request.timeout(Duration::from_secs(2)).send().await {
+    match onward(state.http.get(&url), authorization)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+    {
         Ok(response) if response.status() == StatusCode::NOT_FOUND => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown_reference",

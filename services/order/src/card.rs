@@ -77,11 +77,7 @@ pub(crate) async fn token(
             "the payment service's card vault cannot be reached; try again, or send a cardToken",
         )
     };
-    let mut request = service_kit::http::with_trace(state.http.post(&url));
-    if let Some(authorization) = authorization {
-        request = request.header(axum::http::header::AUTHORIZATION, authorization.clone());
-    }
-    let response = request
+    let response = crate::api::onward(state.http.post(&url), authorization)
         .timeout(VAULT_TIMEOUT)
         .json(&serde_json::json!({ "cardNumber": number.digits() }))
         .send()

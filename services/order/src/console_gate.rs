@@ -176,7 +176,7 @@ async fn sign_in(State(gate): State<Gate>, Form(form): Form<SignIn>) -> Response
         token.expires_in
     );
     tracing::info!(email = %form.email, "an operator signed in to the console");
-    cookie_and_redirect(&cookie)
+    with_cookie(Redirect::to(saga_console::BASE).into_response(), &cookie)
 }
 
 fn unavailable(gate: &Gate, detail: &str, email: &str) -> Response {
@@ -189,8 +189,8 @@ fn unavailable(gate: &Gate, detail: &str, email: &str) -> Response {
     )
 }
 
-fn cookie_and_redirect(cookie: &str) -> Response {
-    let mut response = Redirect::to(saga_console::BASE).into_response();
+/// `response` setting `cookie`.
+fn with_cookie(mut response: Response, cookie: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
@@ -198,15 +198,11 @@ fn cookie_and_redirect(cookie: &str) -> Response {
 }
 
 async fn sign_out() -> Response {
-    let mut response = to_sign_in();
     let expired = format!(
         "{COOKIE}=; Path={}; HttpOnly; SameSite=Strict; Max-Age=0",
         saga_console::BASE
     );
-    if let Ok(value) = HeaderValue::from_str(&expired) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
-    response
+    with_cookie(to_sign_in(), &expired)
 }
 
 #[cfg(test)]
